@@ -1,0 +1,17 @@
+"""internvl-tune: fine-tune and evaluate InternVL models without remote code.
+
+Library layers (``data``, ``models``, ``eval``) never import the application layers (``train``, ``cli``).
+"""
+
+__version__ = "0.1.0"
+
+
+def load_pretrained(path, **kwargs):
+    """Load an InternVL2 chat checkpoint (original or transformers-native layout).
+
+    Returns an :class:`internvl_tune.models.internvl_chat.InternVLChat` with ``.model``, ``.tokenizer``,
+    ``.image_processor`` and ``.chat()`` / ``.batch_chat()``. See that function for keyword arguments.
+    """
+    from internvl_tune.models.internvl_chat import load_pretrained as _load
+
+    return _load(path, **kwargs)

@@ -1,0 +1,93 @@
+"""The ``internvl-tune`` command line: one sub-command per job.
+
+Each sub-command lives in its own module of this package and exposes ``register(subparsers)``; the module is
+imported only when its command runs, so ``internvl-tune --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from internvl_tune.errors import UserError
+
+# (command, module, one-line help). Groups ("data", "eval") hold sub-commands of their own.
+COMMANDS = [
+    ("train", "internvl_tune.cli.train", "fine-tune an InternVL2 chat model (full or LoRA) on a meta JSON"),
+    ("retrieval-train", "internvl_tune.cli.retrieval_train", "fine-tune InternVL-C/G (InternVL-14B) for image-text retrieval"),
+    ("eval", None, "evaluate: caption (BLEU/METEOR/ROUGE-L/CIDEr) or retrieval (recall@k)"),
+    ("data", None, "validate (check) or prepare datasets before spending GPU hours"),
+    ("convert", "internvl_tune.cli.convert", "convert a checkpoint between the original and transformers-native layouts"),
+    ("merge-lora", "internvl_tune.cli.merge_lora", "merge a LoRA adapter into its base model"),
+    ("tiny-model", "internvl_tune.cli.tiny_model", "write a tiny random checkpoint with the exact layout of a family"),
+    ("chat", "internvl_tune.cli.chat", "chat with an InternVL2 checkpoint about images"),
+    ("demo", "internvl_tune.cli.demo", "the embedded default: tiny model, LoRA fine-tune on the bundled sample, chat"),
+    ("bench", "internvl_tune.cli.bench", "throughput / memory benchmark against a plain transformers loop"),
+]
+GROUPS = {
+    "eval": [
+        ("caption", "internvl_tune.cli.eval_caption", "zero-shot caption evaluation on COCO / Flickr30K / NoCaps"),
+        ("retrieval", "internvl_tune.cli.eval_retrieval", "image-text retrieval recall@1/5/10 (clip_benchmark flags)"),
+    ],
+    "data": [
+        ("check", "internvl_tune.cli.data_check", "validate a meta JSON and every JSONL line, image and video it names"),
+        ("prepare", "internvl_tune.cli.data_prepare", "check the COCO / Flickr30K / NoCaps layout and convert what is missing"),
+    ],
+}
+
+
+def _add_lazy(subparsers, name: str, module: str, help_text: str, argv: list[str]) -> None:
+    """Register ``name``; import its module (and its full flag set) only if it is the one being run."""
+    if module is not None and name in argv:
+        importlib.import_module(module).register(subparsers, name, help_text)
+    else:
+        subparsers.add_parser(name, help=help_text, description=help_text)
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """Build the top-level parser; only the sub-command named in ``argv`` gets its full flag set."""
+    parser = argparse.ArgumentParser(
+        prog="internvl-tune",
+        description="Fine-tune and evaluate InternVL models. Run `internvl-tune COMMAND --help` for each command's flags.",
+    )
+    parser.add_argument("--version", action="version", version="internvl-tune " + __import__("internvl_tune").__version__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module, help_text in COMMANDS:
+        if name in GROUPS:
+            group = sub.add_parser(name, help=help_text, description=help_text)
+            group_sub = group.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
+            for sub_name, sub_module, sub_help in GROUPS[name]:
+                _add_lazy(group_sub, sub_name, sub_module, sub_help, argv if name in argv else [])
+        else:
+            _add_lazy(sub, name, module, help_text, argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``internvl-tune`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:  # no command, or a group ("data", "eval") without its sub-command
+        if args.command in GROUPS:
+            parser.parse_args([args.command, "--help"])  # prints the group's help and exits
+        parser.print_help()
+        return 2
+    try:
+        return int(func(args) or 0)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
