@@ -1,0 +1,189 @@
+"""Atomic, resumable training checkpoints in safetensors (no pickle), one file per rank.
+
+Layout of ``<output_dir>/checkpoint-<step>/``::
+
+    trainer_state.json                      step, epoch, world size, counters, config (rank 0)
+    rank00000-of-00002.safetensors          this rank's shards of the trainable parameters, their AdamW
+    rank00001-of-00002.safetensors          moments and step, and its RNG states
+
+Frozen parameters are not stored: they come back from the base checkpoint. Each rank writes its own local shard
+(``DTensor.to_local()``), so saving is parallel and needs no gather; resuming needs the same world size (a clear
+error says so). A checkpoint is written into ``checkpoint-<step>.partial`` and renamed only after every rank has
+finished and fsynced, so a crash or a full disk can never leave a half-written checkpoint that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from internvl_tune.dist import DistInfo, barrier
+from internvl_tune.errors import UserError
+
+STATE_FILE = "trainer_state.json"
+_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints in ``output_dir``, oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for child in output_dir.iterdir():
+        m = _CKPT_RE.match(child.name)
+        if m and (child / STATE_FILE).is_file():
+            found.append((int(m.group(1)), child))
+    return [p for _, p in sorted(found)]
+
+
+class Checkpointer:
+    """Saves and restores the trainable state of a run (see the module docstring for the layout)."""
+
+    def __init__(self, output_dir: Path, info: DistInfo, keep: int | None = None):
+        self.output_dir = Path(output_dir)
+        self.info = info
+        self.keep = keep
+
+    def _file(self, rank: int) -> str:
+        return f"rank{rank:05d}-of-{self.info.world_size:05d}.safetensors"
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> Path:
+        """Write ``checkpoint-<step>`` atomically; every rank must call this. Returns the final path."""
+        final = self.output_dir / f"checkpoint-{step}"
+        partial = self.output_dir / f"checkpoint-{step}.partial"
+        if self.info.is_main:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        barrier()
+        tensors = _trainable_state(model, optimizer)
+        tensors["rng.cpu"] = torch.get_rng_state()
+        if self.info.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.info.device).cpu()
+        path = partial / self._file(self.info.rank)
+        save_file(tensors, str(path), metadata={"step": str(step)})
+        with open(path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        barrier()
+        if self.info.is_main:
+            record = {**state, "step": step, "world_size": self.info.world_size}
+            (partial / STATE_FILE).write_text(json.dumps(record, indent=2))
+            _fsync_dir(partial)
+            if final.exists():  # re-saving a step after a resume: replace the old copy last
+                stale = final.with_name(final.name + ".old")
+                final.rename(stale)
+                partial.rename(final)
+                shutil.rmtree(stale)
+            else:
+                partial.rename(final)
+            _fsync_dir(self.output_dir)
+            self._prune()
+        barrier()
+        return final
+
+    def _prune(self) -> None:
+        if not self.keep:
+            return
+        for old in list_checkpoints(self.output_dir)[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def resolve(self, resume: str | None) -> Path | None:
+        """The checkpoint to resume from: an explicit path, the newest one for ``"auto"``, or None."""
+        if not resume:
+            return None
+        if resume == "auto":
+            found = list_checkpoints(self.output_dir)
+            return found[-1] if found else None
+        path = Path(resume)
+        if not (path / STATE_FILE).is_file():
+            raise UserError(f"--resume_from_checkpoint {path}: not a complete checkpoint (no {STATE_FILE})")
+        return path
+
+    def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """Restore trainable parameters, optimizer moments and RNG states; returns the saved trainer state."""
+        state = json.loads((Path(path) / STATE_FILE).read_text())
+        if state["world_size"] != self.info.world_size:
+            raise UserError(
+                f"{path} was written by {state['world_size']} processes and this run has {self.info.world_size}; "
+                f"resume with the same number of processes (GPUs)"
+            )
+        tensors = load_file(str(Path(path) / self._file(self.info.rank)))
+        _restore_trainable_state(model, optimizer, tensors, path)
+        torch.set_rng_state(tensors["rng.cpu"])
+        if "rng.cuda" in tensors and self.info.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.info.device)
+        return state
+
+
+def _param_names(model: nn.Module) -> dict[int, str]:
+    return {id(p): n for n, p in model.named_parameters()}
+
+
+def _trainable_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    names = _param_names(model)
+    out: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            out[f"param.{name}"] = _local(p.detach()).contiguous().cpu()
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state.get(p)
+            if not st:
+                continue
+            name = names[id(p)]
+            for key, value in st.items():
+                out[f"optim.{name}.{key}"] = _local(value).detach().contiguous().cpu()
+    return out
+
+
+def _restore_trainable_state(model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict, path) -> None:
+    names = _param_names(model)
+    expected = {f"param.{n}" for n, p in model.named_parameters() if p.requires_grad}
+    stored = {k for k in tensors if k.startswith("param.")}
+    if expected != stored:
+        missing, extra = sorted(expected - stored), sorted(stored - expected)
+        raise UserError(
+            f"{path} does not match this run's trainable parameters (missing {missing[:5]}, unexpected {extra[:5]}); "
+            f"resume with the same freeze / LoRA flags"
+        )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                local = _local(p)
+                local.copy_(tensors[f"param.{name}"].to(local.device, local.dtype))
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                prefix = f"optim.{names[id(p)]}."
+                keys = [k for k in tensors if k.startswith(prefix)]
+                if not keys:
+                    continue
+                st = {}
+                for key in keys:
+                    value = tensors[key]
+                    field = key[len(prefix):]
+                    if field == "step":
+                        st[field] = value.to(_local(p).device if group.get("fused") else "cpu")
+                    else:
+                        holder = torch.zeros_like(p)
+                        _local(holder).copy_(value.to(_local(holder).device))
+                        st[field] = holder
+                optimizer.state[p] = st

@@ -1,0 +1,61 @@
+"""AdamW with the reference's weight-decay rule and optional per-parameter lr scales (layer-wise decay)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+
+def no_weight_decay(name: str, param: torch.Tensor) -> bool:
+    """Biases and 1-D tensors (norm weights, layer scales) get no weight decay, as in the reference."""
+    return param.ndim <= 1 or name.endswith(".bias")
+
+
+def build_param_groups(
+    named_params: Iterable[tuple[str, nn.Parameter]],
+    lr: float,
+    weight_decay: float,
+    lr_scale: Callable[[str], tuple[str, float]] | None = None,
+) -> list[dict]:
+    """Group trainable parameters by (lr scale, decay) so each group has one lr and one weight decay.
+
+    Args:
+        named_params: ``model.named_parameters()``; frozen ones are skipped.
+        lr: peak learning rate.
+        weight_decay: AdamW decay for matrices.
+        lr_scale: optional ``name -> (group_tag, scale)``, e.g. layer-wise lr decay.
+
+    Returns:
+        Groups with ``params``, ``names``, ``peak_lr``, ``lr_scale``, ``weight_decay`` and ``name``.
+    """
+    groups: dict[str, dict] = {}
+    for name, param in named_params:
+        if not param.requires_grad:
+            continue
+        tag, scale = lr_scale(name) if lr_scale else ("all", 1.0)
+        decay = not no_weight_decay(name, param)
+        key = f"{tag}_{'decay' if decay else 'no_decay'}"
+        group = groups.setdefault(
+            key,
+            dict(name=key, params=[], names=[], peak_lr=lr, lr=lr * scale, lr_scale=scale,
+                 weight_decay=weight_decay if decay else 0.0),
+        )
+        group["params"].append(param)
+        group["names"].append(name)
+    return list(groups.values())
+
+
+def build_adamw(groups: list[dict], betas: tuple[float, float], eps: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over fp32 master parameters; the fused kernel on CUDA (one launch for all tensors)."""
+    return torch.optim.AdamW(groups, betas=betas, eps=eps, fused=device.type == "cuda")
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = trainable = 0
+    for p in model.parameters():
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
