@@ -90,3 +90,27 @@ def test_param_groups_decay_rule_and_scales():
     assert by_name["0.bias"]["weight_decay"] == 0.0
     assert by_name["1.weight"]["weight_decay"] == 0.0  # 1-D norm weight
     assert by_name["2.bias"]["lr"] == pytest.approx(1e-3)
+
+
+def test_packs_respect_budget_and_cover_everything():
+    from internvl_tune.train.sampler import PackedBatchSampler
+
+    lengths = [(i * 7919) % 900 + 20 for i in range(500)]
+    s = PackedBatchSampler(lengths, max_tokens=1024, world_size=2, rank=0, grad_accum=2, seed=1, window=128)
+    assert sorted(i for p in s.fixed_packs for i in p) == list(range(500))
+    assert all(sum(lengths[i] for i in p) <= 1024 for p in s.fixed_packs)
+    assert s.padding_waste() < 0.1  # best-fit-decreasing keeps packs full
+    ranks = [PackedBatchSampler(lengths, 1024, 2, r, 2, 1, window=128) for r in range(2)]
+    seen = [i for r in ranks for _, micros in r.epoch_steps(0) for p in micros for i in p]
+    assert set(seen) == set(range(500))
+    assert list(ranks[0].epoch_steps(3)) == list(ranks[0].epoch_steps(3))
+    assert list(ranks[0].epoch_steps(3, 2)) == list(ranks[0].epoch_steps(3))[2:]
+
+
+def test_packs_respect_tile_budget_and_oversized_samples():
+    from internvl_tune.train.sampler import PackedBatchSampler
+
+    s = PackedBatchSampler([100, 100, 100, 5000], max_tokens=1000, world_size=1, rank=0, grad_accum=1, seed=0,
+                           tiles=[3, 3, 3, 1], max_tiles=6)
+    sizes = sorted(len(p) for p in s.fixed_packs)
+    assert sizes == [1, 1, 2]  # the tile budget splits the three short samples; the long one stands alone

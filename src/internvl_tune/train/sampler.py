@@ -7,6 +7,7 @@ steps already taken: nothing is re-read or skipped sample by sample.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 
 import torch
@@ -74,3 +75,80 @@ class GlobalBatchSampler:
         order = self.global_order(epoch)
         for step in range(start_step, len(order)):
             yield step, self.micro_batches(order[step])
+
+
+class PackedBatchSampler:
+    """Like :class:`GlobalBatchSampler`, but each micro-batch is a *pack*: samples whose lengths fit in a token budget.
+
+    The packs are built once (seeded shuffle, then best-fit-decreasing bin packing inside windows of ``window``
+    samples, so packs mix lengths yet stay full); every epoch visits them in a new seeded order. Each optimizer step
+    takes ``world_size x grad_accum`` packs. A sample longer than the budget gets a pack of its own.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        max_tokens: int,
+        world_size: int,
+        rank: int,
+        grad_accum: int,
+        seed: int,
+        tiles: Sequence[int] | None = None,
+        max_tiles: int | None = None,
+        window: int = 4096,
+    ):
+        if len(lengths) == 0:
+            raise ValueError("the dataset is empty")
+        self.lengths = [int(x) for x in lengths]
+        self.tiles = [int(x) for x in tiles] if tiles is not None else [0] * len(self.lengths)
+        self.max_tokens, self.max_tiles = max_tokens, max_tiles
+        self.world_size, self.rank, self.grad_accum, self.seed = world_size, rank, grad_accum, seed
+        self.packs_per_step = world_size * grad_accum
+        self.fixed_packs = self._build(window)
+
+    def _build(self, window: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed)
+        perm = torch.randperm(len(self.lengths), generator=g).tolist()
+        packs: list[list[int]] = []
+        for start in range(0, len(perm), window):
+            items = sorted(perm[start : start + window], key=lambda i: -self.lengths[i])
+            free: list[tuple[int, int]] = []  # (free tokens, pack index), kept sorted for best fit
+            for i in items:
+                need = self.lengths[i]
+                pos = bisect.bisect_left(free, (need, -1))
+                placed = False
+                if pos < len(free):
+                    room, b = free[pos]
+                    pack_tiles = sum(self.tiles[j] for j in packs[b])
+                    if self.max_tiles is None or pack_tiles + self.tiles[i] <= self.max_tiles:
+                        packs[b].append(i)
+                        free.pop(pos)
+                        bisect.insort(free, (room - need, b))
+                        placed = True
+                if not placed:
+                    packs.append([i])
+                    bisect.insort(free, (self.max_tokens - need, len(packs) - 1))
+        return packs
+
+    def packs(self, epoch: int) -> list[list[int]]:
+        """All packs in the order of ``epoch``, the last step filled from the start (deterministic)."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.fixed_packs), generator=g).tolist()
+        packs = [self.fixed_packs[i] for i in order]
+        return packs + packs[: (-len(packs)) % self.packs_per_step]
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-len(self.fixed_packs) // self.packs_per_step)
+
+    def padding_waste(self) -> float:
+        """Fraction of the packs' token budget left empty."""
+        used = sum(self.lengths)
+        return max(0.0, 1.0 - used / (len(self.fixed_packs) * self.max_tokens))
+
+    def epoch_steps(self, epoch: int, start_step: int = 0):
+        """Yield ``(step_in_epoch, micro_batches)`` for this rank, from ``start_step`` on."""
+        packs = self.packs(epoch)
+        for step in range(start_step, self.steps_per_epoch):
+            base = step * self.packs_per_step
+            yield step, [packs[base + micro * self.world_size + self.rank] for micro in range(self.grad_accum)]

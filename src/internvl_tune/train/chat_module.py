@@ -1,0 +1,38 @@
+"""The InternVL2 training forward as one module, so FSDP2 can wrap it as the root.
+
+vision tower -> pixel shuffle -> mlp1 -> image embeddings scattered into the token embeddings -> LLM decoder ->
+weighted next-token loss on supervised positions only (``train/loss.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from internvl_tune.train.loss import weighted_lm_loss_sum
+
+
+class ChatTrainModule(nn.Module):
+    """Wraps an ``InternVLChat`` for training; ``forward(batch, mask, weights)`` returns the weighted loss sum."""
+
+    def __init__(self, chat):
+        super().__init__()
+        self.model = chat.model  # the only registered child: FSDP2 and checkpoints see the usual parameter names
+        self._chat = chat
+
+    def forward(self, batch: dict, mask: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Weighted sum of token losses of one micro-batch (divide by the global weight sum outside).
+
+        Args:
+            batch: collated micro-batch (``input_ids``, ``labels``, ``position_ids``, ``attention_mask`` or
+                packing metadata, ``pixel_values``, ``image_flags``).
+            mask, weights: supervised positions and their loss weights, from ``train.loss.token_weights``.
+        """
+        embeds = self._chat.embed_inputs(batch["input_ids"], batch["pixel_values"], batch["image_flags"])
+        out = self.model.model.language_model(
+            inputs_embeds=embeds,
+            attention_mask=batch.get("attention_mask"),
+            position_ids=batch["position_ids"],
+            use_cache=False,
+        )
+        return weighted_lm_loss_sum(out.last_hidden_state, self.model.lm_head.weight, batch["labels"], mask, weights)

@@ -1,0 +1,394 @@
+"""InternVL2 chat fine-tuning: one lean loop for 1 CPU process up to many GPUs and nodes (FSDP2).
+
+Launch: ``internvl-tune train --model_name_or_path ... --meta_path ...`` (one process), or
+``torchrun --nproc_per_node N -m internvl_tune.cli train ...`` (N ranks; gloo on CPU, NCCL on GPUs).
+
+The loss of an optimizer step is ``sum(w_t * ce_t) / sum(w_t)`` over *all* supervised tokens of the global batch
+(every micro-step, every rank), so results do not depend on how the global batch is split across GPUs and
+accumulation steps (the reference's ``loss_reduction_all_gather``, made exact).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from internvl_tune.dist import DistInfo, all_reduce_sum, init_distributed
+from internvl_tune.dist.fsdp import parallelize
+from internvl_tune.errors import UserError
+from internvl_tune.train.checkpoint import Checkpointer, list_checkpoints
+from internvl_tune.train.config import TrainConfig, save_config
+from internvl_tune.train.freeze import apply_trainable_flags
+from internvl_tune.train.chat_module import ChatTrainModule
+from internvl_tune.train.loss import token_weights
+from internvl_tune.train.metrics import MetricsLogger
+from internvl_tune.train.optim import build_adamw, build_param_groups, count_parameters
+from internvl_tune.train.progress import StepProgress
+from internvl_tune.train.sampler import GlobalBatchSampler, PackedBatchSampler
+from internvl_tune.train.schedule import LRSchedule, warmup_steps_for
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or interrupted) run leaves behind."""
+
+    output_dir: Path
+    steps: int
+    losses: list[float]
+    interrupted: bool = False
+
+
+class _StopFlag:
+    """SIGTERM / SIGINT ask for a checkpoint at the end of the current step, then a clean exit."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside a test runner thread)
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _prepare_output_dir(cfg: TrainConfig, info: DistInfo) -> tuple[Path, str | None]:
+    out = Path(cfg.train.output_dir)
+    resume = cfg.train.resume_from_checkpoint
+    existing = list_checkpoints(out)
+    if existing and not resume and not cfg.train.overwrite_output_dir:
+        raise UserError(
+            f"{out} already holds checkpoints ({existing[-1].name}); pass --resume_from_checkpoint auto to continue, "
+            f"or --overwrite_output_dir True to start over"
+        )
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob("checkpoint-*.partial"):  # a save that a crash interrupted
+            import shutil
+
+            shutil.rmtree(stale, ignore_errors=True)
+    return out, resume
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def _sample_ids(batch: dict) -> torch.Tensor:
+    """Per-token sample id: the packing collator provides it; with padding, one sample per row."""
+    if "sample_ids" in batch:
+        return batch["sample_ids"]
+    b, l = batch["input_ids"].shape
+    return torch.arange(b, device=batch["input_ids"].device)[:, None].expand(b, l)
+
+
+def _memory_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+
+
+def build_datasets(cfg: TrainConfig, chat, info: DistInfo):
+    """The training dataset (and validation dataset when ``--eval_meta_path`` is set)."""
+    from internvl_tune.data import DataConfig, SupervisedDataset
+
+    d = cfg.data
+    data_cfg = DataConfig(
+        force_image_size=d.force_image_size,
+        patch_size=chat.patch_size,
+        down_sample_ratio=d.down_sample_ratio,
+        dynamic_image_size=d.dynamic_image_size,
+        use_thumbnail=d.use_thumbnail,
+        min_dynamic_patch=d.min_dynamic_patch,
+        max_dynamic_patch=d.max_dynamic_patch,
+        max_seq_length=d.max_seq_length,
+        normalize_type=d.normalize_type,
+        min_num_frame=d.min_num_frame,
+        max_num_frame=d.max_num_frame,
+        pad2square=d.pad2square,
+        conv_style=d.conv_style,
+        allow_outside_root=d.allow_outside_root,
+    )
+    train = SupervisedDataset(d.meta_path, chat.tokenizer, data_cfg, is_train=True, seed=cfg.train.seed)
+    val = None
+    if d.eval_meta_path:
+        val = SupervisedDataset(d.eval_meta_path, chat.tokenizer, data_cfg, is_train=False, seed=cfg.train.seed)
+    return train, val
+
+
+def _loader(dataset, batches: list[list[int]], collate, workers: int) -> DataLoader:
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=workers,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=False)
+
+
+class ChatTrainer:
+    """Holds the state of one run; ``train()`` is the loop, ``train_step()`` one optimizer step."""
+
+    def __init__(self, cfg: TrainConfig):
+        from internvl_tune.data import pad_collate
+        from internvl_tune.data.packing import pack_collate
+        from internvl_tune.models.internvl_chat import load_pretrained
+
+        self.cfg = cfg
+        t = cfg.train
+        if not cfg.model.model_name_or_path:
+            raise UserError("--model_name_or_path is required (a checkpoint directory such as ./pretrained/InternVL2-1B)")
+        if not cfg.data.meta_path:
+            raise UserError("--meta_path is required (a meta JSON naming your JSONL datasets)")
+        self.info = info = init_distributed(t.device)
+        self.output_dir, resume = _prepare_output_dir(cfg, info)
+        torch.manual_seed(t.seed)
+        self.compute_dtype = torch.bfloat16 if (t.bf16 and info.device.type == "cuda") else None
+        load_dtype = torch.bfloat16 if self.compute_dtype is not None else torch.float32
+
+        chat = load_pretrained(cfg.model.model_name_or_path, dtype=load_dtype, device="cpu",
+                               select_layer=cfg.model.vision_select_layer, ps_version=cfg.model.ps_version,
+                               drop_path_rate=cfg.model.drop_path_rate)
+        self.chat = chat
+        self.trainable_parts = apply_trainable_flags(chat, cfg.model)
+        for p in chat.model.parameters():  # fp32 master weights for everything that trains
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
+        if cfg.model.grad_checkpoint:
+            chat.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.trainable, self.total_params = count_parameters(chat.model)
+        if self.trainable == 0:
+            raise UserError("no parameter is trainable: check --freeze_llm / --freeze_backbone / --freeze_mlp / LoRA flags")
+
+        self.module = ChatTrainModule(chat).to(info.device)
+        parallelize(self.module, param_dtype=self.compute_dtype, reshard_after_forward=info.world_size > 1)
+
+        self.train_set, self.val_set = build_datasets(cfg, chat, info)
+        pad_id = chat.tokenizer.pad_token_id if chat.tokenizer.pad_token_id is not None else 0
+        if cfg.data.use_packed_ds:
+            self.collate = functools.partial(pack_collate, pad_token_id=pad_id)
+            self.sampler = PackedBatchSampler(
+                self.train_set.lengths, cfg.data.max_packed_tokens, info.world_size, info.rank,
+                t.gradient_accumulation_steps, t.seed,
+                tiles=getattr(self.train_set, "tiles", None), max_tiles=cfg.data.num_images_expected,
+            )
+        else:
+            self.collate = functools.partial(pad_collate, pad_token_id=pad_id)
+            self.sampler = GlobalBatchSampler(
+                self.train_set.lengths, t.per_device_train_batch_size, info.world_size, info.rank,
+                t.gradient_accumulation_steps, t.seed, cfg.data.group_by_length,
+            )
+        steps_per_epoch = self.sampler.steps_per_epoch
+        self.total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.num_train_epochs * steps_per_epoch))
+        groups = build_param_groups(self.module.named_parameters(), t.learning_rate, t.weight_decay)
+        self.optimizer = build_adamw(groups, (t.adam_beta1, t.adam_beta2), t.adam_epsilon, info.device)
+        self.schedule = LRSchedule(t.lr_scheduler_type, warmup_steps_for(self.total_steps, t.warmup_steps, t.warmup_ratio),
+                                   self.total_steps)
+        self.checkpointer = Checkpointer(self.output_dir, info, t.save_total_limit)
+        self.step, self.bad_steps, self.tokens_seen = 0, 0, 0
+        ckpt = self.checkpointer.resolve(resume)
+        if ckpt is not None:
+            state = self.checkpointer.load(ckpt, self.module, self.optimizer)
+            self.step, self.bad_steps, self.tokens_seen = state["step"], state["bad_steps"], state["tokens_seen"]
+        self.resumed_from = ckpt
+        self.metrics = MetricsLogger(self.output_dir, enabled=info.is_main, tensorboard=t.report_to == "tensorboard",
+                                     resume_step=self.step + 1 if ckpt is not None else None)
+        if info.is_main:
+            save_config(cfg, self.output_dir / "config.yaml")
+
+    # ------------------------------------------------------------------ one optimizer step
+    def train_step(self, micro_batches: list[dict]) -> dict:
+        """Forward/backward over the micro-batches of one global step, then clip and update."""
+        t, info = self.cfg.train, self.info
+        prepared = []
+        weight_sum = torch.zeros((), dtype=torch.float64)
+        for batch in micro_batches:
+            batch = _to_device(batch, info.device)
+            mask, weights = token_weights(batch["labels"], _sample_ids(batch), self.cfg.data.loss_reduction)
+            weight_sum += weights.sum().double().cpu()
+            prepared.append((batch, mask, weights))
+        global_weight = all_reduce_sum(weight_sum.to(info.device)).item()
+        if global_weight == 0:
+            raise UserError(
+                f"step {self.step + 1}: the global batch has no supervised token (all labels are -100). This is the "
+                f"'loss is 0' trap: check --conv_style matches the model's template and that answers survive "
+                f"--max_seq_length; run `internvl-tune data check` on the meta file"
+            )
+        # FSDP averages gradients over ranks, so scale each rank's sum by world_size / global weight
+        scale = info.world_size / global_weight
+        loss_sum = torch.zeros((), device=info.device)
+        tokens = 0
+        for batch, mask, weights in prepared:
+            loss = self.module(batch, mask, weights)
+            (loss * scale).backward()
+            loss_sum += loss.detach()
+            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in self.module.parameters() if p.requires_grad],
+            t.max_grad_norm if t.max_grad_norm > 0 else float("inf"),
+        )
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        loss_value = all_reduce_sum(loss_sum).item() / global_weight
+        tokens = int(all_reduce_sum(torch.tensor(tokens, device=info.device)).item())
+        lr = self.schedule.apply(self.optimizer, self.step)
+        finite = math.isfinite(loss_value) and bool(torch.isfinite(grad_norm))
+        if finite:
+            self.optimizer.step()
+        else:
+            self.bad_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss_value, "grad_norm": float(grad_norm), "lr": lr, "tokens": tokens, "finite": finite}
+
+    # ------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Token-weighted validation loss over the whole validation set (sharded across ranks)."""
+        info = self.info
+        self.module.eval()
+        indices = list(range(info.rank, len(self.val_set), info.world_size))
+        batches = [indices[i : i + self.cfg.train.per_device_train_batch_size]
+                   for i in range(0, len(indices), self.cfg.train.per_device_train_batch_size)]
+        total = torch.zeros((), device=info.device)
+        weight = torch.zeros((), device=info.device)
+        for batch in _loader(self.val_set, batches, self.collate, 0):
+            batch = _to_device(batch, info.device)
+            mask, w = token_weights(batch["labels"], _sample_ids(batch), self.cfg.data.loss_reduction)
+            total += self.module(batch, mask, w)
+            weight += w.sum()
+        self.module.train()
+        return (all_reduce_sum(total) / all_reduce_sum(weight).clamp_min(1e-12)).item()
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> TrainResult:
+        """Run until ``total_steps`` (or a stop signal), checkpointing and logging on the way."""
+        t, info = self.cfg.train, self.info
+        progress = StepProgress(self.total_steps, "train", enabled=info.is_main, start=self.step)
+        if info.is_main:
+            self._print_plan(progress)
+        losses: list[float] = []
+        interrupted = False
+        self.module.train()
+        steps_per_epoch = self.sampler.steps_per_epoch
+        window_start, window_tokens = time.perf_counter(), 0
+        with _StopFlag() as stop:
+            while self.step < self.total_steps and not interrupted:
+                epoch, in_epoch = divmod(self.step, steps_per_epoch)
+                if hasattr(self.train_set, "set_epoch"):
+                    self.train_set.set_epoch(epoch)
+                order = list(self.sampler.epoch_steps(epoch, in_epoch))
+                micro = [mb for _, micros in order for mb in micros]
+                loader = iter(_loader(self.train_set, micro, self.collate, t.dataloader_num_workers))
+                for _ in order:
+                    micro_batches = [next(loader) for _ in range(t.gradient_accumulation_steps)]
+                    out = self.train_step(micro_batches)
+                    self.step += 1
+                    self.tokens_seen += out["tokens"]
+                    window_tokens += out["tokens"]
+                    losses.append(out["loss"])
+                    if self.bad_steps > t.max_bad_steps:
+                        raise UserError(
+                            f"{self.bad_steps} steps had a non-finite loss or gradient (last at step {self.step}); "
+                            f"lower --learning_rate, check the data with `internvl-tune data check`, or raise --max_bad_steps"
+                        )
+                    if self.step % t.logging_steps == 0 or self.step == self.total_steps:
+                        elapsed = time.perf_counter() - window_start
+                        row = {"epoch": round(self.step / steps_per_epoch, 4), "loss": out["loss"], "lr": out["lr"],
+                               "grad_norm": out["grad_norm"], "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                               "memory_gib": round(_memory_gib(info.device), 2), "skipped_steps": self.bad_steps}
+                        self.metrics.log(self.step, row)
+                        progress.update(self.step, f"loss {out['loss']:.4f} | {row['tokens_per_s']:.0f} tok/s"
+                                                   f" | {row['memory_gib']:.1f} GiB", log=True)
+                        window_start, window_tokens = time.perf_counter(), 0
+                    if self.val_set is not None and self._due(t.eval_steps or t.save_steps):
+                        val = self.evaluate()
+                        self.metrics.log(self.step, {"eval_loss": val})
+                        progress.print(f"step {self.step}: eval_loss {val:.4f}")
+                    if t.save_strategy == "steps" and self._due(t.save_steps):
+                        self.save_checkpoint()
+                    if stop.requested:
+                        interrupted = True
+                        break
+                if t.save_strategy == "epoch" and not interrupted:
+                    self.save_checkpoint()
+        progress.close()
+        if interrupted:
+            self.save_checkpoint()
+            if info.is_main:
+                print(f"stopped by signal at step {self.step}; resume with --resume_from_checkpoint auto")
+        self.metrics.close()
+        return TrainResult(self.output_dir, self.step, losses, interrupted)
+
+    def _due(self, every: int) -> bool:
+        return every > 0 and self.step % every == 0
+
+    def save_checkpoint(self) -> Path:
+        path = self.checkpointer.save(self.step, self.module, self.optimizer,
+                                      {"bad_steps": self.bad_steps, "tokens_seen": self.tokens_seen})
+        self.metrics.flush()
+        return path
+
+    def export(self) -> Path:
+        """Write the final model into ``output_dir`` in the original InternVL layout (LoRA: adapter + merged).
+
+        The sharded parameters are gathered to rank 0, loaded into a fresh CPU copy of the base model with the same
+        trainable flags, and saved from there, so the exported files never depend on how training was sharded.
+        """
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from internvl_tune.dist import barrier
+        from internvl_tune.models.internvl_chat import load_pretrained
+        from internvl_tune.models.internvl_chat.lora import has_lora, merge_lora, save_adapter
+
+        full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.info.is_main:
+            fresh = load_pretrained(self.cfg.model.model_name_or_path, dtype=torch.float32, device="cpu",
+                                    select_layer=self.cfg.model.vision_select_layer, ps_version=self.cfg.model.ps_version)
+            apply_trainable_flags(fresh, self.cfg.model)
+            state = {k.removeprefix("model."): v for k, v in full.items()}
+            fresh.model.load_state_dict(state, strict=True)
+            if has_lora(fresh):
+                save_adapter(fresh, self.output_dir / "adapter", base=self.cfg.model.model_name_or_path)
+                if self.cfg.model.merge_lora:
+                    merge_lora(fresh)
+            if not has_lora(fresh):
+                fresh.save_pretrained(self.output_dir, layout="original")
+            print(f"final model written to {self.output_dir}")
+        barrier()
+        return self.output_dir
+
+    def describe(self) -> None:
+        """Dry run: print the plan (model, trainable parameters, data, steps) without training."""
+        progress = StepProgress(self.total_steps, "train", enabled=self.info.is_main)
+        if self.info.is_main:
+            self._print_plan(progress)
+        progress.close()
+
+    def _print_plan(self, progress: StepProgress) -> None:
+        t = self.cfg.train
+        global_batch = t.per_device_train_batch_size * self.info.world_size * t.gradient_accumulation_steps
+        lines = [
+            f"model: {self.cfg.model.model_name_or_path} ({self.chat.family}), "
+            f"{self.trainable / 1e6:.2f}M of {self.total_params / 1e6:.2f}M parameters trainable "
+            + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in self.trainable_parts.items()),
+            f"data: {len(self.train_set)} samples, global batch {global_batch} "
+            f"({t.per_device_train_batch_size} x {self.info.world_size} ranks x {t.gradient_accumulation_steps} accum), "
+            f"{self.sampler.steps_per_epoch} steps/epoch, {self.total_steps} steps"
+            + (f", packed rows of {self.cfg.data.max_packed_tokens} tokens ({self.sampler.padding_waste():.1%} padding)"
+               if self.cfg.data.use_packed_ds else ""),
+            f"device: {self.info.device} x {self.info.world_size}, compute dtype "
+            f"{self.compute_dtype or torch.float32}, output: {self.output_dir}",
+        ]
+        if self.resumed_from is not None:
+            lines.append(f"resumed from {self.resumed_from} at step {self.step}")
+        for line in lines:
+            progress.print(line)
