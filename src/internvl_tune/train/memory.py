@@ -1,0 +1,106 @@
+"""Peak GPU-memory estimate of a training run, printed before the first step.
+
+Model states are exact byte counts; activations use per-token coefficients of a decoder layer that were fitted
+to measured peaks on an H100 (see docs/performance.md for the measurements behind them).
+
+Per rank, with ``W`` ranks (FSDP2 shards model states evenly):
+
+- frozen parameters: their stored bytes / W (bf16 on GPUs)
+- trainable parameters: fp32 master (4 B) + fp32 gradient (4 B) + AdamW moments (8 B), all / W
+- gathered parameters: the largest blocks held unsharded in the compute dtype while they run
+- activations: per LLM token and layer, ``a_ckpt * hidden`` bytes kept between layers with activation
+  checkpointing, plus one layer's full activations ``(a_hidden * hidden + a_ffn * ffn) * tokens`` being recomputed;
+  without checkpointing every layer keeps its full activations; plus the loss chunk's fp32 logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# bytes per token per unit of width, fitted on measurements (bf16 activations)
+A_CKPT = 2.0
+A_HIDDEN = 18.0
+A_FFN = 6.0
+WORKSPACE_GIB = 1.0  # CUDA context-independent allocator slack, cuBLAS workspaces
+
+
+@dataclass
+class MemoryEstimate:
+    """Estimated peak memory of one rank, in GiB, by component."""
+
+    model_states: float
+    gathered_params: float
+    activations: float
+    logits: float
+    workspace: float = WORKSPACE_GIB
+
+    @property
+    def total(self) -> float:
+        return self.model_states + self.gathered_params + self.activations + self.logits + self.workspace
+
+    def describe(self) -> str:
+        return (f"estimated peak GPU memory per rank: {self.total:.1f} GiB (model states {self.model_states:.1f}, "
+                f"gathered params {self.gathered_params:.1f}, activations {self.activations:.1f}, "
+                f"logits {self.logits:.1f}, workspace {self.workspace:.1f})")
+
+
+def _block_bytes(block: nn.Module, dtype_bytes: int) -> int:
+    return sum(p.numel() for p in block.parameters()) * dtype_bytes
+
+
+def estimate_training_memory(
+    model: nn.Module,
+    blocks: list[nn.Module],
+    *,
+    world_size: int,
+    tokens_per_micro_batch: int,
+    hidden: int,
+    ffn: int,
+    num_layers: int,
+    grad_checkpoint: bool,
+    reshard_after_forward: bool,
+    compute_bytes: int = 2,
+    loss_chunk: int = 2048,
+    vocab: int = 0,
+) -> MemoryEstimate:
+    """Estimate the peak memory of one rank for a decoder-style VLM training step.
+
+    Args:
+        model: the model with ``requires_grad`` already set (frozen parts counted at their stored dtype).
+        blocks: the FSDP units below the root (vision blocks and LLM layers).
+        world_size: ranks sharing the model states.
+        tokens_per_micro_batch: LLM tokens in one micro-batch (rows x sequence length, or the packing budget).
+        hidden, ffn, num_layers: LLM width, MLP width and depth.
+        grad_checkpoint: activation checkpointing on every LLM layer.
+        reshard_after_forward: whether gathered blocks are freed after their forward.
+        compute_bytes: bytes of the compute dtype (2 for bf16).
+        loss_chunk, vocab: rows of fp32 logits alive at once in the chunked loss, and the vocabulary size.
+    """
+    gib = 2**30
+    states = 0
+    for p in model.parameters():
+        states += (16 if p.requires_grad else p.element_size()) * p.numel()
+    states /= world_size
+    if reshard_after_forward or world_size > 1:
+        biggest = max((_block_bytes(b, compute_bytes) for b in blocks), default=0)
+        block_ids = {id(p) for b in blocks for p in b.parameters()}
+        root = sum(p.numel() for p in model.parameters() if id(p) not in block_ids) * compute_bytes
+        gathered = root + 2 * biggest
+    else:
+        gathered = sum(p.numel() for p in model.parameters() if p.requires_grad) * compute_bytes
+    t = tokens_per_micro_batch
+    layer_full = (A_HIDDEN * hidden + A_FFN * ffn) * t
+    if grad_checkpoint:
+        acts = A_CKPT * hidden * t * num_layers + layer_full
+    else:
+        acts = layer_full * num_layers
+    logits = 3 * 4 * min(loss_chunk, t) * vocab  # fp32 logits, their softmax and gradient
+    return MemoryEstimate(states / gib, gathered / gib, acts / gib, logits / gib)
+
+
+def measured_peak_gib(device: torch.device) -> float:
+    """Peak memory allocated by PyTorch on ``device`` since the last reset (0 on CPU)."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
