@@ -1,0 +1,48 @@
+"""Architecture shapes of the released InternVL2 models, as transformers-native configs with random weights.
+
+Used by the benchmarks: the speed and memory of a shape do not depend on the weights' values.
+"""
+
+from __future__ import annotations
+
+VIT_300M = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                norm_type="layer_norm", use_qk_norm=False, attention_bias=True)
+VIT_6B = dict(hidden_size=3200, num_hidden_layers=45, num_attention_heads=25, intermediate_size=12800,
+              norm_type="rms_norm", use_qk_norm=True, attention_bias=False)
+
+# LLM shapes (InternLM2 maps exactly onto Llama; Qwen2 keeps its q/k/v biases)
+LLMS = {
+    "qwen2-0.5b": dict(model_type="qwen2", hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                       num_key_value_heads=2, intermediate_size=4864, vocab_size=151674, rope_theta=1e6),
+    "internlm2-1.8b": dict(model_type="llama", hidden_size=2048, num_hidden_layers=24, num_attention_heads=16,
+                           num_key_value_heads=8, intermediate_size=8192, vocab_size=92553, rope_theta=1e6),
+    "phi3-mini": dict(model_type="phi3", hidden_size=3072, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, intermediate_size=8192, vocab_size=32020),
+    "internlm2.5-7b": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                           num_key_value_heads=8, intermediate_size=14336, vocab_size=92553, rope_theta=1e6),
+    "internlm2-20b": dict(model_type="llama", hidden_size=6144, num_hidden_layers=48, num_attention_heads=48,
+                          num_key_value_heads=8, intermediate_size=16384, vocab_size=92553, rope_theta=1e6),
+}
+
+SHAPES = {
+    "internvl2-1b": (VIT_300M, "qwen2-0.5b"),
+    "internvl2-2b": (VIT_300M, "internlm2-1.8b"),
+    "internvl2-4b": (VIT_300M, "phi3-mini"),
+    "internvl2-8b": (VIT_300M, "internlm2.5-7b"),
+    "internvl2-26b": (VIT_6B, "internlm2-20b"),
+}
+
+
+def native_config(shape: str, attn_implementation: str = "sdpa"):
+    """A transformers ``InternVLConfig`` with the shape of ``shape`` (448 px tiles, 256 tokens per tile)."""
+    from transformers import InternVLConfig
+
+    vit, llm = SHAPES[shape]
+    text = dict(LLMS[llm], max_position_embeddings=32768, tie_word_embeddings=False)
+    vision = dict(vit, image_size=[448, 448], patch_size=[14, 14], use_mean_pooling=True, layer_norm_eps=1e-6)
+    cfg = InternVLConfig(vision_config=vision, text_config=text, image_token_id=text["vocab_size"] - 1,
+                         downsample_ratio=0.5, vision_feature_layer=-1, tie_word_embeddings=False)
+    cfg._attn_implementation = attn_implementation
+    cfg.text_config._attn_implementation = attn_implementation
+    cfg.vision_config._attn_implementation = "sdpa"
+    return cfg
