@@ -1,0 +1,100 @@
+"""COCO caption metrics: BLEU-1..4, METEOR, ROUGE-L and CIDEr from pycocoevalcap, as its ``COCOEvalCap`` computes them.
+
+We call pycocoevalcap's own PTB tokenizer and scorers in the order ``COCOEvalCap.evaluate`` does, leaving out SPICE
+(it downloads Stanford CoreNLP models at first use and breaks on newer Java). The PTB tokenizer and METEOR start
+Java subprocesses, so Java must be on PATH.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Mapping, Sequence
+
+from internvl_tune.errors import DataError, UserError
+
+METRIC_NAMES = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+JAVA_FIX = "install Java, e.g. `sudo apt-get install default-jre-headless` (Debian/Ubuntu), then run again"
+
+
+def require_java() -> None:
+    """Raise a UserError with the install command when no ``java`` executable is on PATH."""
+    if shutil.which("java") is None:
+        raise UserError(f"caption metrics need Java (pycocoevalcap's PTB tokenizer and METEOR run on it) — {JAVA_FIX}")
+
+
+def _import_pycocoevalcap():
+    try:
+        from pycocoevalcap.bleu.bleu import Bleu
+        from pycocoevalcap.cider.cider import Cider
+        from pycocoevalcap.meteor.meteor import Meteor
+        from pycocoevalcap.rouge.rouge import Rouge
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+    except ImportError:
+        raise UserError("caption metrics need pycocoevalcap — `pip install 'internvl-tune[eval]'`") from None
+    return PTBTokenizer, Bleu, Meteor, Rouge, Cider
+
+
+def _tokenize(tokenizer, captions: dict[int, list[dict]]) -> dict[int, list[str]]:
+    try:
+        return tokenizer.tokenize(captions)
+    except FileNotFoundError:  # Popen could not find `java` after all
+        raise UserError(f"could not start Java for the PTB tokenizer — {JAVA_FIX}") from None
+    except PermissionError as exc:
+        # pycocoevalcap writes its temporary input file next to the CoreNLP jar inside the installed package.
+        raise UserError(
+            f"pycocoevalcap's PTB tokenizer could not write a temporary file next to its jar ({exc.filename}); "
+            "install pycocoevalcap into a writable environment (e.g. a virtualenv)"
+        ) from None
+
+
+def score_captions(references: Mapping[int, Sequence[str]], predictions: Mapping[int, str]) -> dict[str, float]:
+    """Score one caption per image against its references.
+
+    Args:
+        references: ``{image_id: [reference captions]}`` in ground-truth order (see ``datasets.load_references``);
+            every image in it is scored, as ``COCOEvalCap`` scores every ground-truth image.
+        predictions: ``{image_id: caption}``, exactly one per reference image.
+
+    Returns:
+        ``{"Bleu_1": ..., "Bleu_2": ..., "Bleu_3": ..., "Bleu_4": ..., "METEOR": ..., "ROUGE_L": ..., "CIDEr": ...}``
+        as Python floats, in that order.
+    """
+    missing = [i for i in references if i not in predictions]
+    extra = [i for i in predictions if i not in references]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} reference image(s) have no prediction (e.g. {missing[:5]})")
+        if extra:
+            parts.append(f"{len(extra)} prediction(s) name images absent from the references (e.g. {extra[:5]})")
+        raise DataError("; ".join(parts), fix="predictions and ground truth must cover the same image ids")
+    empty = [i for i, refs in references.items() if not refs]
+    if empty:
+        raise DataError(f"{len(empty)} image(s) have no reference caption (e.g. {empty[:5]})",
+                        fix="every ground-truth image needs at least one annotation")
+    require_java()
+    PTBTokenizer, Bleu, Meteor, Rouge, Cider = _import_pycocoevalcap()
+
+    # The tokenizer takes COCO annotation dicts, keyed and ordered like the ground truth.
+    gts = _tokenize(PTBTokenizer(), {i: [{"caption": c} for c in refs] for i, refs in references.items()})
+    res = _tokenize(PTBTokenizer(), {i: [{"caption": predictions[i]}] for i in references})
+
+    scores: dict[str, float] = {}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    scores.update(zip(METRIC_NAMES[:4], bleu))
+    meteor = Meteor()
+    try:
+        scores["METEOR"], _ = meteor.compute_score(gts, res)
+    finally:
+        del meteor  # its __del__ closes the Java process
+    scores["ROUGE_L"], _ = Rouge().compute_score(gts, res)
+    scores["CIDEr"], _ = Cider().compute_score(gts, res)
+    # ROUGE-L and CIDEr come back as numpy scalars; plain floats print like the reference's summary line.
+    return {name: float(scores[name]) for name in METRIC_NAMES}
+
+
+def mean_length(captions: Sequence[str]) -> float:
+    """Mean number of whitespace-separated words per caption (the third field of the summary line)."""
+    if not captions:
+        return 0.0
+    return sum(len(c.split()) for c in captions) / len(captions)
