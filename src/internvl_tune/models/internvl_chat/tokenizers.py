@@ -203,9 +203,13 @@ def load_tokenizer(path: str | Path, family: str | None = None, model_max_length
 
             tokenizer = InternLM2Tokenizer.from_pretrained(str(path), add_eos_token=False, **kwargs)
         else:
-            from transformers import AutoTokenizer
+            import transformers
 
-            tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, add_eos_token=False, **kwargs)
+            # The class named in tokenizer_config.json, from transformers itself (never remote code).
+            config_file = path / "tokenizer_config.json"
+            name = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
+            cls = getattr(transformers, name if name in _CLASS_TO_FAMILY else "AutoTokenizer")
+            tokenizer = cls.from_pretrained(str(path), add_eos_token=False, **kwargs)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: cannot load the {family} tokenizer: {exc}") from exc
     add_internvl_tokens(tokenizer)

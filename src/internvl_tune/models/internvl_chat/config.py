@@ -1,0 +1,259 @@
+"""InternVL2 configs: the original ``InternVLChatConfig`` JSON <-> transformers' native ``InternVLConfig``.
+
+The original ``config.json`` (``model_type: internvl_chat``) nests ``vision_config`` (InternViT) and ``llm_config``
+(Qwen2 / InternLM2 / Phi-3 / Llama, picked by ``llm_config.architectures[0]``) and carries chat settings the native
+config has no field for (``template``, ``ps_version``, dynamic tiling). We keep that dict as the source of truth and
+derive the native config from it; a native save stores it beside the weights (``internvl_chat_config.json``) so a
+round trip gives the original config back.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from internvl_tune.errors import CheckpointError
+
+FAMILY_BY_ARCH = {
+    "Qwen2ForCausalLM": "qwen2",
+    "InternLM2ForCausalLM": "internlm2",
+    "Phi3ForCausalLM": "phi3",
+    "LlamaForCausalLM": "llama",
+}
+ARCH_BY_FAMILY = {family: arch for arch, family in FAMILY_BY_ARCH.items()}
+# Native text model type of each family: InternLM2 is a Llama with fused, re-arranged weights.
+NATIVE_TEXT_TYPE = {"qwen2": "qwen2", "internlm2": "llama", "phi3": "phi3", "llama": "llama"}
+SIDECAR = "internvl_chat_config.json"
+ORIGINAL_AUTO_MAP = {
+    "AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
+    "AutoModel": "modeling_internvl_chat.InternVLChatModel",
+    "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel",
+}
+# InternVLChatConfig defaults (used when a key is absent, as the reference constructor does).
+CHAT_DEFAULTS = {
+    "select_layer": -1,
+    "force_image_size": None,
+    "downsample_ratio": 0.5,
+    "template": None,
+    "dynamic_image_size": False,
+    "use_thumbnail": False,
+    "ps_version": "v1",
+    "min_dynamic_patch": 1,
+    "max_dynamic_patch": 6,
+    "pad2square": False,
+    "use_backbone_lora": 0,
+    "use_llm_lora": 0,
+}
+# Keys copied from an original llm_config into the native text config of every family.
+_TEXT_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "hidden_act", "max_position_embeddings", "rms_norm_eps", "initializer_range", "bos_token_id", "eos_token_id",
+    "pad_token_id", "attention_dropout",
+)
+_EXTRA_TEXT_KEYS = {
+    "qwen2": ("sliding_window", "use_sliding_window", "max_window_layers"),
+    "llama": ("attention_bias", "mlp_bias", "head_dim"),
+    "phi3": ("original_max_position_embeddings", "sliding_window", "resid_pdrop", "embd_pdrop"),
+    "internlm2": (),
+}
+
+
+def read_json(path: Path) -> dict:
+    """Read a JSON file, turning a missing or malformed file into a CheckpointError."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found — is this an InternVL2 checkpoint directory?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}) — re-download or fix the file") from exc
+
+
+def detect_layout(config: dict, where: str = "config.json") -> str:
+    """``original`` (InternVLChatModel) or ``native`` (InternVLForConditionalGeneration) from a config dict."""
+    if "llm_config" in config or config.get("model_type") == "internvl_chat":
+        return "original"
+    if config.get("model_type") == "internvl" or "text_config" in config:
+        return "native"
+    raise CheckpointError(
+        f"{where}: model_type {config.get('model_type')!r} is neither 'internvl_chat' (original InternVL2 layout) "
+        "nor 'internvl' (transformers-native layout)"
+    )
+
+
+def family_of(original: dict, where: str = "config.json") -> str:
+    """LLM family (``qwen2``, ``internlm2``, ``phi3``, ``llama``) from ``llm_config.architectures``."""
+    archs = original.get("llm_config", {}).get("architectures") or [None]
+    if archs[0] not in FAMILY_BY_ARCH:
+        raise CheckpointError(
+            f"{where}: field llm_config.architectures = {archs} is not supported; expected one of "
+            f"{', '.join(FAMILY_BY_ARCH)}"
+        )
+    return FAMILY_BY_ARCH[archs[0]]
+
+
+def chat_setting(original: dict, key: str):
+    """A top-level InternVLChatConfig setting with the reference default."""
+    return original.get(key, CHAT_DEFAULTS[key])
+
+
+def image_size(original: dict) -> int:
+    """Tile size the model sees: ``force_image_size`` or the ViT's own ``image_size``."""
+    return chat_setting(original, "force_image_size") or original["vision_config"].get("image_size", 224)
+
+
+def num_image_token(original: dict) -> int:
+    """Tokens per tile: (tile/patch)^2 * downsample_ratio^2, e.g. 256 for 448px tiles."""
+    patch = original["vision_config"].get("patch_size", 14)
+    return int((image_size(original) // patch) ** 2 * chat_setting(original, "downsample_ratio") ** 2)
+
+
+def _rope_parameters(llm: dict, family: str, where: str) -> dict:
+    theta = float(llm.get("rope_theta", 10000.0))
+    scaling = llm.get("rope_scaling")
+    if not scaling:
+        return {"rope_type": "default", "rope_theta": theta}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in ("dynamic", "linear"):
+        return {"rope_type": kind, "rope_theta": theta, "factor": float(scaling["factor"])}
+    if kind in ("su", "longrope") and family == "phi3":
+        # Phi-3's "su" scaling is what transformers now calls "longrope" (same factors and attention scale).
+        return {
+            "rope_type": "longrope",
+            "rope_theta": theta,
+            "short_factor": list(scaling["short_factor"]),
+            "long_factor": list(scaling["long_factor"]),
+            "original_max_position_embeddings": llm.get("original_max_position_embeddings", 4096),
+        }
+    if kind == "llama3":
+        return {"rope_theta": theta, **scaling, "rope_type": "llama3"}
+    raise CheckpointError(f"{where}: llm_config.rope_scaling type {kind!r} is not supported for {family}")
+
+
+def native_text_config(original: dict, where: str = "config.json") -> dict:
+    """The native text config (as a dict with ``model_type``) for the original ``llm_config``."""
+    family = family_of(original, where)
+    llm = original["llm_config"]
+    text = {k: llm[k] for k in _TEXT_KEYS + _EXTRA_TEXT_KEYS[family] if k in llm}
+    text["model_type"] = NATIVE_TEXT_TYPE[family]
+    text["rope_parameters"] = _rope_parameters(llm, family, where)
+    text["tie_word_embeddings"] = False
+    if family == "internlm2":
+        # InternLM2's `bias` switches the biases of wqkv and wo, i.e. Llama's attention_bias.
+        text.update(attention_bias=bool(llm.get("bias", True)), mlp_bias=False)
+    return text
+
+
+def native_vision_config(original: dict) -> dict:
+    """The native InternVLVisionConfig kwargs for the original InternViT ``vision_config``."""
+    vis = original["vision_config"]
+    return {
+        "hidden_size": vis.get("hidden_size", 3200),
+        "num_hidden_layers": vis.get("num_hidden_layers", 48),
+        "num_attention_heads": vis.get("num_attention_heads", 25),
+        "intermediate_size": vis.get("intermediate_size", 12800),
+        "attention_bias": bool(vis.get("qkv_bias", False)),
+        "use_qk_norm": bool(vis.get("qk_normalization", True)),
+        "norm_type": vis.get("norm_type", "rms_norm"),
+        "layer_norm_eps": vis.get("layer_norm_eps", 1e-6),
+        "hidden_act": vis.get("hidden_act", "gelu"),
+        "image_size": vis.get("image_size", 224),
+        "patch_size": vis.get("patch_size", 14),
+        "num_channels": vis.get("num_channels", 3),
+        "hidden_dropout_prob": vis.get("dropout", 0.0),
+        "projection_dropout": vis.get("dropout", 0.0),
+        "attention_dropout": vis.get("attention_dropout", 0.0),
+        "layer_scale_init_value": vis.get("initializer_factor", 0.1),
+        "initializer_range": vis.get("initializer_range", 0.02),
+        # InternViT has no final norm; mean pooling is the native switch that leaves it out.
+        "use_mean_pooling": True,
+    }
+
+
+def native_config(original: dict, image_token_id: int, attn_implementation: str = "sdpa", where: str = "config.json"):
+    """Build transformers' ``InternVLConfig`` equivalent to an original InternVLChatConfig dict."""
+    from transformers import InternVLConfig
+
+    select_layer = chat_setting(original, "select_layer")
+    config = InternVLConfig(
+        vision_config=native_vision_config(original),
+        text_config=native_text_config(original, where),
+        image_token_id=image_token_id,
+        image_seq_length=num_image_token(original),
+        downsample_ratio=chat_setting(original, "downsample_ratio"),
+        projector_hidden_act="gelu",
+        vision_feature_layer=select_layer,
+        vision_feature_select_strategy="default",
+        # The reference never ties the LM head to the embeddings; tying follows this top-level flag.
+        tie_word_embeddings=False,
+    )
+    config._attn_implementation = attn_implementation
+    return config
+
+
+def original_from_native(native: dict, family: str | None = None) -> dict:
+    """Rebuild an original InternVLChatConfig dict from a native config dict that has no stored original."""
+    text, vis = native["text_config"], native["vision_config"]
+    family = family or {"qwen2": "qwen2", "phi3": "phi3", "llama": "llama"}.get(text.get("model_type"))
+    if family is None:
+        raise CheckpointError(f"native text model_type {text.get('model_type')!r} has no InternVL2 original layout")
+    rope = text.get("rope_parameters") or {"rope_type": "default", "rope_theta": text.get("rope_theta", 10000.0)}
+    llm = {k: text[k] for k in _TEXT_KEYS + _EXTRA_TEXT_KEYS[family] if k in text}
+    llm["architectures"] = [ARCH_BY_FAMILY[family]]
+    llm["model_type"] = family
+    llm["rope_theta"] = rope.get("rope_theta", 10000.0)
+    if rope.get("rope_type", "default") != "default":
+        scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "rope_type", "original_max_position_embeddings")}
+        scaling["type"] = "su" if rope["rope_type"] == "longrope" else rope["rope_type"]
+        llm["rope_scaling"] = scaling
+        if rope["rope_type"] == "longrope":
+            llm["original_max_position_embeddings"] = rope["original_max_position_embeddings"]
+    else:
+        llm["rope_scaling"] = None
+    if family == "internlm2":
+        llm["bias"] = text.get("attention_bias", False)
+    llm["tie_word_embeddings"] = False
+    size = lambda v: v[0] if isinstance(v, (list, tuple)) else v  # noqa: E731 (native stores (h, w))
+    vision = {
+        "architectures": ["InternVisionModel"],
+        "model_type": "intern_vit_6b",
+        "hidden_size": vis["hidden_size"],
+        "num_hidden_layers": vis["num_hidden_layers"],
+        "num_attention_heads": vis["num_attention_heads"],
+        "intermediate_size": vis["intermediate_size"],
+        "qkv_bias": vis.get("attention_bias", False),
+        "qk_normalization": vis.get("use_qk_norm", False),
+        "norm_type": vis.get("norm_type", "layer_norm"),
+        "layer_norm_eps": vis.get("layer_norm_eps", 1e-6),
+        "hidden_act": vis.get("hidden_act", "gelu"),
+        "image_size": size(vis.get("image_size", 448)),
+        "patch_size": size(vis.get("patch_size", 14)),
+        "num_channels": vis.get("num_channels", 3),
+        "dropout": vis.get("hidden_dropout_prob", 0.0),
+        "attention_dropout": vis.get("attention_dropout", 0.0),
+        "drop_path_rate": 0.0,
+        "initializer_factor": vis.get("layer_scale_init_value", 0.1),
+        "initializer_range": vis.get("initializer_range", 0.02),
+        "use_flash_attn": False,
+    }
+    return {
+        **CHAT_DEFAULTS,
+        "architectures": ["InternVLChatModel"],
+        "auto_map": dict(ORIGINAL_AUTO_MAP),
+        "model_type": "internvl_chat",
+        "vision_config": vision,
+        "llm_config": llm,
+        "select_layer": native.get("vision_feature_layer", -1),
+        "downsample_ratio": native.get("downsample_ratio", 0.5),
+        "force_image_size": vision["image_size"],
+        "ps_version": "v2",
+        "template": {"qwen2": "Hermes-2", "phi3": "phi3-chat", "llama": "Hermes-2"}.get(family),
+        "tie_word_embeddings": False,
+    }
+
+
+def with_vocab_size(original: dict, vocab_size: int) -> dict:
+    """A copy of ``original`` whose LLM vocabulary has ``vocab_size`` rows (after adding tokens)."""
+    out = copy.deepcopy(original)
+    out["llm_config"]["vocab_size"] = vocab_size
+    return out
