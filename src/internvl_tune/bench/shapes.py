@@ -24,7 +24,13 @@ LLMS = {
                           num_key_value_heads=8, intermediate_size=16384, vocab_size=92553, rope_theta=1e6),
 }
 
+VIT_TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                norm_type="layer_norm", use_qk_norm=False, attention_bias=True)
+LLMS["tiny"] = dict(model_type="qwen2", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, intermediate_size=128, vocab_size=1000)
+
 SHAPES = {
+    "tiny": (VIT_TINY, "tiny"),  # CPU smoke tests of the benchmark code
     "internvl2-1b": (VIT_300M, "qwen2-0.5b"),
     "internvl2-2b": (VIT_300M, "internlm2-1.8b"),
     "internvl2-4b": (VIT_300M, "phi3-mini"),

@@ -24,18 +24,7 @@ def register(subparsers, name: str, help_text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from internvl_tune.dist import shutdown
-    from internvl_tune.train.chat_trainer import ChatTrainer
+    from internvl_tune.train import chat_trainer
 
-    cfg = load_config(args)
-    try:
-        trainer = ChatTrainer(cfg)
-        if cfg.train.dry_run:
-            trainer.describe()
-            return 0
-        result = trainer.train()
-        if not result.interrupted:
-            trainer.export()
-    finally:
-        shutdown()
-    return 0
+    result = chat_trainer.run(load_config(args))
+    return 0 if result.steps > 0 or not result.interrupted else 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import signal
 import time
 from contextlib import nullcontext
@@ -29,6 +30,7 @@ from internvl_tune.train.config import TrainConfig, save_config
 from internvl_tune.train.freeze import apply_trainable_flags
 from internvl_tune.train.chat_module import ChatTrainModule
 from internvl_tune.train.loss import token_weights
+from internvl_tune.train.step import StepRunner, sample_ids, to_device
 from internvl_tune.train.metrics import MetricsLogger
 from internvl_tune.train.optim import build_adamw, build_param_groups, count_parameters
 from internvl_tune.train.progress import StepProgress
@@ -87,16 +89,21 @@ def _prepare_output_dir(cfg: TrainConfig, info: DistInfo) -> tuple[Path, str | N
     return out, resume
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+def _save_into(chat, output_dir: Path) -> None:
+    """Save the model in the original layout next to the run's logs and checkpoints (as the reference does).
 
+    It is written to a temporary sibling first; files then move in one by one, weights before ``config.json``,
+    so a crash never leaves a config that points at missing weights.
+    """
+    import shutil
 
-def _sample_ids(batch: dict) -> torch.Tensor:
-    """Per-token sample id: the packing collator provides it; with padding, one sample per row."""
-    if "sample_ids" in batch:
-        return batch["sample_ids"]
-    b, l = batch["input_ids"].shape
-    return torch.arange(b, device=batch["input_ids"].device)[:, None].expand(b, l)
+    tmp = output_dir / ".final-model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    chat.save_pretrained(tmp, layout="original", overwrite=True)
+    files = sorted(tmp.iterdir(), key=lambda f: f.name == "config.json")
+    for f in files:
+        os.replace(f, output_dir / f.name)
+    tmp.rmdir()
 
 
 def _memory_gib(device: torch.device) -> float:
@@ -160,6 +167,11 @@ class ChatTrainer:
                                select_layer=cfg.model.vision_select_layer, ps_version=cfg.model.ps_version,
                                drop_path_rate=cfg.model.drop_path_rate)
         self.chat = chat
+        if cfg.data.force_image_size != chat.image_size:
+            raise UserError(
+                f"--force_image_size {cfg.data.force_image_size} differs from the checkpoint's tile size "
+                f"{chat.image_size}; pass --force_image_size {chat.image_size}"
+            )
         self.trainable_parts = apply_trainable_flags(chat, cfg.model)
         for p in chat.model.parameters():  # fp32 master weights for everything that trains
             if p.requires_grad and p.dtype != torch.float32:
@@ -194,6 +206,8 @@ class ChatTrainer:
         self.optimizer = build_adamw(groups, (t.adam_beta1, t.adam_beta2), t.adam_epsilon, info.device)
         self.schedule = LRSchedule(t.lr_scheduler_type, warmup_steps_for(self.total_steps, t.warmup_steps, t.warmup_ratio),
                                    self.total_steps)
+        self.stepper = StepRunner(self.module, self.optimizer, self.schedule, info, cfg.data.loss_reduction,
+                                  t.max_grad_norm)
         self.checkpointer = Checkpointer(self.output_dir, info, t.save_total_limit)
         self.step, self.bad_steps, self.tokens_seen = 0, 0, 0
         ckpt = self.checkpointer.resolve(resume)
@@ -209,45 +223,10 @@ class ChatTrainer:
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self, micro_batches: list[dict]) -> dict:
         """Forward/backward over the micro-batches of one global step, then clip and update."""
-        t, info = self.cfg.train, self.info
-        prepared = []
-        weight_sum = torch.zeros((), dtype=torch.float64)
-        for batch in micro_batches:
-            batch = _to_device(batch, info.device)
-            mask, weights = token_weights(batch["labels"], _sample_ids(batch), self.cfg.data.loss_reduction)
-            weight_sum += weights.sum().double().cpu()
-            prepared.append((batch, mask, weights))
-        global_weight = all_reduce_sum(weight_sum.to(info.device)).item()
-        if global_weight == 0:
-            raise UserError(
-                f"step {self.step + 1}: the global batch has no supervised token (all labels are -100). This is the "
-                f"'loss is 0' trap: check --conv_style matches the model's template and that answers survive "
-                f"--max_seq_length; run `internvl-tune data check` on the meta file"
-            )
-        # FSDP averages gradients over ranks, so scale each rank's sum by world_size / global weight
-        scale = info.world_size / global_weight
-        loss_sum = torch.zeros((), device=info.device)
-        tokens = 0
-        for batch, mask, weights in prepared:
-            loss = self.module(batch, mask, weights)
-            (loss * scale).backward()
-            loss_sum += loss.detach()
-            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in self.module.parameters() if p.requires_grad],
-            t.max_grad_norm if t.max_grad_norm > 0 else float("inf"),
-        )
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        loss_value = all_reduce_sum(loss_sum).item() / global_weight
-        tokens = int(all_reduce_sum(torch.tensor(tokens, device=info.device)).item())
-        lr = self.schedule.apply(self.optimizer, self.step)
-        finite = math.isfinite(loss_value) and bool(torch.isfinite(grad_norm))
-        if finite:
-            self.optimizer.step()
-        else:
+        out = self.stepper(micro_batches, self.step)
+        if not out["finite"]:
             self.bad_steps += 1
-        self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss_value, "grad_norm": float(grad_norm), "lr": lr, "tokens": tokens, "finite": finite}
+        return out
 
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
@@ -261,8 +240,8 @@ class ChatTrainer:
         total = torch.zeros((), device=info.device)
         weight = torch.zeros((), device=info.device)
         for batch in _loader(self.val_set, batches, self.collate, 0):
-            batch = _to_device(batch, info.device)
-            mask, w = token_weights(batch["labels"], _sample_ids(batch), self.cfg.data.loss_reduction)
+            batch = to_device(batch, info.device)
+            mask, w = token_weights(batch["labels"], sample_ids(batch), self.cfg.data.loss_reduction)
             total += self.module(batch, mask, w)
             weight += w.sum()
         self.module.train()
@@ -361,7 +340,7 @@ class ChatTrainer:
                 if self.cfg.model.merge_lora:
                     merge_lora(fresh)
             if not has_lora(fresh):
-                fresh.save_pretrained(self.output_dir, layout="original")
+                _save_into(fresh, self.output_dir)
             print(f"final model written to {self.output_dir}")
         barrier()
         return self.output_dir
@@ -392,3 +371,20 @@ class ChatTrainer:
             lines.append(f"resumed from {self.resumed_from} at step {self.step}")
         for line in lines:
             progress.print(line)
+
+
+def run(cfg: TrainConfig) -> TrainResult:
+    """Train (or describe, with ``--dry_run``), export the final model, and tear down the process group."""
+    from internvl_tune.dist import shutdown
+
+    try:
+        trainer = ChatTrainer(cfg)
+        if cfg.train.dry_run:
+            trainer.describe()
+            return TrainResult(trainer.output_dir, trainer.step, [])
+        result = trainer.train()
+        if not result.interrupted:
+            trainer.export()
+        return result
+    finally:
+        shutdown()

@@ -1,0 +1,73 @@
+"""Benchmark helpers: synthetic multimodal samples, the measured bf16 matmul peak, FLOP counts, timing."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from internvl_tune.constants import IGNORE_INDEX
+
+TOKENS_PER_TILE = 256
+VIT_TOKENS_PER_TILE = 1025  # 32 x 32 patches + CLS at 448 px
+
+
+@dataclass
+class SyntheticSample:
+    """One training sample: ``tiles`` 448 px tiles and ``text`` text tokens (the second half supervised)."""
+
+    tiles: int
+    text: int
+
+    @property
+    def tokens(self) -> int:
+        return self.tiles * TOKENS_PER_TILE + self.text
+
+
+def synthetic_samples(n: int, seed: int = 0, tiles=(1, 7), text=(64, 1024)) -> list[SyntheticSample]:
+    """``n`` samples with tile counts and text lengths uniform in the given inclusive ranges."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(tiles[0], tiles[1] + 1, (n,), generator=g).tolist()
+    x = torch.randint(text[0], text[1] + 1, (n,), generator=g).tolist()
+    return [SyntheticSample(a, b) for a, b in zip(t, x)]
+
+
+def materialize(sample: SyntheticSample, image_token_id: int, vocab: int, seed: int, image_size: int = 448) -> dict:
+    """Tensors of one sample: image tokens first, then text; labels on the second half of the text."""
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(0, min(vocab, image_token_id) - 1, (sample.text,), generator=g)
+    ids = torch.cat([torch.full((sample.tiles * TOKENS_PER_TILE,), image_token_id), text])
+    labels = ids.clone()
+    labels[: sample.tiles * TOKENS_PER_TILE + sample.text // 2] = IGNORE_INDEX
+    pixels = torch.randn(sample.tiles, 3, image_size, image_size, generator=g)
+    return {"input_ids": ids, "labels": labels, "pixel_values": pixels,
+            "image_flags": torch.ones(sample.tiles, dtype=torch.long), "sample_id": str(seed)}
+
+
+def measure_matmul_peak(device: torch.device, n: int = 8192, repeats: int = 10) -> float:
+    """bf16 TFLOP/s of an ``n^3`` matmul on random data (the MFU denominator, measured in the same run)."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    torch.cuda.synchronize(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def train_flops(llm_params: int, trainable_llm: bool, vit_params: int, proj_params: int, llm_tokens: int, tiles: int,
+                layers: int, hidden: int, seq_lens: list[int]) -> float:
+    """FLOPs of one training step: 6·N·T for trained parameters, 2·N·T for frozen forward-only ones, plus attention.
+
+    Attention (causal, per sample of length s): forward 2·2·s²/2·hidden per layer (QKᵀ and AV), x3 with backward.
+    Embedding-table lookups are not FLOPs and are excluded from ``llm_params`` by the caller.
+    """
+    llm = (6 if trainable_llm else 2) * llm_params * llm_tokens
+    attn = sum(3 * 2 * s * s * hidden * layers for s in seq_lens)
+    vit = 2 * vit_params * tiles * VIT_TOKENS_PER_TILE
+    proj = 6 * proj_params * tiles * TOKENS_PER_TILE
+    return float(llm + attn + vit + proj)

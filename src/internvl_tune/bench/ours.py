@@ -1,0 +1,107 @@
+"""Our training path on a random-weight InternVL2 shape: the same modules the trainer uses, fed synthetic packs."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import torch
+
+from internvl_tune.bench.common import materialize
+from internvl_tune.bench.shapes import native_config
+from internvl_tune.data.packing import pack_collate
+from internvl_tune.dist import init_distributed
+from internvl_tune.dist.fsdp import parallelize
+from internvl_tune.models.internvl_chat.chat import InternVLChat
+from internvl_tune.models.internvl_chat.config import original_from_native
+from internvl_tune.train.chat_module import ChatTrainModule
+from internvl_tune.train.optim import build_adamw, build_param_groups
+from internvl_tune.train.sampler import PackedBatchSampler
+from internvl_tune.train.schedule import LRSchedule
+from internvl_tune.train.step import StepRunner
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_chat(shape: str, attn: str, device: torch.device) -> InternVLChat:
+    """A random-weight InternVL2 of ``shape``: frozen ViT in bf16, trainable LLM + projector in fp32 (master)."""
+    from transformers import InternVLForConditionalGeneration
+
+    cfg = native_config(shape, attn)
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # build in bf16: a 26B shape would not fit in fp32
+    try:
+        with device:
+            model = InternVLForConditionalGeneration(cfg)
+    finally:
+        torch.set_default_dtype(default)
+    model.model.vision_tower.requires_grad_(False)
+    # The benchmark feeds token ids directly, so a stand-in tokenizer only has to name the image token's id.
+    tokenizer = SimpleNamespace(convert_tokens_to_ids=lambda token: cfg.image_token_id, pad_token_id=0)
+    return InternVLChat(model, tokenizer, original_from_native(cfg.to_dict()))
+
+
+def run_ours(shape: str, samples, device, warmup: int, packed_tokens: int, compile: bool = False,
+             grad_checkpoint: bool = False, lora_rank: int = 0, steps: int | None = None) -> dict:
+    """Train on packs of ``samples`` and time it; returns tokens/s, TFLOP/s and peak memory."""
+    from internvl_tune.bench.train_throughput import _flops, _param_counts
+
+    info = init_distributed(device.type)
+    cuda = device.type == "cuda"
+    chat = build_chat(shape, "flex_attention" if compile else "sdpa", device)
+    counts = _param_counts(chat.model)
+    if lora_rank:
+        from internvl_tune.models.internvl_chat.lora import add_lora
+
+        chat.model.requires_grad_(False)
+        add_lora(chat, llm_rank=lora_rank)
+    for p in chat.model.parameters():  # fp32 master weights for what trains
+        if p.requires_grad:
+            p.data = p.data.float()
+    if grad_checkpoint:
+        chat.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    module = ChatTrainModule(chat)
+    if compile:
+        for layer in chat.model.model.language_model.layers:
+            layer.compile(dynamic=True)
+    parallelize(module, param_dtype=torch.bfloat16, reshard_after_forward=lora_rank > 0)
+    groups = build_param_groups(module.named_parameters(), 1e-5, 0.0)
+    optimizer = build_adamw(groups, (0.9, 0.999), 1e-8, device)
+    stepper = StepRunner(module, optimizer, LRSchedule("constant", 0, 10**6), info, "token", 1.0)
+    cfg = chat.model.config
+    lengths = [s.tokens for s in samples]
+    packer = PackedBatchSampler(lengths, packed_tokens, 1, 0, 1, seed=0, tiles=[s.tiles for s in samples], max_tiles=64)
+    packs = [p for _, micros in packer.epoch_steps(0) for p in micros]
+    if steps is not None:
+        packs = (packs * (1 + (steps + warmup) // len(packs)))[: steps + warmup]
+    data = {i: materialize(s, cfg.image_token_id, cfg.text_config.vocab_size, i) for i, s in enumerate(samples)}
+    batches = [pack_collate([data[i] for i in p]) for p in packs]
+    for b in batches:
+        b["pixel_values"] = b["pixel_values"].to(torch.bfloat16)
+        if cuda:
+            b["pixel_values"] = b["pixel_values"].pin_memory()
+            torch.cuda.reset_peak_memory_stats(device)
+    tokens, timed, start = 0, [], None
+    for i, batch in enumerate(batches):
+        if i == warmup:
+            _sync(device)
+            start, tokens = time.perf_counter(), 0
+        out = stepper([batch], i)
+        if i >= warmup:
+            tokens += out["tokens"]
+            timed.extend(packs[i])
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    timed_samples = [samples[i] for i in timed]
+    flops = _flops(counts, cfg, timed_samples)
+    if lora_rank:  # a frozen LLM costs 4·N·T (forward + input gradients), not 6·N·T
+        flops -= 2 * counts["llm"] * sum(s.tokens for s in timed_samples)
+    name = "ours" + (" + compile/flex" if compile else " (sdpa)") + (" + ckpt" if grad_checkpoint else "")
+    name += f" + LoRA r{lora_rank}" if lora_rank else ""
+    return {"variant": name, "tokens_per_s": tokens / elapsed, "tflops": flops / elapsed / 1e12,
+            "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0,
+            "padding_waste": packer.padding_waste(), "loss_last": out["loss"]}

@@ -1,0 +1,122 @@
+"""Training throughput: our path against a plain transformers loop, same shapes and samples, in one run.
+
+Run on a GPU box:  ``python -m internvl_tune.bench.train_throughput --shape internvl2-2b --steps 20``
+(or ``internvl-tune bench train --shape ...``). Prints one table row per variant and writes JSON to ``--out``.
+
+The plain loop is what a user writes with transformers alone: fp32 parameters + bf16 autocast, SDPA, batch 1,
+frozen vision tower, full-vocabulary loss inside ``model(..., labels=...)``, ``torch.optim.AdamW``.
+Ours: bf16 compute with fp32 master weights (FSDP2 mixed precision), frozen ViT run without autograd, packed
+rows of ``--packed_tokens`` with per-sample attention (flex attention when compiled, else SDPA), loss on
+supervised positions only, fused AdamW, optional ``torch.compile`` of the decoder blocks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from internvl_tune.bench.common import materialize, measure_matmul_peak, synthetic_samples, train_flops
+from internvl_tune.bench.shapes import native_config
+
+
+def _model(shape: str, attn: str, device: torch.device, dtype: torch.dtype):
+    from transformers import InternVLForConditionalGeneration
+
+    cfg = native_config(shape, attn)
+    torch.manual_seed(0)
+    with device:
+        model = InternVLForConditionalGeneration(cfg).to(dtype)
+    return model, cfg
+
+
+def _param_counts(model) -> dict:
+    lm = model.model.language_model
+    emb = lm.embed_tokens.weight.numel()
+    return {
+        "llm": sum(p.numel() for p in lm.parameters()) - emb + model.lm_head.weight.numel(),
+        "vit": sum(p.numel() for p in model.model.vision_tower.parameters()),
+        "proj": sum(p.numel() for p in model.model.multi_modal_projector.parameters()),
+    }
+
+
+def _flops(counts, cfg, samples) -> float:
+    t = cfg.text_config
+    return train_flops(counts["llm"], True, counts["vit"], counts["proj"], sum(s.tokens for s in samples),
+                       sum(s.tiles for s in samples), t.num_hidden_layers, t.hidden_size, [s.tokens for s in samples])
+
+
+def run_plain(shape: str, samples, device, warmup: int) -> dict:
+    """The plain transformers loop (see the module docstring)."""
+    model, cfg = _model(shape, "sdpa", device, torch.float32)
+    model.model.vision_tower.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    counts = _param_counts(model)
+    batches = [materialize(s, cfg.image_token_id, cfg.text_config.vocab_size, i) for i, s in enumerate(samples)]
+    torch.cuda.reset_peak_memory_stats(device)
+    tokens, start = 0, None
+    for i, b in enumerate(batches):
+        if i == warmup:
+            torch.cuda.synchronize(device)
+            start, tokens = time.perf_counter(), 0
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(input_ids=b["input_ids"][None].to(device), pixel_values=b["pixel_values"].to(device),
+                        labels=b["labels"][None].to(device))
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tokens += len(b["input_ids"])
+    torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - start
+    flops = _flops(counts, cfg, samples[warmup:])
+    del model, opt
+    return {"variant": "plain transformers loop", "tokens_per_s": tokens / elapsed, "tflops": flops / elapsed / 1e12,
+            "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="internvl2-2b", help="internvl2-1b | internvl2-2b | internvl2-4b | internvl2-8b")
+    parser.add_argument("--samples", type=int, default=64, help="synthetic samples (1-7 tiles, 64-1024 text tokens)")
+    parser.add_argument("--warmup", type=int, default=8, help="samples (plain) / steps (ours) not timed")
+    parser.add_argument("--packed_tokens", type=int, default=8192, help="token budget of a packed row (ours)")
+    parser.add_argument("--variants", default="plain,ours",
+                        help="comma list of: plain, ours[+compile][+ckpt][+lora<rank>] (e.g. ours+compile+ckpt)")
+    parser.add_argument("--steps", type=int, default=None, help="timed packed steps for ours (default: one epoch)")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda")
+    peak = measure_matmul_peak(device)
+    samples = synthetic_samples(args.samples, seed=0)
+    rows = []
+    for variant in args.variants.split(","):
+        torch.cuda.empty_cache()
+        if variant == "plain":
+            row = run_plain(args.shape, samples, device, args.warmup)
+        else:  # "ours" plus options joined by "+": compile, ckpt, lora<rank>
+            from internvl_tune.bench.ours import run_ours
+
+            opts = variant.split("+")[1:]
+            lora = next((int(o[4:]) for o in opts if o.startswith("lora")), 0)
+            row = run_ours(args.shape, samples, device, args.warmup, args.packed_tokens, compile="compile" in opts,
+                           grad_checkpoint="ckpt" in opts, lora_rank=lora, steps=args.steps)
+        row.update(shape=args.shape, mfu=row["tflops"] / peak, matmul_peak_tflops=peak)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    base = next((r for r in rows if r["variant"].startswith("plain")), None)
+    base = base or {"tokens_per_s": float("nan")}
+    print(f"\n{'variant':<34} {'tokens/s':>10} {'x plain':>8} {'MFU':>6} {'peak GiB':>9}   ({args.shape}, "
+          f"matmul peak {peak:.0f} TFLOP/s, {torch.cuda.get_device_name(device)})")
+    for r in rows:
+        ratio = r["tokens_per_s"] / base["tokens_per_s"]
+        print(f"{r['variant']:<34} {r['tokens_per_s']:>10.0f} {ratio:>8.2f} {r['mfu']:>6.1%} {r['peak_gib']:>9.1f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
