@@ -55,19 +55,6 @@ def test_three_datasets_write_captions_scores_and_seed_lines(data_root, tmp_path
     assert 0.0 < coco.scores["Bleu_1"] < 1.0 and coco.scores["CIDEr"] > 0.0
 
 
-@pytest.mark.slow
-def test_chat_style_appends_to_the_checkpoint_txt(data_root, tmp_path, captioner, needs_java):
-    printed = []
-    cfg = CaptionEvalConfig(datasets=["flickr30k"], data_root=str(data_root), out_dir=str(tmp_path / "out"),
-                            prompt="Provide a one-sentence caption for the provided image.",
-                            checkpoint="pretrained/InternVL2-1B", line_style="internvl_chat", limit=3)
-    (result,) = evaluate_captions(captioner, cfg, print_fn=printed.append)
-    txt = tmp_path / "out" / "pretrained_InternVL2-1B.txt"
-    assert txt.read_text() == result.line + "\n"
-    assert result.line.startswith("['pretrained/InternVL2-1B', 'flickr30k', 6.0, dict_items([('Bleu_1', ")
-    assert json.loads(result.scores_file.read_text())["num_images"] == 3  # --limit scores the first 3 images
-
-
 def test_inputs_are_checked_before_generating(data_root, tmp_path, captioner, needs_java):
     cfg = CaptionEvalConfig(datasets=["nocaps"], data_root=str(data_root), out_dir=str(tmp_path / "o"))
     (data_root / "nocaps/images/0002ea2087020901.jpg").unlink()

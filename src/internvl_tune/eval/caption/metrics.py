@@ -7,12 +7,17 @@ Java subprocesses, so Java must be on PATH.
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Mapping, Sequence
 
 from internvl_tune.errors import DataError, UserError
 
 METRIC_NAMES = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+# pycocoevalcap sends all captions to the tokenizer one per line and only replaces "\n"; any other line break
+# (Java splits on \r, \u2028, ...) would shift every later caption onto the wrong image. Real captions rarely hold
+# them, but random or broken models do; a space changes no token.
+LINE_BREAKS = re.compile("[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
 JAVA_FIX = "install Java, e.g. `sudo apt-get install default-jre-headless` (Debian/Ubuntu), then run again"
 
 
@@ -34,9 +39,11 @@ def _import_pycocoevalcap():
     return PTBTokenizer, Bleu, Meteor, Rouge, Cider
 
 
-def _tokenize(tokenizer, captions: dict[int, list[dict]]) -> dict[int, list[str]]:
+def _tokenize(tokenizer, captions: dict[int, list[str]]) -> dict[int, list[str]]:
+    """PTB-tokenize ``{image_id: [caption, ...]}`` with pycocoevalcap, one caption per line."""
+    annotations = {i: [{"caption": LINE_BREAKS.sub(" ", c)} for c in caps] for i, caps in captions.items()}
     try:
-        return tokenizer.tokenize(captions)
+        tokenized = tokenizer.tokenize(annotations)
     except FileNotFoundError:  # Popen could not find `java` after all
         raise UserError(f"could not start Java for the PTB tokenizer — {JAVA_FIX}") from None
     except PermissionError as exc:
@@ -45,6 +52,9 @@ def _tokenize(tokenizer, captions: dict[int, list[dict]]) -> dict[int, list[str]
             f"pycocoevalcap's PTB tokenizer could not write a temporary file next to its jar ({exc.filename}); "
             "install pycocoevalcap into a writable environment (e.g. a virtualenv)"
         ) from None
+    if [len(v) for v in tokenized.values()] != [len(v) for v in captions.values()] or list(tokenized) != list(captions):
+        raise RuntimeError("the PTB tokenizer returned a different number of lines than captions it was given")
+    return tokenized
 
 
 def score_captions(references: Mapping[int, Sequence[str]], predictions: Mapping[int, str]) -> dict[str, float]:
@@ -75,9 +85,9 @@ def score_captions(references: Mapping[int, Sequence[str]], predictions: Mapping
     require_java()
     PTBTokenizer, Bleu, Meteor, Rouge, Cider = _import_pycocoevalcap()
 
-    # The tokenizer takes COCO annotation dicts, keyed and ordered like the ground truth.
-    gts = _tokenize(PTBTokenizer(), {i: [{"caption": c} for c in refs] for i, refs in references.items()})
-    res = _tokenize(PTBTokenizer(), {i: [{"caption": predictions[i]}] for i in references})
+    # Both sides keyed and ordered like the ground truth, as COCOEvalCap builds them.
+    gts = _tokenize(PTBTokenizer(), {i: list(refs) for i, refs in references.items()})
+    res = _tokenize(PTBTokenizer(), {i: [predictions[i]] for i in references})
 
     scores: dict[str, float] = {}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)

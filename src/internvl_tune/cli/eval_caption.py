@@ -1,0 +1,84 @@
+"""``internvl-tune eval caption``: zero-shot captioning on COCO Karpathy test, Flickr30K and NoCaps.
+
+Runs as one process or under ``torchrun`` (``evaluate.sh`` launches it that way); each rank captions a contiguous
+slice of every test set and rank 0 scores. The model kind is read from the checkpoint's config.json and sets the
+reference defaults: InternVL-G gets ``English caption:`` with beam search 5, InternVL2 chat models the one-sentence
+question with greedy decoding.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from internvl_tune.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def register(subparsers, name: str, help_text: str) -> None:
+    p = subparsers.add_parser(name, help=help_text, description=help_text,
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", "--checkpoint", dest="model", required=True,
+                   help="checkpoint folder: InternVL-14B (InternVL-G) or an InternVL2 chat model")
+    p.add_argument("--datasets", default="coco,flickr30k,nocaps", help="comma-separated: coco, flickr30k, nocaps")
+    p.add_argument("--data_root", "--data-root", dest="data_root", default="data",
+                   help="folder holding coco/, flickr30k/ and nocaps/ (see `internvl-tune data prepare`)")
+    p.add_argument("--out-dir", "--out_dir", dest="out_dir", default="results", help="where captions and scores go")
+    p.add_argument("--prompt", default=None,
+                   help="InternVL-G: 'English caption:'; chat: 'Provide a one-sentence caption for the provided image.'")
+    p.add_argument("--num_beams", "--num-beams", dest="num_beams", type=int, default=None,
+                   help="InternVL-G: 5; chat: 1 (forced to 1 for models over 20B parameters or with --dynamic)")
+    p.add_argument("--max_new_tokens", "--max-new-tokens", dest="max_new_tokens", type=int, default=30)
+    p.add_argument("--min_new_tokens", "--min-new-tokens", dest="min_new_tokens", type=int, default=8)
+    p.add_argument("--temperature", type=float, default=0.0, help="chat models: sample when > 0")
+    p.add_argument("--dynamic", action="store_true", help="chat models: dynamic-resolution tiling")
+    p.add_argument("--max_num", "--max-num", dest="max_num", type=int, default=6, help="chat models: most tiles")
+    p.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, default=1,
+                   help="images per generate call (the reference uses 1; larger batches give the same captions)")
+    p.add_argument("--num_workers", "--num-workers", dest="num_workers", type=int, default=2,
+                   help="threads decoding images ahead of the model")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                   help="auto: float16 (InternVL-G) / bfloat16 (chat) on CUDA as the reference, float32 on CPU")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--limit", type=int, default=None, help="caption only the first N images of each set (smoke test)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from internvl_tune import dist
+    from internvl_tune.eval.caption.captioners import DEFAULTS, detect_model_kind, load_captioner
+    from internvl_tune.eval.caption.datasets import parse_dataset_names
+    from internvl_tune.eval.caption.metrics import require_java
+    from internvl_tune.eval.caption.run import CaptionEvalConfig, evaluate_captions
+
+    datasets = parse_dataset_names(args.datasets)
+    kind = detect_model_kind(args.model)
+    require_java()  # before loading a 14B model, not after generating for an hour
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA device is visible; use --device cpu")
+    info = dist.init_distributed(None if args.device == "auto" else args.device)
+    try:
+        defaults = DEFAULTS[kind]
+        dtype = DTYPES.get(args.dtype) or (defaults.dtype if info.device.type == "cuda" else torch.float32)
+        torch.manual_seed(args.seed)
+        captioner, generation = load_captioner(
+            args.model, kind, device=info.device, dtype=dtype, prompt=args.prompt or defaults.prompt,
+            num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+            temperature=args.temperature, dynamic=args.dynamic, max_num=args.max_num, log=print if info.is_main else None,
+        )
+        cfg = CaptionEvalConfig(
+            datasets=datasets, data_root=args.data_root, out_dir=args.out_dir, prompt=args.prompt or defaults.prompt,
+            checkpoint=args.model, line_style=kind, batch_size=args.batch_size, num_workers=args.num_workers,
+            limit=args.limit, generation={**generation, "dtype": str(dtype).removeprefix("torch."), "kind": kind},
+        )
+        if info.is_main:
+            print(f"caption eval: {kind} on {', '.join(datasets)}, {info.world_size} process(es), {generation}")
+        evaluate_captions(captioner, cfg, rank=info.rank, world_size=info.world_size,
+                          gather=dist.all_gather_object_ordered)
+        dist.barrier()  # ranks > 0 wait for rank 0's scoring so torchrun reports one outcome
+    finally:
+        dist.shutdown()
+    return 0
