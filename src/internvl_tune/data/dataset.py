@@ -1,0 +1,380 @@
+"""The supervised fine-tuning dataset: meta JSON + JSONL lines -> sample dicts for the training loop.
+
+Each line is one of four kinds, told apart as the reference does:
+
+| kind          | line has                         | images                                            |
+|---------------|----------------------------------|---------------------------------------------------|
+| `text`        | no `image`, no `video`           | one dummy white tile, ``image_flags = [0]``, no image tokens |
+| `image`       | `image`: a path                  | tiled with up to ``max_dynamic_patch`` tiles      |
+| `multi_image` | `image`: a list of paths         | each tiled with up to ``max(1, max_dynamic_patch // n)`` |
+| `video`       | `video`: a path                  | ``min_num_frame..max_num_frame`` frames, one tile each |
+
+Samples are reproducible: every random choice (JPEG qualities, frame count and frames) comes from a generator
+seeded with ``(seed, epoch, index)``, so a resumed run sees the same pixels.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from internvl_tune.constants import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
+from internvl_tune.data.images import (
+    ImageTransform,
+    dynamic_preprocess,
+    load_image,
+    num_tiles,
+    tiles_to_tensor,
+)
+from internvl_tune.data.meta import DatasetSpec, JsonlIndex, read_meta
+from internvl_tune.data.preprocess import Encoded, build_conversation_ids, parse_conversations, tokenizer_info
+from internvl_tune.data.templates import HUMAN, get_template
+from internvl_tune.data.video import load_video_frames
+from internvl_tune.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("text", "image", "multi_image", "video")
+MAX_TRIES = 10  # like the reference: a broken sample is replaced, at most this many times in a row
+
+
+@dataclass
+class DataConfig:
+    """Data settings shared by training, evaluation and ``data check`` (reference flag names and defaults)."""
+
+    force_image_size: int = 448
+    patch_size: int = 14
+    down_sample_ratio: float = 0.5
+    dynamic_image_size: bool = False
+    use_thumbnail: bool = False
+    min_dynamic_patch: int = 1
+    max_dynamic_patch: int = 12
+    max_seq_length: int = 8192
+    normalize_type: str = "imagenet"
+    min_num_frame: int = 8
+    max_num_frame: int = 32
+    pad2square: bool = False
+    conv_style: str = "internlm2-chat"
+    allow_outside_root: bool = False
+
+    @property
+    def num_image_token(self) -> int:
+        """Tokens per tile: (448 / 14)^2 patches, pixel-shuffled by 0.5 in each direction -> 256."""
+        return int((self.force_image_size // self.patch_size) ** 2 * self.down_sample_ratio**2)
+
+
+def sample_kind(item: dict, where: str | None = None) -> str:
+    """``text``, ``image``, ``multi_image`` or ``video``, by the reference's rules (a list of one image is multi_image)."""
+    image, video = item.get("image"), item.get("video")
+    if image is not None and not isinstance(image, (str, list)):
+        raise DataError(f"`image` must be a path or a list of paths, got {type(image).__name__}", where,
+                        'write "image": "a.jpg" or "image": ["a.jpg", "b.jpg"]')
+    if image:
+        if isinstance(image, list) and not all(isinstance(p, str) and p for p in image):
+            raise DataError("`image` list must hold non-empty path strings", where, 'write "image": ["a.jpg", "b.jpg"]')
+        return "multi_image" if isinstance(image, list) else "image"
+    if video is not None and video != "":
+        if not isinstance(video, str):
+            raise DataError(f"`video` must be a path string, got {type(video).__name__}", where, 'write "video": "clip.mp4"')
+        return "video"
+    return "text"
+
+
+def resolve_path(root: str, rel: str, allow_outside_root: bool, where: str | None = None) -> str:
+    """``root/rel``; a path that leaves ``root`` (absolute, or through ``..``) is refused unless allowed."""
+    path = os.path.join(root, rel)
+    if not allow_outside_root:
+        base = os.path.normpath(os.path.abspath(root))
+        full = os.path.normpath(os.path.abspath(path))
+        if os.path.commonpath([base, full]) != base:
+            raise DataError(f"path {rel!r} points outside the dataset root {root!r}", where,
+                            "make it relative to `root`, or pass --allow_outside_root")
+    return path
+
+
+def first_human(messages: list[tuple[str, str]]) -> int:
+    """Index of the first human turn, where a missing ``<image>`` / ``<video>`` placeholder is prepended."""
+    return next((k for k, (role, _) in enumerate(messages) if role == HUMAN), 0)
+
+
+def frame_lines(n: int) -> str:
+    """What ``<video>`` becomes: one ``Frame-i: <image>`` line per frame (the reference's wording)."""
+    return "\n".join(f"Frame-{i + 1}: {IMAGE_PLACEHOLDER}" for i in range(n))
+
+
+def expand_video_placeholder(text: str, n_frames: int) -> str:
+    """Replace the first ``<video>`` (and the newline after it) by the frame lines and a newline."""
+    if VIDEO_PLACEHOLDER + "\n" in text:
+        return text.replace(VIDEO_PLACEHOLDER + "\n", frame_lines(n_frames) + "\n", 1)
+    return text.replace(VIDEO_PLACEHOLDER, frame_lines(n_frames) + "\n", 1)
+
+
+@dataclass
+class Prepared:
+    """Everything about one sample except the pixel tensors: what ``data check`` inspects."""
+
+    sample_id: str
+    where: str
+    kind: str
+    encoded: Encoded
+    tiles: list[list[Image.Image]]  # per image (or frame): its tiles
+    augment: bool
+    notes: list[str] = field(default_factory=list)
+
+
+class SupervisedDataset(Dataset):
+    """Map-style dataset over all datasets of a meta JSON (concatenated in meta order).
+
+    Args:
+        meta_or_specs: a meta JSON path, or DatasetSpec objects.
+        tokenizer: tokenizer with the InternVL special tokens.
+        cfg: data settings.
+        is_train: training set (random frames, JPEG augmentation where ``data_augment``) or evaluation set.
+        seed: base seed of every per-sample random choice.
+        strict: raise on a broken sample instead of replacing it with the next one.
+    """
+
+    def __init__(self, meta_or_specs, tokenizer, cfg: DataConfig, is_train: bool = True, seed: int = 0, strict: bool = False):
+        if isinstance(meta_or_specs, (str, os.PathLike)):
+            meta_or_specs = read_meta(meta_or_specs)
+        self.specs: list[DatasetSpec] = list(meta_or_specs)
+        self.tokenizer, self.cfg = tokenizer, cfg
+        self.template = get_template(cfg.conv_style)
+        self.is_train, self.seed, self.strict = is_train, seed, strict
+        self.epoch = 0
+        self.indexes = [JsonlIndex(s.annotation) for s in self.specs]
+        self.sizes = [s.num_samples(len(ix)) for s, ix in zip(self.specs, self.indexes)]
+        self.starts = np.cumsum([0] + self.sizes)
+        self.stats: Counter = Counter()
+        self._lengths: list[int] | None = None
+        self._kinds: list[str] | None = None
+        self._tiles: list[int] | None = None
+        if tokenizer is not None:
+            tokenizer_info(tokenizer)  # fail early if the InternVL tokens are missing
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose random choices (frames, JPEG qualities) samples get."""
+        self.epoch = int(epoch)
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """(dataset number, usable-line number) of global sample ``i``."""
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        k = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return k, self.specs[k].line_of(i - int(self.starts[k]), len(self.indexes[k]))
+
+    def where(self, i: int) -> str:
+        k, line = self.locate(i)
+        return f"{self.specs[k].annotation}:{self.indexes[k].line_number(line)}"
+
+    def sample_id(self, i: int) -> str:
+        k, line = self.locate(i)
+        return f"{self.specs[k].name}:{self.indexes[k].line_number(line)}"
+
+    def rng(self, i: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch, i])
+
+    # ---- building one sample -------------------------------------------------------------------------------
+
+    def prepare(self, i: int) -> Prepared:
+        """Parse, load and tokenize sample ``i`` (fitting it into ``max_seq_length``); raises DataError if unusable."""
+        k, line = self.locate(i)
+        spec, index = self.specs[k], self.indexes[k]
+        where = f"{spec.annotation}:{index.line_number(line)}"
+        sample_id = f"{spec.name}:{index.line_number(line)}"
+        item = index.read(line)
+        kind = sample_kind(item, where)
+        system, messages, _ = parse_conversations(item.get("conversations"), self.template, where)
+        rng = self.rng(i)
+        augment = self.is_train and spec.data_augment
+        max_patch = spec.max_dynamic_patch or self.cfg.max_dynamic_patch
+        builder = {"text": self._text, "image": self._image, "multi_image": self._multi_image, "video": self._video}[kind]
+        tiles, encoded, notes = builder(item, messages, system, spec, max_patch, rng, where)
+        return Prepared(sample_id, where, kind, encoded, tiles, augment, notes)
+
+    def _encode(self, messages, system, counts: list[int], where: str, text_only: bool = False) -> Encoded:
+        return build_conversation_ids(messages, self.tokenizer, self.template, counts, system, text_only, where)
+
+    def _finish(self, enc: Encoded, where: str, notes: list[str]) -> Encoded:
+        """Check the label mask and cut the text tail when needed (never inside image tokens)."""
+        limit = self.cfg.max_seq_length
+        if enc.mismatch:
+            raise DataError("an assistant header tokenizes differently inside the turn, so no label mask can be built "
+                            "(the reference masks the whole sample)", where,
+                            "remove leading whitespace/newlines from the gpt answers")
+        if len(enc.input_ids) > limit:
+            if enc.image_end > limit:
+                raise DataError(f"the image tokens alone reach past --max_seq_length {limit} even with the fewest tiles",
+                                where, "raise --max_seq_length, lower the tile/frame count, or split the sample")
+            notes.append(f"truncated from {len(enc.input_ids)} to {limit} tokens")
+            enc = enc.truncated(limit)
+        if enc.num_supervised == 0:
+            raise DataError(f"no answer token is left within --max_seq_length {limit}", where,
+                            "shorten the prompt, raise --max_seq_length, or split the conversation")
+        return enc
+
+    def _text(self, item, messages, system, spec, max_patch, rng, where):
+        notes: list[str] = []
+        enc = self._encode(messages, system, [], where, text_only=True)
+        white = Image.new("RGB", (224, 224), (255, 255, 255))
+        tiles = dynamic_preprocess(white, self.cfg.min_dynamic_patch, 1, self.cfg.force_image_size, self.cfg.use_thumbnail)
+        return [tiles], self._finish(enc, where, notes), notes
+
+    def _tile(self, image: Image.Image, max_num: int) -> list[Image.Image]:
+        if not self.cfg.dynamic_image_size:
+            return [image]
+        return dynamic_preprocess(image, self.cfg.min_dynamic_patch, max_num, self.cfg.force_image_size, self.cfg.use_thumbnail)
+
+    def _fit_images(self, images, messages, system, budgets: list[int], where: str, notes: list[str]):
+        """Tile and tokenize; if too long, retry with smaller tile budgets before cutting text (never image tokens)."""
+        cfg, per_tile = self.cfg, self.cfg.num_image_token
+        tiles = [self._tile(im, b) for im, b in zip(images, budgets)]
+        enc = self._encode(messages, system, [per_tile * len(t) for t in tiles], where)
+        if len(enc.input_ids) > cfg.max_seq_length and cfg.dynamic_image_size:
+            # Find the largest total budget that fits; the tile counts follow from the image sizes alone.
+            n, old = len(images), sum(len(t) for t in tiles)
+            for total in range(sum(budgets) - 1, 0, -1):
+                smaller = [max(1, total // n)] * n if n > 1 else [total]
+                if any(b < cfg.min_dynamic_patch for b in smaller):
+                    break
+                counts = [num_tiles(*im.size, cfg.min_dynamic_patch, b, cfg.use_thumbnail, cfg.force_image_size)
+                          for im, b in zip(images, smaller)]
+                if len(enc.input_ids) - per_tile * (old - sum(counts)) <= cfg.max_seq_length:
+                    tiles = [self._tile(im, b) for im, b in zip(images, smaller)]
+                    enc = self._encode(messages, system, [per_tile * len(t) for t in tiles], where)
+                    notes.append(f"re-tiled from {old} to {sum(counts)} tiles to fit --max_seq_length {cfg.max_seq_length}")
+                    break
+        return tiles, self._finish(enc, where, notes)
+
+    def _image(self, item, messages, system, spec, max_patch, rng, where):
+        notes: list[str] = []
+        h = first_human(messages)
+        if IMAGE_PLACEHOLDER not in messages[h][1]:
+            messages[h] = (messages[h][0], IMAGE_PLACEHOLDER + "\n" + messages[h][1])
+        path = resolve_path(spec.root, item["image"], self.cfg.allow_outside_root, where)
+        image = load_image(path, where)
+        tiles, enc = self._fit_images([image], messages, system, [max_patch], where, notes)
+        return tiles, enc, notes
+
+    def _multi_image(self, item, messages, system, spec, max_patch, rng, where):
+        notes: list[str] = []
+        paths = [resolve_path(spec.root, p, self.cfg.allow_outside_root, where) for p in item["image"]]
+        images = [load_image(p, where) for p in paths]
+        budget = max(1, max_patch // len(images))
+        tiles, enc = self._fit_images(images, messages, system, [budget] * len(images), where, notes)
+        return tiles, enc, notes
+
+    def _video(self, item, messages, system, spec, max_patch, rng, where):
+        notes: list[str] = []
+        cfg = self.cfg
+        h = first_human(messages)
+        if VIDEO_PLACEHOLDER not in messages[h][1]:
+            messages[h] = (messages[h][0], VIDEO_PLACEHOLDER + "\n" + messages[h][1])
+        path = resolve_path(spec.root, item["video"], cfg.allow_outside_root, where)
+        clip = item.get("clip")
+        if clip is not None and not (isinstance(clip, list) and len(clip) == 2 and all(isinstance(c, (int, float)) for c in clip)):
+            raise DataError(f"`clip` must be [start_seconds, end_seconds], got {clip!r}", where, 'write "clip": [1.5, 8.0]')
+        if self.is_train:
+            wanted, sample = int(rng.integers(cfg.min_num_frame, cfg.max_num_frame + 1)), "rand"
+        else:
+            wanted, sample = cfg.max_num_frame, "middle"
+        frames, _ = load_video_frames(path, wanted, sample, rng, tuple(clip) if clip else None, where)
+        while True:
+            expanded = list(messages)
+            expanded[h] = (expanded[h][0], expand_video_placeholder(messages[h][1], len(frames)))
+            enc = self._encode(expanded, system, [cfg.num_image_token] * len(frames), where)
+            excess = len(enc.input_ids) - cfg.max_seq_length
+            if excess <= 0 or len(frames) == 1:
+                break
+            # Drop evenly spread frames; each costs its image tokens plus a short "Frame-i: " line.
+            keep = max(1, len(frames) - -(-excess // (cfg.num_image_token + 8)))
+            picks = np.linspace(0, len(frames) - 1, keep).round().astype(int)
+            notes.append(f"kept {keep} of {len(frames)} frames to fit --max_seq_length {cfg.max_seq_length}")
+            frames = [frames[p] for p in picks]
+        return [[f] for f in frames], self._finish(enc, where, notes), notes
+
+    def build(self, i: int) -> dict:
+        """Sample ``i`` as the training loop's dict, or DataError if it cannot be used."""
+        p = self.prepare(i)
+        cfg = self.cfg
+        transform = ImageTransform(p.augment, cfg.force_image_size, cfg.pad2square, cfg.normalize_type)
+        rng = np.random.default_rng([self.seed, self.epoch, i, 1])  # pixels get their own stream
+        pixel_values = tiles_to_tensor([t for group in p.tiles for t in group], transform, rng)
+        flag = 0 if p.kind == "text" else 1
+        for note in p.notes:
+            self.stats[note.split(" ")[0]] += 1
+        return {
+            "input_ids": p.encoded.input_ids,
+            "labels": p.encoded.labels,
+            "pixel_values": pixel_values,
+            "image_flags": torch.full((len(pixel_values),), flag, dtype=torch.long),
+            "sample_id": p.sample_id,
+        }
+
+    def __getitem__(self, i: int) -> dict:
+        """Sample ``i``; a broken one is replaced by the next sample (counted, logged), as the reference replaces it."""
+        last: DataError | None = None
+        for attempt in range(MAX_TRIES):
+            j = (i + attempt) % len(self)
+            try:
+                return self.build(j)
+            except DataError as exc:
+                if self.strict:
+                    raise
+                last = exc
+                self.stats["skipped"] += 1
+                if self.stats["skipped"] <= 20 or self.stats["skipped"] % 1000 == 0:
+                    logger.warning("skipping sample (%d so far): %s", self.stats["skipped"], exc)
+        raise DataError(f"{MAX_TRIES} samples in a row starting at index {i} are unusable; the last one: {last}",
+                        fix="run `internvl-tune data check` on the meta JSON")
+
+    # ---- cheap per-sample estimates for length grouping and packing -----------------------------------------
+
+    @property
+    def lengths(self) -> list[int]:
+        """Estimated tokens per sample (text tokens + image tokens), computed on first use without decoding images."""
+        if self._lengths is None:
+            self._estimate()
+        return self._lengths
+
+    @property
+    def kinds(self) -> list[str]:
+        """Sample kind of each sample (``text``, ``image``, ``multi_image``, ``video``; ``invalid`` if unparsable)."""
+        if self._kinds is None:
+            self._estimate()
+        return self._kinds
+
+    @property
+    def tiles(self) -> list[int]:
+        """Estimated tiles per sample (1 for pure text), for packing's tile budget."""
+        if self._tiles is None:
+            self._estimate()
+        return self._tiles
+
+    def _estimate(self) -> None:
+        from internvl_tune.data.lengths import estimate_lines
+
+        lengths, kinds, tiles = [], [], []
+        for spec, index, size in zip(self.specs, self.indexes, self.sizes):
+            n_lines = len(index)
+            if size == 0:
+                continue
+            used = min(size, n_lines)  # a fraction keeps a prefix; repeats reuse the same lines
+            est = estimate_lines(index, range(used), self.tokenizer, self.template, self.cfg,
+                                 spec.max_dynamic_patch or self.cfg.max_dynamic_patch)
+            for s in range(size):
+                length, kind, n_tiles = est[spec.line_of(s, n_lines)]
+                lengths.append(length)
+                kinds.append(kind)
+                tiles.append(n_tiles)
+        self._lengths, self._kinds, self._tiles = lengths, kinds, tiles

@@ -1,0 +1,135 @@
+"""Conversation templates: how a list of ``human`` / ``gpt`` turns becomes the prompt string.
+
+The chat templates produce exactly the strings the reference builds (``system_template + sep`` then
+``role + message + sep`` per turn). A prompt is kept as a list of :class:`Turn` pieces whose concatenation is that
+string; pieces meet just before a special token, so tokenizing them one by one gives the same ids as tokenizing the
+whole string, and each answer's tokens are known without searching.
+
+| template         | used by (LLM)                          | user / assistant header                                | turn end          |
+|------------------|----------------------------------------|--------------------------------------------------------|-------------------|
+| `internlm2-chat` | InternVL2-2B/8B/26B (InternLM2)         | `<|im_start|>user\\n` / `<|im_start|>assistant\\n`       | `<|im_end|>`       |
+| `Hermes-2`       | InternVL2-1B (Qwen2), 40B, 76B          | same as internlm2-chat                                 | `<|im_end|>`       |
+| `phi3-chat`      | InternVL2-4B (Phi-3)                    | `<|user|>\\n` / `<|assistant|>\\n`                       | `<|end|>`          |
+| `internvl2_5`    | InternVL2.5 models                      | same as internlm2-chat                                 | `<|im_end|>\\n`     |
+| `plain`          | base LLMs without a chat format         | none                                                   | `\\n`              |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from internvl_tune.errors import DataError
+
+# The reference's default system messages (Chinese); the model was trained with them, so keep them verbatim.
+SYSTEM_INTERNVL2 = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
+SYSTEM_INTERNVL2_5 = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+
+HUMAN, GPT, SYSTEM = "human", "gpt", "system"
+
+
+@dataclass(frozen=True)
+class Template:
+    """One conversation format.
+
+    Attributes:
+        name: the ``--conv_style`` value.
+        system_template: ``{system_message}`` is filled in; None means the format has no system block.
+        system_message: the default system message.
+        roles: (user header, assistant header).
+        sep: appended after the system block and after every message.
+        answer_end: the leading part of ``sep`` that is supervised after an answer (the rest is masked).
+        strip_values: strip whitespace around every message first (the reference does for internlm2-chat only).
+        system_turn: a leading ``system`` turn may replace the system message (internvl2_5).
+        alternating: turns must alternate human/gpt (the reference asserts it except for internvl2_5).
+        images_in_human_only: ``<image>`` is expanded in human turns only (internvl2_5) instead of anywhere.
+        stop_str: the end-of-turn text generation stops at.
+        unsupervised_tokens: tokens never supervised even inside an answer (phi3-chat masks ``<|endoftext|>``).
+    """
+
+    name: str
+    system_template: str | None
+    system_message: str
+    roles: tuple[str, str]
+    sep: str
+    answer_end: str
+    strip_values: bool = False
+    system_turn: bool = False
+    alternating: bool = True
+    images_in_human_only: bool = False
+    stop_str: str | None = None
+    unsupervised_tokens: tuple[str, ...] = ()
+
+    @property
+    def special_texts(self) -> tuple[str, ...]:
+        """Structural strings that must not appear inside a message (they would break the turn layout)."""
+        parts = {self.roles[0].strip(), self.roles[1].strip(), self.sep.strip()}
+        return tuple(sorted(p for p in parts if p.startswith("<|") and p.endswith("|>")))
+
+    def turns(self, messages: list[tuple[str, str]], system_message: str | None = None) -> list["Turn"]:
+        """The prompt as pieces, for ``messages`` = [(role, text), ...] with role ``human`` or ``gpt``."""
+        pieces: list[Turn] = []
+        if self.system_template is not None:
+            system = self.system_message if system_message is None else system_message
+            pieces.append(Turn(SYSTEM, "", self.system_template.format(system_message=system) + self.sep))
+        for role, text in messages:
+            header = self.roles[0] if role == HUMAN else self.roles[1]
+            pieces.append(Turn(role, header, text + self.sep))
+        return pieces
+
+    def prompt(self, messages: list[tuple[str, str]], system_message: str | None = None) -> str:
+        """The full prompt string (what the reference tokenizes)."""
+        return "".join(t.text for t in self.turns(messages, system_message))
+
+    def generation_prompt(self, messages: list[tuple[str, str]], system_message: str | None = None) -> str:
+        """Prompt for inference: the conversation so far, then the assistant header with no answer yet."""
+        return self.prompt(messages, system_message) + self.roles[1]
+
+
+@dataclass
+class Turn:
+    """One piece of a prompt: ``header + body`` where body is the message followed by the separator."""
+
+    role: str
+    header: str
+    body: str
+
+    @property
+    def text(self) -> str:
+        return self.header + self.body
+
+
+TEMPLATES = {
+    t.name: t
+    for t in (
+        Template(
+            "internlm2-chat", "<|im_start|>system\n{system_message}", SYSTEM_INTERNVL2,
+            ("<|im_start|>user\n", "<|im_start|>assistant\n"), "<|im_end|>", "<|im_end|>", strip_values=True,
+            stop_str="<|im_end|>",
+        ),
+        Template(
+            "Hermes-2", "<|im_start|>system\n{system_message}", SYSTEM_INTERNVL2,
+            ("<|im_start|>user\n", "<|im_start|>assistant\n"), "<|im_end|>", "<|im_end|>", stop_str="<|endoftext|>",
+        ),
+        Template(
+            "phi3-chat", "<|system|>\n{system_message}", SYSTEM_INTERNVL2,
+            ("<|user|>\n", "<|assistant|>\n"), "<|end|>", "<|end|>", stop_str="<|end|>",
+            unsupervised_tokens=("<|endoftext|>",),
+        ),
+        Template(
+            "internvl2_5", "<|im_start|>system\n{system_message}", SYSTEM_INTERNVL2_5,
+            ("<|im_start|>user\n", "<|im_start|>assistant\n"), "<|im_end|>\n", "<|im_end|>", system_turn=True,
+            alternating=False, images_in_human_only=True, stop_str="<|im_end|>",
+        ),
+        Template("plain", None, "", ("", ""), "\n", "\n"),
+    )
+}
+
+
+def get_template(name: str) -> Template:
+    """The template called ``name`` (the ``--conv_style`` value)."""
+    try:
+        return TEMPLATES[name]
+    except KeyError:
+        raise DataError(
+            f"unknown conversation template {name!r}", fix=f"--conv_style must be one of {', '.join(TEMPLATES)}"
+        ) from None
