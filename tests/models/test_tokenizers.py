@@ -46,3 +46,18 @@ def test_fresh_qwen2_gets_internvl_tokens_in_reference_order(tmp_path):
     tokenizer = load_tokenizer(tmp_path)
     assert tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS) == list(range(151646, 151655))
     assert tokenizer("a<ref>b</ref>").input_ids[1] == tokenizer.convert_tokens_to_ids("<ref>")
+
+
+def test_internlm2_ids_are_sentencepiece_between_added_tokens(tiny_dirs):
+    import sentencepiece as spm
+
+    path = tiny_dirs("internvl2-2b")
+    sp = spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+    tokenizer = load_tokenizer(path)
+    assert type(tokenizer).__name__ == "InternLM2Tokenizer"
+    ctx, im_end = tokenizer.convert_tokens_to_ids(["<IMG_CONTEXT>", "<|im_end|>"])
+    text = "Hello world<IMG_CONTEXT><IMG_CONTEXT> what?<|im_end|>\n"
+    expected = [1] + sp.encode("Hello world") + [ctx, ctx] + sp.encode(" what?") + [im_end] + sp.encode("\n")
+    assert tokenizer(text).input_ids == expected  # BOS first, no EOS, each chunk encoded on its own
+    assert tokenizer.decode(tokenizer("Hello world").input_ids, skip_special_tokens=True) == "Hello world"
+    assert tokenizer.pad_token == "</s>" and tokenizer.bos_token_id == 1 and tokenizer.eos_token_id == 2
