@@ -45,14 +45,14 @@ def build_chat(shape: str, attn: str, device: torch.device) -> InternVLChat:
     return InternVLChat(model, tokenizer, original_from_native(cfg.to_dict()))
 
 
-def run_ours(shape: str, samples, device, warmup: int, packed_tokens: int, compile: bool = False,
+def run_ours(shape: str, samples, device, warmup: int, packed_tokens: int, compile: bool = False, flex: bool = False,
              grad_checkpoint: bool = False, lora_rank: int = 0, steps: int | None = None) -> dict:
     """Train on packs of ``samples`` and time it; returns tokens/s, TFLOP/s and peak memory."""
     from internvl_tune.bench.train_throughput import _flops, _param_counts
 
     info = init_distributed(device.type)
     cuda = device.type == "cuda"
-    chat = build_chat(shape, "flex_attention" if compile else "sdpa", device)
+    chat = build_chat(shape, "flex_attention" if flex else "sdpa", device)
     counts = _param_counts(chat.model)
     if lora_rank:
         from internvl_tune.models.internvl_chat.lora import add_lora
@@ -67,7 +67,7 @@ def run_ours(shape: str, samples, device, warmup: int, packed_tokens: int, compi
     module = ChatTrainModule(chat)
     if compile:
         for layer in chat.model.model.language_model.layers:
-            layer.compile(dynamic=True)
+            layer.compile()
     parallelize(module, param_dtype=torch.bfloat16, reshard_after_forward=lora_rank > 0)
     groups = build_param_groups(module.named_parameters(), 1e-5, 0.0)
     optimizer = build_adamw(groups, (0.9, 0.999), 1e-8, device)
@@ -100,7 +100,7 @@ def run_ours(shape: str, samples, device, warmup: int, packed_tokens: int, compi
     flops = _flops(counts, cfg, timed_samples)
     if lora_rank:  # a frozen LLM costs 4·N·T (forward + input gradients), not 6·N·T
         flops -= 2 * counts["llm"] * sum(s.tokens for s in timed_samples)
-    name = "ours" + (" + compile/flex" if compile else " (sdpa)") + (" + ckpt" if grad_checkpoint else "")
+    name = "ours" + (" flex" if flex else " sdpa") + (" + compile" if compile else "") + (" + ckpt" if grad_checkpoint else "")
     name += f" + LoRA r{lora_rank}" if lora_rank else ""
     return {"variant": name, "tokens_per_s": tokens / elapsed, "tflops": flops / elapsed / 1e12,
             "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0,

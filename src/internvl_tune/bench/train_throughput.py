@@ -94,18 +94,25 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for variant in args.variants.split(","):
         torch.cuda.empty_cache()
-        if variant == "plain":
-            row = run_plain(args.shape, samples, device, args.warmup)
-        else:  # "ours" plus options joined by "+": compile, ckpt, lora<rank>
-            from internvl_tune.bench.ours import run_ours
+        try:
+            if variant == "plain":
+                row = run_plain(args.shape, samples, device, args.warmup)
+            else:  # "ours" plus options joined by "+": compile, flex, ckpt, lora<rank>
+                from internvl_tune.bench.ours import run_ours
 
-            opts = variant.split("+")[1:]
-            lora = next((int(o[4:]) for o in opts if o.startswith("lora")), 0)
-            row = run_ours(args.shape, samples, device, args.warmup, args.packed_tokens, compile="compile" in opts,
-                           grad_checkpoint="ckpt" in opts, lora_rank=lora, steps=args.steps)
-        row.update(shape=args.shape, mfu=row["tflops"] / peak, matmul_peak_tflops=peak)
+                opts = variant.split("+")[1:]
+                lora = next((int(o[4:]) for o in opts if o.startswith("lora")), 0)
+                row = run_ours(args.shape, samples, device, args.warmup, args.packed_tokens, compile="compile" in opts,
+                               flex="flex" in opts, grad_checkpoint="ckpt" in opts, lora_rank=lora, steps=args.steps)
+        except Exception as exc:  # one failing variant must not cost the others' numbers
+            print(f"variant {variant} failed: {type(exc).__name__}: {str(exc)[:500]}", flush=True)
+            continue
+        row.update(shape=args.shape, mfu=row["tflops"] / peak, matmul_peak_tflops=peak,
+                   device=torch.cuda.get_device_name(device), torch=torch.__version__)
         rows.append(row)
         print(json.dumps(row), flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(rows, indent=2))
     base = next((r for r in rows if r["variant"].startswith("plain")), None)
     base = base or {"tokens_per_s": float("nan")}
     print(f"\n{'variant':<34} {'tokens/s':>10} {'x plain':>8} {'MFU':>6} {'peak GiB':>9}   ({args.shape}, "
@@ -113,8 +120,6 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         ratio = r["tokens_per_s"] / base["tokens_per_s"]
         print(f"{r['variant']:<34} {r['tokens_per_s']:>10.0f} {ratio:>8.2f} {r['mfu']:>6.1%} {r['peak_gib']:>9.1f}")
-    if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=2))
     return 0
 
 
