@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from internvl_tune.models.internvl_chat import load_pretrained
 from internvl_tune.models.internvl_chat.loading import iter_tensors
 
-LIKES = ["internvl2-1b", "internvl2-2b", "internvl2-4b", "internvl2-26b", "internvl2-40b", "internvl2-76b"]
+# The 1B case carries the real 151,655-token Qwen2 vocabulary, so its three saves and loads take ~15 s.
+LIKES = [pytest.param("internvl2-1b", marks=pytest.mark.slow), "internvl2-2b", "internvl2-4b", "internvl2-26b", "internvl2-40b", "internvl2-76b"]
 
 
 def _inputs(chat, tiles=2, seed=0):
@@ -102,3 +103,18 @@ def test_pixel_shuffle_v1_is_the_transpose_of_v2(tiny_dirs):
     grid = v2.reshape(1, side, side, -1).transpose(1, 2).reshape(v2.shape)
     torch.testing.assert_close(v1, grid)
     assert not torch.allclose(v1, v2)
+
+
+def test_drop_path_rate_acts_in_training_only(tiny_dirs):
+    chat = load_pretrained(tiny_dirs("internvl2-2b"), drop_path_rate=0.5)
+    plain = load_pretrained(tiny_dirs("internvl2-2b"))
+    layers = chat.model.model.vision_tower.encoder.layer
+    assert [layer.drop_prob for layer in layers] == [0.0, 0.5]
+    assert chat.original_config["vision_config"]["drop_path_rate"] == 0.5
+    _, pixel_values = _inputs(chat, tiles=8)
+    with torch.no_grad():
+        torch.testing.assert_close(chat.extract_features(pixel_values), plain.extract_features(pixel_values))
+        chat.model.train()
+        torch.manual_seed(0)
+        dropped = chat.extract_features(pixel_values)
+    assert not torch.allclose(dropped, plain.extract_features(pixel_values))

@@ -7,6 +7,7 @@ the result written into the token embeddings at the ``<IMG_CONTEXT>`` positions.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ import torch
 from internvl_tune.constants import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 from internvl_tune.errors import CheckpointError, UserError
 from internvl_tune.models.internvl_chat import config as cfg
+from internvl_tune.models.internvl_chat.drop_path import set_drop_path
 from internvl_tune.models.internvl_chat.key_map import LayoutSpec
 from internvl_tune.models.internvl_chat.loading import build_empty_model, load_weights
 from internvl_tune.models.internvl_chat.tokenizers import load_tokenizer
@@ -242,7 +244,7 @@ def load_pretrained(path, dtype: torch.dtype | None = torch.float32, device="cpu
         attn_implementation: ``sdpa`` or ``eager`` (``flash_attention_2`` where installed).
         **overrides: InternVLChatConfig settings to replace (``select_layer``, ``ps_version``, ``template``,
             ``dynamic_image_size``, ``use_thumbnail``, ``min_dynamic_patch``, ``max_dynamic_patch``,
-            ``force_image_size``, ``downsample_ratio``); None values are ignored.
+            ``force_image_size``, ``downsample_ratio``, ``drop_path_rate`` of the ViT); None values are ignored.
     """
     path = Path(path)
     if not path.is_dir():
@@ -258,8 +260,10 @@ def load_pretrained(path, dtype: torch.dtype | None = torch.float32, device="cpu
     unknown = set(overrides) - set(cfg.CHAT_DEFAULTS) - {"drop_path_rate"}
     if unknown:
         raise UserError(f"load_pretrained got unknown settings: {', '.join(sorted(unknown))}")
-    original = dict(original)
+    original = copy.deepcopy(original)
     original.update({k: v for k, v in overrides.items() if v is not None and k != "drop_path_rate"})
+    if overrides.get("drop_path_rate") is not None:
+        original["vision_config"]["drop_path_rate"] = overrides["drop_path_rate"]
     family = cfg.family_of(original, str(path / "config.json"))
     tokenizer = load_tokenizer(path, "llama" if family == "phi3" else family)
     vocab = original["llm_config"]["vocab_size"]
@@ -268,6 +272,8 @@ def load_pretrained(path, dtype: torch.dtype | None = torch.float32, device="cpu
     spec = LayoutSpec.from_original(original) if layout == "original" else None
     load_weights(model, path, layout, spec, dtype, device)
     model.eval()
+    if original["vision_config"].get("drop_path_rate", 0.0) > 0:  # only acts in train mode
+        set_drop_path(model, original["vision_config"]["drop_path_rate"])
     added = max(0, len(tokenizer) - vocab)
     _resize_for_new_tokens(model, tokenizer, added)
     if added:

@@ -7,6 +7,7 @@ files, remote-code ``.py`` files of the release, ``generation_config.json``) are
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import tempfile
@@ -78,6 +79,7 @@ def write_original_checkpoint(out: Path, native_state: dict[str, torch.Tensor], 
 
 def write_native_checkpoint(out: Path, native_state: dict[str, torch.Tensor], native_config, original: dict) -> None:
     """Weights, config.json (``InternVLForConditionalGeneration``) and the original config sidecar into ``out``."""
+    native_config = copy.deepcopy(native_config)
     native_config.text_config.vocab_size = native_state["lm_head.weight"].shape[0]
     native_config.dtype = _dtype_name(native_state)
     native_config.architectures = ["InternVLForConditionalGeneration"]
