@@ -1,0 +1,108 @@
+"""Compare internvl_tune with the reference InternVLChatModel on tiny random checkpoints (not part of the test suite).
+
+Needs a checkout of the reference repository (its ``internvl_chat`` folder), ``einops`` on the path and nothing else:
+a stand-in for timm's DropPath is written to a temp dir (it is only used with drop_path_rate > 0). Run:
+
+    pip install --target /tmp/refdeps einops
+    PYTHONPATH=/tmp/refdeps python tests/models/reference_fidelity.py /path/to/InternVL/internvl_chat
+
+For every release size it writes a tiny checkpoint in the original layout, loads it into the reference model
+(``load_state_dict(strict)``: proves our key names and shapes are the reference's) and into ours (eager and SDPA),
+and prints the largest logit difference (fp32, CPU) and whether 8 greedy tokens agree (reference: full forward per
+step without cache; ours: ``generate`` with the KV cache).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+_DROP_PATH_STANDIN = '''
+import torch
+from torch import nn
+
+
+class DropPath(nn.Module):
+    def __init__(self, p=0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            return x
+        keep = torch.rand(x.shape[0], *([1] * (x.ndim - 1)), device=x.device) >= self.p
+        return x * keep / (1 - self.p)
+'''
+LIKES = ["internvl2-1b", "internvl2-2b", "internvl2-4b", "internvl2-8b", "internvl2-26b", "internvl2-40b", "internvl2-76b"]
+VARIANTS = {"default": {}, "select_layer=-2": {"select_layer": -2}, "ps_version=v1": {"ps_version": "v1"}, "long-prompt": {}}
+# Which sizes get the extra variants (all get "default"); the long prompt passes Phi-3's original rope window.
+EXTRA = {"select_layer=-2": ("internvl2-1b", "internvl2-26b"), "ps_version=v1": ("internvl2-1b", "internvl2-26b"),
+         "long-prompt": ("internvl2-4b",)}
+
+
+def _import_reference(ref_root: str, scratch: Path):
+    shim = scratch / "timm" / "models"
+    shim.mkdir(parents=True)
+    (scratch / "timm" / "__init__.py").write_text("")
+    (shim / "__init__.py").write_text("")
+    (shim / "layers.py").write_text(_DROP_PATH_STANDIN)
+    sys.path[:0] = [str(scratch), ref_root]
+    from internvl.model.internvl_chat.configuration_internvl_chat import InternVLChatConfig
+    from internvl.model.internvl_chat.modeling_internvl_chat import InternVLChatModel
+
+    return InternVLChatConfig, InternVLChatModel
+
+
+def compare(ref_root: str, likes: list[str]) -> None:
+    from internvl_tune.models.internvl_chat import load_pretrained, write_tiny_checkpoint
+
+    warnings.filterwarnings("ignore")
+    scratch = Path(tempfile.mkdtemp(prefix="internvl-fidelity-"))
+    InternVLChatConfig, InternVLChatModel = _import_reference(ref_root, scratch)
+    for like in likes:
+        path = write_tiny_checkpoint(like, scratch / like, seed=3)
+        raw = json.loads((path / "config.json").read_text())
+        state = {k: v for f in sorted(path.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+        for name, override in VARIANTS.items():
+            if name != "default" and like not in EXTRA[name]:
+                continue
+            # transformers edits rope dicts in place, so every config gets a fresh copy
+            ref = InternVLChatModel(InternVLChatConfig(**json.loads(json.dumps({**raw, **override}))), use_flash_attn=False)
+            ref = ref.float().eval()
+            ref.load_state_dict(state, strict=True)
+            ours = {impl: load_pretrained(path, attn_implementation=impl, **override) for impl in ("eager", "sdpa")}
+            chat = ours["eager"]
+            ref.img_context_token_id = chat.img_context_token_id
+            pixels = torch.randn(2, 3, chat.image_size, chat.image_size, generator=torch.Generator().manual_seed(1))
+            prompt = "<img>" + "<IMG_CONTEXT>" * (2 * chat.num_image_token) + "</img>\nWhat is shown here?" * (80 if name == "long-prompt" else 1)
+            ids = chat.tokenizer(prompt, return_tensors="pt").input_ids
+            flags = torch.ones(2, 1, dtype=torch.long)
+
+            def ref_logits(tokens):
+                return ref(pixel_values=pixels, input_ids=tokens, image_flags=flags, return_dict=True, use_cache=False).logits
+
+            with torch.no_grad():
+                expected = ref_logits(ids)
+                diffs = {}
+                for impl, c in ours.items():
+                    embeds = c.embed_inputs(ids, pixels, flags.squeeze(-1))
+                    diffs[impl] = (c.model(inputs_embeds=embeds).logits - expected).abs().max().item()
+                tokens = ids
+                for _ in range(8):
+                    tokens = torch.cat([tokens, ref_logits(tokens)[:, -1].argmax(-1, keepdim=True)], dim=1)
+                generated = chat.generate(ids, pixels, max_new_tokens=8, min_new_tokens=8, do_sample=False, eos_token_id=None)
+            same = torch.equal(tokens[:, ids.shape[1]:], generated)
+            print(f"{like:14s} {chat.family:9s} {name:16s} max|dlogits| eager={diffs['eager']:.1e} "
+                  f"sdpa={diffs['sdpa']:.1e} greedy_match={same} prompt_tokens={ids.shape[1]}", flush=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    compare(sys.argv[1], sys.argv[2:] or LIKES)
