@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -36,10 +37,23 @@ def sample_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def tiny_g(tmp_path_factory) -> Path:
+    from internvl_tune.models.internvl_cg.tiny import write_tiny_internvl14b
+
+    return write_tiny_internvl14b(tmp_path_factory.mktemp("ckpt") / "InternVL-14B-224px")
+
+
+@pytest.fixture(scope="module")
 def tiny_chat(tmp_path_factory) -> Path:
     from internvl_tune.models.internvl_chat import write_tiny_checkpoint
 
     return write_tiny_checkpoint("internvl2-1b", tmp_path_factory.mktemp("ckpt") / "InternVL2-1B")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _sample_images(root: Path, n: int):
@@ -75,14 +89,47 @@ def test_missing_java_stops_before_loading_the_model(tiny_chat, monkeypatch, cap
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_chat_batched_captions_equal_one_by_one(tiny_chat, sample_root, dynamic):
     images = _sample_images(sample_root, 3)  # different aspect ratios: different tile counts with --dynamic
-    for beams in (1, 2):
+    for beams in (1,) if dynamic else (1, 2):
         captioner, generation = load_captioner(tiny_chat, INTERNVL_CHAT, device="cpu", dtype=torch.float32,
                                                prompt=CHAT_PROMPT, num_beams=beams, max_new_tokens=8,
                                                min_new_tokens=6, dynamic=dynamic, max_num=4)
-        assert generation["num_beams"] == (1 if dynamic else beams)  # --dynamic forces one beam, as the reference
+        assert generation["num_beams"] == beams
         single = [captioner.caption([img])[0] for img in images]
         assert captioner.caption(images) == single
         assert all(single)
+
+
+@pytest.mark.slow
+def test_internvl_g_batched_captions_equal_one_by_one(tiny_g, sample_root):
+    images = _sample_images(sample_root, 3)
+    for beams in (1, 5):
+        captioner, generation = load_captioner(tiny_g, INTERNVL_G, device="cpu", dtype=torch.float32,
+                                               prompt="English caption:", num_beams=beams, max_new_tokens=10)
+        assert generation["num_beams"] == beams and generation["min_new_tokens"] == 8
+        single = [captioner.caption([img])[0] for img in images]
+        assert captioner.caption(images) == single
+
+
+@pytest.mark.slow
+def test_evaluate_sh_on_two_processes_prints_the_seed_line(tiny_g, sample_root, tmp_path, needs_java):
+    out = tmp_path / "results"
+    env = dict(os.environ, GPUS="2", MASTER_PORT=str(_free_port()), PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(["sh", str(REPO / "evaluate.sh"), str(tiny_g), "caption-coco", "--data_root",
+                           str(sample_root), "--out-dir", str(out), "--batch_size", "2", "--device", "cpu"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("['coco'")]
+    assert len(lines) == 1, proc.stdout
+    assert re.fullmatch(rf"\['coco', 'English caption:', {NUMBER}, dict_items\(\[{METRICS}\]\)\]", lines[0])
+    # The two ranks' captions, gathered, equal one process captioning every image in one batch.
+    (captions_file,) = out.glob("coco_????????????.json")
+    written = json.loads(captions_file.read_text())
+    items = load_images(BENCHMARKS["coco"], sample_root)
+    captioner, _ = load_captioner(tiny_g, INTERNVL_G, device="cpu", dtype=torch.float32, prompt="English caption:")
+    expected = captioner.caption([load_image(x.path) for x in items])
+    assert written == [{"image_id": x.image_id, "caption": c} for x, c in zip(items, expected)]
+    record = json.loads(next(out.glob("coco_*_scores.json")).read_text())
+    assert record["world_size"] == 2 and record["generation"]["num_beams"] == 5
 
 
 @pytest.mark.slow

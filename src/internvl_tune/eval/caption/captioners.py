@@ -136,10 +136,10 @@ def load_captioner(path: str | Path, kind: str, *, device, dtype: torch.dtype, p
     """
     log = log or (lambda _msg: None)
     if kind == INTERNVL_G:
-        from internvl_tune.models.internvl_cg import load_pretrained as load_g
+        from internvl_tune.models.internvl_cg.loading import load_internvl_cg
         from internvl_tune.models.internvl_cg.tokenizer import load_tokenizer
 
-        model = load_g(path, dtype=dtype, device=device).eval()
+        model = load_internvl_cg(path, dtype=dtype, device=device)
         tokenizer = load_tokenizer(path, add_eos_token=False)
         beams = DEFAULTS[INTERNVL_G].num_beams if num_beams is None else num_beams
         captioner = InternVLGCaptioner(model, tokenizer, prompt=prompt, num_beams=beams,
