@@ -236,24 +236,33 @@ class SupervisedDataset(Dataset):
         return dynamic_preprocess(image, self.cfg.min_dynamic_patch, max_num, self.cfg.force_image_size, self.cfg.use_thumbnail)
 
     def _fit_images(self, images, messages, system, budgets: list[int], where: str, notes: list[str]):
-        """Tile and tokenize; if too long, retry with smaller tile budgets before cutting text (never image tokens)."""
-        cfg, per_tile = self.cfg, self.cfg.num_image_token
+        """Tile and tokenize; if too long, use fewer tiles, then cut the text tail, never image tokens.
+
+        The largest tile budget whose sample fits whole wins; when none does, the largest budget that keeps all image
+        tokens inside ``max_seq_length`` is used and the text after the last image is cut (as the reference cuts).
+        """
+        cfg, per_tile, limit = self.cfg, self.cfg.num_image_token, self.cfg.max_seq_length
         tiles = [self._tile(im, b) for im, b in zip(images, budgets)]
         enc = self._encode(messages, system, [per_tile * len(t) for t in tiles], where)
-        if len(enc.input_ids) > cfg.max_seq_length and cfg.dynamic_image_size:
-            # Find the largest total budget that fits; the tile counts follow from the image sizes alone.
+        if len(enc.input_ids) > limit and cfg.dynamic_image_size:
             n, old = len(images), sum(len(t) for t in tiles)
+            keeps_images = None  # the largest budget whose image tokens end inside the limit
             for total in range(sum(budgets) - 1, 0, -1):
                 smaller = [max(1, total // n)] * n if n > 1 else [total]
                 if any(b < cfg.min_dynamic_patch for b in smaller):
                     break
                 counts = [num_tiles(*im.size, cfg.min_dynamic_patch, b, cfg.use_thumbnail, cfg.force_image_size)
                           for im, b in zip(images, smaller)]
-                if len(enc.input_ids) - per_tile * (old - sum(counts)) <= cfg.max_seq_length:
-                    tiles = [self._tile(im, b) for im, b in zip(images, smaller)]
-                    enc = self._encode(messages, system, [per_tile * len(t) for t in tiles], where)
-                    notes.append(f"re-tiled from {old} to {sum(counts)} tiles to fit --max_seq_length {cfg.max_seq_length}")
+                saved = per_tile * (old - sum(counts))
+                if len(enc.input_ids) - saved <= limit:
+                    keeps_images = smaller
                     break
+                if keeps_images is None and enc.image_end - saved <= limit:
+                    keeps_images = smaller
+            if keeps_images is not None:
+                tiles = [self._tile(im, b) for im, b in zip(images, keeps_images)]
+                enc = self._encode(messages, system, [per_tile * len(t) for t in tiles], where)
+                notes.append(f"re-tiled from {old} to {sum(len(t) for t in tiles)} tiles to fit --max_seq_length {limit}")
         return tiles, self._finish(enc, where, notes)
 
     def _image(self, item, messages, system, spec, max_patch, rng, where):

@@ -162,17 +162,6 @@ def load_image(path: str, where: str | None = None) -> Image.Image:
         raise DataError(f"cannot decode image {path}: {exc}", where, "re-encode it as JPEG/PNG or drop the sample") from None
 
 
-def image_size_of(path: str, where: str | None = None) -> tuple[int, int]:
-    """(width, height) from the file header only, without decoding the pixels."""
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except FileNotFoundError:
-        raise DataError(f"image not found: {path}", where, "fix the path (it is relative to the dataset `root`)") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise DataError(f"cannot read image {path}: {exc}", where, "re-encode it as JPEG/PNG or drop the sample") from None
-
-
 def tiles_to_tensor(tiles: Sequence[Image.Image], transform: ImageTransform, rng: np.random.Generator | None) -> torch.Tensor:
     """Stack transformed tiles into ``[T, 3, S, S]`` (one RNG draw per tile when augmenting, like the reference)."""
     return torch.stack([transform(t, rng) for t in tiles])

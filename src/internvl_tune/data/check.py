@@ -1,0 +1,237 @@
+"""Validate a meta JSON and everything it names before training (the engine of ``internvl-tune data check``).
+
+Every problem is reported as ``file:line: what is wrong — how to fix it``. Errors make a sample unusable (it would be
+skipped in training, or break it); warnings are allowed but worth knowing (truncated text, fewer tiles, a leading gpt
+turn the reference drops, a declared ``length`` that differs from the file).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+from internvl_tune.constants import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
+from internvl_tune.data.dataset import DataConfig, SupervisedDataset, resolve_path, sample_kind
+from internvl_tune.data.images import load_image, num_tiles
+from internvl_tune.data.meta import DatasetSpec, JsonlIndex, read_meta
+from internvl_tune.data.preprocess import parse_conversations
+from internvl_tune.data.templates import GPT, HUMAN, get_template
+from internvl_tune.data.video import load_video_frames
+from internvl_tune.errors import DataError
+
+
+@dataclass
+class Problem:
+    where: str | None
+    message: str
+    fix: str | None
+    error: bool = True
+
+    def __str__(self) -> str:
+        text = f"{self.where}: {self.message}" if self.where else self.message
+        return text + (f" — {self.fix}" if self.fix else "")
+
+
+@dataclass
+class CheckReport:
+    """What ``data check`` found.
+
+    Attributes:
+        problems: errors and warnings, in file order.
+        samples: samples per (dataset, kind) per epoch (``repeat_time`` applied).
+        lines: usable JSONL lines per dataset.
+        token_lengths: tokens of each checked line (only with a tokenizer), with its repeat count.
+        tiles_per_image: tiles of each checked image (thumbnail included); frames count one tile each.
+        tokens_per_epoch: estimated tokens one epoch feeds the model (only with a tokenizer).
+        shown: a few rendered samples (``--show``).
+    """
+
+    problems: list[Problem] = field(default_factory=list)
+    samples: Counter = field(default_factory=Counter)
+    lines: dict[str, int] = field(default_factory=dict)
+    token_lengths: list[tuple[int, int]] = field(default_factory=list)
+    supervised_tokens: int = 0
+    tiles_per_image: Counter = field(default_factory=Counter)
+    tokens_per_epoch: int = 0
+    shown: list = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.error]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if not p.error]
+
+
+def _placeholder_problems(item: dict, kind: str, messages: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Stricter ``<image>`` / ``<video>`` rules than the loader enforces: (message, fix) pairs."""
+    human = [text for role, text in messages if role == HUMAN]
+    gpt = [text for role, text in messages if role == GPT]
+    n_img = sum(t.count(IMAGE_PLACEHOLDER) for t in human)
+    n_vid = sum(t.count(VIDEO_PLACEHOLDER) for t in human)
+    out = []
+    if any(IMAGE_PLACEHOLDER in t or VIDEO_PLACEHOLDER in t for t in gpt):
+        out.append(("a gpt answer contains <image> or <video>", "placeholders belong in human turns only"))
+    if kind == "text" and (n_img or n_vid):
+        out.append((f"pure-text sample (no `image`/`video` field) contains {n_img + n_vid} placeholder(s)",
+                    "add the `image`/`video` field, or remove the placeholder"))
+    elif kind == "image":
+        first = human[0] if human else ""
+        if n_img > 1 or (n_img == 1 and IMAGE_PLACEHOLDER not in first):
+            out.append((f"single-image sample has {n_img} <image> placeholder(s) (or one outside the first human turn)",
+                        "use exactly one <image>, in the first human turn (or none: it is then prepended)"))
+    elif kind == "multi_image":
+        n = len(item["image"])
+        if n_img != n:
+            out.append((f"`image` lists {n} image(s) but the human turns hold {n_img} <image> placeholder(s)",
+                        "put one <image> per listed image, in the same order"))
+    elif kind == "video":
+        if n_vid > 1 or (n_vid == 1 and VIDEO_PLACEHOLDER not in (human[0] if human else "")):
+            out.append((f"video sample has {n_vid} <video> placeholder(s) (or one outside the first human turn)",
+                        "use one <video> in the first human turn, or none (it is then prepended)"))
+        if n_img:
+            out.append(("video sample contains <image>", "remove it: frames are inserted where <video> stands"))
+    return out
+
+
+def check_meta(
+    meta_path: str,
+    cfg: DataConfig,
+    tokenizer=None,
+    progress=None,
+    show: int = 0,
+) -> CheckReport:
+    """Check every dataset, line, image and video of ``meta_path``.
+
+    Args:
+        meta_path: the meta JSON.
+        cfg: the data settings training will use (template, tiles, lengths).
+        tokenizer: when given, every sample is also tokenized: lengths, truncation, supervised tokens.
+        progress: optional callable(advance: int, total: int | None) for a progress bar.
+        show: render this many samples into ``report.shown`` (needs a tokenizer).
+    """
+    report = CheckReport()
+    try:
+        specs = read_meta(meta_path)
+        template = get_template(cfg.conv_style)
+    except DataError as exc:
+        report.problems.append(Problem(exc.where, str(exc).split(": ", 1)[-1] if exc.where else str(exc), None))
+        return report
+    indexes: list[JsonlIndex | None] = []
+    for spec in specs:
+        try:
+            indexes.append(JsonlIndex(spec.annotation))
+        except DataError as exc:
+            report.problems.append(Problem(f"{spec.meta_path}", f"dataset {spec.name!r}: {exc}", None))
+            indexes.append(None)
+    total = sum(len(ix) for ix in indexes if ix is not None)
+    if progress:
+        progress(0, total)
+    usable = [(s, ix) for s, ix in zip(specs, indexes) if ix is not None]
+    dataset = None
+    if tokenizer is not None and usable:
+        dataset = SupervisedDataset([s for s, _ in usable], tokenizer, cfg, is_train=False, strict=True)
+    for k, (spec, index) in enumerate(usable):
+        _check_dataset(report, spec, index, template, cfg, dataset, k, progress, show)
+    return report
+
+
+def _check_dataset(report, spec: DatasetSpec, index: JsonlIndex, template, cfg, dataset, k: int, progress, show: int):
+    n_lines = len(index)
+    report.lines[spec.name] = n_lines
+    if spec.length is not None and spec.length != n_lines:
+        report.problems.append(Problem(f"{spec.meta_path}", f"dataset {spec.name!r} declares length {spec.length} but "
+                                       f"{spec.annotation} has {n_lines} non-empty lines", "update `length`", error=False))
+    size = spec.num_samples(n_lines)
+    if size == 0:
+        report.problems.append(Problem(f"{spec.meta_path}", f"dataset {spec.name!r} contributes no samples "
+                                       f"(repeat_time {spec.repeat_time}, {n_lines} lines)", "raise repeat_time or add lines",
+                                       error=False))
+    checked = min(n_lines, size)  # a fraction uses only a prefix of the file
+    repeats = [0] * checked
+    for s in range(size):
+        repeats[spec.line_of(s, n_lines)] += 1
+    start = int(dataset.starts[k]) if dataset is not None else 0
+    for line in range(checked):
+        where = f"{spec.annotation}:{index.line_number(line)}"
+        problems = _check_line(report, spec, index, line, where, template, cfg, repeats[line])
+        if not problems and dataset is not None:
+            problems = _check_tokens(report, dataset, start + line, repeats[line], show)
+        report.problems.extend(problems)
+        if progress:
+            progress(1, None)
+
+
+def _check_line(report, spec, index, line, where, template, cfg, repeats: int) -> list[Problem]:
+    """Structural and file checks of one line; records kind counts and tiles."""
+    try:
+        item = index.read(line)
+        kind = sample_kind(item, where)
+        _, messages, warnings = parse_conversations(item.get("conversations"), template, where)
+    except DataError as exc:
+        return [Problem(exc.where, _message(exc), exc.fix)]
+    report.samples[(spec.name, kind)] += repeats
+    problems = [Problem(where, w, None, error=False) for w in warnings]
+    problems += [Problem(where, msg, fix) for msg, fix in _placeholder_problems(item, kind, messages)]
+    max_patch = spec.max_dynamic_patch or cfg.max_dynamic_patch
+    try:
+        if kind in ("image", "multi_image"):
+            paths = [item["image"]] if kind == "image" else item["image"]
+            budget = max_patch if kind == "image" else max(1, max_patch // len(paths))
+            for rel in paths:
+                path = resolve_path(spec.root, rel, cfg.allow_outside_root, where)
+                image = load_image(path, where)  # decodes every pixel, so truncated files show up here
+                tiles = num_tiles(*image.size, cfg.min_dynamic_patch, budget, cfg.use_thumbnail, cfg.force_image_size) \
+                    if cfg.dynamic_image_size else 1
+                report.tiles_per_image[tiles] += 1
+                w, h = item.get("width"), item.get("height")
+                if kind == "image" and isinstance(w, int) and isinstance(h, int) and (w, h) != image.size:
+                    problems.append(Problem(where, f"width/height say {w}x{h} but the image is {image.size[0]}x"
+                                            f"{image.size[1]}", "fix or drop width/height (used for length estimates)",
+                                            error=False))
+        elif kind == "video":
+            path = resolve_path(spec.root, item["video"], cfg.allow_outside_root, where)
+            frames, _ = load_video_frames(path, cfg.max_num_frame, "middle", where=where)
+            report.tiles_per_image[1] += len(frames)
+    except DataError as exc:
+        problems.append(Problem(exc.where, _message(exc), exc.fix))
+    return problems
+
+
+def _check_tokens(report, dataset: SupervisedDataset, index: int, repeats: int, show: int) -> list[Problem]:
+    try:
+        prepared = dataset.prepare(index)
+    except DataError as exc:
+        return [Problem(exc.where, _message(exc), exc.fix)]
+    n = len(prepared.encoded.input_ids)
+    report.token_lengths.append((n, repeats))
+    report.tokens_per_epoch += n * repeats
+    report.supervised_tokens += prepared.encoded.num_supervised * repeats
+    if len(report.shown) < show and prepared.kind not in {p.kind for p in report.shown}:  # one of each kind
+        report.shown.append(prepared)
+    return [Problem(prepared.where, note, "raise --max_seq_length or shorten the sample", error=False)
+            for note in prepared.notes]
+
+
+def _message(exc: DataError) -> str:
+    text = str(exc)
+    if exc.where and text.startswith(exc.where + ": "):
+        text = text[len(exc.where) + 2:]
+    if exc.fix and text.endswith(" — " + exc.fix):
+        text = text[: -len(exc.fix) - 3]
+    return text
+
+
+def length_histogram(lengths: list[tuple[int, int]], max_len: int) -> list[tuple[str, int]]:
+    """Counts of samples per power-of-two token bucket up to ``max_len``."""
+    edges = [0]
+    while edges[-1] < max_len:
+        edges.append(min(max_len, max(256, edges[-1] * 2)))
+    counts = defaultdict(int)
+    for n, reps in lengths:
+        for lo, hi in zip(edges, edges[1:]):
+            if n <= hi:
+                counts[(lo, hi)] += reps
+                break
+    return [(f"{lo + 1}-{hi}", counts[(lo, hi)]) for lo, hi in zip(edges, edges[1:])]
