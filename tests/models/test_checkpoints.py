@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from internvl_tune.models.internvl_chat import load_pretrained
 from internvl_tune.models.internvl_chat.loading import iter_tensors
