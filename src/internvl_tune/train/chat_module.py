@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from internvl_tune.models import varlen_attention
 from internvl_tune.train.loss import weighted_lm_loss_sum
 
 
@@ -19,6 +20,8 @@ class ChatTrainModule(nn.Module):
         super().__init__()
         self.model = chat.model  # the only registered child: FSDP2 and checkpoints see the usual parameter names
         self._chat = chat
+        # packed rows run one causal attention per sample (flash varlen on CUDA); padded batches keep SDPA
+        self.model.model.language_model.config._attn_implementation = varlen_attention.register()
 
     def forward(self, batch: dict, mask: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Weighted sum of token losses of one micro-batch (divide by the global weight sum outside).
@@ -29,10 +32,15 @@ class ChatTrainModule(nn.Module):
             mask, weights: supervised positions and their loss weights, from ``train.loss.token_weights``.
         """
         embeds = self._chat.embed_inputs(batch["input_ids"], batch["pixel_values"], batch["image_flags"])
+        packed = {}
+        if "sample_ids" in batch:  # a packed row: per-sample attention from the restarting position ids
+            cu, longest = varlen_attention.cu_seqlens_from_positions(batch["position_ids"])
+            packed = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
         out = self.model.model.language_model(
             inputs_embeds=embeds,
             attention_mask=batch.get("attention_mask"),
             position_ids=batch["position_ids"],
             use_cache=False,
+            **packed,
         )
         return weighted_lm_loss_sum(out.last_hidden_state, self.model.lm_head.weight, batch["labels"], mask, weights)

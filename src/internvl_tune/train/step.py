@@ -53,14 +53,9 @@ class StepRunner:
             mask, weights = token_weights(batch["labels"], sample_ids(batch), self.loss_reduction)
             weight_sum += weights.sum().double()
             prepared.append((batch, mask, weights))
-        global_weight = all_reduce_sum(weight_sum).item()  # one host sync per step
-        if global_weight == 0:
-            raise UserError(
-                f"step {step + 1}: the global batch has no supervised token (all labels are -100). This is the "
-                f"'loss is 0' trap: check that --conv_style matches the model's template and that answers survive "
-                f"--max_seq_length; run `internvl-tune data check` on the meta file"
-            )
-        scale = info.world_size / global_weight
+        global_weight = all_reduce_sum(weight_sum)
+        # stays on the device: no host sync before the backward passes are queued
+        scale = (info.world_size / global_weight.clamp_min(1e-30)).float()
         loss_sum = torch.zeros((), device=info.device)
         tokens = torch.zeros((), dtype=torch.long, device=info.device)
         for batch, mask, weights in prepared:
@@ -72,12 +67,19 @@ class StepRunner:
         limit = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, limit)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        totals = all_reduce_sum(torch.stack([loss_sum, tokens.float()]))
-        loss_value = totals[0].item() / global_weight
+        totals = all_reduce_sum(torch.stack([loss_sum.double(), tokens.double(), global_weight]))
+        loss_sum_value, token_count, weight_value = totals.tolist()  # the step's one host sync
+        if weight_value == 0:
+            raise UserError(
+                f"step {step + 1}: the global batch has no supervised token (all labels are -100). This is the "
+                f"'loss is 0' trap: check that --conv_style matches the model's template and that answers survive "
+                f"--max_seq_length; run `internvl-tune data check` on the meta file"
+            )
+        loss_value = loss_sum_value / weight_value * info.world_size
         lr = self.schedule.apply(self.optimizer, step)
         finite = math.isfinite(loss_value) and bool(torch.isfinite(grad_norm))
         if finite:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss_value, "grad_norm": float(grad_norm), "lr": lr, "tokens": int(totals[1].item()),
+        return {"loss": loss_value, "grad_norm": float(grad_norm), "lr": lr, "tokens": int(token_count),
                 "finite": finite}

@@ -137,7 +137,10 @@ class InternVLChat:
                 f"({features.shape[0]} tiles x {self.num_image_token}); each image needs exactly "
                 f"{IMG_CONTEXT_TOKEN} x {self.num_image_token} x its tiles — was the prompt truncated?"
             )
-        return embeds.masked_scatter(mask.unsqueeze(-1).to(embeds.device), features.to(embeds.dtype))
+        # index_copy (not masked_scatter): its backward is an index_select, with no host sync in the backward pass
+        positions = mask.reshape(-1).nonzero().squeeze(1).to(embeds.device)
+        flat = embeds.reshape(-1, embeds.shape[-1])
+        return flat.index_copy(0, positions, features.reshape(-1, features.shape[-1]).to(embeds.dtype)).view_as(embeds)
 
     # --------------------------------------------------------------------------------------------- generation
     @torch.no_grad()
