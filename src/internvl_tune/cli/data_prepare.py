@@ -1,4 +1,7 @@
-"""``internvl-tune data prepare coco|flickr30k|nocaps --root data``: check the evaluation data tree, fill in what we can."""
+"""``internvl-tune data prepare coco|flickr30k|nocaps --root data``: check the evaluation data tree.
+
+Lists what is missing with the command that gets it, and writes what can be derived (the Flickr30K test json).
+"""
 
 from __future__ import annotations
 

@@ -27,7 +27,8 @@ def register(subparsers, name: str, help_text: str) -> None:
                    help="folder holding coco/, flickr30k/ and nocaps/ (see `internvl-tune data prepare`)")
     p.add_argument("--out-dir", "--out_dir", dest="out_dir", default="results", help="where captions and scores go")
     p.add_argument("--prompt", default=None,
-                   help="InternVL-G: 'English caption:'; chat: 'Provide a one-sentence caption for the provided image.'")
+                   help="InternVL-G: 'English caption:'; "
+                        "chat: 'Provide a one-sentence caption for the provided image.'")
     p.add_argument("--num_beams", "--num-beams", dest="num_beams", type=int, default=None,
                    help="InternVL-G: 5; chat: 1 (forced to 1 for models over 20B parameters or with --dynamic)")
     p.add_argument("--max_new_tokens", "--max-new-tokens", dest="max_new_tokens", type=int, default=30)
@@ -67,7 +68,8 @@ def run(args) -> int:
         captioner, generation = load_captioner(
             args.model, kind, device=info.device, dtype=dtype, prompt=args.prompt or defaults.prompt,
             num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
-            temperature=args.temperature, dynamic=args.dynamic, max_num=args.max_num, log=print if info.is_main else None,
+            temperature=args.temperature, dynamic=args.dynamic, max_num=args.max_num,
+            log=print if info.is_main else None,
         )
         cfg = CaptionEvalConfig(
             datasets=datasets, data_root=args.data_root, out_dir=args.out_dir, prompt=args.prompt or defaults.prompt,

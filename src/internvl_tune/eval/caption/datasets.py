@@ -6,7 +6,8 @@ Each benchmark has two files: a list of images to caption and a COCO-format grou
     coco/annotations/coco_karpathy_test.json       list of {"image": "val2014/COCO_val2014_000000391895.jpg", ...}
     coco/annotations/coco_karpathy_test_gt.json    COCO-format references, images resolved under coco/
     flickr30k/flickr30k_test_karpathy.json         {"images": [{"id", "file_name": "Images/..."}], "annotations": [...]}
-    nocaps/nocaps_val_4500_captions.json           {"images": [{"id", "file_name"}], "annotations": [...]}, images under nocaps/images/
+    nocaps/nocaps_val_4500_captions.json           {"images": [{"id", "file_name"}], "annotations": [...]},
+                                                   images under nocaps/images/
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ BENCHMARKS: dict[str, CaptionBenchmark] = {
         "coco", "coco", "coco/annotations/coco_karpathy_test.json", "coco/annotations/coco_karpathy_test_gt.json", 5000
     ),
     "flickr30k": CaptionBenchmark(
-        "flickr30k", "flickr30k", "flickr30k/flickr30k_test_karpathy.json", "flickr30k/flickr30k_test_karpathy.json", 1000
+        "flickr30k", "flickr30k", "flickr30k/flickr30k_test_karpathy.json",
+        "flickr30k/flickr30k_test_karpathy.json", 1000
     ),
     "nocaps": CaptionBenchmark(
         "nocaps", "nocaps/images", "nocaps/nocaps_val_4500_captions.json", "nocaps/nocaps_val_4500_captions.json", 4500

@@ -60,10 +60,12 @@ LAYOUT: dict[str, list[Needed]] = {
                "does, `kaggle datasets download -d adityajn105/flickr30k`) and unpack them into {dir}/Images/", 31783),
         Needed("flickr30k_test_karpathy.json", ("caption",), _wget(f"{INTERNVL_RELEASE}/flickr30k_test_karpathy.json")
                + "   (or get flickr30k_test_karpathy.txt and run this command again to convert it)"),
-        Needed("flickr30k_test_karpathy.txt", ("retrieval",), _wget(f"{CLIP_BENCHMARK_RELEASE}/flickr30k_test_karpathy.txt")),
+        Needed("flickr30k_test_karpathy.txt", ("retrieval",),
+               _wget(f"{CLIP_BENCHMARK_RELEASE}/flickr30k_test_karpathy.txt")),
         Needed("flickr30k_train_karpathy.txt", ("retrieval",),
                _wget(f"{CLIP_BENCHMARK_RELEASE}/flickr30k_train_karpathy.txt")),
-        Needed("flickr30k_val_karpathy.txt", ("retrieval",), _wget(f"{CLIP_BENCHMARK_RELEASE}/flickr30k_val_karpathy.txt")),
+        Needed("flickr30k_val_karpathy.txt", ("retrieval",),
+               _wget(f"{CLIP_BENCHMARK_RELEASE}/flickr30k_val_karpathy.txt")),
         Needed("flickr30k_cn_test.txt", ("retrieval",), _wget(f"{INTERNVL_RELEASE}/flickr30k_cn_test.txt")),
         Needed("flickr30k_cn_train.txt", ("retrieval",), _wget(f"{INTERNVL_RELEASE}/flickr30k_cn_train.txt")),
     ],
@@ -205,15 +207,15 @@ def check_dataset(name: str, data_root: str | Path, tasks=TASKS, convert: bool =
         if not set(item.tasks) & set(tasks):
             continue
         path = folder / item.path
+        how = item.how.replace("{dir}", shlex.quote(str(folder)))
         if not path.exists():
-            how = item.how.replace("{dir}", shlex.quote(str(folder)))
             report.missing.append((str(path), how))
             report.lines.append(f"  MISSING  {item.path}  (needed for {' and '.join(item.tasks)})")
             report.lines.append(f"           get it: {how}")
         elif path.is_dir():
             count = _count_images(path)
             if count == 0:
-                report.problems.append(f"{path}/ holds no images — {item.how.replace('{dir}', shlex.quote(str(folder)))}")
+                report.problems.append(f"{path}/ holds no images — {how}")
                 continue
             note = "" if item.full_count in (None, count) else f" (the full release has {item.full_count})"
             report.lines.append(f"  ok       {item.path}/: {count} images{note}")
