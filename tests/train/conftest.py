@@ -21,12 +21,12 @@ def subset_meta():
     return _subset_meta
 
 
-def _subset_meta(tmp_path: Path, n: int, kinds=("single_image", "pure_text")) -> Path:
+def _subset_meta(tmp_path: Path, n: int, kinds=("sample_image", "sample_text")) -> Path:
     """A meta JSON over the first ``n`` lines of some of the sample's JSONL files."""
     meta = json.loads((SAMPLE / "meta.json").read_text())
     out = {}
     for name, spec in meta.items():
-        if not any(k in name for k in kinds):
+        if name not in kinds:
             continue
         src = Path(spec["annotation"])
         src = src if src.is_absolute() else (SAMPLE / src)

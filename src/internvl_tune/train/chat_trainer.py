@@ -297,6 +297,8 @@ class ChatTrainer:
                     if stop.requested:
                         interrupted = True
                         break
+                    if self.step >= self.total_steps:
+                        break
                 if t.save_strategy == "epoch" and not interrupted:
                     self.save_checkpoint()
         progress.close()

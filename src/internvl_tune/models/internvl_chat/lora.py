@@ -134,7 +134,9 @@ def load_adapter(chat, adapter_dir) -> None:
             f"{adapter_dir}: this adapter was trained on {config.get('base_model_name_or_path')!r}, which differs from "
             f"the base model given ({details}) — pass that base model"
         )
+    was_training = chat.model.training
     add_lora(chat, llm_rank=config.get("llm_rank", 0), vision_rank=config.get("vision_rank", 0))
+    chat.model.train(was_training)  # new LoRA dropout modules start in training mode
     weights = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
     own = {k for k in chat.model.state_dict() if "lora_" in k}
     if set(weights) != own:

@@ -1,0 +1,142 @@
+"""Typed configuration for InternVL-C/G retrieval fine-tuning, with the reference's flag names.
+
+Three sections: ``model`` and ``data`` carry the flags of the reference's ``internvl_stage2_finetune.py``
+(``--freeze_model``, ``--use_backbone_lora 16``, ``--dataset_name flickr30k_en_train`` ...); ``train`` is the chat
+trainer's :class:`~internvl_tune.train.config.TrainArgs` (output dir, epochs, batch size, lr, schedule, checkpoints),
+so both commands share one set of training flags. Precedence: command line > ``--config file.yaml`` > environment
+defaults given by the CLI (``VIT_LAYER_DECAY_RATE`` / ``QLLAMA_LAYER_DECAY_RATE``) > dataclass defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from internvl_tune.errors import UserError
+from internvl_tune.train.config import IGNORED_FLAGS, TrainArgs, _base_type, _f, add_dataclass_flags, str2bool
+
+
+@dataclass
+class RetrievalModelArgs:
+    model_name_or_path: str | None = _f(None, "InternVL-14B checkpoint directory, e.g. ./pretrained/InternVL-14B-224px")
+    freeze_model: bool = _f(False, "freeze every parameter (then unfreeze parts with the flags below)")
+    freeze_vision_model: bool = _f(False, "freeze InternViT-6B")
+    freeze_qllama: bool = _f(False, "freeze QLLaMA")
+    unfreeze_qllama_head: bool = _f(False, "train text_projection and qllama.lm_head (tied to the input embeddings, "
+                                           "so those train too: the reference's 'head' recipe)")
+    unfreeze_crossattn: bool = _f(False, "train QLLaMA's cross-attention layers")
+    use_backbone_lora: int = _f(0, "LoRA rank on the ViT's attn.qkv/attn.proj/mlp.fc1/mlp.fc2 (0 = off); alpha = 2 x rank")
+    use_qllama_lora: int = _f(0, "LoRA rank on QLLaMA's q/k/v/o and gate/up/down projections (0 = off); alpha = "
+                                 "2 x use_backbone_lora, as the reference")
+    use_custom_trainer: bool = _f(False, "layer-wise lr decay (the reference's custom trainer)")
+    vit_layer_decay_rate: float = _f(1.0, "ViT lr decay per layer with --use_custom_trainer (env VIT_LAYER_DECAY_RATE)")
+    qllama_layer_decay_rate: float = _f(1.0, "QLLaMA lr decay per layer with --use_custom_trainer "
+                                             "(env QLLAMA_LAYER_DECAY_RATE)")
+    drop_path_rate: float = _f(0.0, "ViT stochastic depth (linear over layers)")
+    grad_checkpoint: bool = _f(True, "activation checkpointing on every ViT and QLLaMA layer (always on in the reference)")
+
+
+@dataclass
+class RetrievalDataArgs:
+    dataset_name: str = _f("flickr30k_en_train", "flickr30k_en_train, flickr30k_cn_train, coco_karpathy_train, or a "
+                                                 "name from --custom_datasets")
+    custom_datasets: str | None = _f(None, "JSON/YAML registry {name: {root, annotation}}; names contain "
+                                           "flickr_format or coco_format")
+    data_root: str = _f("./data", "folder holding flickr30k/ and coco/ for the built-in dataset names")
+    max_seq_length: int = _f(80, "caption tokens, EOS included; captions are padded to this length")
+    force_image_size: int = _f(224, "input resolution; 364 interpolates the 224 position embeddings")
+
+
+@dataclass
+class RetrievalConfig:
+    model: RetrievalModelArgs = field(default_factory=RetrievalModelArgs)
+    data: RetrievalDataArgs = field(default_factory=RetrievalDataArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"model": RetrievalModelArgs, "data": RetrievalDataArgs, "train": TrainArgs}
+# Reference flags accepted and ignored (said in --help); the chat trainer's list, plus the retrieval script's own.
+RETRIEVAL_IGNORED_FLAGS = {
+    **{k: v for k, v in IGNORED_FLAGS.items() if k in ("--deepspeed", "--evaluation_strategy", "--do_train", "--tf32",
+                                                       "--remove_unused_columns")},
+    "--optim": "always torch AdamW (the reference scripts pass adamw_torch)",
+    "--pad_to_max_length": "captions are always padded to --max_seq_length (the reference scripts pass True)",
+    "--dataloader_pin_memory": "memory is pinned when training on GPUs",
+}
+
+
+def build_retrieval_arg_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``--config``, every section's flags and the ignored reference flags to ``parser``."""
+    parser.add_argument("--config", default=None, help="YAML file with `model:`, `data:`, `train:` sections (or flat keys)")
+    for name, cls in SECTIONS.items():
+        add_dataclass_flags(parser, name, cls)
+    ignored = parser.add_argument_group("reference flags accepted and ignored")
+    for flag, why in RETRIEVAL_IGNORED_FLAGS.items():
+        ignored.add_argument(flag, nargs="?", const=True, default=None, help=f"ignored: {why}",
+                             dest=f"ignored.{flag[2:]}")
+    return parser
+
+
+def _coerce(section: str, key: str, value, where: str):
+    fields = {f.name for f in dataclasses.fields(SECTIONS[section])}
+    if key not in fields:
+        raise UserError(f"{where}: unknown key {section}.{key}; run `internvl-tune retrieval-train --help` for the list")
+    if value is None:
+        return None
+    tp = _base_type(typing.get_type_hints(SECTIONS[section])[key])
+    try:
+        return str2bool(value) if tp is bool and not isinstance(value, bool) else tp(value)
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
+        raise UserError(f"{where}: {section}.{key}: {exc}") from None
+
+
+def _yaml_values(path: Path) -> dict[str, dict]:
+    if not path.is_file():
+        raise UserError(f"config file {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: invalid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of sections or keys")
+    values: dict[str, dict] = {name: {} for name in SECTIONS}
+    for key, value in raw.items():
+        if key in SECTIONS and isinstance(value, dict):
+            for sub_key, sub_value in value.items():
+                values[key][sub_key] = _coerce(key, sub_key, sub_value, str(path))
+            continue
+        section = next((s for s, cls in SECTIONS.items() if key in {f.name for f in dataclasses.fields(cls)}), None)
+        if section is None:
+            raise UserError(f"{path}: unknown key {key!r}; run `internvl-tune retrieval-train --help` for the list")
+        values[section][key] = _coerce(section, key, value, str(path))
+    return values
+
+
+def load_retrieval_config(args: argparse.Namespace, defaults: dict[str, dict] | None = None) -> RetrievalConfig:
+    """Resolve dataclass defaults < ``defaults`` (e.g. from the environment) < YAML < flags.
+
+    Args:
+        args: parsed flags from a parser built by :func:`build_retrieval_arg_parser`.
+        defaults: ``{section: {key: value}}`` placed just above the dataclass defaults.
+    """
+    values: dict[str, dict] = {name: {} for name in SECTIONS}
+    for section, items in (defaults or {}).items():
+        for key, value in items.items():
+            values[section][key] = _coerce(section, key, value, "defaults")
+    if getattr(args, "config", None):
+        for section, items in _yaml_values(Path(args.config)).items():
+            values[section].update(items)
+    for dest, value in vars(args).items():
+        if "." in dest and not dest.startswith("ignored."):
+            section, key = dest.split(".", 1)
+            values[section][key] = value
+    return RetrievalConfig(**{name: cls(**values[name]) for name, cls in SECTIONS.items()})
+
