@@ -139,8 +139,11 @@ def build_datasets(cfg: TrainConfig, chat, info: DistInfo):
 
 
 def _loader(dataset, batches: list[list[int]], collate, workers: int) -> DataLoader:
+    # A private generator: creating the iterator must not draw from the global RNG (that would shift dropout
+    # masks after a resume). Samples are a pure function of (seed, epoch, index), so its seed does not matter.
     return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=workers,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=False)
+                      pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                      generator=torch.Generator().manual_seed(0))
 
 
 class ChatTrainer:
