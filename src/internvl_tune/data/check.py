@@ -10,14 +10,18 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
+from PIL import Image
+
 from internvl_tune.constants import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from internvl_tune.data.dataset import DataConfig, SupervisedDataset, resolve_path, sample_kind
 from internvl_tune.data.images import load_image, num_tiles
 from internvl_tune.data.meta import DatasetSpec, JsonlIndex, read_meta
-from internvl_tune.data.preprocess import parse_conversations
+from internvl_tune.data.preprocess import parse_conversations, tokenizer_info
 from internvl_tune.data.templates import GPT, HUMAN, get_template
 from internvl_tune.data.video import load_video_frames
 from internvl_tune.errors import DataError
+
+_EXIF_ORIENTATION = 0x0112
 
 
 @dataclass
@@ -115,6 +119,8 @@ def check_meta(
     try:
         specs = read_meta(meta_path)
         template = get_template(cfg.conv_style)
+        if tokenizer is not None:  # a template/tokenizer mismatch is one problem, not one per line
+            tokenizer_info(tokenizer).check_template(tokenizer, template)
     except DataError as exc:
         report.problems.append(Problem(exc.where, str(exc).split(": ", 1)[-1] if exc.where else str(exc), None))
         return report
@@ -185,7 +191,11 @@ def _check_line(report, spec, index, line, where, template, cfg, repeats: int) -
                 tiles = num_tiles(*image.size, cfg.min_dynamic_patch, budget, cfg.use_thumbnail, cfg.force_image_size) \
                     if cfg.dynamic_image_size else 1
                 report.tiles_per_image[tiles] += 1
+                problems += [Problem(where, msg, fix, error=False) for msg, fix in stored_image_warnings(path)]
                 w, h = item.get("width"), item.get("height")
+                if kind == "image" and not all(isinstance(v, int) or v is None for v in (w, h)):
+                    problems.append(Problem(where, f"width/height must be integers, got {w!r}/{h!r}",
+                                            "write the pixel sizes as JSON integers or drop them", error=False))
                 if kind == "image" and isinstance(w, int) and isinstance(h, int) and (w, h) != image.size:
                     problems.append(Problem(where, f"width/height say {w}x{h} but the image is {image.size[0]}x"
                                             f"{image.size[1]}", "fix or drop width/height (used for length estimates)",
@@ -197,6 +207,26 @@ def _check_line(report, spec, index, line, where, template, cfg, repeats: int) -
     except DataError as exc:
         problems.append(Problem(exc.where, _message(exc), exc.fix))
     return problems
+
+
+def stored_image_warnings(path: str) -> list[tuple[str, str]]:
+    """(message, fix) for images that decode but not as the user probably sees them.
+
+    Images are used exactly as the reference reads them (``Image.open(path).convert("RGB")``), so these are warnings:
+    a 16-bit grayscale image is clipped at 255 by that conversion (mostly white), and an EXIF orientation tag is not
+    applied (the model sees the pixels as stored, which viewers show rotated).
+    """
+    out = []
+    with Image.open(path) as im:
+        if im.mode in ("I", "I;16", "I;16B", "I;16L", "F") and im.getextrema()[1] > 255:
+            out.append((f"{im.mode} image with values up to {im.getextrema()[1]:g}: the RGB conversion clips them at "
+                        "255, so the model sees a mostly white image", "convert it to 8-bit (scale by 1/256)"))
+        orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+        if orientation not in (1, None):
+            out.append((f"EXIF orientation {orientation} is not applied: the model sees the image as stored, which "
+                        "viewers show rotated/flipped", "rotate the pixels (PIL.ImageOps.exif_transpose) and save "
+                        "without the tag, if the text describes the upright view"))
+    return out
 
 
 def _check_tokens(report, dataset: SupervisedDataset, index: int, repeats: int, show: int) -> list[Problem]:

@@ -88,13 +88,19 @@ def sample_kind(item: dict, where: str | None = None) -> str:
 
 
 def resolve_path(root: str, rel: str, allow_outside_root: bool, where: str | None = None) -> str:
-    """``root/rel``; a path that leaves ``root`` (absolute, or through ``..``) is refused unless allowed."""
+    """``root/rel``; a path that leaves ``root`` (absolute, through ``..`` or a symlink) is refused unless allowed.
+
+    Both sides are compared after resolving symlinks, so a ``root`` that is itself a link (to a mounted disk) works,
+    while a link inside ``root`` pointing elsewhere is refused like ``../``.
+    """
     path = os.path.join(root, rel)
     if not allow_outside_root:
-        base = os.path.normpath(os.path.abspath(root))
-        full = os.path.normpath(os.path.abspath(path))
+        base = os.path.realpath(root)
+        full = os.path.realpath(path)
         if os.path.commonpath([base, full]) != base:
-            raise DataError(f"path {rel!r} points outside the dataset root {root!r}", where,
+            link = "" if os.path.commonpath([os.path.abspath(root), os.path.abspath(path)]) != os.path.abspath(root) \
+                else f" (through a symlink to {full})"
+            raise DataError(f"path {rel!r} points outside the dataset root {root!r}{link}", where,
                             "make it relative to `root`, or pass --allow_outside_root")
     return path
 
@@ -156,8 +162,8 @@ class SupervisedDataset(Dataset):
         self._lengths: list[int] | None = None
         self._kinds: list[str] | None = None
         self._tiles: list[int] | None = None
-        if tokenizer is not None:
-            tokenizer_info(tokenizer)  # fail early if the InternVL tokens are missing
+        if tokenizer is not None:  # fail early if the InternVL tokens or the template's special tokens are missing
+            tokenizer_info(tokenizer).check_template(tokenizer, self.template)
 
     def __len__(self) -> int:
         return int(self.starts[-1])

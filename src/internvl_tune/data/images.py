@@ -7,6 +7,7 @@ optional thumbnail of the whole image. Every rule here follows the reference imp
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -152,10 +153,20 @@ def build_transform(is_train: bool, input_size: int, pad2square: bool = False, n
 
 
 def load_image(path: str, where: str | None = None) -> Image.Image:
-    """Open ``path`` and decode it to RGB; a missing or unreadable file raises DataError naming ``where``."""
+    """Open ``path`` and decode it to RGB; a missing, unreadable or oversized file raises DataError naming ``where``.
+
+    Images above PIL's pixel limit (``Image.MAX_IMAGE_PIXELS``, 89M pixels) are refused before decoding: PIL only
+    warns between one and two times the limit, and decoding such a file (or a decompression bomb) stalls a worker.
+    """
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return im.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(f"image {path} is too large to decode safely ({exc})", where,
+                        "resize it (tiles are 448 px, at most a few thousand pixels a side are used) or drop the "
+                        "sample") from None
     except FileNotFoundError:
         raise DataError(f"image not found: {path}", where, "fix the path (it is relative to the dataset `root`)") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:

@@ -83,6 +83,11 @@ def read_meta(path: str | os.PathLike) -> list[DatasetSpec]:
             text = f.read()
     except FileNotFoundError:
         raise DataError(f"meta file not found: {path}", fix="pass the path of your meta JSON (--meta_path)") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"the meta JSON is not UTF-8 text (byte {exc.start})", f"{path}:1",
+                        "save it as UTF-8 (JSON files must be UTF-8)") from None
+    except OSError as exc:  # a directory, no permission, ...
+        raise DataError(f"cannot read the meta JSON {path}: {exc.strerror}", fix="pass the path of your meta JSON file") from None
     try:
         meta = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -187,8 +192,14 @@ class JsonlIndex:
         where = f"{self.path}:{self.line_number(i)}"
         try:
             item = json.loads(self.raw(i))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DataError(f"invalid JSON: {getattr(exc, 'msg', exc)}", where,
+        except json.JSONDecodeError as exc:
+            raise DataError(f"invalid JSON: {exc.msg} (column {exc.colno})", where,
+                            "each line must be one complete JSON object (no trailing commas, double quotes only)") from None
+        except UnicodeDecodeError as exc:
+            raise DataError(f"the line is not UTF-8 text ({exc.reason} at byte {exc.start})", where,
+                            "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+        except RecursionError:  # json gives up on arrays/objects nested deeper than Python's recursion limit
+            raise DataError("invalid JSON: nested too deeply", where,
                             "each line must be one complete JSON object (no trailing commas, double quotes only)") from None
         if not isinstance(item, dict):
             raise DataError(f"the line is a JSON {type(item).__name__}, not an object", where,

@@ -105,7 +105,7 @@ def parse_conversations(conversations, template: Template, where: str | None = N
         messages.append((role, value))
     if template.alternating:
         if messages and messages[0][0] == GPT:
-            warnings.append("the first turn is from gpt; it is dropped (as the reference does)")
+            warnings.append("the first turn is from gpt; it is dropped (as the reference does) — start with the human turn")
             messages = messages[1:]
         for k, (role, _) in enumerate(messages):
             expected = HUMAN if k % 2 == 0 else GPT
@@ -115,7 +115,7 @@ def parse_conversations(conversations, template: Template, where: str | None = N
     if not any(role == GPT for role, _ in messages):
         raise DataError("no gpt turn, so the sample has nothing to learn from", where, "add the assistant's answer as a gpt turn")
     if messages[-1][0] == HUMAN:
-        warnings.append("the last turn is from human; it gets no answer and no loss")
+        warnings.append("the last turn is from human; it gets no answer and no loss — add its gpt answer or remove it")
     return system, messages, warnings
 
 
