@@ -11,13 +11,15 @@ from internvl_tune.bench.common import materialize
 from internvl_tune.bench.shapes import native_config
 from internvl_tune.data.packing import pack_collate
 from internvl_tune.dist import init_distributed
-from internvl_tune.dist.fsdp import parallelize
+from internvl_tune.dist.fsdp import decoder_blocks, parallelize
+from internvl_tune.models import varlen_attention
 from internvl_tune.models.internvl_chat.chat import InternVLChat
 from internvl_tune.models.internvl_chat.config import original_from_native
 from internvl_tune.train.chat_module import ChatTrainModule
 from internvl_tune.train.optim import build_adamw, build_param_groups
 from internvl_tune.train.sampler import PackedBatchSampler
 from internvl_tune.train.schedule import LRSchedule
+from internvl_tune.train.memory import estimate_training_memory
 from internvl_tune.train.step import StepRunner
 
 
@@ -46,7 +48,7 @@ def build_chat(shape: str, attn: str, device: torch.device) -> InternVLChat:
 
 
 def run_ours(shape: str, samples, device, warmup: int, packed_tokens: int, compile: bool = False, flex: bool = False,
-             grad_checkpoint: bool = False, lora_rank: int = 0, steps: int | None = None) -> dict:
+             grad_checkpoint: bool = False, lora_rank: int = 0, steps: int | None = None, profile: bool = False) -> dict:
     """Train on packs of ``samples`` and time it; returns tokens/s, TFLOP/s and peak memory."""
     from internvl_tune.bench.train_throughput import _flops, _param_counts
 
@@ -68,7 +70,13 @@ def run_ours(shape: str, samples, device, warmup: int, packed_tokens: int, compi
     if compile:
         for layer in chat.model.model.language_model.layers:
             layer.compile()
-    parallelize(module, param_dtype=torch.bfloat16, reshard_after_forward=lora_rank > 0)
+    reshard = lora_rank > 0
+    tcfg = chat.model.config.text_config
+    estimate = estimate_training_memory(
+        module, decoder_blocks(module), world_size=1, tokens_per_micro_batch=packed_tokens,
+        hidden=tcfg.hidden_size, ffn=tcfg.intermediate_size, num_layers=tcfg.num_hidden_layers,
+        grad_checkpoint=grad_checkpoint, reshard_after_forward=reshard, vocab=tcfg.vocab_size)
+    parallelize(module, param_dtype=torch.bfloat16, reshard_after_forward=reshard)
     groups = build_param_groups(module.named_parameters(), 1e-5, 0.0)
     optimizer = build_adamw(groups, (0.9, 0.999), 1e-8, device)
     stepper = StepRunner(module, optimizer, LRSchedule("constant", 0, 10**6), info, "token", 1.0)
@@ -90,6 +98,18 @@ def run_ours(shape: str, samples, device, warmup: int, packed_tokens: int, compi
         if i == warmup:
             _sync(device)
             start, tokens = time.perf_counter(), 0
+        if profile and i == warmup - 1:
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as torch_profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            with torch_profile(activities=acts) as prof:
+                out = stepper([batch], i)
+                _sync(device)
+            sort = "cuda_time_total" if cuda else "cpu_time_total"
+            print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60), flush=True)
+            print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=60), flush=True)
+            continue
         out = stepper([batch], i)
         if i >= warmup:
             tokens += out["tokens"]
@@ -104,4 +124,5 @@ def run_ours(shape: str, samples, device, warmup: int, packed_tokens: int, compi
     name += f" + LoRA r{lora_rank}" if lora_rank else ""
     return {"variant": name, "tokens_per_s": tokens / elapsed, "tflops": flops / elapsed / 1e12,
             "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0,
-            "padding_waste": packer.padding_waste(), "loss_last": out["loss"]}
+            "padding_waste": packer.padding_waste(), "loss_last": out["loss"], "estimate_gib": estimate.total,
+            "varlen_kernel": varlen_attention._varlen_kernel()[0] is not None}

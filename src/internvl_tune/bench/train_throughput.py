@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="timed packed steps for ours (default: one epoch)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
-    device = torch.device("cuda")
+    device = torch.device("cuda")  # (set PYTORCH_CUDA_ALLOC_CONF before CUDA starts: see main() at the bottom)
     peak = measure_matmul_peak(device)
     samples = synthetic_samples(args.samples, seed=0)
     rows = []
@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                 opts = variant.split("+")[1:]
                 lora = next((int(o[4:]) for o in opts if o.startswith("lora")), 0)
                 row = run_ours(args.shape, samples, device, args.warmup, args.packed_tokens, compile="compile" in opts,
-                               flex="flex" in opts, grad_checkpoint="ckpt" in opts, lora_rank=lora, steps=args.steps)
+                               flex="flex" in opts, grad_checkpoint="ckpt" in opts, lora_rank=lora, steps=args.steps,
+                               profile="profile" in opts)
         except Exception as exc:  # one failing variant must not cost the others' numbers
             print(f"variant {variant} failed: {type(exc).__name__}: {str(exc)[:500]}", flush=True)
             continue
@@ -115,13 +116,18 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.out).write_text(json.dumps(rows, indent=2))
     base = next((r for r in rows if r["variant"].startswith("plain")), None)
     base = base or {"tokens_per_s": float("nan")}
-    print(f"\n{'variant':<34} {'tokens/s':>10} {'x plain':>8} {'MFU':>6} {'peak GiB':>9}   ({args.shape}, "
+    print(f"\n{'variant':<34} {'tokens/s':>10} {'x plain':>8} {'MFU':>6} {'peak GiB':>9} {'est GiB':>8}   ({args.shape}, "
           f"matmul peak {peak:.0f} TFLOP/s, {torch.cuda.get_device_name(device)})")
     for r in rows:
         ratio = r["tokens_per_s"] / base["tokens_per_s"]
-        print(f"{r['variant']:<34} {r['tokens_per_s']:>10.0f} {ratio:>8.2f} {r['mfu']:>6.1%} {r['peak_gib']:>9.1f}")
+        print(f"{r['variant']:<34} {r['tokens_per_s']:>10.0f} {ratio:>8.2f} {r['mfu']:>6.1%} {r['peak_gib']:>9.1f}"
+              f" {r.get('estimate_gib', float('nan')):>8.1f}")
     return 0
 
 
 if __name__ == "__main__":
+    import os
+
+    # packed rows vary in length every step; expandable segments stop the allocator from fragmenting
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     raise SystemExit(main())
