@@ -196,3 +196,50 @@ def test_bad_corpus_through_the_console_script_has_no_traceback(corpus):
     proc = subprocess.run([sys.executable, "-m", "internvl_tune.cli", "data", "check", str(corpus / "meta.json")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and "problems found" in proc.stdout
+
+
+@pytest.fixture
+def token_corpus(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (900, 448)).save(tmp_path / "wide.jpg")  # 2 tiles with dynamic tiling, 1 at the least
+    rows = [line(image="wide.jpg"), line(conversations=turns("Hi " * 400, "Hello."))]
+    (tmp_path / "d.jsonl").write_bytes(b"\n".join(rows) + b"\n")
+    (tmp_path / "meta.json").write_text(json.dumps({"d": {"root": str(tmp_path), "annotation": str(tmp_path / "d.jsonl")}}))
+    return tmp_path
+
+
+def test_image_tokens_past_max_seq_length(token_corpus, tiny_checkpoints, cli):
+    result = cli("data", "check", token_corpus / "meta.json", "--model_name_or_path", tiny_checkpoints["internvl2-2b"],
+                 "--max_seq_length", "200")
+    assert result.code == 1
+    assert f"{token_corpus / 'd.jsonl'}:1: the image tokens alone reach past --max_seq_length 200" in result.out
+    assert "raise --max_seq_length" in result.out
+
+
+def test_zero_supervised_tokens_after_truncation(token_corpus, tiny_checkpoints, cli):
+    """The "loss is 0" trap: a sample whose answer is cut away is flagged, with the token count that fits."""
+    result = cli("data", "check", token_corpus / "meta.json", "--model_name_or_path", tiny_checkpoints["internvl2-2b"],
+                 "--max_seq_length", "600", "--dynamic_image_size", "True")
+    assert result.code == 1
+    assert f"{token_corpus / 'd.jsonl'}:2: no answer token is left within --max_seq_length 600" in result.out
+    assert f"{token_corpus / 'd.jsonl'}:1: re-tiled from 2 to 1 tiles" in result.out  # a warning, not an error
+    assert "1 error(s), 1 warning(s)" in result.out
+
+
+def test_template_that_does_not_match_the_tokenizer(token_corpus, tiny_checkpoints, cli):
+    """phi3-chat on an InternLM2 tokenizer (InternVL #388): one error naming the missing token and the right style."""
+    result = cli("data", "check", token_corpus / "meta.json", "--model_name_or_path", tiny_checkpoints["internvl2-2b"],
+                 "--conv_style", "phi3-chat")
+    assert result.code == 1 and "1 error(s)" in result.out
+    assert "the tokenizer has no special token <|" in result.out and "InternLM2: internlm2-chat" in result.out
+
+
+def test_training_dataset_refuses_a_mismatched_template_at_start(token_corpus, tiny_checkpoints):
+    from internvl_tune.data.dataset import DataConfig, SupervisedDataset
+    from internvl_tune.errors import DataError
+    from internvl_tune.models.internvl_chat.tokenizers import load_tokenizer
+
+    tok = load_tokenizer(tiny_checkpoints["internvl2-2b"])
+    with pytest.raises(DataError, match="phi3-chat template needs"):
+        SupervisedDataset(token_corpus / "meta.json", tok, DataConfig(conv_style="phi3-chat"))

@@ -24,8 +24,11 @@ from internvl_tune.models.internvl_chat.tokenizers import load_tokenizer
 def build_prompt(template_name: str, history: list[tuple[str, str]], question: str,
                  system_message: str | None = None) -> tuple[str, str]:
     """The generation prompt for ``question`` after ``history``, and the template's end-of-turn text."""
-    from internvl_tune.data.templates import GPT, HUMAN, get_template
+    from internvl_tune.data.templates import GPT, HUMAN, TEMPLATES, get_template
 
+    if template_name not in TEMPLATES:  # it comes from the checkpoint's config.json, not from a flag
+        raise CheckpointError(f"config.json: field 'template' is {template_name!r}, which has no prompt format here — "
+                              f"set it to the template the model was trained with: {', '.join(TEMPLATES)}")
     template = get_template(template_name)
     messages = []
     for old_question, old_answer in history:

@@ -64,9 +64,11 @@ def read_json(path: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found — is this an InternVL2 checkpoint directory?")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}) — re-download or fix the file") from exc
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{path}: not UTF-8 text (byte {exc.start}) — re-download or fix the file") from exc
 
 
 def detect_layout(config: dict, where: str = "config.json") -> str:

@@ -120,11 +120,16 @@ def save_adapter(chat, out_dir, base: str | Path | None = None) -> Path:
 
 def load_adapter(chat, adapter_dir) -> None:
     """Add LoRA layers to ``chat`` and load a saved adapter into them; the base must match the adapter's."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from internvl_tune.models.internvl_chat.config import read_json
 
     adapter_dir = Path(adapter_dir)
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (adapter_dir / name).is_file():
+            raise CheckpointError(f"{adapter_dir}: not a complete LoRA adapter directory ({name} is missing) — pass the "
+                                  "adapter directory a LoRA run wrote (adapter_config.json + adapter_model.safetensors)")
     config = read_json(adapter_dir / ADAPTER_CONFIG)
     expected, actual = config.get("base_model", {}), fingerprint(chat)
     wrong = {k: (v, actual.get(k)) for k, v in expected.items() if actual.get(k) != v}
@@ -137,7 +142,11 @@ def load_adapter(chat, adapter_dir) -> None:
     was_training = chat.model.training
     add_lora(chat, llm_rank=config.get("llm_rank", 0), vision_rank=config.get("vision_rank", 0))
     chat.model.train(was_training)  # new LoRA dropout modules start in training mode
-    weights = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
+    try:
+        weights = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
+    except SafetensorError as exc:
+        raise CheckpointError(f"{adapter_dir / ADAPTER_WEIGHTS}: cannot read the adapter weights ({exc}) — the file is "
+                              "truncated or corrupt; copy it again from the training run") from exc
     own = {k for k in chat.model.state_dict() if "lora_" in k}
     if set(weights) != own:
         missing, extra = sorted(own - set(weights)), sorted(set(weights) - own)
