@@ -1,0 +1,54 @@
+"""``internvl-tune retrieval-train``: InternVL-C/G retrieval fine-tuning with the reference's flag names."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from internvl_tune.errors import UserError
+from internvl_tune.train.retrieval_config import build_retrieval_arg_parser, load_retrieval_config
+
+# The reference reads the layer-decay rates from these variables; here they are only defaults of the two flags.
+DECAY_ENV = {"VIT_LAYER_DECAY_RATE": "vit_layer_decay_rate", "QLLAMA_LAYER_DECAY_RATE": "qllama_layer_decay_rate"}
+
+EPILOG = """recipes (the reference's; scripts under shell/finetune, shell/head_finetune, shell/lora_finetune):
+  full : --force_image_size 364 --drop_path_rate 0.3 --use_custom_trainer   (VIT_/QLLAMA_LAYER_DECAY_RATE=0.9)
+  head : --freeze_model --freeze_vision_model --freeze_qllama --unfreeze_qllama_head
+  LoRA : the head flags + --use_backbone_lora 16 --use_qllama_lora 16
+
+examples:
+  internvl-tune retrieval-train --model_name_or_path ./pretrained/InternVL-14B-224px \\
+      --dataset_name flickr30k_en_train --data_root ./data --output_dir work_dirs/flickr_head \\
+      --freeze_model --freeze_vision_model --freeze_qllama --unfreeze_qllama_head --bf16 True
+  torchrun --nproc_per_node 8 -m internvl_tune.cli retrieval-train --config my_run.yaml
+  internvl-tune retrieval-train --config my_run.yaml --resume_from_checkpoint auto
+  internvl-tune eval retrieval --dataset flickr30k --dataset_root ./data/flickr30k --pretrained OUTPUT_DIR
+
+Booleans take an optional value: --freeze_model, --freeze_model True and --freeze_model False all work.
+Precedence: flags > --config YAML > VIT_LAYER_DECAY_RATE / QLLAMA_LAYER_DECAY_RATE > defaults."""
+
+
+def register(subparsers, name: str, help_text: str) -> None:
+    parser = subparsers.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    build_retrieval_arg_parser(parser)
+    parser.set_defaults(func=run)
+
+
+def env_defaults(environ=os.environ) -> dict[str, dict]:
+    """Layer-decay defaults from the environment, as the reference's launch scripts set them."""
+    model = {}
+    for var, key in DECAY_ENV.items():
+        if environ.get(var):
+            try:
+                model[key] = float(environ[var])
+            except ValueError:
+                raise UserError(f"environment variable {var}={environ[var]!r} is not a number") from None
+    return {"model": model}
+
+
+def run(args: argparse.Namespace) -> int:
+    from internvl_tune.train import retrieval_trainer
+
+    result = retrieval_trainer.run(load_retrieval_config(args, env_defaults()))
+    return 0 if result.steps > 0 or not result.interrupted else 1
