@@ -7,6 +7,7 @@ The model file never mentions sharding.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -44,7 +45,20 @@ def parallelize(
         The same module, now holding DTensor parameters.
     """
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    # FSDP2 cannot shard 0-d parameters (e.g. InternVL's logit_scale): they stay replicated, and their gradients
+    # are averaged over ranks by a hook instead
+    scalars = {p for p in model.parameters() if p.ndim == 0}
     for block in decoder_blocks(model):
-        fully_shard(block, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, mp_policy=policy, reshard_after_forward=reshard_after_forward, ignored_params=scalars)
+    fully_shard(model, mp_policy=policy, reshard_after_forward=reshard_after_forward, ignored_params=scalars)
+    if dist.get_world_size() > 1:
+        for p in scalars:
+            if p.requires_grad:
+                p.register_hook(_average_over_ranks)
     return model
+
+
+def _average_over_ranks(grad: torch.Tensor) -> torch.Tensor:
+    grad = grad.clone()
+    dist.all_reduce(grad)  # SUM: gloo has no AVG
+    return grad / dist.get_world_size()

@@ -1,0 +1,199 @@
+"""InternVL-14B (InternVL-C/G) speed on one GPU, random weights of the released shape, in one run:
+
+1. retrieval embedding of ``--images`` images (224 px) and ``--captions`` captions (80 tokens), C and G modes;
+2. a retrieval *head* fine-tune step (batch ``--batch``, 224 px): images/s and peak memory;
+3. InternVL-G caption generation (5 beams, 8-30 new tokens): the reference-style batch-1 loop against batched
+   generation, with the number of identical captions.
+
+Run: ``python -m internvl_tune.bench.eval_speed`` on a GPU box; prints a table and writes ``--out`` JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+SHAPE_14B = {
+    "attn_pool_num_heads": 16, "clip_embed_dim": 768, "cross_attention_frequency": 2, "hidden_size": 4096,
+    "num_query_token": 96,
+    "vision": dict(hidden_size=3200, intermediate_size=12800, num_attention_heads=25, num_hidden_layers=48,
+                   image_size=224, qk_normalization=True, qkv_bias=False),
+    "qllama": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_hidden_layers=32,
+                   vocab_size=49954, max_position_embeddings=2048),
+}
+
+
+def build_14b(device: torch.device):
+    """A random InternVL-14B-224px-shaped model in bf16 on ``device``."""
+    from internvl_tune.models.internvl_cg.config import InternVLCGConfig
+    from internvl_tune.models.internvl_cg.model import InternVLModel
+    from internvl_tune.models.internvl_cg.tiny import tiny_config_dict
+
+    d = tiny_config_dict(vocab_size=SHAPE_14B["qllama"]["vocab_size"], image_size=224,
+                         num_query_token=SHAPE_14B["num_query_token"])
+    d.update({k: v for k, v in SHAPE_14B.items() if not isinstance(v, dict)})
+    d["vision_config"].update(SHAPE_14B["vision"])
+    d["qllama_config"].update(SHAPE_14B["qllama"])
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with device:
+            model = InternVLModel(InternVLCGConfig.from_dict(d))
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()
+
+
+def _sync():
+    torch.cuda.synchronize()
+
+
+def bench_embedding(model, n_images: int, n_captions: int, device) -> dict:
+    g = torch.Generator(device=device).manual_seed(0)
+    out = {}
+    for mode in ("InternVL-C", "InternVL-G"):
+        _sync()
+        start = time.perf_counter()
+        with torch.no_grad():
+            for i in range(0, n_images, 128):
+                px = torch.randn(min(128, n_images - i), 3, 224, 224, device=device, generator=g, dtype=torch.bfloat16)
+                model.encode_image(px, mode)
+        _sync()
+        out[f"images_per_s_{mode}"] = n_images / (time.perf_counter() - start)
+    _sync()
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, n_captions, 512):
+            ids = torch.randint(3, 49000, (min(512, n_captions - i), 80), device=device, generator=g)
+            model.encode_text(ids)
+    _sync()
+    out["captions_per_s"] = n_captions / (time.perf_counter() - start)
+    out["seconds_1k_images_5k_captions_G"] = 1000 / out["images_per_s_InternVL-G"] + 5000 / out["captions_per_s"]
+    return out
+
+
+class _HeadStep(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        from internvl_tune.train.retrieval_loss import retrieval_loss
+
+        feats = self.model.retrieval_features(**{k: v for k, v in batch.items() if k != "image_ids"})
+        return retrieval_loss(**feats, image_ids=batch["image_ids"])["loss"]
+
+
+def bench_head_finetune(model, batch: int, steps: int, device) -> dict:
+    from internvl_tune.dist import init_distributed
+    from internvl_tune.dist.fsdp import parallelize
+
+    init_distributed("cuda")
+    model.requires_grad_(False)
+    for p in (model.text_projection, model.qllama.lm_head.weight, model.qllama.model.embed_tokens.weight):
+        p.requires_grad_(True)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    model.set_gradient_checkpointing(True)
+    step_module = _HeadStep(model).train()
+    parallelize(step_module, param_dtype=torch.bfloat16, reshard_after_forward=False)
+    opt = torch.optim.AdamW([p for p in step_module.parameters() if p.requires_grad], lr=1e-6, fused=True)
+    g = torch.Generator(device=device).manual_seed(1)
+
+    def make():
+        ids = lambda: torch.randint(3, 49000, (batch, 80), device=device, generator=g)  # noqa: E731
+        mask = torch.ones(batch, 80, dtype=torch.long, device=device)
+        return dict(pixel_values=torch.randn(batch, 3, 224, 224, device=device, generator=g, dtype=torch.bfloat16),
+                    negative_input_ids=ids(), negative_attention_mask=mask, positive_input_ids=ids(),
+                    positive_attention_mask=mask, summarize_input_ids=ids(), summarize_attention_mask=mask,
+                    image_ids=torch.arange(batch, device=device))
+
+    torch.cuda.reset_peak_memory_stats()
+    for i in range(steps + 2):
+        if i == 2:
+            _sync()
+            start = time.perf_counter()
+        loss = step_module(make())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    _sync()
+    trainable = sum(p.numel() for p in step_module.parameters() if p.requires_grad)
+    return {"head_images_per_s": batch * steps / (time.perf_counter() - start),
+            "head_peak_gib": torch.cuda.max_memory_allocated() / 2**30, "head_trainable_params": trainable,
+            "head_loss": float(loss)}
+
+
+def bench_captions(model, n_images: int, batch: int, device) -> dict:
+    g = torch.Generator(device=device).manual_seed(2)
+    images = torch.randn(n_images, 3, 224, 224, device=device, generator=g, dtype=torch.bfloat16)
+    prompt = torch.tensor([[1, 4521, 4473, 29901]], device=device)  # BOS + a 3-token prompt
+    kw = dict(num_beams=5, max_new_tokens=30, min_new_tokens=8, do_sample=False, eos_token_id=2, pad_token_id=0)
+    with torch.no_grad():
+        model.generate(images[:1], prompt, torch.ones_like(prompt), **kw)  # warm-up
+        _sync()
+        start = time.perf_counter()
+        single = [model.generate(images[i : i + 1], prompt, torch.ones_like(prompt), **kw)[0] for i in range(n_images)]
+        _sync()
+        t_single = time.perf_counter() - start
+        start = time.perf_counter()
+        batched = []
+        for i in range(0, n_images, batch):
+            n = min(batch, n_images - i)
+            out = model.generate(images[i : i + n], prompt.expand(n, -1), torch.ones(n, prompt.shape[1], device=device,
+                                 dtype=torch.long), **kw)
+            batched.extend(out)
+        _sync()
+        t_batched = time.perf_counter() - start
+
+    def strip(t):
+        t = t.tolist()
+        return t[: t.index(2) + 1] if 2 in t else [x for x in t if x != 0]
+
+    same = sum(strip(a) == strip(b) for a, b in zip(single, batched))
+    return {"caption_images_per_s_batch1": n_images / t_single, "caption_images_per_s_batched": n_images / t_batched,
+            "caption_speedup": t_single / t_batched, "caption_identical": f"{same}/{n_images}"}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--captions", type=int, default=5000)
+    parser.add_argument("--batch", type=int, default=32, help="head fine-tune batch")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--caption_images", type=int, default=32)
+    parser.add_argument("--caption_batch", type=int, default=32)
+    parser.add_argument("--parts", default="embed,caption,head")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    device = torch.device("cuda")
+    model = build_14b(device)
+    row = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+           "params_b": sum(p.numel() for p in model.parameters()) / 1e9}
+    parts = args.parts.split(",")
+    for name, fn in (("embed", lambda: bench_embedding(model, args.images, args.captions, device)),
+                     ("caption", lambda: bench_captions(model, args.caption_images, args.caption_batch, device)),
+                     ("head", lambda: bench_head_finetune(model, args.batch, args.steps, device))):
+        if name not in parts:
+            continue
+        try:
+            row.update(fn())
+        except Exception as exc:  # keep the other parts' numbers
+            row[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
+        print(json.dumps(row), flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(row, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    import os
+
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    raise SystemExit(main())
