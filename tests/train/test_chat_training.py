@@ -1,6 +1,5 @@
 """InternVL2 fine-tuning end to end on tiny checkpoints and the bundled sample (CPU)."""
 
-import json
 import os
 import signal
 import subprocess

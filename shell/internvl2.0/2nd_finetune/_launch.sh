@@ -5,7 +5,7 @@
 #   GPUS                    total GPUs (processes)              BATCH_SIZE           global batch
 #   PER_DEVICE_BATCH_SIZE   samples per GPU per micro-step      MASTER_PORT          rendezvous port (34229)
 #   PARTITION               set it to launch through Slurm srun (multi-node); GPUS_PER_NODE, CPUS_PER_TASK,
-#                           QUOTA_TYPE and SRUN_ARGS as in the reference
+#                           QUOTA_TYPE (passed only when set: plain Slurm has no --quotatype) and SRUN_ARGS
 #   META_PATH               meta JSON (default: shell/data/internvl_1_2_finetune_custom.json, the bundled sample)
 # Extra arguments to the script are passed to `internvl-tune train` as they are (e.g. --max_steps 10).
 # No user string is evaluated by the shell: values are passed as quoted arguments.
@@ -14,7 +14,6 @@ META_PATH=${META_PATH:-./shell/data/internvl_1_2_finetune_custom.json}
 MASTER_PORT=${MASTER_PORT:-34229}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 CPUS_PER_TASK=${CPUS_PER_TASK:-10}
-QUOTA_TYPE=${QUOTA_TYPE:-reserved}
 PYTHON=${PYTHON:-python3}
 GRADIENT_ACC=$((BATCH_SIZE / PER_DEVICE_BATCH_SIZE / GPUS))
 if [ "$GRADIENT_ACC" -lt 1 ]; then GRADIENT_ACC=1; fi
@@ -61,7 +60,7 @@ launch() {
       # shellcheck disable=SC2086  # SRUN_ARGS is the reference's free-form hook for extra srun options
       srun -p "$PARTITION" --gres=gpu:"$GPUS_PER_NODE" --nodes="$NODES" --ntasks="$GPUS" \
         --ntasks-per-node="$GPUS_PER_NODE" --cpus-per-task="$CPUS_PER_TASK" --kill-on-bad-exit=1 \
-        --quotatype="$QUOTA_TYPE" ${SRUN_ARGS:-} \
+        ${QUOTA_TYPE:+--quotatype="$QUOTA_TYPE"} ${SRUN_ARGS:-} \
         "$PYTHON" -u -m internvl_tune.cli train "$@"
     else
       "$PYTHON" -m torch.distributed.run --nnodes=1 --node_rank=0 --master_addr=127.0.0.1 \

@@ -23,13 +23,7 @@ import torch.nn.functional as F
 
 from internvl_tune.data.images import load_image
 from internvl_tune.data.retrieval import RetrievalEvalSet, eval_transform
-
-
-def shard_range(total: int, rank: int, world_size: int) -> range:
-    """Contiguous shard of ``range(total)`` for ``rank``; earlier ranks take one extra item when it does not divide."""
-    base, extra = divmod(total, world_size)
-    start = rank * base + min(rank, extra)
-    return range(start, start + base + (1 if rank < extra else 0))
+from internvl_tune.eval.sharding import shard_range
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:

@@ -13,29 +13,32 @@ from __future__ import annotations
 import functools
 import math
 import os
-import signal
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 from internvl_tune.dist import DistInfo, all_reduce_sum, init_distributed
 from internvl_tune.dist.fsdp import parallelize
 from internvl_tune.errors import UserError
-from internvl_tune.train.checkpoint import Checkpointer, list_checkpoints
+from internvl_tune.train.chat_module import ChatTrainModule
+from internvl_tune.train.checkpoint import Checkpointer
 from internvl_tune.train.config import TrainConfig, save_config
 from internvl_tune.train.freeze import apply_trainable_flags
-from internvl_tune.train.chat_module import ChatTrainModule
 from internvl_tune.train.loss import token_weights
-from internvl_tune.train.step import StepRunner, sample_ids, to_device
 from internvl_tune.train.metrics import MetricsLogger
 from internvl_tune.train.optim import build_adamw, build_param_groups, count_parameters
 from internvl_tune.train.progress import StepProgress
+from internvl_tune.train.runtime import (
+    StopFlag,
+    make_loader,
+    memory_gib,
+    prepare_output_dir,
+)
 from internvl_tune.train.sampler import GlobalBatchSampler, PackedBatchSampler
 from internvl_tune.train.schedule import LRSchedule, warmup_steps_for
+from internvl_tune.train.step import StepRunner, sample_ids, to_device
 
 
 @dataclass
@@ -46,47 +49,6 @@ class TrainResult:
     steps: int
     losses: list[float]
     interrupted: bool = False
-
-
-class _StopFlag:
-    """SIGTERM / SIGINT ask for a checkpoint at the end of the current step, then a clean exit."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. inside a test runner thread)
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-def _prepare_output_dir(cfg: TrainConfig, info: DistInfo) -> tuple[Path, str | None]:
-    out = Path(cfg.train.output_dir)
-    resume = cfg.train.resume_from_checkpoint
-    existing = list_checkpoints(out)
-    if existing and not resume and not cfg.train.overwrite_output_dir:
-        raise UserError(
-            f"{out} already holds checkpoints ({existing[-1].name}); pass --resume_from_checkpoint auto to continue, "
-            f"or --overwrite_output_dir True to start over"
-        )
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob("checkpoint-*.partial"):  # a save that a crash interrupted
-            import shutil
-
-            shutil.rmtree(stale, ignore_errors=True)
-    return out, resume
 
 
 def _save_into(chat, output_dir: Path) -> None:
@@ -104,10 +66,6 @@ def _save_into(chat, output_dir: Path) -> None:
     for f in files:
         os.replace(f, output_dir / f.name)
     tmp.rmdir()
-
-
-def _memory_gib(device: torch.device) -> float:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
 
 
 def build_datasets(cfg: TrainConfig, chat, info: DistInfo):
@@ -138,14 +96,6 @@ def build_datasets(cfg: TrainConfig, chat, info: DistInfo):
     return train, val
 
 
-def _loader(dataset, batches: list[list[int]], collate, workers: int) -> DataLoader:
-    # A private generator: creating the iterator must not draw from the global RNG (that would shift dropout
-    # masks after a resume). Samples are a pure function of (seed, epoch, index), so its seed does not matter.
-    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=workers,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=False,
-                      generator=torch.Generator().manual_seed(0))
-
-
 class ChatTrainer:
     """Holds the state of one run; ``train()`` is the loop, ``train_step()`` one optimizer step."""
 
@@ -161,7 +111,7 @@ class ChatTrainer:
         if not cfg.data.meta_path:
             raise UserError("--meta_path is required (a meta JSON naming your JSONL datasets)")
         self.info = info = init_distributed(t.device)
-        self.output_dir, resume = _prepare_output_dir(cfg, info)
+        self.output_dir, resume = prepare_output_dir(cfg, info)
         torch.manual_seed(t.seed)
         self.compute_dtype = torch.bfloat16 if (t.bf16 and info.device.type == "cuda") else None
         load_dtype = torch.bfloat16 if self.compute_dtype is not None else torch.float32
@@ -242,7 +192,7 @@ class ChatTrainer:
                    for i in range(0, len(indices), self.cfg.train.per_device_train_batch_size)]
         total = torch.zeros((), device=info.device)
         weight = torch.zeros((), device=info.device)
-        for batch in _loader(self.val_set, batches, self.collate, 0):
+        for batch in make_loader(self.val_set, batches, self.collate, 0):
             batch = to_device(batch, info.device)
             mask, w = token_weights(batch["labels"], sample_ids(batch), self.cfg.data.loss_reduction)
             total += self.module(batch, mask, w)
@@ -262,14 +212,14 @@ class ChatTrainer:
         self.module.train()
         steps_per_epoch = self.sampler.steps_per_epoch
         window_start, window_tokens = time.perf_counter(), 0
-        with _StopFlag() as stop:
+        with StopFlag() as stop:
             while self.step < self.total_steps and not interrupted:
                 epoch, in_epoch = divmod(self.step, steps_per_epoch)
                 if hasattr(self.train_set, "set_epoch"):
                     self.train_set.set_epoch(epoch)
                 order = list(self.sampler.epoch_steps(epoch, in_epoch))
                 micro = [mb for _, micros in order for mb in micros]
-                loader = iter(_loader(self.train_set, micro, self.collate, t.dataloader_num_workers))
+                loader = iter(make_loader(self.train_set, micro, self.collate, t.dataloader_num_workers))
                 for _ in order:
                     micro_batches = [next(loader) for _ in range(t.gradient_accumulation_steps)]
                     out = self.train_step(micro_batches)
@@ -286,7 +236,7 @@ class ChatTrainer:
                         elapsed = time.perf_counter() - window_start
                         row = {"epoch": round(self.step / steps_per_epoch, 4), "loss": out["loss"], "lr": out["lr"],
                                "grad_norm": out["grad_norm"], "tokens_per_s": window_tokens / max(elapsed, 1e-9),
-                               "memory_gib": round(_memory_gib(info.device), 2), "skipped_steps": self.bad_steps}
+                               "memory_gib": round(memory_gib(info.device), 2), "skipped_steps": self.bad_steps}
                         self.metrics.log(self.step, row)
                         progress.update(self.step, f"loss {out['loss']:.4f} | {row['tokens_per_s']:.0f} tok/s"
                                                    f" | {row['memory_gib']:.1f} GiB", log=True)
@@ -327,11 +277,18 @@ class ChatTrainer:
         The sharded parameters are gathered to rank 0, loaded into a fresh CPU copy of the base model with the same
         trainable flags, and saved from there, so the exported files never depend on how training was sharded.
         """
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
 
         from internvl_tune.dist import barrier
         from internvl_tune.models.internvl_chat import load_pretrained
-        from internvl_tune.models.internvl_chat.lora import has_lora, merge_lora, save_adapter
+        from internvl_tune.models.internvl_chat.lora import (
+            has_lora,
+            merge_lora,
+            save_adapter,
+        )
 
         full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.info.is_main:

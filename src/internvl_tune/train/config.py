@@ -20,81 +20,81 @@ import yaml
 from internvl_tune.errors import UserError
 
 
-def _f(default, help: str, choices: tuple | None = None):
+def option(default, help: str, choices: tuple | None = None):
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
 class ModelArgs:
-    model_name_or_path: str | None = _f(None, "checkpoint directory (original InternVL layout or transformers-native)")
-    freeze_llm: bool = _f(False, "freeze the language model")
-    freeze_backbone: bool = _f(False, "freeze the vision encoder (InternViT)")
-    freeze_mlp: bool = _f(False, "freeze the vision-language projector (mlp1)")
-    unfreeze_vit_layers: int = _f(0, "after freezing, make these ViT layers trainable again: N = layers[N:], -4 = the last 4")
-    vision_select_layer: int = _f(-1, "ViT layer whose features feed the projector (-1 = last)")
-    use_backbone_lora: int = _f(0, "LoRA rank for the ViT (0 = off); alpha = 2 x rank, dropout 0.05")
-    use_llm_lora: int = _f(0, "LoRA rank for the LLM (0 = off); alpha = 2 x rank, dropout 0.05")
-    unfreeze_lm_head: bool = _f(False, "train the LM head even when the LLM is frozen or LoRA-wrapped")
-    grad_checkpoint: bool = _f(True, "activation checkpointing on every LLM and ViT block")
-    drop_path_rate: float = _f(0.0, "stochastic depth for the ViT (linear over layers, as the reference)")
-    ps_version: str = _f("v2", "pixel-shuffle version", ("v1", "v2"))
-    merge_lora: bool = _f(True, "for LoRA runs, also write the merged model as the final output")
+    model_name_or_path: str | None = option(None, "checkpoint directory (original InternVL layout or transformers-native)")
+    freeze_llm: bool = option(False, "freeze the language model")
+    freeze_backbone: bool = option(False, "freeze the vision encoder (InternViT)")
+    freeze_mlp: bool = option(False, "freeze the vision-language projector (mlp1)")
+    unfreeze_vit_layers: int = option(0, "after freezing, make these ViT layers trainable again: N = layers[N:], -4 = the last 4")
+    vision_select_layer: int = option(-1, "ViT layer whose features feed the projector (-1 = last)")
+    use_backbone_lora: int = option(0, "LoRA rank for the ViT (0 = off); alpha = 2 x rank, dropout 0.05")
+    use_llm_lora: int = option(0, "LoRA rank for the LLM (0 = off); alpha = 2 x rank, dropout 0.05")
+    unfreeze_lm_head: bool = option(False, "train the LM head even when the LLM is frozen or LoRA-wrapped")
+    grad_checkpoint: bool = option(True, "activation checkpointing on every LLM and ViT block")
+    drop_path_rate: float = option(0.0, "stochastic depth for the ViT (linear over layers, as the reference)")
+    ps_version: str = option("v2", "pixel-shuffle version", ("v1", "v2"))
+    merge_lora: bool = option(True, "for LoRA runs, also write the merged model as the final output")
 
 
 @dataclass
 class DataArgs:
-    meta_path: str | None = _f(None, "meta JSON naming the datasets: {name: {root, annotation, data_augment, repeat_time, length}}")
-    eval_meta_path: str | None = _f(None, "optional meta JSON for validation loss")
-    conv_style: str = _f("internlm2-chat", "conversation template", ("internlm2-chat", "Hermes-2", "phi3-chat", "internvl2_5", "plain"))
-    max_seq_length: int = _f(8192, "truncate longer samples (never through image tokens: tiles shrink first)")
-    force_image_size: int = _f(448, "tile size in pixels")
-    down_sample_ratio: float = _f(0.5, "pixel-shuffle ratio (0.5 -> 256 tokens per 448 tile)")
-    pad2square: bool = _f(False, "pad images to square instead of resizing (untiled path only)")
-    dynamic_image_size: bool = _f(False, "tile each image into up to max_dynamic_patch 448 tiles by aspect ratio")
-    use_thumbnail: bool = _f(False, "append a whole-image thumbnail tile when an image has more than one tile")
-    min_dynamic_patch: int = _f(1, "fewest tiles per image")
-    max_dynamic_patch: int = _f(12, "most tiles per image (split across the images of a multi-image sample)")
-    min_num_frame: int = _f(8, "fewest frames sampled from a video")
-    max_num_frame: int = _f(32, "most frames sampled from a video")
-    normalize_type: str = _f("imagenet", "pixel normalisation", ("imagenet", "clip", "siglip"))
-    use_packed_ds: bool = _f(False, "pack several samples into one row of max_packed_tokens (attention kept per sample)")
-    max_packed_tokens: int = _f(8192, "token budget of a packed row")
-    num_images_expected: int = _f(40, "most tiles in a packed row")
-    loss_reduction: str = _f("token", "loss weight of each supervised token: token=1, sample=1/n, square=1/sqrt(n)", ("token", "sample", "square"))
-    group_by_length: bool = _f(True, "batch samples of similar length together (less padding)")
-    allow_outside_root: bool = _f(False, "allow image paths that resolve outside their dataset root")
+    meta_path: str | None = option(None, "meta JSON naming the datasets: {name: {root, annotation, data_augment, repeat_time, length}}")
+    eval_meta_path: str | None = option(None, "optional meta JSON for validation loss")
+    conv_style: str = option("internlm2-chat", "conversation template", ("internlm2-chat", "Hermes-2", "phi3-chat", "internvl2_5", "plain"))
+    max_seq_length: int = option(8192, "truncate longer samples (never through image tokens: tiles shrink first)")
+    force_image_size: int = option(448, "tile size in pixels")
+    down_sample_ratio: float = option(0.5, "pixel-shuffle ratio (0.5 -> 256 tokens per 448 tile)")
+    pad2square: bool = option(False, "pad images to square instead of resizing (untiled path only)")
+    dynamic_image_size: bool = option(False, "tile each image into up to max_dynamic_patch 448 tiles by aspect ratio")
+    use_thumbnail: bool = option(False, "append a whole-image thumbnail tile when an image has more than one tile")
+    min_dynamic_patch: int = option(1, "fewest tiles per image")
+    max_dynamic_patch: int = option(12, "most tiles per image (split across the images of a multi-image sample)")
+    min_num_frame: int = option(8, "fewest frames sampled from a video")
+    max_num_frame: int = option(32, "most frames sampled from a video")
+    normalize_type: str = option("imagenet", "pixel normalisation", ("imagenet", "clip", "siglip"))
+    use_packed_ds: bool = option(False, "pack several samples into one row of max_packed_tokens (attention kept per sample)")
+    max_packed_tokens: int = option(8192, "token budget of a packed row")
+    num_images_expected: int = option(40, "most tiles in a packed row")
+    loss_reduction: str = option("token", "loss weight of each supervised token: token=1, sample=1/n, square=1/sqrt(n)", ("token", "sample", "square"))
+    group_by_length: bool = option(True, "batch samples of similar length together (less padding)")
+    allow_outside_root: bool = option(False, "allow image paths that resolve outside their dataset root")
 
 
 @dataclass
 class TrainArgs:
-    output_dir: str = _f("work_dirs/run", "run directory: checkpoints, logs, plots, final model")
-    overwrite_output_dir: bool = _f(False, "start fresh even if output_dir holds checkpoints")
-    resume_from_checkpoint: str | None = _f(None, "checkpoint dir to resume from, or 'auto' for the latest in output_dir")
-    seed: int = _f(42, "seed for data order, augmentation and init")
-    num_train_epochs: float = _f(1.0, "epochs (fractional allowed)")
-    max_steps: int = _f(-1, "optimizer steps; overrides num_train_epochs when > 0")
-    per_device_train_batch_size: int = _f(1, "samples per GPU per micro-step")
-    gradient_accumulation_steps: int = _f(1, "micro-steps per optimizer step")
-    learning_rate: float = _f(4e-5, "peak learning rate")
-    weight_decay: float = _f(0.0, "AdamW weight decay (not applied to biases, norms and 1-D params)")
-    adam_beta1: float = _f(0.9, "AdamW beta1")
-    adam_beta2: float = _f(0.999, "AdamW beta2")
-    adam_epsilon: float = _f(1e-8, "AdamW epsilon")
-    warmup_ratio: float = _f(0.0, "warm-up as a fraction of all steps")
-    warmup_steps: int = _f(0, "warm-up steps (overrides warmup_ratio when > 0)")
-    lr_scheduler_type: str = _f("cosine", "learning-rate schedule after warm-up", ("cosine", "linear", "constant"))
-    max_grad_norm: float = _f(1.0, "clip the global gradient norm (0 = off)")
-    bf16: bool = _f(False, "bf16 compute with fp32 master weights (GPU); on CPU the run stays in fp32")
-    logging_steps: int = _f(1, "log every N optimizer steps")
-    save_steps: int = _f(500, "checkpoint every N optimizer steps")
-    save_total_limit: int | None = _f(None, "keep only the newest N checkpoints")
-    save_strategy: str = _f("steps", "when to checkpoint", ("steps", "epoch", "no"))
-    eval_steps: int = _f(0, "validation loss every N steps when --eval_meta_path is set (0 = at each save)")
-    report_to: str = _f("tensorboard", "metric sinks besides JSONL/CSV: tensorboard or none")
-    dataloader_num_workers: int = _f(2, "data-loading worker processes per rank")
-    max_bad_steps: int = _f(10, "stop after this many skipped steps with non-finite loss or gradients")
-    device: str | None = _f(None, "cuda or cpu (default: cuda when available)")
-    dry_run: bool = _f(False, "load model and data, print the plan and memory estimate, then exit")
+    output_dir: str = option("work_dirs/run", "run directory: checkpoints, logs, plots, final model")
+    overwrite_output_dir: bool = option(False, "start fresh even if output_dir holds checkpoints")
+    resume_from_checkpoint: str | None = option(None, "checkpoint dir to resume from, or 'auto' for the latest in output_dir")
+    seed: int = option(42, "seed for data order, augmentation and init")
+    num_train_epochs: float = option(1.0, "epochs (fractional allowed)")
+    max_steps: int = option(-1, "optimizer steps; overrides num_train_epochs when > 0")
+    per_device_train_batch_size: int = option(1, "samples per GPU per micro-step")
+    gradient_accumulation_steps: int = option(1, "micro-steps per optimizer step")
+    learning_rate: float = option(4e-5, "peak learning rate")
+    weight_decay: float = option(0.0, "AdamW weight decay (not applied to biases, norms and 1-D params)")
+    adam_beta1: float = option(0.9, "AdamW beta1")
+    adam_beta2: float = option(0.999, "AdamW beta2")
+    adam_epsilon: float = option(1e-8, "AdamW epsilon")
+    warmup_ratio: float = option(0.0, "warm-up as a fraction of all steps")
+    warmup_steps: int = option(0, "warm-up steps (overrides warmup_ratio when > 0)")
+    lr_scheduler_type: str = option("cosine", "learning-rate schedule after warm-up", ("cosine", "linear", "constant"))
+    max_grad_norm: float = option(1.0, "clip the global gradient norm (0 = off)")
+    bf16: bool = option(False, "bf16 compute with fp32 master weights (GPU); on CPU the run stays in fp32")
+    logging_steps: int = option(1, "log every N optimizer steps")
+    save_steps: int = option(500, "checkpoint every N optimizer steps")
+    save_total_limit: int | None = option(None, "keep only the newest N checkpoints")
+    save_strategy: str = option("steps", "when to checkpoint", ("steps", "epoch", "no"))
+    eval_steps: int = option(0, "validation loss every N steps when --eval_meta_path is set (0 = at each save)")
+    report_to: str = option("tensorboard", "metric sinks besides JSONL/CSV: tensorboard or none")
+    dataloader_num_workers: int = option(2, "data-loading worker processes per rank")
+    max_bad_steps: int = option(10, "stop after this many skipped steps with non-finite loss or gradients")
+    device: str | None = option(None, "cuda or cpu (default: cuda when available)")
+    dry_run: bool = option(False, "load model and data, print the plan and memory estimate, then exit")
 
 
 @dataclass
@@ -130,7 +130,7 @@ def str2bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
 
 
-def _base_type(tp):
+def base_type(tp):
     """``int | None`` -> int; ``str`` -> str."""
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -143,7 +143,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, section: str, cls) -> N
     group = parser.add_argument_group(f"{section} options")
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        tp = _base_type(hints[f.name])
+        tp = base_type(hints[f.name])
         kwargs = dict(default=argparse.SUPPRESS, dest=f"{section}.{f.name}")
         help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
         if tp is bool:
@@ -173,7 +173,7 @@ def _locate(key: str) -> str:
 
 def _coerce(section: str, key: str, value):
     cls = SECTIONS[section]
-    tp = _base_type(typing.get_type_hints(cls)[key])
+    tp = base_type(typing.get_type_hints(cls)[key])
     if value is None:
         return None
     try:

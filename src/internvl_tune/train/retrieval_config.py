@@ -18,38 +18,45 @@ from pathlib import Path
 import yaml
 
 from internvl_tune.errors import UserError
-from internvl_tune.train.config import IGNORED_FLAGS, TrainArgs, _base_type, _f, add_dataclass_flags, str2bool
+from internvl_tune.train.config import (
+    IGNORED_FLAGS,
+    TrainArgs,
+    add_dataclass_flags,
+    base_type,
+    option,
+    str2bool,
+)
 
 
 @dataclass
 class RetrievalModelArgs:
-    model_name_or_path: str | None = _f(None, "InternVL-14B checkpoint directory, e.g. ./pretrained/InternVL-14B-224px")
-    freeze_model: bool = _f(False, "freeze every parameter (then unfreeze parts with the flags below)")
-    freeze_vision_model: bool = _f(False, "freeze InternViT-6B")
-    freeze_qllama: bool = _f(False, "freeze QLLaMA")
-    unfreeze_qllama_head: bool = _f(False, "train text_projection and qllama.lm_head (tied to the input embeddings, "
+    model_name_or_path: str | None = option(None, "InternVL-14B checkpoint directory, e.g. ./pretrained/InternVL-14B-224px")
+    freeze_model: bool = option(False, "freeze every parameter (then unfreeze parts with the flags below)")
+    freeze_vision_model: bool = option(False, "freeze InternViT-6B")
+    freeze_qllama: bool = option(False, "freeze QLLaMA")
+    unfreeze_qllama_head: bool = option(False, "train text_projection and qllama.lm_head (tied to the input embeddings, "
                                            "so those train too: the reference's 'head' recipe)")
-    unfreeze_crossattn: bool = _f(False, "train QLLaMA's cross-attention layers")
-    use_backbone_lora: int = _f(0, "LoRA rank on the ViT's attn.qkv/attn.proj/mlp.fc1/mlp.fc2 (0 = off); alpha = 2 x rank")
-    use_qllama_lora: int = _f(0, "LoRA rank on QLLaMA's q/k/v/o and gate/up/down projections (0 = off); alpha = "
+    unfreeze_crossattn: bool = option(False, "train QLLaMA's cross-attention layers")
+    use_backbone_lora: int = option(0, "LoRA rank on the ViT's attn.qkv/attn.proj/mlp.fc1/mlp.fc2 (0 = off); alpha = 2 x rank")
+    use_qllama_lora: int = option(0, "LoRA rank on QLLaMA's q/k/v/o and gate/up/down projections (0 = off); alpha = "
                                  "2 x use_backbone_lora, as the reference")
-    use_custom_trainer: bool = _f(False, "layer-wise lr decay (the reference's custom trainer)")
-    vit_layer_decay_rate: float = _f(1.0, "ViT lr decay per layer with --use_custom_trainer (env VIT_LAYER_DECAY_RATE)")
-    qllama_layer_decay_rate: float = _f(1.0, "QLLaMA lr decay per layer with --use_custom_trainer "
+    use_custom_trainer: bool = option(False, "layer-wise lr decay (the reference's custom trainer)")
+    vit_layer_decay_rate: float = option(1.0, "ViT lr decay per layer with --use_custom_trainer (env VIT_LAYER_DECAY_RATE)")
+    qllama_layer_decay_rate: float = option(1.0, "QLLaMA lr decay per layer with --use_custom_trainer "
                                              "(env QLLAMA_LAYER_DECAY_RATE)")
-    drop_path_rate: float = _f(0.0, "ViT stochastic depth (linear over layers)")
-    grad_checkpoint: bool = _f(True, "activation checkpointing on every ViT and QLLaMA layer (always on in the reference)")
+    drop_path_rate: float = option(0.0, "ViT stochastic depth (linear over layers)")
+    grad_checkpoint: bool = option(True, "activation checkpointing on every ViT and QLLaMA layer (always on in the reference)")
 
 
 @dataclass
 class RetrievalDataArgs:
-    dataset_name: str = _f("flickr30k_en_train", "flickr30k_en_train, flickr30k_cn_train, coco_karpathy_train, or a "
+    dataset_name: str = option("flickr30k_en_train", "flickr30k_en_train, flickr30k_cn_train, coco_karpathy_train, or a "
                                                  "name from --custom_datasets")
-    custom_datasets: str | None = _f(None, "JSON/YAML registry {name: {root, annotation}}; names contain "
+    custom_datasets: str | None = option(None, "JSON/YAML registry {name: {root, annotation}}; names contain "
                                            "flickr_format or coco_format")
-    data_root: str = _f("./data", "folder holding flickr30k/ and coco/ for the built-in dataset names")
-    max_seq_length: int = _f(80, "caption tokens, EOS included; captions are padded to this length")
-    force_image_size: int = _f(224, "input resolution; 364 interpolates the 224 position embeddings")
+    data_root: str = option("./data", "folder holding flickr30k/ and coco/ for the built-in dataset names")
+    max_seq_length: int = option(80, "caption tokens, EOS included; captions are padded to this length")
+    force_image_size: int = option(224, "input resolution; 364 interpolates the 224 position embeddings")
 
 
 @dataclass
@@ -91,7 +98,7 @@ def _coerce(section: str, key: str, value, where: str):
         raise UserError(f"{where}: unknown key {section}.{key}; run `internvl-tune retrieval-train --help` for the list")
     if value is None:
         return None
-    tp = _base_type(typing.get_type_hints(SECTIONS[section])[key])
+    tp = base_type(typing.get_type_hints(SECTIONS[section])[key])
     try:
         return str2bool(value) if tp is bool and not isinstance(value, bool) else tp(value)
     except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:

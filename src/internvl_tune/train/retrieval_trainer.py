@@ -23,15 +23,25 @@ from torch.utils.data import default_collate
 from internvl_tune.dist import all_reduce_sum, gather_with_grad, init_distributed
 from internvl_tune.dist.fsdp import parallelize
 from internvl_tune.errors import DataError, UserError
-from internvl_tune.train.chat_trainer import TrainResult, _loader, _memory_gib, _prepare_output_dir, _StopFlag
+from internvl_tune.train.chat_trainer import TrainResult
 from internvl_tune.train.checkpoint import Checkpointer
 from internvl_tune.train.config import save_config
 from internvl_tune.train.layer_decay import layer_decay_lr_scale
+from internvl_tune.train.metrics import MetricsLogger
 from internvl_tune.train.optim import build_adamw, build_param_groups, count_parameters
 from internvl_tune.train.progress import StepProgress
-from internvl_tune.train.retrieval_config import RetrievalConfig, RetrievalDataArgs, RetrievalModelArgs
+from internvl_tune.train.retrieval_config import (
+    RetrievalConfig,
+    RetrievalDataArgs,
+    RetrievalModelArgs,
+)
 from internvl_tune.train.retrieval_loss import retrieval_loss
-from internvl_tune.train.metrics import MetricsLogger
+from internvl_tune.train.runtime import (
+    StopFlag,
+    make_loader,
+    memory_gib,
+    prepare_output_dir,
+)
 from internvl_tune.train.sampler import GlobalBatchSampler
 from internvl_tune.train.schedule import LRSchedule, warmup_steps_for
 from internvl_tune.train.step import to_device
@@ -184,7 +194,7 @@ class RetrievalTrainer:
             raise UserError("retrieval-train has no validation pass; evaluate checkpoints with "
                             "`internvl-tune eval retrieval --pretrained OUTPUT_DIR`")
         self.info = info = init_distributed(t.device)
-        self.output_dir, resume = _prepare_output_dir(cfg, info)
+        self.output_dir, resume = prepare_output_dir(cfg, info)
         torch.manual_seed(t.seed)
         self.compute_dtype = torch.bfloat16 if (t.bf16 and info.device.type == "cuda") else None
         self.load_dtype = torch.bfloat16 if self.compute_dtype is not None else torch.float32
@@ -274,13 +284,13 @@ class RetrievalTrainer:
         steps_per_epoch = self.sampler.steps_per_epoch
         global_batch = self.sampler.global_batch
         window_start, window_samples = time.perf_counter(), 0
-        with _StopFlag() as stop:
+        with StopFlag() as stop:
             while self.step < self.total_steps and not interrupted:
                 epoch, in_epoch = divmod(self.step, steps_per_epoch)
                 self.train_set.set_epoch(epoch)
                 order = list(self.sampler.epoch_steps(epoch, in_epoch))[: self.total_steps - self.step]
                 micro = [mb for _, micros in order for mb in micros]
-                loader = iter(_loader(self.train_set, micro, default_collate, t.dataloader_num_workers))
+                loader = iter(make_loader(self.train_set, micro, default_collate, t.dataloader_num_workers))
                 for _ in order:
                     out = self.train_step([next(loader) for _ in range(t.gradient_accumulation_steps)])
                     self.step += 1
@@ -295,7 +305,7 @@ class RetrievalTrainer:
                         row = {"epoch": round(self.step / steps_per_epoch, 4),
                                **{k: out[k] for k in (*LOG_KEYS, "lr", "grad_norm")},
                                "samples_per_s": window_samples / max(elapsed, 1e-9),
-                               "memory_gib": round(_memory_gib(info.device), 2), "skipped_steps": self.bad_steps}
+                               "memory_gib": round(memory_gib(info.device), 2), "skipped_steps": self.bad_steps}
                         self.metrics.log(self.step, row)
                         progress.update(self.step, f"loss {out['loss']:.4f} (itc {out['loss_itc']:.3f}, itm "
                                                    f"{out['loss_itm']:.3f}) | {row['samples_per_s']:.1f} samples/s"
@@ -331,10 +341,16 @@ class RetrievalTrainer:
         """
         from types import SimpleNamespace
 
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
 
         from internvl_tune.dist import barrier
-        from internvl_tune.models.internvl_cg.loading import load_internvl_cg, save_internvl_cg
+        from internvl_tune.models.internvl_cg.loading import (
+            load_internvl_cg,
+            save_internvl_cg,
+        )
         from internvl_tune.models.internvl_chat.lora import merge_lora
 
         full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -135,7 +135,8 @@ class PackedBatchSampler:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(len(self.fixed_packs), generator=g).tolist()
         packs = [self.fixed_packs[i] for i in order]
-        return packs + packs[: (-len(packs)) % self.packs_per_step]
+        fill = (-len(packs)) % self.packs_per_step  # may exceed len(packs) on a tiny dataset and many ranks
+        return packs + [packs[i % len(packs)] for i in range(fill)]
 
     @property
     def steps_per_epoch(self) -> int:

@@ -5,10 +5,23 @@ with pycocoevalcap (BLEU/METEOR/ROUGE-L/CIDEr, no SPICE), ``run`` drives a whole
 InternVL-G and InternVL2 chat models to one ``caption(images)`` interface, and ``prepare`` checks the data tree.
 """
 
-from internvl_tune.eval.caption.datasets import BENCHMARKS, CaptionImage, load_images, load_references
-from internvl_tune.eval.caption.generate import CaptionModel, generate_captions, shard_range
+from internvl_tune.eval.caption.datasets import (
+    BENCHMARKS,
+    CaptionImage,
+    load_images,
+    load_references,
+)
+from internvl_tune.eval.caption.generate import (
+    CaptionModel,
+    generate_captions,
+    shard_range,
+)
 from internvl_tune.eval.caption.metrics import METRIC_NAMES, mean_length, score_captions
-from internvl_tune.eval.caption.run import CaptionEvalConfig, CaptionEvalResult, evaluate_captions
+from internvl_tune.eval.caption.run import (
+    CaptionEvalConfig,
+    CaptionEvalResult,
+    evaluate_captions,
+)
 
 __all__ = [
     "BENCHMARKS",

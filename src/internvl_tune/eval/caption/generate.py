@@ -17,23 +17,24 @@ from typing import Protocol
 
 from PIL import Image, UnidentifiedImageError
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from internvl_tune.errors import DataError, UserError
 from internvl_tune.eval.caption.datasets import CaptionImage
+from internvl_tune.eval.sharding import shard_range
 
 
 class CaptionModel(Protocol):
     """Anything that turns a batch of RGB images into one caption each (same order)."""
 
     def caption(self, images: list[Image.Image]) -> list[str]: ...
-
-
-def shard_range(total: int, rank: int, world_size: int) -> range:
-    """The contiguous slice of ``range(total)`` that ``rank`` handles; sizes differ by at most one."""
-    base, extra = divmod(total, world_size)
-    begin = rank * base + min(rank, extra)
-    return range(begin, begin + base + int(rank < extra))
 
 
 def load_image(path) -> Image.Image:

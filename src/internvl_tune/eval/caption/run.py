@@ -19,7 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from internvl_tune.errors import DataError, UserError
-from internvl_tune.eval.caption.datasets import get_benchmark, load_images, load_references
+from internvl_tune.eval.caption.datasets import (
+    get_benchmark,
+    load_images,
+    load_references,
+)
 from internvl_tune.eval.caption.generate import CaptionModel, generate_captions
 from internvl_tune.eval.caption.metrics import mean_length, require_java, score_captions
 
