@@ -136,7 +136,8 @@ def _cli(model, meta, out, *extra) -> list[str]:
 def test_sigkill_then_resume_gives_the_uninterrupted_losses(tiny_1b, tmp_path, subset_meta):
     meta = subset_meta(tmp_path, 6)
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-    subprocess.run(_cli(tiny_1b, meta, tmp_path / "ref"), check=True, env=env, capture_output=True)
+    ref = subprocess.run(_cli(tiny_1b, meta, tmp_path / "ref"), env=env, capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr[-2000:]
     reference = _losses(tmp_path / "ref")
     victim = subprocess.Popen(_cli(tiny_1b, meta, tmp_path / "run"), env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
