@@ -120,7 +120,7 @@ def run_ours(shape: str, samples, device, warmup: int, packed_tokens: int, compi
     flops = _flops(counts, cfg, timed_samples)
     if lora_rank:  # a frozen LLM costs 4·N·T (forward + input gradients), not 6·N·T
         flops -= 2 * counts["llm"] * sum(s.tokens for s in timed_samples)
-    name = "ours" + (" flex" if flex else " sdpa") + (" + compile" if compile else "") + (" + ckpt" if grad_checkpoint else "")
+    name = "ours" + (" flex" if flex else " varlen") + (" + compile" if compile else "") + (" + ckpt" if grad_checkpoint else "")
     name += f" + LoRA r{lora_rank}" if lora_rank else ""
     return {"variant": name, "tokens_per_s": tokens / elapsed, "tflops": flops / elapsed / 1e12,
             "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0,

@@ -1,0 +1,46 @@
+"""Chart of the recorded benchmark results: ``python -m internvl_tune.bench.plot docs/perf``.
+
+Reads the ``bench_*.json`` files that ``train_throughput --out`` wrote and draws tokens/s and MFU per variant
+into ``<folder>/throughput.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def plot(folder: Path) -> Path:
+    """Write ``throughput.png`` (tokens/s bars, MFU labels) from the ``bench_*.json`` files in ``folder``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = []
+    for path in sorted(folder.glob("bench_*.json")):
+        rows += json.loads(path.read_text())
+    labels = [f"{r['shape'].replace('internvl2-', '').upper()}  {r['variant']}" for r in rows]
+    values = [r["tokens_per_s"] for r in rows]
+    colors = ["#999999" if r["variant"].startswith("plain") else "#1f77b4" for r in rows]
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.2), dpi=110)
+    bars = ax.barh(range(len(rows)), values, color=colors)
+    for bar, r in zip(bars, rows):
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
+                f" {r['tokens_per_s']:,.0f} tok/s, MFU {r['mfu']:.0%}, {r['peak_gib']:.0f} GiB", va="center", fontsize=8)
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("training tokens/s on one GPU (grey: plain transformers loop)")
+    ax.set_xlim(0, max(values) * 1.45)
+    device = rows[0].get("device", "GPU") if rows else "GPU"
+    ax.set_title(f"InternVL2 fine-tuning throughput, {device}", fontsize=10)
+    fig.tight_layout()
+    out = folder / "throughput.png"
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+if __name__ == "__main__":
+    print(plot(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/perf")))
