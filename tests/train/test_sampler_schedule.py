@@ -114,3 +114,9 @@ def test_packs_respect_tile_budget_and_oversized_samples():
                            tiles=[3, 3, 3, 1], max_tiles=6)
     sizes = sorted(len(p) for p in s.fixed_packs)
     assert sizes == [1, 1, 2]  # the tile budget splits the three short samples; the long one stands alone
+
+
+def test_global_batch_larger_than_the_dataset_wraps_around():
+    s = _sampler(n=5, bs=4, world=2, accum=2)  # 16 per step from 5 samples
+    order = s.global_order(0)
+    assert len(order) == 1 and len(order[0]) == 16 and set(order[0]) == set(range(5))

@@ -4,7 +4,8 @@
 # `launch <model-specific flags> "$@"`. Environment (same names as the reference):
 #   GPUS                    total GPUs (processes)              BATCH_SIZE           global batch
 #   PER_DEVICE_BATCH_SIZE   samples per GPU per micro-step      MASTER_PORT          rendezvous port (34229)
-#   PARTITION               set it to launch through Slurm srun (multi-node); GPUS_PER_NODE, CPUS_PER_TASK,
+#   PARTITION               set it to launch through Slurm srun (multi-node; LAUNCHER=pytorch forces torchrun,
+#                           e.g. to smoke-test the 40B/76B full scripts on one machine); GPUS_PER_NODE, CPUS_PER_TASK,
 #                           QUOTA_TYPE (passed only when set: plain Slurm has no --quotatype) and SRUN_ARGS
 #   META_PATH               meta JSON (default: shell/data/internvl_1_2_finetune_custom.json, the bundled sample)
 # Extra arguments to the script are passed to `internvl-tune train` as they are (e.g. --max_steps 10).
@@ -55,7 +56,7 @@ launch() {
   # the log goes to the terminal and to training_log.txt; the exit status is the trainer's, not tee's
   status_file="$OUTPUT_DIR/.exit_status"
   {
-    if [ -n "${PARTITION:-}" ]; then
+    if [ -n "${PARTITION:-}" ] && [ "${LAUNCHER:-slurm}" != pytorch ]; then
       NODES=$(( (GPUS + GPUS_PER_NODE - 1) / GPUS_PER_NODE ))
       # shellcheck disable=SC2086  # SRUN_ARGS is the reference's free-form hook for extra srun options
       srun -p "$PARTITION" --gres=gpu:"$GPUS_PER_NODE" --nodes="$NODES" --ntasks="$GPUS" \

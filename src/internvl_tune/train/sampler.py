@@ -48,7 +48,7 @@ class GlobalBatchSampler:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         perm = torch.randperm(len(self.lengths), generator=g)
         need = self.steps_per_epoch * self.global_batch
-        perm = torch.cat([perm, perm[: need - len(perm)]]) if need > len(perm) else perm
+        perm = perm[torch.arange(need) % len(perm)]  # wrap around; a global batch may exceed the dataset
         if self.group_by_length:
             mega = self.global_batch * 8
             chunks = []

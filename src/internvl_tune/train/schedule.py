@@ -34,7 +34,8 @@ class LRSchedule:
         """Set every group's lr to ``peak_lr * lr_scale * factor(step)``; returns the first group's lr."""
         f = self.factor(step)
         for group in optimizer.param_groups:
-            group["lr"] = group["peak_lr"] * group.get("lr_scale", 1.0) * f
+            peak = group.setdefault("peak_lr", group["lr"])  # groups not built by build_param_groups
+            group["lr"] = peak * group.get("lr_scale", 1.0) * f
         return optimizer.param_groups[0]["lr"]
 
 
