@@ -1,0 +1,40 @@
+"""The reference launch scripts run unchanged on CPU against a tiny model of their family (env overrides only)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPTS = REPO / "shell" / "internvl2.0" / "2nd_finetune"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, like", [
+    ("internvl2_1b_qwen2_0_5b_dynamic_res_2nd_finetune_lora.sh", "internvl2-1b"),
+    ("internvl2_2b_internlm2_1_8b_dynamic_res_2nd_finetune_full.sh", "internvl2-2b"),
+])
+def test_script_trains_and_exports_a_tiny_model(tmp_path, script, like):
+    from internvl_tune.models.internvl_chat.tiny import write_tiny_checkpoint
+
+    model = write_tiny_checkpoint(like, tmp_path / "model")
+    out = tmp_path / "run"
+    env = {**os.environ, "GPUS": "1", "PYTHON": sys.executable, "MODEL": str(model), "OUTPUT_DIR": str(out),
+           "MASTER_PORT": str(29000 + os.getpid() % 1000), "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["sh", str(SCRIPTS / script), "--bf16", "False", "--max_steps", "2", "--force_image_size",
+                           "56", "--max_dynamic_patch", "2", "--dataloader_num_workers", "0", "--report_to", "none",
+                           "--device", "cpu"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert (out / "config.json").is_file() and (out / "training_log.txt").is_file()
+    assert "global batch: 16" in proc.stdout or "global batch: 128" in proc.stdout
+
+
+def test_a_failing_run_returns_its_exit_status(tmp_path):
+    env = {**os.environ, "GPUS": "1", "PYTHON": sys.executable, "MODEL": str(tmp_path / "missing"),
+           "OUTPUT_DIR": str(tmp_path / "run"), "PYTHONPATH": str(REPO / "src"), "MASTER_PORT": "29999"}
+    proc = subprocess.run(["sh", str(SCRIPTS / "internvl2_1b_qwen2_0_5b_dynamic_res_2nd_finetune_lora.sh"),
+                           "--device", "cpu"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "not a directory" in proc.stdout
