@@ -41,7 +41,7 @@ def test_full_finetune_overfits_the_sample(tiny_1b, tmp_path, subset_meta):
 
     meta = subset_meta(tmp_path, 2)
     result = run(_cfg(tiny_1b, meta, tmp_path / "run", max_steps=40, learning_rate=3e-3, warmup_steps=2,
-                      lr_scheduler_type="constant"))
+                      lr_scheduler_type="constant", eval_meta_path=str(meta), eval_steps=20))
     losses = result.losses
     assert len(losses) == 40
     assert losses[-1] < 0.2 * losses[0], losses
@@ -49,6 +49,8 @@ def test_full_finetune_overfits_the_sample(tiny_1b, tmp_path, subset_meta):
     for name in ("config.json", "config.yaml", "metrics.csv", "loss.png", "lr.png", "grad_norm.png"):
         assert (out / name).exists(), name
     assert list(out.glob("*.safetensors"))
+    evals = [r["eval_loss"] for r in read_jsonl(out / "metrics.jsonl") if "eval_loss" in r]
+    assert len(evals) == 2 and evals[1] < evals[0]  # validation on the training subset falls too
 
 
 def _trainable(chat) -> set[str]:

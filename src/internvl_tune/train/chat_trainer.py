@@ -307,6 +307,21 @@ class ChatTrainer:
         barrier()
         return self.output_dir
 
+    def memory_estimate(self):
+        """Peak GPU memory per rank predicted for this run (``train/memory.py``), printed before the first step."""
+        from internvl_tune.dist.fsdp import decoder_blocks
+        from internvl_tune.train.memory import estimate_training_memory
+
+        text = self.chat.model.config.text_config
+        d, t = self.cfg.data, self.cfg.train
+        tokens = d.max_packed_tokens if d.use_packed_ds else t.per_device_train_batch_size * max(self.train_set.lengths)
+        return estimate_training_memory(
+            self.module, decoder_blocks(self.module), world_size=self.info.world_size,
+            tokens_per_micro_batch=min(tokens, d.max_packed_tokens if d.use_packed_ds else tokens),
+            hidden=text.hidden_size, ffn=text.intermediate_size, num_layers=text.num_hidden_layers,
+            grad_checkpoint=self.cfg.model.grad_checkpoint, reshard_after_forward=self.info.world_size > 1,
+            compute_bytes=2 if self.compute_dtype is not None else 4, vocab=text.vocab_size)
+
     def describe(self) -> None:
         """Dry run: print the plan (model, trainable parameters, data, steps) without training."""
         progress = StepProgress(self.total_steps, "train", enabled=self.info.is_main)
@@ -329,6 +344,7 @@ class ChatTrainer:
             f"device: {self.info.device} x {self.info.world_size}, compute dtype "
             f"{self.compute_dtype or torch.float32}, output: {self.output_dir}",
         ]
+        lines.append(self.memory_estimate().describe())
         if self.resumed_from is not None:
             lines.append(f"resumed from {self.resumed_from} at step {self.step}")
         for line in lines:

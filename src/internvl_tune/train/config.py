@@ -149,7 +149,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, section: str, cls) -> N
         if tp is bool:
             group.add_argument(f"--{f.name}", nargs="?", const=True, type=str2bool, metavar="True|False", help=help_text, **kwargs)
         else:
-            group.add_argument(f"--{f.name}", type=tp, choices=f.metadata.get("choices"), help=help_text, **kwargs)
+            group.add_argument(f"--{f.name}", type=tp, choices=f.metadata.get("choices"), help=help_text,
+                               metavar=f.name.upper() if not f.metadata.get("choices") else None, **kwargs)
 
 
 def build_arg_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
