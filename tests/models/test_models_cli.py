@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from internvl_tune.cli import main
@@ -18,10 +20,9 @@ def test_tiny_convert_chat(tmp_path, capsys):
     a = {k: t for k, t, _ in iter_tensors(tiny)}
     b = {k: t for k, t, _ in iter_tensors(back)}
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    from skimage import data_dir
-
+    photo = Path(__file__).resolve().parents[2] / "examples" / "sample" / "images" / "astronaut.jpg"
     capsys.readouterr()
-    assert main(["chat", str(native), "--image", f"{data_dir}/astronaut.png", "--max-new-tokens", "4", "Who?"]) == 0
+    assert main(["chat", str(native), "--image", str(photo), "--max-new-tokens", "4", "Who?"]) == 0
     assert main(["convert", str(tiny), str(native), "--to", "native"]) == 2
     assert "already exists and is not empty" in capsys.readouterr().err
 

@@ -69,11 +69,11 @@ def init_distributed(device: str | None = None, timeout_minutes: int = 30) -> Di
         The :class:`DistInfo` of this process.
     """
     _slurm_env()
-    if "RANK" not in os.environ:  # a plain process: a group of one, on a private port
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    launched = "RANK" in os.environ
+    # a plain process is a group of one on a fresh private port; the environment is left alone, so processes it
+    # starts (tests, nested tools) do not believe they belong to its group
+    rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if launched else (0, 1)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if launched else 0
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if use_cuda:
         torch.cuda.set_device(local_rank)
@@ -84,6 +84,9 @@ def init_distributed(device: str | None = None, timeout_minutes: int = 30) -> Di
     if not dist.is_initialized():
         dist.init_process_group(
             backend=info.backend,
+            init_method=None if launched else f"tcp://127.0.0.1:{_free_port()}",
+            rank=rank,
+            world_size=world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),
             device_id=dev if use_cuda else None,
         )

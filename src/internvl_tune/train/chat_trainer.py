@@ -13,8 +13,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,25 +28,11 @@ from internvl_tune.train.loss import token_weights
 from internvl_tune.train.metrics import MetricsLogger
 from internvl_tune.train.optim import build_adamw, build_param_groups, count_parameters
 from internvl_tune.train.progress import StepProgress
-from internvl_tune.train.runtime import (
-    StopFlag,
-    make_loader,
-    memory_gib,
-    prepare_output_dir,
-)
+from internvl_tune.train.loop import LoopTrainer, TrainResult, run_trainer
+from internvl_tune.train.runtime import make_loader, prepare_output_dir
 from internvl_tune.train.sampler import GlobalBatchSampler, PackedBatchSampler
 from internvl_tune.train.schedule import LRSchedule, warmup_steps_for
 from internvl_tune.train.step import StepRunner, sample_ids, to_device
-
-
-@dataclass
-class TrainResult:
-    """What a finished (or interrupted) run leaves behind."""
-
-    output_dir: Path
-    steps: int
-    losses: list[float]
-    interrupted: bool = False
 
 
 def _save_into(chat, output_dir: Path) -> None:
@@ -96,8 +80,10 @@ def build_datasets(cfg: TrainConfig, chat, info: DistInfo):
     return train, val
 
 
-class ChatTrainer:
-    """Holds the state of one run; ``train()`` is the loop, ``train_step()`` one optimizer step."""
+class ChatTrainer(LoopTrainer):
+    """InternVL2 chat fine-tuning; the loop itself is :class:`LoopTrainer`'s."""
+
+    name, unit = "train", "tokens"
 
     def __init__(self, cfg: TrainConfig):
         from internvl_tune.data import pad_collate
@@ -162,11 +148,11 @@ class ChatTrainer:
         self.stepper = StepRunner(self.module, self.optimizer, self.schedule, info, cfg.data.loss_reduction,
                                   t.max_grad_norm)
         self.checkpointer = Checkpointer(self.output_dir, info, t.save_total_limit)
-        self.step, self.bad_steps, self.tokens_seen = 0, 0, 0
+        self.step, self.bad_steps, self.seen = 0, 0, 0
         ckpt = self.checkpointer.resolve(resume)
         if ckpt is not None:
             state = self.checkpointer.load(ckpt, self.module, self.optimizer)
-            self.step, self.bad_steps, self.tokens_seen = state["step"], state["bad_steps"], state["tokens_seen"]
+            self.step, self.bad_steps, self.seen = state["step"], state["bad_steps"], state["tokens_seen"]
         self.resumed_from = ckpt
         self.metrics = MetricsLogger(self.output_dir, enabled=info.is_main, tensorboard=t.report_to == "tensorboard",
                                      resume_step=self.step + 1 if ckpt is not None else None)
@@ -177,9 +163,15 @@ class ChatTrainer:
     def train_step(self, micro_batches: list[dict]) -> dict:
         """Forward/backward over the micro-batches of one global step, then clip and update."""
         out = self.stepper(micro_batches, self.step)
-        if not out["finite"]:
-            self.bad_steps += 1
-        return out
+        return {**out, "work": out["tokens"]}
+
+    def after_step(self, progress: StepProgress) -> None:
+        """Validation loss every ``--eval_steps`` (default: at each save) when ``--eval_meta_path`` is set."""
+        t = self.cfg.train
+        if self.val_set is not None and self.due(t.eval_steps or t.save_steps):
+            val = self.evaluate()
+            self.metrics.log(self.step, {"eval_loss": val})
+            progress.print(f"step {self.step}: eval_loss {val:.4f}")
 
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
@@ -199,77 +191,6 @@ class ChatTrainer:
             weight += w.sum()
         self.module.train()
         return (all_reduce_sum(total) / all_reduce_sum(weight).clamp_min(1e-12)).item()
-
-    # ------------------------------------------------------------------ the loop
-    def train(self) -> TrainResult:
-        """Run until ``total_steps`` (or a stop signal), checkpointing and logging on the way."""
-        t, info = self.cfg.train, self.info
-        progress = StepProgress(self.total_steps, "train", enabled=info.is_main, start=self.step)
-        if info.is_main:
-            self._print_plan(progress)
-        losses: list[float] = []
-        interrupted = False
-        self.module.train()
-        steps_per_epoch = self.sampler.steps_per_epoch
-        window_start, window_tokens = time.perf_counter(), 0
-        with StopFlag() as stop:
-            while self.step < self.total_steps and not interrupted:
-                epoch, in_epoch = divmod(self.step, steps_per_epoch)
-                if hasattr(self.train_set, "set_epoch"):
-                    self.train_set.set_epoch(epoch)
-                order = list(self.sampler.epoch_steps(epoch, in_epoch))
-                micro = [mb for _, micros in order for mb in micros]
-                loader = iter(make_loader(self.train_set, micro, self.collate, t.dataloader_num_workers))
-                for _ in order:
-                    micro_batches = [next(loader) for _ in range(t.gradient_accumulation_steps)]
-                    out = self.train_step(micro_batches)
-                    self.step += 1
-                    self.tokens_seen += out["tokens"]
-                    window_tokens += out["tokens"]
-                    losses.append(out["loss"])
-                    if self.bad_steps > t.max_bad_steps:
-                        raise UserError(
-                            f"{self.bad_steps} steps had a non-finite loss or gradient (last at step {self.step}); "
-                            f"lower --learning_rate, check the data with `internvl-tune data check`, or raise --max_bad_steps"
-                        )
-                    if self.step % t.logging_steps == 0 or self.step == self.total_steps:
-                        elapsed = time.perf_counter() - window_start
-                        row = {"epoch": round(self.step / steps_per_epoch, 4), "loss": out["loss"], "lr": out["lr"],
-                               "grad_norm": out["grad_norm"], "tokens_per_s": window_tokens / max(elapsed, 1e-9),
-                               "memory_gib": round(memory_gib(info.device), 2), "skipped_steps": self.bad_steps}
-                        self.metrics.log(self.step, row)
-                        progress.update(self.step, f"loss {out['loss']:.4f} | {row['tokens_per_s']:.0f} tok/s"
-                                                   f" | {row['memory_gib']:.1f} GiB", log=True)
-                        window_start, window_tokens = time.perf_counter(), 0
-                    if self.val_set is not None and self._due(t.eval_steps or t.save_steps):
-                        val = self.evaluate()
-                        self.metrics.log(self.step, {"eval_loss": val})
-                        progress.print(f"step {self.step}: eval_loss {val:.4f}")
-                    if t.save_strategy == "steps" and self._due(t.save_steps):
-                        self.save_checkpoint()
-                    if stop.requested:
-                        interrupted = True
-                        break
-                    if self.step >= self.total_steps:
-                        break
-                if t.save_strategy == "epoch" and not interrupted:
-                    self.save_checkpoint()
-        progress.close()
-        if interrupted:
-            self.save_checkpoint()
-            if info.is_main:
-                print(f"stopped by signal at step {self.step}; resume with --resume_from_checkpoint auto")
-        self.metrics.close()
-        return TrainResult(self.output_dir, self.step, losses, interrupted)
-
-    def _due(self, every: int) -> bool:
-        return every > 0 and self.step % every == 0
-
-    def save_checkpoint(self) -> Path:
-        path = self.checkpointer.save(self.step, self.module, self.optimizer,
-                                      {"bad_steps": self.bad_steps, "tokens_seen": self.tokens_seen})
-        self.metrics.flush()
-        return path
 
     def export(self) -> Path:
         """Write the final model into ``output_dir`` in the original InternVL layout (LoRA: adapter + merged).
@@ -322,14 +243,7 @@ class ChatTrainer:
             grad_checkpoint=self.cfg.model.grad_checkpoint, reshard_after_forward=self.info.world_size > 1,
             compute_bytes=2 if self.compute_dtype is not None else 4, vocab=text.vocab_size)
 
-    def describe(self) -> None:
-        """Dry run: print the plan (model, trainable parameters, data, steps) without training."""
-        progress = StepProgress(self.total_steps, "train", enabled=self.info.is_main)
-        if self.info.is_main:
-            self._print_plan(progress)
-        progress.close()
-
-    def _print_plan(self, progress: StepProgress) -> None:
+    def plan_lines(self) -> list[str]:
         t = self.cfg.train
         global_batch = t.per_device_train_batch_size * self.info.world_size * t.gradient_accumulation_steps
         lines = [
@@ -345,24 +259,9 @@ class ChatTrainer:
             f"{self.compute_dtype or torch.float32}, output: {self.output_dir}",
         ]
         lines.append(self.memory_estimate().describe())
-        if self.resumed_from is not None:
-            lines.append(f"resumed from {self.resumed_from} at step {self.step}")
-        for line in lines:
-            progress.print(line)
+        return lines
 
 
 def run(cfg: TrainConfig) -> TrainResult:
     """Train (or describe, with ``--dry_run``), export the final model, and tear down the process group."""
-    from internvl_tune.dist import shutdown
-
-    try:
-        trainer = ChatTrainer(cfg)
-        if cfg.train.dry_run:
-            trainer.describe()
-            return TrainResult(trainer.output_dir, trainer.step, [])
-        result = trainer.train()
-        if not result.interrupted:
-            trainer.export()
-        return result
-    finally:
-        shutdown()
+    return run_trainer(ChatTrainer, cfg)

@@ -13,7 +13,6 @@ Trainer the reference runs on).
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -23,13 +22,12 @@ from torch.utils.data import default_collate
 from internvl_tune.dist import all_reduce_sum, gather_with_grad, init_distributed
 from internvl_tune.dist.fsdp import parallelize
 from internvl_tune.errors import DataError, UserError
-from internvl_tune.train.chat_trainer import TrainResult
+from internvl_tune.train.loop import LoopTrainer, TrainResult, run_trainer
 from internvl_tune.train.checkpoint import Checkpointer
 from internvl_tune.train.config import save_config
 from internvl_tune.train.layer_decay import layer_decay_lr_scale
 from internvl_tune.train.metrics import MetricsLogger
 from internvl_tune.train.optim import build_adamw, build_param_groups, count_parameters
-from internvl_tune.train.progress import StepProgress
 from internvl_tune.train.retrieval_config import (
     RetrievalConfig,
     RetrievalDataArgs,
@@ -37,9 +35,6 @@ from internvl_tune.train.retrieval_config import (
 )
 from internvl_tune.train.retrieval_loss import retrieval_loss
 from internvl_tune.train.runtime import (
-    StopFlag,
-    make_loader,
-    memory_gib,
     prepare_output_dir,
 )
 from internvl_tune.train.sampler import GlobalBatchSampler
@@ -179,8 +174,11 @@ class RetrievalTrainModule(nn.Module):
                               feats["logit_scale"], batch["image_ids"], gather_fn=gather_with_grad)
 
 
-class RetrievalTrainer:
+class RetrievalTrainer(LoopTrainer):
     """Holds the state of one run; ``train()`` is the loop, ``train_step()`` one optimizer step."""
+
+    name, unit = "retrieval-train", "samples"
+    collate = staticmethod(default_collate)
 
     def __init__(self, cfg: RetrievalConfig):
         from internvl_tune.models.internvl_cg.loading import load_internvl_cg
@@ -236,11 +234,11 @@ class RetrievalTrainer:
         self.schedule = LRSchedule(t.lr_scheduler_type, warmup_steps_for(self.total_steps, t.warmup_steps, t.warmup_ratio),
                                    self.total_steps)
         self.checkpointer = Checkpointer(self.output_dir, info, t.save_total_limit)
-        self.step, self.bad_steps, self.samples_seen = 0, 0, 0
+        self.step, self.bad_steps, self.seen = 0, 0, 0
         ckpt = self.checkpointer.resolve(resume)
         if ckpt is not None:
             state = self.checkpointer.load(ckpt, self.module, self.optimizer)
-            self.step, self.bad_steps, self.samples_seen = state["step"], state["bad_steps"], state["samples_seen"]
+            self.step, self.bad_steps, self.seen = state["step"], state["bad_steps"], state["samples_seen"]
         self.resumed_from = ckpt
         self.metrics = MetricsLogger(self.output_dir, enabled=info.is_main, tensorboard=t.report_to == "tensorboard",
                                      resume_step=self.step + 1 if ckpt is not None else None)
@@ -267,70 +265,16 @@ class RetrievalTrainer:
         finite = math.isfinite(values[0]) and bool(torch.isfinite(grad_norm))
         if finite:
             self.optimizer.step()
-        else:
-            self.bad_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
-        return {**dict(zip(LOG_KEYS, values)), "grad_norm": float(grad_norm), "lr": lr, "finite": finite}
+        return {**dict(zip(LOG_KEYS, values)), "grad_norm": float(grad_norm), "lr": lr, "finite": finite,
+                "work": self.sampler.global_batch}
 
-    # ------------------------------------------------------------------ the loop
-    def train(self) -> TrainResult:
-        """Run until ``total_steps`` (or a stop signal), checkpointing and logging on the way."""
-        t, info = self.cfg.train, self.info
-        progress = StepProgress(self.total_steps, "retrieval-train", enabled=info.is_main, start=self.step)
-        if info.is_main:
-            self._print_plan(progress)
-        losses: list[float] = []
-        interrupted = False
-        steps_per_epoch = self.sampler.steps_per_epoch
-        global_batch = self.sampler.global_batch
-        window_start, window_samples = time.perf_counter(), 0
-        with StopFlag() as stop:
-            while self.step < self.total_steps and not interrupted:
-                epoch, in_epoch = divmod(self.step, steps_per_epoch)
-                self.train_set.set_epoch(epoch)
-                order = list(self.sampler.epoch_steps(epoch, in_epoch))[: self.total_steps - self.step]
-                micro = [mb for _, micros in order for mb in micros]
-                loader = iter(make_loader(self.train_set, micro, default_collate, t.dataloader_num_workers))
-                for _ in order:
-                    out = self.train_step([next(loader) for _ in range(t.gradient_accumulation_steps)])
-                    self.step += 1
-                    self.samples_seen += global_batch
-                    window_samples += global_batch
-                    losses.append(out["loss"])
-                    if self.bad_steps > t.max_bad_steps:
-                        raise UserError(f"{self.bad_steps} steps had a non-finite loss or gradient (last at step "
-                                        f"{self.step}); lower --learning_rate or raise --max_bad_steps")
-                    if self.step % t.logging_steps == 0 or self.step == self.total_steps:
-                        elapsed = time.perf_counter() - window_start
-                        row = {"epoch": round(self.step / steps_per_epoch, 4),
-                               **{k: out[k] for k in (*LOG_KEYS, "lr", "grad_norm")},
-                               "samples_per_s": window_samples / max(elapsed, 1e-9),
-                               "memory_gib": round(memory_gib(info.device), 2), "skipped_steps": self.bad_steps}
-                        self.metrics.log(self.step, row)
-                        progress.update(self.step, f"loss {out['loss']:.4f} (itc {out['loss_itc']:.3f}, itm "
-                                                   f"{out['loss_itm']:.3f}) | {row['samples_per_s']:.1f} samples/s"
-                                                   f" | {row['memory_gib']:.1f} GiB", log=True)
-                        window_start, window_samples = time.perf_counter(), 0
-                    if t.save_strategy == "steps" and t.save_steps > 0 and self.step % t.save_steps == 0:
-                        self.save_checkpoint()
-                    if stop.requested:
-                        interrupted = True
-                        break
-                if t.save_strategy == "epoch" and not interrupted:
-                    self.save_checkpoint()
-        progress.close()
-        if interrupted:
-            self.save_checkpoint()
-            if info.is_main:
-                print(f"stopped by signal at step {self.step}; resume with --resume_from_checkpoint auto")
-        self.metrics.close()
-        return TrainResult(self.output_dir, self.step, losses, interrupted)
+    def log_fields(self, out: dict) -> dict:
+        return {k: out[k] for k in (*LOG_KEYS, "lr", "grad_norm")}
 
-    def save_checkpoint(self) -> Path:
-        path = self.checkpointer.save(self.step, self.module, self.optimizer,
-                                      {"bad_steps": self.bad_steps, "samples_seen": self.samples_seen})
-        self.metrics.flush()
-        return path
+    def status(self, out: dict, row: dict) -> str:
+        return (f"loss {out['loss']:.4f} (itc {out['loss_itc']:.3f}, itm {out['loss_itm']:.3f}) | "
+                f"{row['samples_per_s']:.1f} samples/s | {row['memory_gib']:.1f} GiB")
 
     def export(self) -> Path:
         """Write the final model into ``output_dir`` in the reference layout (LoRA merged), with the tokenizer.
@@ -366,14 +310,7 @@ class RetrievalTrainer:
         barrier()
         return self.output_dir
 
-    def describe(self) -> None:
-        """Dry run: print the plan without training."""
-        progress = StepProgress(self.total_steps, "retrieval-train", enabled=self.info.is_main)
-        if self.info.is_main:
-            self._print_plan(progress)
-        progress.close()
-
-    def _print_plan(self, progress: StepProgress) -> None:
+    def plan_lines(self) -> list[str]:
         t, m = self.cfg.train, self.cfg.model
         decay = (f"layer-wise lr decay vit {m.vit_layer_decay_rate} / qllama {m.qllama_layer_decay_rate}, "
                  f"{len(self.groups)} param groups" if m.use_custom_trainer else f"{len(self.groups)} param groups")
@@ -387,24 +324,9 @@ class RetrievalTrainer:
             f"device: {self.info.device} x {self.info.world_size}, compute dtype {self.compute_dtype or torch.float32}, "
             f"output: {self.output_dir}",
         ]
-        if self.resumed_from is not None:
-            lines.append(f"resumed from {self.resumed_from} at step {self.step}")
-        for line in lines:
-            progress.print(line)
+        return lines
 
 
 def run(cfg: RetrievalConfig) -> TrainResult:
     """Train (or describe, with ``--dry_run``), export the final model, and tear down the process group."""
-    from internvl_tune.dist import shutdown
-
-    try:
-        trainer = RetrievalTrainer(cfg)
-        if cfg.train.dry_run:
-            trainer.describe()
-            return TrainResult(trainer.output_dir, trainer.step, [])
-        result = trainer.train()
-        if not result.interrupted:
-            trainer.export()
-        return result
-    finally:
-        shutdown()
+    return run_trainer(RetrievalTrainer, cfg)

@@ -1,0 +1,161 @@
+"""The training loop both trainers share: epochs, resume position, logging, checkpoints, stop signals.
+
+A trainer subclasses :class:`LoopTrainer`, builds its model, data and optimizer in ``__init__`` and implements
+``train_step`` (one optimizer step), ``log_fields`` / ``status`` (what to log and show), ``plan_lines`` (the plan
+printed before the first step) and ``export`` (the final model).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from internvl_tune.errors import UserError
+from internvl_tune.train.progress import StepProgress
+from internvl_tune.train.runtime import StopFlag, make_loader, memory_gib
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or interrupted) run leaves behind."""
+
+    output_dir: Path
+    steps: int
+    losses: list[float]
+    interrupted: bool = False
+
+
+class LoopTrainer:
+    """Base of the chat and retrieval trainers.
+
+    Subclasses set in ``__init__``: ``cfg`` (with a ``train`` section), ``info``, ``module``, ``optimizer``,
+    ``train_set``, ``sampler``, ``collate``, ``total_steps``, ``checkpointer``, ``metrics``, ``output_dir``,
+    ``resumed_from``, and the counters ``step``, ``bad_steps``, ``seen`` (work done, in ``unit``).
+    """
+
+    name = "train"  # progress-bar label
+    unit = "tokens"  # what ``train_step`` counts as work: logged as ``<unit>_per_s``, saved as ``<unit>_seen``
+
+    # ------------------------------------------------------------------ subclass hooks
+    def train_step(self, micro_batches: list) -> dict:
+        """One optimizer step; returns at least ``loss``, ``lr``, ``grad_norm``, ``finite`` and ``work``."""
+        raise NotImplementedError
+
+    def log_fields(self, out: dict) -> dict:
+        """Values of a step's output to put in the metrics row (besides epoch, rate, memory, skipped steps)."""
+        return {k: out[k] for k in ("loss", "lr", "grad_norm")}
+
+    def status(self, out: dict, row: dict) -> str:
+        """The progress-bar text after a logged step."""
+        return f"loss {out['loss']:.4f} | {row[f'{self.unit}_per_s']:.0f} {self.unit}/s | {row['memory_gib']:.1f} GiB"
+
+    def after_step(self, progress: StepProgress) -> None:
+        """Called after every step (validation hooks)."""
+
+    def plan_lines(self) -> list[str]:
+        """Lines describing the run, printed before the first step."""
+        return []
+
+    def export(self) -> Path:
+        """Write the final model."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> TrainResult:
+        """Run until ``total_steps`` (or a stop signal), checkpointing and logging on the way."""
+        t, info = self.cfg.train, self.info
+        progress = StepProgress(self.total_steps, self.name, enabled=info.is_main, start=self.step)
+        self._print_plan(progress)
+        losses: list[float] = []
+        interrupted = False
+        self.module.train()
+        steps_per_epoch = self.sampler.steps_per_epoch
+        window_start, window_work = time.perf_counter(), 0
+        with StopFlag() as stop:
+            while self.step < self.total_steps and not interrupted:
+                epoch, in_epoch = divmod(self.step, steps_per_epoch)
+                if hasattr(self.train_set, "set_epoch"):
+                    self.train_set.set_epoch(epoch)
+                order = list(self.sampler.epoch_steps(epoch, in_epoch))[: self.total_steps - self.step]
+                micro = [mb for _, micros in order for mb in micros]
+                loader = iter(make_loader(self.train_set, micro, self.collate, t.dataloader_num_workers))
+                for _ in order:
+                    out = self.train_step([next(loader) for _ in range(t.gradient_accumulation_steps)])
+                    self.step += 1
+                    self.seen += out["work"]
+                    window_work += out["work"]
+                    losses.append(out["loss"])
+                    if not out["finite"]:
+                        self.bad_steps += 1
+                    if self.bad_steps > t.max_bad_steps:
+                        raise UserError(
+                            f"{self.bad_steps} steps had a non-finite loss or gradient (last at step {self.step}); "
+                            f"lower --learning_rate, check the data with `internvl-tune data check`, or raise "
+                            f"--max_bad_steps"
+                        )
+                    if self.step % t.logging_steps == 0 or self.step == self.total_steps:
+                        elapsed = time.perf_counter() - window_start
+                        row = {"epoch": round(self.step / steps_per_epoch, 4), **self.log_fields(out),
+                               f"{self.unit}_per_s": window_work / max(elapsed, 1e-9),
+                               "memory_gib": round(memory_gib(info.device), 2), "skipped_steps": self.bad_steps}
+                        self.metrics.log(self.step, row)
+                        progress.update(self.step, self.status(out, row), log=True)
+                        window_start, window_work = time.perf_counter(), 0
+                    self.after_step(progress)
+                    if t.save_strategy == "steps" and self.due(t.save_steps):
+                        self.save_checkpoint()
+                    if stop.requested:
+                        interrupted = True
+                        break
+                if t.save_strategy == "epoch" and not interrupted:
+                    self.save_checkpoint()
+        progress.close()
+        if interrupted:
+            self.save_checkpoint()
+            if info.is_main:
+                print(f"stopped by signal at step {self.step}; resume with --resume_from_checkpoint auto")
+        self.metrics.close()
+        return TrainResult(self.output_dir, self.step, losses, interrupted)
+
+    def due(self, every: int) -> bool:
+        """True when the current step is a multiple of ``every`` (> 0)."""
+        return every > 0 and self.step % every == 0
+
+    def save_checkpoint(self) -> Path:
+        path = self.checkpointer.save(self.step, self.module, self.optimizer,
+                                      {"bad_steps": self.bad_steps, f"{self.unit}_seen": self.seen})
+        self.metrics.flush()
+        return path
+
+    def describe(self) -> None:
+        """Dry run: print the plan without training."""
+        progress = StepProgress(self.total_steps, self.name, enabled=self.info.is_main)
+        self._print_plan(progress)
+        progress.close()
+
+    def _print_plan(self, progress: StepProgress) -> None:
+        if not self.info.is_main:
+            return
+        lines = self.plan_lines()
+        if self.resumed_from is not None:
+            lines.append(f"resumed from {self.resumed_from} at step {self.step}")
+        for line in lines:
+            progress.print(line)
+
+
+def run_trainer(trainer_cls, cfg) -> TrainResult:
+    """Build ``trainer_cls(cfg)``, train (or describe, with ``--dry_run``), export, tear down the process group."""
+    from internvl_tune.dist import shutdown
+
+    try:
+        trainer = trainer_cls(cfg)
+        if cfg.train.dry_run:
+            trainer.describe()
+            return TrainResult(trainer.output_dir, trainer.step, [])
+        result = trainer.train()
+        if not result.interrupted:
+            trainer.export()
+        return result
+    finally:
+        shutdown()
