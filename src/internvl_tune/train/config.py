@@ -153,67 +153,81 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, section: str, cls) -> N
                                metavar=f.name.upper() if not f.metadata.get("choices") else None, **kwargs)
 
 
-def build_arg_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add ``--config`` and every section's flags to ``parser``."""
+def build_arg_parser(parser: argparse.ArgumentParser, sections: dict | None = None,
+                     ignored_flags: dict[str, str] | None = None) -> argparse.ArgumentParser:
+    """Add ``--config``, one flag per field of each section, and the accepted-but-ignored reference flags."""
+    sections = SECTIONS if sections is None else sections
+    ignored_flags = IGNORED_FLAGS if ignored_flags is None else ignored_flags
     parser.add_argument("--config", default=None, help="YAML file with `model:`, `data:`, `train:` sections (or flat keys)")
-    for name, cls in SECTIONS.items():
+    for name, cls in sections.items():
         add_dataclass_flags(parser, name, cls)
     ignored = parser.add_argument_group("reference flags accepted and ignored")
-    for flag, why in IGNORED_FLAGS.items():
-        ignored.add_argument(flag, default=None, help=f"ignored: {why}", dest=f"ignored.{flag[2:]}")
+    for flag, why in ignored_flags.items():
+        ignored.add_argument(flag, nargs="?", const=True, default=None, help=f"ignored: {why}", dest=f"ignored.{flag[2:]}")
     return parser
 
 
-def _locate(key: str) -> str:
-    """Section of a flat key, for YAML files written without sections."""
-    for name, cls in SECTIONS.items():
-        if key in {f.name for f in dataclasses.fields(cls)}:
-            return name
-    raise UserError(f"unknown config key {key!r}; run `internvl-tune train --help` for the list")
-
-
-def _coerce(section: str, key: str, value):
-    cls = SECTIONS[section]
-    tp = base_type(typing.get_type_hints(cls)[key])
+def _coerce(sections: dict, section: str, key: str, value, where: str):
+    cls = sections[section]
+    if key not in {f.name for f in dataclasses.fields(cls)}:
+        raise UserError(f"{where}: unknown key {section}.{key}; see the command's --help for the list")
     if value is None:
         return None
+    tp = base_type(typing.get_type_hints(cls)[key])
     try:
-        if tp is bool and not isinstance(value, bool):
-            return str2bool(value)
-        return tp(value)
+        return str2bool(value) if tp is bool and not isinstance(value, bool) else tp(value)
     except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
-        raise UserError(f"config key {section}.{key}: {exc}") from None
+        raise UserError(f"{where}: {section}.{key}: {exc}") from None
 
 
-def load_config(args: argparse.Namespace) -> TrainConfig:
-    """Resolve defaults < YAML file < command-line flags into a :class:`TrainConfig`."""
-    values: dict[str, dict] = {name: {} for name in SECTIONS}
+def _yaml_values(path: Path, sections: dict) -> dict[str, dict]:
+    """``{section: {key: value}}`` from a YAML file with sections or flat keys."""
+    if not path.is_file():
+        raise UserError(f"config file {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: invalid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of sections or keys")
+    values: dict[str, dict] = {name: {} for name in sections}
+    for key, value in raw.items():
+        if key in sections and isinstance(value, dict):
+            for sub_key, sub_value in value.items():
+                values[key][sub_key] = _coerce(sections, key, sub_key, sub_value, str(path))
+            continue
+        section = next((s for s, cls in sections.items() if key in {f.name for f in dataclasses.fields(cls)}), None)
+        if section is None:
+            raise UserError(f"{path}: unknown config key {key!r}; see the command's --help for the list")
+        values[section][key] = _coerce(sections, section, key, value, str(path))
+    return values
+
+
+def load_config(args: argparse.Namespace, sections: dict | None = None, root_cls=None,
+                defaults: dict[str, dict] | None = None):
+    """Resolve dataclass defaults < ``defaults`` (e.g. from the environment) < ``--config`` YAML < flags.
+
+    Args:
+        args: flags parsed by a parser built with :func:`build_arg_parser` over the same ``sections``.
+        sections: ``{name: dataclass}`` (default: the chat trainer's); ``root_cls`` builds the result from them.
+        defaults: ``{section: {key: value}}`` placed just above the dataclass defaults.
+    """
+    sections = SECTIONS if sections is None else sections
+    root_cls = TrainConfig if root_cls is None else root_cls
+    values: dict[str, dict] = {name: {} for name in sections}
+    for section, items in (defaults or {}).items():
+        for key, value in items.items():
+            values[section][key] = _coerce(sections, section, key, value, "defaults")
     if getattr(args, "config", None):
-        path = Path(args.config)
-        if not path.is_file():
-            raise UserError(f"config file {path} not found")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise UserError(f"{path}: invalid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise UserError(f"{path}: expected a mapping of sections or keys")
-        for key, value in raw.items():
-            if key in SECTIONS and isinstance(value, dict):
-                for sub_key, sub_value in value.items():
-                    if sub_key not in {f.name for f in dataclasses.fields(SECTIONS[key])}:
-                        raise UserError(f"{path}: unknown key {key}.{sub_key}")
-                    values[key][sub_key] = _coerce(key, sub_key, sub_value)
-            else:
-                section = _locate(key)
-                values[section][key] = _coerce(section, key, value)
+        for section, items in _yaml_values(Path(args.config), sections).items():
+            values[section].update(items)
     for dest, value in vars(args).items():
         if "." in dest and not dest.startswith("ignored."):
             section, key = dest.split(".", 1)
             values[section][key] = value
-    return TrainConfig(**{name: cls(**values[name]) for name, cls in SECTIONS.items()})
+    return root_cls(**{name: cls(**values[name]) for name, cls in sections.items()})
 
 
-def save_config(cfg: TrainConfig, path: Path) -> None:
+def save_config(cfg, path: Path) -> None:
     """Write the resolved config as YAML (readable back with ``--config``)."""
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -11,21 +11,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import yaml
 
-from internvl_tune.errors import UserError
-from internvl_tune.train.config import (
-    IGNORED_FLAGS,
-    TrainArgs,
-    add_dataclass_flags,
-    base_type,
-    option,
-    str2bool,
-)
+from internvl_tune.train.config import IGNORED_FLAGS, TrainArgs, build_arg_parser, load_config, option
 
 
 @dataclass
@@ -82,68 +71,9 @@ RETRIEVAL_IGNORED_FLAGS = {
 
 def build_retrieval_arg_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add ``--config``, every section's flags and the ignored reference flags to ``parser``."""
-    parser.add_argument("--config", default=None, help="YAML file with `model:`, `data:`, `train:` sections (or flat keys)")
-    for name, cls in SECTIONS.items():
-        add_dataclass_flags(parser, name, cls)
-    ignored = parser.add_argument_group("reference flags accepted and ignored")
-    for flag, why in RETRIEVAL_IGNORED_FLAGS.items():
-        ignored.add_argument(flag, nargs="?", const=True, default=None, help=f"ignored: {why}",
-                             dest=f"ignored.{flag[2:]}")
-    return parser
-
-
-def _coerce(section: str, key: str, value, where: str):
-    fields = {f.name for f in dataclasses.fields(SECTIONS[section])}
-    if key not in fields:
-        raise UserError(f"{where}: unknown key {section}.{key}; run `internvl-tune retrieval-train --help` for the list")
-    if value is None:
-        return None
-    tp = base_type(typing.get_type_hints(SECTIONS[section])[key])
-    try:
-        return str2bool(value) if tp is bool and not isinstance(value, bool) else tp(value)
-    except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
-        raise UserError(f"{where}: {section}.{key}: {exc}") from None
-
-
-def _yaml_values(path: Path) -> dict[str, dict]:
-    if not path.is_file():
-        raise UserError(f"config file {path} not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: invalid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a mapping of sections or keys")
-    values: dict[str, dict] = {name: {} for name in SECTIONS}
-    for key, value in raw.items():
-        if key in SECTIONS and isinstance(value, dict):
-            for sub_key, sub_value in value.items():
-                values[key][sub_key] = _coerce(key, sub_key, sub_value, str(path))
-            continue
-        section = next((s for s, cls in SECTIONS.items() if key in {f.name for f in dataclasses.fields(cls)}), None)
-        if section is None:
-            raise UserError(f"{path}: unknown key {key!r}; run `internvl-tune retrieval-train --help` for the list")
-        values[section][key] = _coerce(section, key, value, str(path))
-    return values
+    return build_arg_parser(parser, SECTIONS, RETRIEVAL_IGNORED_FLAGS)
 
 
 def load_retrieval_config(args: argparse.Namespace, defaults: dict[str, dict] | None = None) -> RetrievalConfig:
-    """Resolve dataclass defaults < ``defaults`` (e.g. from the environment) < YAML < flags.
-
-    Args:
-        args: parsed flags from a parser built by :func:`build_retrieval_arg_parser`.
-        defaults: ``{section: {key: value}}`` placed just above the dataclass defaults.
-    """
-    values: dict[str, dict] = {name: {} for name in SECTIONS}
-    for section, items in (defaults or {}).items():
-        for key, value in items.items():
-            values[section][key] = _coerce(section, key, value, "defaults")
-    if getattr(args, "config", None):
-        for section, items in _yaml_values(Path(args.config)).items():
-            values[section].update(items)
-    for dest, value in vars(args).items():
-        if "." in dest and not dest.startswith("ignored."):
-            section, key = dest.split(".", 1)
-            values[section][key] = value
-    return RetrievalConfig(**{name: cls(**values[name]) for name, cls in SECTIONS.items()})
-
+    """Resolve dataclass defaults < ``defaults`` (e.g. from the environment) < YAML < flags."""
+    return load_config(args, SECTIONS, RetrievalConfig, defaults)
