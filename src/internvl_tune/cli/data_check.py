@@ -13,6 +13,16 @@ from internvl_tune.constants import IGNORE_INDEX, IMG_CONTEXT_TOKEN
 from internvl_tune.data.templates import TEMPLATES
 
 
+def _help(name: str) -> str:
+    """The training flag's own help text, so both commands explain a setting the same way."""
+    import dataclasses
+
+    from internvl_tune.train.config import DataArgs
+
+    field = next(f for f in dataclasses.fields(DataArgs) if f.name == name)
+    return f"{field.metadata['help']} (default: %(default)s)"
+
+
 def register(subparsers, name: str, help_text: str) -> None:
     p = subparsers.add_parser(name, help=help_text, description=help_text + ". Exits 0 only when no error is found.",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -21,15 +31,15 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--tokenizer", help="tokenizer directory, if not the checkpoint's")
     p.add_argument("--conv_style", choices=list(TEMPLATES), default=None,
                    help="conversation template (default: the checkpoint's `template`, else internlm2-chat)")
-    p.add_argument("--max_seq_length", type=int, default=8192)
-    p.add_argument("--force_image_size", type=int, default=448)
-    p.add_argument("--down_sample_ratio", type=float, default=0.5)
-    p.add_argument("--dynamic_image_size", type=_bool, default=False, metavar="BOOL")
-    p.add_argument("--use_thumbnail", type=_bool, default=False, metavar="BOOL")
-    p.add_argument("--min_dynamic_patch", type=int, default=1)
-    p.add_argument("--max_dynamic_patch", type=int, default=12)
-    p.add_argument("--min_num_frame", type=int, default=8)
-    p.add_argument("--max_num_frame", type=int, default=32)
+    p.add_argument("--max_seq_length", type=int, default=8192, help=_help("max_seq_length"))
+    p.add_argument("--force_image_size", type=int, default=448, help=_help("force_image_size"))
+    p.add_argument("--down_sample_ratio", type=float, default=0.5, help=_help("down_sample_ratio"))
+    p.add_argument("--dynamic_image_size", type=_bool, default=False, metavar="BOOL", help=_help("dynamic_image_size"))
+    p.add_argument("--use_thumbnail", type=_bool, default=False, metavar="BOOL", help=_help("use_thumbnail"))
+    p.add_argument("--min_dynamic_patch", type=int, default=1, help=_help("min_dynamic_patch"))
+    p.add_argument("--max_dynamic_patch", type=int, default=12, help=_help("max_dynamic_patch"))
+    p.add_argument("--min_num_frame", type=int, default=8, help=_help("min_num_frame"))
+    p.add_argument("--max_num_frame", type=int, default=32, help=_help("max_num_frame"))
     p.add_argument("--allow_outside_root", action="store_true", help="accept paths that leave their dataset root")
     p.add_argument("--max_errors", type=int, default=50, help="list at most this many problems")
     p.add_argument("--strict", action="store_true", help="warnings count as errors too")
