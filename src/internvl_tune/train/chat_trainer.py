@@ -21,17 +21,14 @@ from internvl_tune.dist import DistInfo, all_reduce_sum, init_distributed
 from internvl_tune.dist.fsdp import parallelize
 from internvl_tune.errors import UserError
 from internvl_tune.train.chat_module import ChatTrainModule
-from internvl_tune.train.checkpoint import Checkpointer
-from internvl_tune.train.config import TrainConfig, save_config
+from internvl_tune.train.config import TrainConfig
 from internvl_tune.train.freeze import apply_trainable_flags
 from internvl_tune.train.loss import token_weights
-from internvl_tune.train.metrics import MetricsLogger
-from internvl_tune.train.optim import build_adamw, build_param_groups, count_parameters
+from internvl_tune.train.optim import build_param_groups, count_parameters
 from internvl_tune.train.progress import StepProgress
 from internvl_tune.train.loop import LoopTrainer, TrainResult, run_trainer
 from internvl_tune.train.runtime import make_loader, prepare_output_dir
 from internvl_tune.train.sampler import GlobalBatchSampler, PackedBatchSampler
-from internvl_tune.train.schedule import LRSchedule, warmup_steps_for
 from internvl_tune.train.step import StepRunner, sample_ids, to_device
 
 
@@ -142,22 +139,9 @@ class ChatTrainer(LoopTrainer):
         steps_per_epoch = self.sampler.steps_per_epoch
         self.total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.num_train_epochs * steps_per_epoch))
         groups = build_param_groups(self.module.named_parameters(), t.learning_rate, t.weight_decay)
-        self.optimizer = build_adamw(groups, (t.adam_beta1, t.adam_beta2), t.adam_epsilon, info.device)
-        self.schedule = LRSchedule(t.lr_scheduler_type, warmup_steps_for(self.total_steps, t.warmup_steps, t.warmup_ratio),
-                                   self.total_steps)
+        self.start_run(groups, resume)
         self.stepper = StepRunner(self.module, self.optimizer, self.schedule, info, cfg.data.loss_reduction,
                                   t.max_grad_norm)
-        self.checkpointer = Checkpointer(self.output_dir, info, t.save_total_limit)
-        self.step, self.bad_steps, self.seen = 0, 0, 0
-        ckpt = self.checkpointer.resolve(resume)
-        if ckpt is not None:
-            state = self.checkpointer.load(ckpt, self.module, self.optimizer)
-            self.step, self.bad_steps, self.seen = state["step"], state["bad_steps"], state["tokens_seen"]
-        self.resumed_from = ckpt
-        self.metrics = MetricsLogger(self.output_dir, enabled=info.is_main, tensorboard=t.report_to == "tensorboard",
-                                     resume_step=self.step + 1 if ckpt is not None else None)
-        if info.is_main:
-            save_config(cfg, self.output_dir / "config.yaml")
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self, micro_batches: list[dict]) -> dict:

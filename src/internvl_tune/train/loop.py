@@ -12,8 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from internvl_tune.errors import UserError
+from internvl_tune.train.checkpoint import Checkpointer
+from internvl_tune.train.config import save_config
+from internvl_tune.train.metrics import MetricsLogger
+from internvl_tune.train.optim import build_adamw
 from internvl_tune.train.progress import StepProgress
 from internvl_tune.train.runtime import StopFlag, make_loader, memory_gib
+from internvl_tune.train.schedule import LRSchedule, warmup_steps_for
 
 
 @dataclass
@@ -29,9 +34,9 @@ class TrainResult:
 class LoopTrainer:
     """Base of the chat and retrieval trainers.
 
-    Subclasses set in ``__init__``: ``cfg`` (with a ``train`` section), ``info``, ``module``, ``optimizer``,
-    ``train_set``, ``sampler``, ``collate``, ``total_steps``, ``checkpointer``, ``metrics``, ``output_dir``,
-    ``resumed_from``, and the counters ``step``, ``bad_steps``, ``seen`` (work done, in ``unit``).
+    Subclasses set in ``__init__``: ``cfg`` (with a ``train`` section), ``info``, ``module``, ``train_set``,
+    ``sampler``, ``collate``, ``total_steps`` and ``output_dir``, then call :meth:`start_run`, which adds the
+    optimizer, schedule, checkpointer, metrics, resume state and the counters ``step``, ``bad_steps``, ``seen``.
     """
 
     name = "train"  # progress-bar label
@@ -60,6 +65,29 @@ class LoopTrainer:
     def export(self) -> Path:
         """Write the final model."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ set-up shared by the trainers
+    def start_run(self, groups: list[dict], resume: str | None) -> None:
+        """Optimizer, schedule, checkpointer, resume state and metrics; call once the module and sampler exist.
+
+        Args:
+            groups: parameter groups from ``optim.build_param_groups``.
+            resume: ``--resume_from_checkpoint`` (a path, ``"auto"`` or None).
+        """
+        t, info = self.cfg.train, self.info
+        self.optimizer = build_adamw(groups, (t.adam_beta1, t.adam_beta2), t.adam_epsilon, info.device)
+        warmup = warmup_steps_for(self.total_steps, t.warmup_steps, t.warmup_ratio)
+        self.schedule = LRSchedule(t.lr_scheduler_type, warmup, self.total_steps)
+        self.checkpointer = Checkpointer(self.output_dir, info, t.save_total_limit)
+        self.step, self.bad_steps, self.seen = 0, 0, 0
+        self.resumed_from = self.checkpointer.resolve(resume)
+        if self.resumed_from is not None:
+            state = self.checkpointer.load(self.resumed_from, self.module, self.optimizer)
+            self.step, self.bad_steps, self.seen = state["step"], state["bad_steps"], state[f"{self.unit}_seen"]
+        self.metrics = MetricsLogger(self.output_dir, enabled=info.is_main, tensorboard=t.report_to == "tensorboard",
+                                     resume_step=self.step + 1 if self.resumed_from is not None else None)
+        if info.is_main:
+            save_config(self.cfg, self.output_dir / "config.yaml")
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> TrainResult:

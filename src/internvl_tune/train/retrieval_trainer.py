@@ -23,11 +23,8 @@ from internvl_tune.dist import all_reduce_sum, gather_with_grad, init_distribute
 from internvl_tune.dist.fsdp import parallelize
 from internvl_tune.errors import DataError, UserError
 from internvl_tune.train.loop import LoopTrainer, TrainResult, run_trainer
-from internvl_tune.train.checkpoint import Checkpointer
-from internvl_tune.train.config import save_config
 from internvl_tune.train.layer_decay import layer_decay_lr_scale
-from internvl_tune.train.metrics import MetricsLogger
-from internvl_tune.train.optim import build_adamw, build_param_groups, count_parameters
+from internvl_tune.train.optim import build_param_groups, count_parameters
 from internvl_tune.train.retrieval_config import (
     RetrievalConfig,
     RetrievalDataArgs,
@@ -38,7 +35,6 @@ from internvl_tune.train.runtime import (
     prepare_output_dir,
 )
 from internvl_tune.train.sampler import GlobalBatchSampler
-from internvl_tune.train.schedule import LRSchedule, warmup_steps_for
 from internvl_tune.train.step import to_device
 
 LORA_DROPOUT = 0.05
@@ -230,20 +226,7 @@ class RetrievalTrainer(LoopTrainer):
                                             model.config.qllama_config.num_hidden_layers,
                                             m.vit_layer_decay_rate, m.qllama_layer_decay_rate, prefix="model.")
         self.groups = build_param_groups(self.module.named_parameters(), t.learning_rate, t.weight_decay, lr_scale)
-        self.optimizer = build_adamw(self.groups, (t.adam_beta1, t.adam_beta2), t.adam_epsilon, info.device)
-        self.schedule = LRSchedule(t.lr_scheduler_type, warmup_steps_for(self.total_steps, t.warmup_steps, t.warmup_ratio),
-                                   self.total_steps)
-        self.checkpointer = Checkpointer(self.output_dir, info, t.save_total_limit)
-        self.step, self.bad_steps, self.seen = 0, 0, 0
-        ckpt = self.checkpointer.resolve(resume)
-        if ckpt is not None:
-            state = self.checkpointer.load(ckpt, self.module, self.optimizer)
-            self.step, self.bad_steps, self.seen = state["step"], state["bad_steps"], state["samples_seen"]
-        self.resumed_from = ckpt
-        self.metrics = MetricsLogger(self.output_dir, enabled=info.is_main, tensorboard=t.report_to == "tensorboard",
-                                     resume_step=self.step + 1 if ckpt is not None else None)
-        if info.is_main:
-            save_config(cfg, self.output_dir / "config.yaml")
+        self.start_run(self.groups, resume)
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self, micro_batches: list[dict]) -> dict:
