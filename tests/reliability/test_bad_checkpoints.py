@@ -151,3 +151,15 @@ def test_chat_input_mistakes(tiny_checkpoints, tmp_path, cli, question, images, 
     flags = [x for name in images for x in ("--image", tmp_path / "media" / name)]
     result = cli("chat", tiny_checkpoints["internvl2-2b"], question, *flags, "--max-new-tokens", "2")
     assert result.code == 2 and fragment in result.err, result.err
+
+
+def test_truncated_internvl_cg_shard_is_a_clear_error(tmp_path):
+    from internvl_tune.errors import CheckpointError
+    from internvl_tune.models.internvl_cg.loading import load_internvl_cg
+    from internvl_tune.models.internvl_cg.tiny import write_tiny_internvl14b
+
+    ckpt = write_tiny_internvl14b(tmp_path / "tiny14b")
+    shard = sorted(ckpt.glob("model-*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_internvl_cg(ckpt, dtype="fp32")

@@ -103,5 +103,5 @@ def test_malicious_bin_is_refused_by_the_internvl_cg_loader(hostile_bin):
 
     ckpt, marker = hostile_bin
     with pytest.raises(CheckpointError, match="pytorch_model.bin"):
-        list(loading._iter_tensors(ckpt / "pytorch_model.bin"))
+        list(loading.iter_file_tensors(ckpt / "pytorch_model.bin"))
     assert not marker.exists()

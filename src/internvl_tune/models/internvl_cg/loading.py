@@ -24,16 +24,14 @@ Also handled, as the reference's loaders do:
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from internvl_tune.errors import CheckpointError
+from internvl_tune.models.weights import file_keys, iter_file_tensors, weight_files
 from internvl_tune.models.internvl_cg.config import InternVLCGConfig
 from internvl_tune.models.internvl_cg.intern_vit import interpolate_pos_embedding
 from internvl_tune.models.internvl_cg.model import InternVLModel
@@ -47,49 +45,6 @@ _LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.default)?\.weight$")
 _INV_FREQ = re.compile(r"\.rotary_emb\.inv_freq$")
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
-
-
-def weight_files(path: Path) -> list[Path]:
-    """The weight files of a checkpoint directory, in the order of its index (safetensors preferred)."""
-    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
-                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
-        index = path / index_name
-        if index.is_file():
-            try:
-                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, AttributeError) as exc:
-                raise CheckpointError(f"{index}: not a valid weight index ({exc})") from exc
-            missing = [n for n in names if not (path / n).is_file()]
-            if missing:
-                raise CheckpointError(f"{index} lists shards that are missing: {', '.join(missing[:5])} — "
-                                      "re-download the checkpoint")
-            return [path / n for n in names]
-        if (path / single).is_file():
-            return [path / single]
-    raise CheckpointError(
-        f"{path}: no weights found (expected model.safetensors, model-*.safetensors with "
-        "model.safetensors.index.json, or pytorch_model*.bin)"
-    )
-
-
-def _iter_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    if file.suffix == ".safetensors":
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
-    else:
-        try:
-            state = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
-        except Exception as exc:
-            raise CheckpointError(f"{file}: cannot be read as a weights-only PyTorch file ({exc})") from exc
-        yield from state.items()
-
-
-def _file_keys(file: Path) -> list[str]:
-    if file.suffix == ".safetensors":
-        with safe_open(str(file), framework="pt") as f:
-            return list(f.keys())
-    return [k for k, _ in _iter_tensors(file)]
 
 
 def load_internvl_cg(
@@ -126,7 +81,7 @@ def load_internvl_cg(
     if drop_path_rate is not None:
         config.vision_config.drop_path_rate = drop_path_rate
 
-    keys = {_canonical(k) for f in files for k in _file_keys(f)}
+    keys = {_canonical(k) for f in files for k in file_keys(f)}
     lora = _collect_lora(files, config)
     with torch.device("meta"):
         model = InternVLModel(config)
@@ -137,7 +92,7 @@ def load_internvl_cg(
     shadowed = {EMBED_KEY} if config.tie_word_embeddings and LM_HEAD_KEY in keys else set()
     filled: set[str] = set()
     for file in files:
-        for raw_key, tensor in _iter_tensors(file):
+        for raw_key, tensor in iter_file_tensors(file):
             key = _canonical(raw_key)
             if _LORA.match(key):
                 continue  # merged below, together with its base weight
@@ -190,12 +145,12 @@ def _fit(key: str, tensor: torch.Tensor, param: torch.Tensor, config: InternVLCG
 
 def _collect_lora(files: list[Path], config: InternVLCGConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     """``module -> (A, B, scaling)`` for every LoRA pair in the checkpoint (small; kept in memory for the merge)."""
-    keys = {k: f for f in files for k in _file_keys(f)}
+    keys = {k: f for f in files for k in file_keys(f)}
     if not any(_LORA.match(_canonical(k)) for k in keys):
         return {}
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for file in {f for k, f in keys.items() if _LORA.match(_canonical(k))}:
-        for raw_key, tensor in _iter_tensors(file):
+        for raw_key, tensor in iter_file_tensors(file):
             m = _LORA.match(_canonical(raw_key))
             if m:
                 pairs.setdefault(m["module"], {})[m["ab"]] = tensor.float()

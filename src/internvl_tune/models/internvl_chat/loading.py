@@ -9,8 +9,6 @@ the same shape and every parameter must be filled, otherwise one CheckpointError
 
 from __future__ import annotations
 
-import json
-import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,81 +16,17 @@ import torch
 from torch import nn
 
 from internvl_tune.errors import CheckpointError
-from internvl_tune.models.internvl_chat.config import read_json
+from internvl_tune.models.weights import iter_file_tensors, weight_files
 from internvl_tune.models.internvl_chat.key_map import LayoutSpec, convert_original_tensor, normalize_native_key
 
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-BIN_INDEX = "pytorch_model.bin.index.json"
 _MAX_LISTED = 20
-
-
-def weight_files(path: Path) -> list[Path]:
-    """The weight files of a checkpoint directory, in shard order (safetensors preferred over .bin)."""
-    for index_name, single in ((SAFETENSORS_INDEX, "model.safetensors"), (BIN_INDEX, "pytorch_model.bin")):
-        index = path / index_name
-        if index.is_file():
-            weight_map = read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise CheckpointError(f"{index}: field 'weight_map' is missing or empty — re-download the index file")
-            files = [path / name for name in dict.fromkeys(weight_map.values())]
-            missing = [f.name for f in files if not f.is_file()]
-            if missing:
-                raise CheckpointError(
-                    f"{index} names shard(s) that are not in {path}: {', '.join(missing)} — finish the download"
-                )
-            return files
-        if (path / single).is_file():
-            return [path / single]
-    raise CheckpointError(
-        f"{path}: no weights found (model.safetensors[.index.json] or pytorch_model.bin[.index.json])"
-    )
-
-
-def _check_safetensors_complete(file: Path) -> None:
-    """Raise a clear error for a truncated or corrupt safetensors file (a partial download, a full disk)."""
-    size = file.stat().st_size
-    with open(file, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{file}: file is truncated ({size} bytes) — re-download it")
-        (header_len,) = struct.unpack("<Q", head)
-        if 8 + header_len > size:
-            raise CheckpointError(f"{file}: file is truncated (header needs {header_len} bytes) — re-download it")
-        try:
-            header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{file}: corrupt safetensors header — re-download it") from exc
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + header_len + end > size:
-        raise CheckpointError(
-            f"{file}: file is truncated: {size} bytes on disk, {8 + header_len + end} expected — re-download it"
-        )
 
 
 def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
     """Yield ``(key, tensor, file)`` for every tensor of the checkpoint, one at a time, on the CPU."""
-    from safetensors import SafetensorError, safe_open
-
     for file in weight_files(path):
-        if file.suffix == ".safetensors":
-            _check_safetensors_complete(file)
-            try:
-                with safe_open(str(file), framework="pt", device="cpu") as f:
-                    for key in f.keys():
-                        yield key, f.get_tensor(key), file
-            except SafetensorError as exc:
-                raise CheckpointError(f"{file}: cannot read safetensors file ({exc}) — re-download it") from exc
-        else:
-            try:
-                state = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
-            except Exception as exc:  # torch raises many types for truncated or non-weights pickles
-                raise CheckpointError(
-                    f"{file}: cannot read legacy .bin weights ({type(exc).__name__}: {exc}) — re-download it, or "
-                    "convert it to safetensors"
-                ) from exc
-            for key, tensor in state.items():
-                yield key, tensor, file
-            del state
+        for key, tensor in iter_file_tensors(file):
+            yield key, tensor, file
 
 
 def build_empty_model(config) -> nn.Module:
