@@ -23,7 +23,7 @@ def test_incomplete_tree_names_each_missing_file_and_its_command(data_root, caps
     assert f"get it: wget -P {coco}/annotations {RELEASE}/coco_karpathy_test_gt.json" in out
     assert "MISSING  nocaps_val_4500_captions.json" in out
     assert f"get it: wget -P {nocaps} https://nocaps.s3.amazonaws.com/nocaps_val_4500_captions.json" in out
-    assert f"MISSING  images  (needed for caption)" in out
+    assert "MISSING  images  (needed for caption)" in out
     assert f"from https://nocaps.org/download into {nocaps}/images/" in out
     assert "ok       annotations/coco_karpathy_test.json" in out
     assert "ok       val2014/: 5 images (the full release has 40504)" in out

@@ -7,10 +7,11 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from internvl_tune.errors import CheckpointError
 from internvl_tune.models.internvl_chat import load_pretrained
+from checkpoint_damage import edit_shard
 
 
 @pytest.fixture
@@ -21,25 +22,14 @@ def ckpt(tiny_dirs, tmp_path):
     return dst
 
 
-def _edit_shard(path, edit):
-    shard = path / "model-00002-of-00002.safetensors"
-    state = load_file(str(shard))
-    edit(state)
-    save_file(state, str(shard), metadata={"format": "pt"})
-    index = json.loads((path / "model.safetensors.index.json").read_text())
-    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != shard.name}
-    index["weight_map"].update({k: shard.name for k in state})
-    (path / "model.safetensors.index.json").write_text(json.dumps(index))
-
-
 def test_unknown_key_is_listed(ckpt):
-    _edit_shard(ckpt, lambda s: s.__setitem__("language_model.model.layers.0.attention.extra.weight", torch.zeros(2)))
+    edit_shard(ckpt, lambda s: s.__setitem__("language_model.model.layers.0.attention.extra.weight", torch.zeros(2)))
     with pytest.raises(CheckpointError, match=r"unexpected tensors.*attention\.extra\.weight"):
         load_pretrained(ckpt)
 
 
 def test_missing_key_is_listed(ckpt):
-    _edit_shard(ckpt, lambda s: s.pop("language_model.output.weight"))
+    edit_shard(ckpt, lambda s: s.pop("language_model.output.weight"))
     with pytest.raises(CheckpointError, match=r"missing parameters \(not in any file\) \(1\): lm_head\.weight"):
         load_pretrained(ckpt)
 
@@ -48,7 +38,7 @@ def test_wrong_dtype_is_listed(ckpt):
     def to_int(state):
         state["language_model.model.norm.weight"] = state["language_model.model.norm.weight"].to(torch.int32)
 
-    _edit_shard(ckpt, to_int)
+    edit_shard(ckpt, to_int)
     with pytest.raises(CheckpointError, match=r"non-float dtype.*model\.norm\.weight: torch\.int32"):
         load_pretrained(ckpt)
 
@@ -57,7 +47,7 @@ def test_misshaped_tensor_is_listed(ckpt):
     def shrink(state):
         state["language_model.model.norm.weight"] = state["language_model.model.norm.weight"][:-1].clone()
 
-    _edit_shard(ckpt, shrink)
+    edit_shard(ckpt, shrink)
     with pytest.raises(CheckpointError, match=r"wrong shape.*model\.norm\.weight: \(63,\) in file, \(64,\) expected"):
         load_pretrained(ckpt)
 

@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from checkpoint_damage import edit_shard
 
 
 @pytest.fixture
@@ -21,17 +21,6 @@ def ckpt(tiny_checkpoints, tmp_path):
     dst = tmp_path / "ckpt"
     shutil.copytree(tiny_checkpoints["internvl2-2b"], dst)
     return dst
-
-
-def edit_shard(path, edit):
-    shard = path / "model-00002-of-00002.safetensors"
-    state = load_file(str(shard))
-    edit(state)
-    save_file(state, str(shard), metadata={"format": "pt"})
-    index = json.loads((path / "model.safetensors.index.json").read_text())
-    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != shard.name}
-    index["weight_map"].update({k: shard.name for k in state})
-    (path / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
 def edit_config(path, edit):

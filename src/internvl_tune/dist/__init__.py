@@ -3,7 +3,7 @@
 Other modules receive ``rank`` / ``world_size`` (a :class:`DistInfo`) as arguments instead of querying globals.
 """
 
-from internvl_tune.dist.env import DistInfo, barrier, broadcast_object, init_distributed, is_main, shutdown
+from internvl_tune.dist.env import DistInfo, barrier, init_distributed, shutdown
 from internvl_tune.dist.gather import all_gather_object_ordered, all_reduce_sum, gather_with_grad
 
 __all__ = [
@@ -11,9 +11,7 @@ __all__ = [
     "all_gather_object_ordered",
     "all_reduce_sum",
     "barrier",
-    "broadcast_object",
     "gather_with_grad",
     "init_distributed",
-    "is_main",
     "shutdown",
 ]

@@ -99,21 +99,7 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def is_main() -> bool:
-    """True on global rank 0, or when no process group is up."""
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
 def barrier() -> None:
     """A barrier that is a no-op without a process group."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
-
-
-def broadcast_object(obj, src: int = 0):
-    """Send a small JSON-like Python object (str, int, dict of those) from ``src`` to every rank."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 # bytes per token per unit of width, fitted on measurements (bf16 activations)
@@ -99,8 +98,3 @@ def estimate_training_memory(
         acts = layer_full * num_layers
     logits = 3 * 4 * min(loss_chunk, t) * vocab  # fp32 logits, their softmax and gradient
     return MemoryEstimate(states / gib, gathered / gib, acts / gib, logits / gib)
-
-
-def measured_peak_gib(device: torch.device) -> float:
-    """Peak memory allocated by PyTorch on ``device`` since the last reset (0 on CPU)."""
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
