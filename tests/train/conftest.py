@@ -15,7 +15,7 @@ def tiny_1b(tmp_path_factory) -> Path:
     return write_tiny_checkpoint("internvl2-1b", tmp_path_factory.mktemp("tiny") / "InternVL2-1B")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def subset_meta():
     """``subset_meta(tmp_path, n)``: a meta JSON over the first ``n`` lines of some sample JSONL files."""
     return _subset_meta

@@ -16,6 +16,7 @@ from internvl_tune.dist import DistInfo
 from internvl_tune.errors import UserError
 from internvl_tune.train.checkpoint import Checkpointer, list_checkpoints
 from internvl_tune.train.metrics import read_jsonl
+from internvl_tune.train.optim import build_adamw
 from internvl_tune.train.schedule import LRSchedule
 from internvl_tune.train.step import StepRunner
 
@@ -51,41 +52,44 @@ def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch
 
 
 class _NaNAfter(torch.nn.Module):
-    """forward(batch, mask, weights) -> weighted loss sum, NaN when the batch asks for it."""
+    """forward(batch) -> weighted loss sum, NaN when the batch asks for it."""
 
     def __init__(self):
         super().__init__()
         self.w = torch.nn.Parameter(torch.ones(()))
 
-    def forward(self, batch, mask, weights):
-        loss = (self.w * weights).sum()
+    def forward(self, batch):
+        loss = (self.w * batch["loss_weight"]).sum()
         return loss * float("nan") if batch["poison"] else loss
 
 
-def _batch(poison: bool) -> dict:
-    return {"input_ids": torch.ones(1, 4, dtype=torch.long), "labels": torch.ones(1, 4, dtype=torch.long),
-            "poison": poison}
+def _batch(poison: bool, weights=(1.0, 1.0, 1.0)) -> dict:
+    return {"loss_weight": torch.tensor(weights), "num_tokens": 4, "poison": poison}
 
 
-def test_non_finite_step_is_skipped_without_touching_the_weights():
+def _runner(module):
+    return StepRunner(module, build_adamw([{"params": list(module.parameters()), "lr": 0.1}], (0.9, 0.999), 1e-8),
+                      LRSchedule("constant", 0, 10), DistInfo())
+
+
+def test_non_finite_step_is_skipped_without_touching_the_weights_or_the_optimizer_state():
     module = _NaNAfter()
-    opt = torch.optim.AdamW(module.parameters(), lr=0.1)
-    runner = StepRunner(module, opt, LRSchedule("constant", 0, 10), DistInfo())
-    good = runner([_batch(False)], 0)
-    assert good["finite"] and module.w.item() != 1.0
+    runner = _runner(module)
+    good = runner([_batch(False)], 0).result()
+    assert good["finite"] and good["tokens"] == 4 and module.w.item() != 1.0
     before = module.w.detach().clone()
-    bad = runner([_batch(True)], 1)
+    state = {k: v.clone() for k, v in runner.optimizer.state[module.w].items()}
+    bad = runner([_batch(True)], 1).result()
     assert not bad["finite"] and torch.equal(module.w.detach(), before)
+    assert all(torch.equal(v, runner.optimizer.state[module.w][k]) for k, v in state.items())  # step count too
     assert module.w.grad is None  # the poisoned gradient was dropped
+    assert runner([_batch(False)], 2).result()["finite"] and module.w.item() != before.item()
 
 
 def test_no_supervised_token_stops_with_the_loss_is_zero_explanation():
-    module = _NaNAfter()
-    runner = StepRunner(module, torch.optim.AdamW(module.parameters()), LRSchedule("constant", 0, 10), DistInfo())
-    batch = _batch(False)
-    batch["labels"][:] = -100
+    runner = _runner(_NaNAfter())
     with pytest.raises(UserError, match="loss is 0"):
-        runner([batch], 0)
+        runner([_batch(False, weights=())], 0).result()
 
 
 def _cli(model, meta, out, *extra):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from internvl_tune.constants import IGNORE_INDEX
-from internvl_tune.train.loss import token_weights, weighted_lm_loss_sum
+from internvl_tune.train.loss import supervised_positions, token_weights, weighted_lm_loss_sum
 from internvl_tune.train.metrics import MetricsLogger, read_jsonl
 
 
@@ -42,8 +42,9 @@ def test_packed_boundary_is_never_a_prediction():
 @pytest.mark.parametrize("chunk", [1, 3, 2048])
 def test_chunked_loss_equals_plain_cross_entropy(chunk):
     labels, sample_ids, hidden, head = _batch()
-    mask, w = token_weights(labels, sample_ids, "token")
-    ours = weighted_lm_loss_sum(hidden, head, labels, mask, w, chunk=chunk) / w.sum()
+    where = supervised_positions(labels, sample_ids, "token")
+    w = where["loss_weight"]
+    ours = weighted_lm_loss_sum(hidden, head, where["loss_index"], where["loss_target"], w, chunk=chunk) / w.sum()
     logits = hidden @ head.t()
     ref = F.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
     assert torch.allclose(ours, ref, atol=1e-6)

@@ -102,7 +102,7 @@ def bench_head_finetune(model, batch: int, steps: int, device) -> dict:
             p.data = p.data.float()
     model.set_gradient_checkpointing(True)
     step_module = _HeadStep(model).train()
-    parallelize(step_module, param_dtype=torch.bfloat16, reshard_after_forward=False)
+    parallelize(step_module, param_dtype=torch.bfloat16)
     opt = torch.optim.AdamW([p for p in step_module.parameters() if p.requires_grad], lr=1e-6, fused=True)
     g = torch.Generator(device=device).manual_seed(1)
 

@@ -9,13 +9,14 @@ import torch
 
 from internvl_tune.bench.common import materialize
 from internvl_tune.bench.shapes import native_config
-from internvl_tune.data.packing import pack_collate
 from internvl_tune.dist import init_distributed
 from internvl_tune.dist.fsdp import decoder_blocks, parallelize
 from internvl_tune.models import varlen_attention
 from internvl_tune.models.internvl_chat.chat import InternVLChat
 from internvl_tune.models.internvl_chat.config import original_from_native
+from internvl_tune.train.chat_batch import ChatCollator
 from internvl_tune.train.chat_module import ChatTrainModule
+from internvl_tune.train.compile import compile_blocks
 from internvl_tune.train.optim import build_adamw, build_param_groups
 from internvl_tune.train.sampler import PackedBatchSampler
 from internvl_tune.train.schedule import LRSchedule
@@ -47,14 +48,14 @@ def build_chat(shape: str, attn: str, device: torch.device) -> InternVLChat:
     return InternVLChat(model, tokenizer, original_from_native(cfg.to_dict()))
 
 
-def run_ours(shape: str, samples, device, warmup: int, packed_tokens: int, compile: bool = False, flex: bool = False,
+def run_ours(shape: str, samples, device, warmup: int, packed_tokens: int, compile: bool = False,
              grad_checkpoint: bool = False, lora_rank: int = 0, steps: int | None = None, profile: bool = False) -> dict:
-    """Train on packs of ``samples`` and time it; returns tokens/s, TFLOP/s and peak memory."""
+    """Train on packs of ``samples`` as ``internvl-tune train`` does and time it: tokens/s, TFLOP/s, peak memory."""
     from internvl_tune.bench.train_throughput import _flops, _param_counts
 
     info = init_distributed(device.type)
     cuda = device.type == "cuda"
-    chat = build_chat(shape, "flex_attention" if flex else "sdpa", device)
+    chat = build_chat(shape, "sdpa", device)
     counts = _param_counts(chat.model)
     if lora_rank:
         from internvl_tune.models.internvl_chat.lora import add_lora
@@ -68,18 +69,16 @@ def run_ours(shape: str, samples, device, warmup: int, packed_tokens: int, compi
         chat.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     module = ChatTrainModule(chat)
     if compile:
-        for layer in chat.model.model.language_model.layers:
-            layer.compile()
-    reshard = lora_rank > 0
+        compile_blocks(module)
     tcfg = chat.model.config.text_config
     estimate = estimate_training_memory(
         module, decoder_blocks(module), world_size=1, tokens_per_micro_batch=packed_tokens,
         hidden=tcfg.hidden_size, ffn=tcfg.intermediate_size, num_layers=tcfg.num_hidden_layers,
-        grad_checkpoint=grad_checkpoint, reshard_after_forward=reshard, vocab=tcfg.vocab_size)
-    parallelize(module, param_dtype=torch.bfloat16, reshard_after_forward=reshard)
+        grad_checkpoint=grad_checkpoint, vocab=tcfg.vocab_size)
+    parallelize(module, param_dtype=torch.bfloat16)
     groups = build_param_groups(module.named_parameters(), 1e-5, 0.0)
-    optimizer = build_adamw(groups, (0.9, 0.999), 1e-8, device)
-    stepper = StepRunner(module, optimizer, LRSchedule("constant", 0, 10**6), info, "token", 1.0)
+    optimizer = build_adamw(groups, (0.9, 0.999), 1e-8)
+    stepper = StepRunner(module, optimizer, LRSchedule("constant", 0, 10**6), info, 1.0)
     cfg = chat.model.config
     lengths = [s.tokens for s in samples]
     packer = PackedBatchSampler(lengths, packed_tokens, 1, 0, 1, seed=0, tiles=[s.tiles for s in samples], max_tiles=64)
@@ -87,42 +86,67 @@ def run_ours(shape: str, samples, device, warmup: int, packed_tokens: int, compi
     if steps is not None:
         packs = (packs * (1 + (steps + warmup) // len(packs)))[: steps + warmup]
     data = {i: materialize(s, cfg.image_token_id, cfg.text_config.vocab_size, i) for i, s in enumerate(samples)}
-    batches = [pack_collate([data[i] for i in p]) for p in packs]
-    for b in batches:
-        b["pixel_values"] = b["pixel_values"].to(torch.bfloat16)
-        if cuda:
-            b["pixel_values"] = b["pixel_values"].pin_memory()
-            torch.cuda.reset_peak_memory_stats(device)
-    tokens, timed, start = 0, [], None
+    collate = ChatCollator(True, 0, chat.img_context_token_id, chat.num_image_token)
+    batches = []
+    for p in packs:  # as the data loader hands them over: bf16 pixels, pinned memory
+        batch = collate([data[i] for i in p])
+        batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+        batches.append({k: v.pin_memory() if cuda and torch.is_tensor(v) else v for k, v in batch.items()})
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    tokens, timed, start, previous = 0, [], None, None
     for i, batch in enumerate(batches):
         if i == warmup:
             _sync(device)
             start, tokens = time.perf_counter(), 0
         if profile and i == warmup - 1:
-            from torch.profiler import ProfilerActivity
-            from torch.profiler import profile as torch_profile
-
-            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-            with torch_profile(activities=acts) as prof:
-                out = stepper([batch], i)
-                _sync(device)
-            sort = "cuda_time_total" if cuda else "cpu_time_total"
-            print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60), flush=True)
-            print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=60), flush=True)
+            _profile_step(stepper, batch, i, device)
             continue
-        out = stepper([batch], i)
+        pending = stepper([batch], i)
+        if previous is not None:  # as the trainer: read step n - 1 back while step n runs
+            last = previous.result()
+        previous = pending
         if i >= warmup:
-            tokens += out["tokens"]
+            tokens += batch["num_tokens"]
             timed.extend(packs[i])
+    last = previous.result()
     _sync(device)
     elapsed = time.perf_counter() - start
     timed_samples = [samples[i] for i in timed]
     flops = _flops(counts, cfg, timed_samples)
     if lora_rank:  # a frozen LLM costs 4·N·T (forward + input gradients), not 6·N·T
         flops -= 2 * counts["llm"] * sum(s.tokens for s in timed_samples)
-    name = "ours" + (" flex" if flex else " varlen") + (" + compile" if compile else "") + (" + ckpt" if grad_checkpoint else "")
+    name = "ours" + (" + compile" if compile else "") + (" + ckpt" if grad_checkpoint else "")
     name += f" + LoRA r{lora_rank}" if lora_rank else ""
     return {"variant": name, "tokens_per_s": tokens / elapsed, "tflops": flops / elapsed / 1e12,
             "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0,
-            "padding_waste": packer.padding_waste(), "loss_last": out["loss"], "estimate_gib": estimate.total,
-            "varlen_kernel": varlen_attention._varlen_kernel()[0] is not None}
+            "padding_waste": packer.padding_waste(), "loss_last": last["loss"], "estimate_gib": estimate.total,
+            "varlen_kernel": varlen_attention._varlen_kernel()[0] is not None, **_compile_stats(compile)}
+
+
+def _profile_step(stepper: StepRunner, batch: dict, step: int, device: torch.device) -> None:
+    """Run one step under the PyTorch profiler; print the top kernels and the GPU's busy share of the wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    wall = time.perf_counter()
+    with profile(activities=acts) as prof:
+        stepper([batch], step).result()
+        _sync(device)
+    wall = time.perf_counter() - wall
+    events = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in events) / 1e6 if cuda else 0.0
+    print(f"profiled step: {wall * 1e3:.1f} ms wall, {busy * 1e3:.1f} ms of GPU kernels", flush=True)
+    print(events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=30,
+                       max_name_column_width=60), flush=True)
+    print(events.table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=60), flush=True)
+
+
+def _compile_stats(compiled: bool) -> dict:
+    """How many graphs ``torch.compile`` built (one per distinct guard set; a growing count means recompiles)."""
+    if not compiled:
+        return {}
+    from torch._dynamo.utils import counters
+
+    return {"compiled_graphs": int(counters["stats"]["unique_graphs"])}

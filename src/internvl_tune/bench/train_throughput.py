@@ -6,8 +6,8 @@ Run on a GPU box:  ``python -m internvl_tune.bench.train_throughput --shape inte
 The plain loop is what a user writes with transformers alone: fp32 parameters + bf16 autocast, SDPA, batch 1,
 frozen vision tower, full-vocabulary loss inside ``model(..., labels=...)``, ``torch.optim.AdamW``.
 Ours: bf16 compute with fp32 master weights (FSDP2 mixed precision), frozen ViT run without autograd, packed
-rows of ``--packed_tokens`` with per-sample attention (flex attention when compiled, else SDPA), loss on
-supervised positions only, fused AdamW, optional ``torch.compile`` of the decoder blocks.
+rows of ``--packed_tokens`` with per-sample attention (flash varlen), loss on supervised positions only, fused
+AdamW, no host sync inside a step, optional ``torch.compile`` of the ViT and LLM blocks.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=8, help="samples (plain) / steps (ours) not timed")
     parser.add_argument("--packed_tokens", type=int, default=8192, help="token budget of a packed row (ours)")
     parser.add_argument("--variants", default="plain,ours",
-                        help="comma list of: plain, ours[+compile][+ckpt][+lora<rank>] (e.g. ours+compile+ckpt)")
+                        help="comma list of: plain, ours[+compile][+ckpt][+lora<rank>][+profile] (e.g. ours+compile+ckpt)")
     parser.add_argument("--steps", type=int, default=None, help="timed packed steps for ours (default: one epoch)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -97,13 +97,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if variant == "plain":
                 row = run_plain(args.shape, samples, device, args.warmup)
-            else:  # "ours" plus options joined by "+": compile, flex, ckpt, lora<rank>
+            else:  # "ours" plus options joined by "+": compile, ckpt, lora<rank>, profile
                 from internvl_tune.bench.ours import run_ours
 
                 opts = variant.split("+")[1:]
                 lora = next((int(o[4:]) for o in opts if o.startswith("lora")), 0)
                 row = run_ours(args.shape, samples, device, args.warmup, args.packed_tokens, compile="compile" in opts,
-                               flex="flex" in opts, grad_checkpoint="ckpt" in opts, lora_rank=lora, steps=args.steps,
+                               grad_checkpoint="ckpt" in opts, lora_rank=lora, steps=args.steps,
                                profile="profile" in opts)
         except Exception as exc:  # one failing variant must not cost the others' numbers
             print(f"variant {variant} failed: {type(exc).__name__}: {str(exc)[:500]}", flush=True)

@@ -1,7 +1,8 @@
 """FSDP2 wrapping, applied from outside the model in a fixed order (as torchtitan does).
 
-Order: activation checkpointing -> ``fully_shard`` on each vision block -> on each LLM decoder block -> the root.
-The model file never mentions sharding.
+Order: activation checkpointing -> ``torch.compile`` of each block -> ``fully_shard`` on each vision block -> on
+each LLM decoder block -> the root (several ranks; one rank needs only the root). The model file never mentions
+sharding.
 """
 
 from __future__ import annotations
@@ -26,33 +27,35 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def parallelize(
-    model: nn.Module,
-    *,
-    param_dtype: torch.dtype | None,
-    reshard_after_forward: bool = True,
-) -> nn.Module:
+def parallelize(model: nn.Module, *, param_dtype: torch.dtype | None) -> nn.Module:
     """Shard ``model`` with FSDP2 over the default process group.
+
+    Several ranks: one FSDP unit per block, gathered for its forward and backward and freed in between (memory
+    scales down with the ranks). One rank: nothing to shard, so one unit over the trainable parameters, kept
+    gathered, and frozen parameters left out of FSDP in their stored dtype: no per-block hooks, no copies of frozen
+    weights (a LoRA run keeps one copy of the base model).
 
     Args:
         model: the module to train, with trainable parameters in fp32 (they become the fp32 master weights).
         param_dtype: dtype the parameters are all-gathered in for compute (bf16 for mixed precision), or None
             to compute in the stored dtype. Gradients are always reduced in fp32.
-        reshard_after_forward: free the gathered parameters after forward (saves memory on many GPUs; on one GPU
-            ``False`` avoids gathering twice).
 
     Returns:
-        The same module, now holding DTensor parameters.
+        The same module, now holding DTensor parameters (the trainable ones, on one rank).
     """
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     # FSDP2 cannot shard 0-d parameters (e.g. InternVL's logit_scale): they stay replicated, and their gradients
     # are averaged over ranks by a hook instead
-    scalars = {p for p in model.parameters() if p.ndim == 0}
-    for block in decoder_blocks(model):
-        fully_shard(block, mp_policy=policy, reshard_after_forward=reshard_after_forward, ignored_params=scalars)
-    fully_shard(model, mp_policy=policy, reshard_after_forward=reshard_after_forward, ignored_params=scalars)
-    if dist.get_world_size() > 1:
-        for p in scalars:
+    ignored = {p for p in model.parameters() if p.ndim == 0}
+    several = dist.get_world_size() > 1
+    if several:
+        for block in decoder_blocks(model):
+            fully_shard(block, mp_policy=policy, reshard_after_forward=True, ignored_params=ignored)
+    else:
+        ignored |= {p for p in model.parameters() if not p.requires_grad}
+    fully_shard(model, mp_policy=policy, reshard_after_forward=several, ignored_params=ignored)
+    if several:
+        for p in ignored:
             if p.requires_grad:
                 p.register_hook(_average_over_ranks)
     return model

@@ -12,6 +12,7 @@ decoder's forward; without them (unpacked batches) the layer falls back to plain
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -28,6 +29,7 @@ def cu_seqlens_from_positions(position_ids: torch.Tensor) -> tuple[torch.Tensor,
     return cu, int((cu[1:] - cu[:-1]).max())
 
 
+@functools.cache
 def _varlen_kernel():
     try:
         from torch.nn.attention.varlen import varlen_attn

@@ -14,7 +14,7 @@ from internvl_tune.train.loss import weighted_lm_loss_sum
 
 
 class ChatTrainModule(nn.Module):
-    """Wraps an ``InternVLChat`` for training; ``forward(batch, mask, weights)`` returns the weighted loss sum."""
+    """Wraps an ``InternVLChat`` for training; ``forward(batch)`` returns the weighted loss sum."""
 
     def __init__(self, chat):
         super().__init__()
@@ -23,18 +23,18 @@ class ChatTrainModule(nn.Module):
         # packed rows run one causal attention per sample (flash varlen on CUDA); padded batches keep SDPA
         self.model.model.language_model.config._attn_implementation = varlen_attention.register()
 
-    def forward(self, batch: dict, mask: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, batch: dict) -> torch.Tensor:
         """Weighted sum of token losses of one micro-batch (divide by the global weight sum outside).
 
         Args:
-            batch: collated micro-batch (``input_ids``, ``labels``, ``position_ids``, ``attention_mask`` or
-                packing metadata, ``pixel_values``, ``image_flags``).
-            mask, weights: supervised positions and their loss weights, from ``train.loss.token_weights``.
+            batch: a micro-batch from ``train.chat_batch.ChatCollator`` on the model's device (``input_ids``,
+                ``position_ids``, ``attention_mask`` or packed-row bounds, ``pixel_values``, the image layout and
+                the loss positions, targets and weights).
         """
-        embeds = self._chat.embed_inputs(batch["input_ids"], batch["pixel_values"], batch["image_flags"])
+        embeds = self._chat.embed_inputs(batch["input_ids"], batch["pixel_values"], layout=batch)
         packed = {}
-        if "sample_ids" in batch:  # a packed row: per-sample attention from the restarting position ids
-            cu, longest = varlen_attention.cu_seqlens_from_positions(batch["position_ids"])
+        if "cu_seq_lens" in batch:  # a packed row: one causal attention per sample
+            cu, longest = batch["cu_seq_lens"], batch["max_length"]
             packed = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
         out = self.model.model.language_model(
             inputs_embeds=embeds,
@@ -43,4 +43,5 @@ class ChatTrainModule(nn.Module):
             use_cache=False,
             **packed,
         )
-        return weighted_lm_loss_sum(out.last_hidden_state, self.model.lm_head.weight, batch["labels"], mask, weights)
+        return weighted_lm_loss_sum(out.last_hidden_state, self.model.lm_head.weight, batch["loss_index"],
+                                    batch["loss_target"], batch["loss_weight"])

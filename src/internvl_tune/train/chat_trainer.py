@@ -10,7 +10,6 @@ accumulation steps (the reference's ``loss_reduction_all_gather``, made exact).
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from pathlib import Path
@@ -20,16 +19,17 @@ import torch
 from internvl_tune.dist import DistInfo, all_reduce_sum, init_distributed
 from internvl_tune.dist.fsdp import parallelize
 from internvl_tune.errors import UserError
+from internvl_tune.train.chat_batch import ChatCollator
 from internvl_tune.train.chat_module import ChatTrainModule
+from internvl_tune.train.compile import compile_blocks, compile_enabled
 from internvl_tune.train.config import TrainConfig
 from internvl_tune.train.freeze import apply_trainable_flags
-from internvl_tune.train.loss import token_weights
 from internvl_tune.train.optim import build_param_groups, count_parameters
 from internvl_tune.train.progress import StepProgress
 from internvl_tune.train.loop import LoopTrainer, TrainResult, run_trainer
 from internvl_tune.train.runtime import make_loader, prepare_output_dir
 from internvl_tune.train.sampler import GlobalBatchSampler, PackedBatchSampler
-from internvl_tune.train.step import StepRunner, sample_ids, to_device
+from internvl_tune.train.step import StepRunner, to_device
 
 
 def _save_into(chat, output_dir: Path) -> None:
@@ -83,8 +83,6 @@ class ChatTrainer(LoopTrainer):
     name, unit = "train", "tokens"
 
     def __init__(self, cfg: TrainConfig):
-        from internvl_tune.data import pad_collate
-        from internvl_tune.data.packing import pack_collate
         from internvl_tune.models.internvl_chat import load_pretrained
 
         self.cfg = cfg
@@ -119,19 +117,20 @@ class ChatTrainer(LoopTrainer):
             raise UserError("no parameter is trainable: check --freeze_llm / --freeze_backbone / --freeze_mlp / LoRA flags")
 
         self.module = ChatTrainModule(chat).to(info.device)
-        parallelize(self.module, param_dtype=self.compute_dtype, reshard_after_forward=info.world_size > 1)
+        self.compiled = compile_enabled(t.torch_compile, info.device) and compile_blocks(self.module) > 0
+        parallelize(self.module, param_dtype=self.compute_dtype)
 
         self.train_set, self.val_set = build_datasets(cfg, chat, info)
         pad_id = chat.tokenizer.pad_token_id if chat.tokenizer.pad_token_id is not None else 0
+        self.collate = ChatCollator(cfg.data.use_packed_ds, pad_id, chat.img_context_token_id, chat.num_image_token,
+                                    cfg.data.loss_reduction)
         if cfg.data.use_packed_ds:
-            self.collate = functools.partial(pack_collate, pad_token_id=pad_id)
             self.sampler = PackedBatchSampler(
                 self.train_set.lengths, cfg.data.max_packed_tokens, info.world_size, info.rank,
                 t.gradient_accumulation_steps, t.seed,
                 tiles=getattr(self.train_set, "tiles", None), max_tiles=cfg.data.num_images_expected,
             )
         else:
-            self.collate = functools.partial(pad_collate, pad_token_id=pad_id)
             self.sampler = GlobalBatchSampler(
                 self.train_set.lengths, t.per_device_train_batch_size, info.world_size, info.rank,
                 t.gradient_accumulation_steps, t.seed, cfg.data.group_by_length,
@@ -140,19 +139,20 @@ class ChatTrainer(LoopTrainer):
         self.total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.num_train_epochs * steps_per_epoch))
         groups = build_param_groups(self.module.named_parameters(), t.learning_rate, t.weight_decay)
         self.start_run(groups, resume)
-        self.stepper = StepRunner(self.module, self.optimizer, self.schedule, info, cfg.data.loss_reduction,
-                                  t.max_grad_norm)
+        self.stepper = StepRunner(self.module, self.optimizer, self.schedule, info, t.max_grad_norm)
 
     # ------------------------------------------------------------------ one optimizer step
-    def train_step(self, micro_batches: list[dict]) -> dict:
-        """Forward/backward over the micro-batches of one global step, then clip and update."""
-        out = self.stepper(micro_batches, self.step)
-        return {**out, "work": out["tokens"]}
+    def train_step(self, micro_batches: list[dict]):
+        """Queue forward/backward over the micro-batches of one global step, then clip and update."""
+        return self.stepper(micro_batches, self.step)
+
+    def sync_due(self) -> bool:
+        t = self.cfg.train
+        return self.val_set is not None and self.due(t.eval_steps or t.save_steps)
 
     def after_step(self, progress: StepProgress) -> None:
         """Validation loss every ``--eval_steps`` (default: at each save) when ``--eval_meta_path`` is set."""
-        t = self.cfg.train
-        if self.val_set is not None and self.due(t.eval_steps or t.save_steps):
+        if self.sync_due():
             val = self.evaluate()
             self.metrics.log(self.step, {"eval_loss": val})
             progress.print(f"step {self.step}: eval_loss {val:.4f}")
@@ -169,10 +169,8 @@ class ChatTrainer(LoopTrainer):
         total = torch.zeros((), device=info.device)
         weight = torch.zeros((), device=info.device)
         for batch in make_loader(self.val_set, batches, self.collate, 0):
-            batch = to_device(batch, info.device)
-            mask, w = token_weights(batch["labels"], sample_ids(batch), self.cfg.data.loss_reduction)
-            total += self.module(batch, mask, w)
-            weight += w.sum()
+            total += self.module(to_device(batch, info.device))
+            weight += batch["loss_weight"].sum().to(info.device)
         self.module.train()
         return (all_reduce_sum(total) / all_reduce_sum(weight).clamp_min(1e-12)).item()
 
@@ -224,7 +222,7 @@ class ChatTrainer(LoopTrainer):
             self.module, decoder_blocks(self.module), world_size=self.info.world_size,
             tokens_per_micro_batch=min(tokens, d.max_packed_tokens if d.use_packed_ds else tokens),
             hidden=text.hidden_size, ffn=text.intermediate_size, num_layers=text.num_hidden_layers,
-            grad_checkpoint=self.cfg.model.grad_checkpoint, reshard_after_forward=self.info.world_size > 1,
+            grad_checkpoint=self.cfg.model.grad_checkpoint,
             compute_bytes=2 if self.compute_dtype is not None else 4, vocab=text.vocab_size)
 
     def plan_lines(self) -> list[str]:
@@ -240,7 +238,7 @@ class ChatTrainer(LoopTrainer):
             + (f", packed rows of {self.cfg.data.max_packed_tokens} tokens ({self.sampler.padding_waste():.1%} padding)"
                if self.cfg.data.use_packed_ds else ""),
             f"device: {self.info.device} x {self.info.world_size}, compute dtype "
-            f"{self.compute_dtype or torch.float32}, output: {self.output_dir}",
+            f"{self.compute_dtype or torch.float32}, torch.compile {'on' if self.compiled else 'off'}, output: {self.output_dir}",
         ]
         lines.append(self.memory_estimate().describe())
         return lines

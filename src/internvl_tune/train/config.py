@@ -92,6 +92,9 @@ class TrainArgs:
     eval_steps: int = option(0, "validation loss every N steps when --eval_meta_path is set (0 = at each save)")
     report_to: str = option("tensorboard", "metric sinks besides JSONL/CSV: tensorboard or none")
     dataloader_num_workers: int = option(2, "data-loading worker processes per rank")
+    torch_compile: str = option("auto", "torch.compile each ViT and LLM block once, with a symbolic sequence length "
+                                "(fused norms, RoPE and activations; about a minute at start): auto = on GPUs",
+                                ("auto", "True", "False"))
     max_bad_steps: int = option(10, "stop after this many skipped steps with non-finite loss or gradients")
     device: str | None = option(None, "cuda or cpu (default: cuda when available)")
     dry_run: bool = option(False, "load model and data, print the plan and memory estimate, then exit")

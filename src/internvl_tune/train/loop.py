@@ -43,9 +43,14 @@ class LoopTrainer:
     unit = "tokens"  # what ``train_step`` counts as work: logged as ``<unit>_per_s``, saved as ``<unit>_seen``
 
     # ------------------------------------------------------------------ subclass hooks
-    def train_step(self, micro_batches: list) -> dict:
-        """One optimizer step; returns at least ``loss``, ``lr``, ``grad_norm``, ``finite`` and ``work``."""
+    def train_step(self, micro_batches: list):
+        """One optimizer step: a dict with at least ``loss``, ``lr``, ``grad_norm``, ``finite`` and ``work``, or
+        an object whose ``result()`` returns that dict later (a step still running on the GPU)."""
         raise NotImplementedError
+
+    def sync_due(self) -> bool:
+        """True when ``after_step`` will act at the current step (it then sees every step's numbers logged)."""
+        return False
 
     def log_fields(self, out: dict) -> dict:
         """Values of a step's output to put in the metrics row (besides epoch, rate, memory, skipped steps)."""
@@ -75,7 +80,7 @@ class LoopTrainer:
             resume: ``--resume_from_checkpoint`` (a path, ``"auto"`` or None).
         """
         t, info = self.cfg.train, self.info
-        self.optimizer = build_adamw(groups, (t.adam_beta1, t.adam_beta2), t.adam_epsilon, info.device)
+        self.optimizer = build_adamw(groups, (t.adam_beta1, t.adam_beta2), t.adam_epsilon)
         warmup = warmup_steps_for(self.total_steps, t.warmup_steps, t.warmup_ratio)
         self.schedule = LRSchedule(t.lr_scheduler_type, warmup, self.total_steps)
         self.checkpointer = Checkpointer(self.output_dir, info, t.save_total_limit)
@@ -95,11 +100,11 @@ class LoopTrainer:
         t, info = self.cfg.train, self.info
         progress = StepProgress(self.total_steps, self.name, enabled=info.is_main, start=self.step)
         self._print_plan(progress)
-        losses: list[float] = []
+        self._losses: list[float] = []
         interrupted = False
         self.module.train()
         steps_per_epoch = self.sampler.steps_per_epoch
-        window_start, window_work = time.perf_counter(), 0
+        self._window = [time.perf_counter(), 0]  # start time and work of the current logging window
         with StopFlag() as stop:
             while self.step < self.total_steps and not interrupted:
                 epoch, in_epoch = divmod(self.step, steps_per_epoch)
@@ -108,32 +113,24 @@ class LoopTrainer:
                 order = list(self.sampler.epoch_steps(epoch, in_epoch))[: self.total_steps - self.step]
                 micro = [mb for _, micros in order for mb in micros]
                 loader = iter(make_loader(self.train_set, micro, self.collate, t.dataloader_num_workers))
-                for _ in order:
-                    out = self.train_step([next(loader) for _ in range(t.gradient_accumulation_steps)])
+                pending = None  # the previous step, queued and not read back yet
+                for i in range(len(order)):
+                    handle = self.train_step([next(loader) for _ in range(t.gradient_accumulation_steps)])
+                    if isinstance(handle, dict):  # a step that returned its numbers has finished
+                        handle.setdefault("done_at", time.perf_counter())
                     self.step += 1
-                    self.seen += out["work"]
-                    window_work += out["work"]
-                    losses.append(out["loss"])
-                    if not out["finite"]:
-                        self.bad_steps += 1
-                    if self.bad_steps > t.max_bad_steps:
-                        raise UserError(
-                            f"{self.bad_steps} steps had a non-finite loss or gradient (last at step {self.step}); "
-                            f"lower --learning_rate, check the data with `internvl-tune data check`, or raise "
-                            f"--max_bad_steps"
-                        )
-                    if self.step % t.logging_steps == 0 or self.step == self.total_steps:
-                        elapsed = time.perf_counter() - window_start
-                        row = {"epoch": round(self.step / steps_per_epoch, 4), **self.log_fields(out),
-                               f"{self.unit}_per_s": window_work / max(elapsed, 1e-9),
-                               "memory_gib": round(memory_gib(info.device), 2), "skipped_steps": self.bad_steps}
-                        self.metrics.log(self.step, row)
-                        progress.update(self.step, self.status(out, row), log=True)
-                        window_start, window_work = time.perf_counter(), 0
+                    if pending is not None:  # read step n - 1 while step n runs
+                        self._record(*pending, progress)
+                    pending = (self.step, handle)
+                    saving = t.save_strategy == "steps" and self.due(t.save_steps)
+                    stopping = stop.requested
+                    if saving or stopping or self.sync_due() or i == len(order) - 1:
+                        self._record(*pending, progress)
+                        pending = None
                     self.after_step(progress)
-                    if t.save_strategy == "steps" and self.due(t.save_steps):
+                    if saving:
                         self.save_checkpoint()
-                    if stop.requested:
+                    if stopping:
                         interrupted = True
                         break
                 if t.save_strategy == "epoch" and not interrupted:
@@ -144,7 +141,31 @@ class LoopTrainer:
             if info.is_main:
                 print(f"stopped by signal at step {self.step}; resume with --resume_from_checkpoint auto")
         self.metrics.close()
-        return TrainResult(self.output_dir, self.step, losses, interrupted)
+        return TrainResult(self.output_dir, self.step, self._losses, interrupted)
+
+    def _record(self, step: int, handle, progress: StepProgress) -> None:
+        """Account for a finished step: counters, the non-finite limit, the metrics row and the progress bar."""
+        t = self.cfg.train
+        out = handle.result() if hasattr(handle, "result") else handle
+        self.seen += out["work"]
+        self._window[1] += out["work"]
+        self._losses.append(out["loss"])
+        if not out["finite"]:
+            self.bad_steps += 1
+        if self.bad_steps > t.max_bad_steps:
+            raise UserError(
+                f"{self.bad_steps} steps had a non-finite loss or gradient (last at step {step}); lower "
+                f"--learning_rate, check the data with `internvl-tune data check`, or raise --max_bad_steps"
+            )
+        if step % t.logging_steps == 0 or step == self.total_steps:
+            done_at = out.get("done_at", time.perf_counter())  # steps read back late know when they finished
+            elapsed = done_at - self._window[0]
+            row = {"epoch": round(step / self.sampler.steps_per_epoch, 4), **self.log_fields(out),
+                   f"{self.unit}_per_s": self._window[1] / max(elapsed, 1e-9),
+                   "memory_gib": round(memory_gib(self.info.device), 2), "skipped_steps": self.bad_steps}
+            self.metrics.log(step, row)
+            progress.update(step, self.status(out, row), log=True)
+            self._window = [done_at, 0]
 
     def due(self, every: int) -> bool:
         """True when the current step is a multiple of ``every`` (> 0)."""

@@ -42,16 +42,32 @@ def token_weights(labels: torch.Tensor, sample_ids: torch.Tensor, reduction: str
     raise ValueError(f"unknown loss reduction {reduction!r}")
 
 
-def _weighted_ce_sum(hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    logits = (hidden @ head.t()).float()
+def supervised_positions(labels: torch.Tensor, sample_ids: torch.Tensor, reduction: str) -> dict:
+    """Where the loss is taken, as flat indices: what the model needs to score a batch without a host sync.
+
+    Computed on the CPU by the collator (``train/chat_batch.py``), so the training step never turns a boolean mask
+    into indices on the GPU (each such ``nonzero`` stalls the host until the GPU catches up).
+
+    Returns:
+        ``loss_index`` [N] positions ``b * L + p`` of hidden states that predict a supervised token,
+        ``loss_target`` [N] the tokens they predict, ``loss_weight`` [N] their weights (see :func:`token_weights`).
+    """
+    mask, weights = token_weights(labels, sample_ids, reduction)
+    rows, cols = mask.nonzero(as_tuple=True)
+    return {"loss_index": rows * labels.shape[1] + cols, "loss_target": labels[rows, cols + 1], "loss_weight": weights}
+
+
+def _weighted_ce_sum(hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+                     vocab: int) -> torch.Tensor:
+    logits = (hidden @ head.t())[:, :vocab].float()
     return (F.cross_entropy(logits, targets, reduction="none") * weights).sum()
 
 
 def weighted_lm_loss_sum(
     hidden: torch.Tensor,
     head_weight: torch.Tensor,
-    labels: torch.Tensor,
-    mask: torch.Tensor,
+    index: torch.Tensor,
+    targets: torch.Tensor,
     weights: torch.Tensor,
     chunk: int = 2048,
 ) -> torch.Tensor:
@@ -60,19 +76,23 @@ def weighted_lm_loss_sum(
     Args:
         hidden: [B, L, H] final hidden states (after the last norm).
         head_weight: [V, H] LM-head weight.
-        labels: [B, L] labels.
-        mask, weights: from :func:`token_weights`.
+        index, targets, weights: ``loss_index`` / ``loss_target`` / ``loss_weight`` of
+            :func:`supervised_positions`.
         chunk: rows of logits computed at once.
     """
-    h = hidden[:, :-1][mask]
-    targets = labels[:, 1:][mask]
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)  # backward: index_add, no host sync
+    vocab = head_weight.shape[0]
+    # Vocabularies such as 92553 or 151674 give logits rows that are not 16-byte aligned, and cuBLAS then falls
+    # back to slow kernels; padding the head to a multiple of 64 rows keeps the fast ones (the pad is sliced off).
+    head = F.pad(head_weight, (0, 0, 0, -vocab % 64))
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, h.shape[0], chunk):
         sl = slice(start, start + chunk)
         if torch.is_grad_enabled():
-            total = total + checkpoint(_weighted_ce_sum, h[sl], head_weight, targets[sl], weights[sl], use_reentrant=False)
+            total = total + checkpoint(_weighted_ce_sum, h[sl], head, targets[sl], weights[sl], vocab,
+                                       use_reentrant=False)
         else:
-            total = total + _weighted_ce_sum(h[sl], head_weight, targets[sl], weights[sl])
+            total = total + _weighted_ce_sum(h[sl], head, targets[sl], weights[sl], vocab)
     if h.shape[0] == 0:  # keep the graph connected so every rank runs the same backward
         total = total + 0.0 * hidden.sum()
     return total

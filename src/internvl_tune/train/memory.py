@@ -7,7 +7,8 @@ Per rank, with ``W`` ranks (FSDP2 shards model states evenly):
 
 - frozen parameters: their stored bytes / W (bf16 on GPUs)
 - trainable parameters: fp32 master (4 B) + fp32 gradient (4 B) + AdamW moments (8 B), all / W
-- gathered parameters: the largest blocks held unsharded in the compute dtype while they run
+- gathered parameters: several ranks: the largest blocks held unsharded in the compute dtype while they run;
+  one rank: a compute-dtype copy of every trainable parameter (``dist/fsdp.py``)
 - activations: per LLM token and layer, ``a_ckpt * hidden`` bytes kept between layers with activation
   checkpointing, plus one layer's full activations ``(a_hidden * hidden + a_ffn * ffn) * tokens`` being recomputed;
   without checkpointing every layer keeps its full activations; plus the loss chunk's fp32 logits.
@@ -60,7 +61,6 @@ def estimate_training_memory(
     ffn: int,
     num_layers: int,
     grad_checkpoint: bool,
-    reshard_after_forward: bool,
     compute_bytes: int = 2,
     loss_chunk: int = 2048,
     vocab: int = 0,
@@ -74,7 +74,6 @@ def estimate_training_memory(
         tokens_per_micro_batch: LLM tokens in one micro-batch (rows x sequence length, or the packing budget).
         hidden, ffn, num_layers: LLM width, MLP width and depth.
         grad_checkpoint: activation checkpointing on every LLM layer.
-        reshard_after_forward: whether gathered blocks are freed after their forward.
         compute_bytes: bytes of the compute dtype (2 for bf16).
         loss_chunk, vocab: rows of fp32 logits alive at once in the chunked loss, and the vocabulary size.
     """
@@ -83,12 +82,12 @@ def estimate_training_memory(
     for p in model.parameters():
         states += (16 if p.requires_grad else p.element_size()) * p.numel()
     states /= world_size
-    if reshard_after_forward or world_size > 1:
+    if world_size > 1:  # one block at a time is gathered (two: the next one is prefetched)
         biggest = max((_block_bytes(b, compute_bytes) for b in blocks), default=0)
         block_ids = {id(p) for b in blocks for p in b.parameters()}
         root = sum(p.numel() for p in model.parameters() if id(p) not in block_ids) * compute_bytes
         gathered = root + 2 * biggest
-    else:
+    else:  # one rank keeps compute copies of the trainable parameters; frozen ones are used as stored
         gathered = sum(p.numel() for p in model.parameters() if p.requires_grad) * compute_bytes
     t = tokens_per_micro_batch
     layer_full = (A_HIDDEN * hidden + A_FFN * ffn) * t

@@ -47,9 +47,12 @@ def build_param_groups(
     return list(groups.values())
 
 
-def build_adamw(groups: list[dict], betas: tuple[float, float], eps: float, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over fp32 master parameters; the fused kernel on CUDA (one launch for all tensors)."""
-    return torch.optim.AdamW(groups, betas=betas, eps=eps, fused=device.type == "cuda")
+def build_adamw(groups: list[dict], betas: tuple[float, float], eps: float) -> torch.optim.AdamW:
+    """AdamW over fp32 master parameters, fused (one kernel for all tensors, on CUDA and CPU alike).
+
+    The fused kernel also skips a step on the device when ``optimizer.found_inf`` is set (``train/step.py``).
+    """
+    return torch.optim.AdamW(groups, betas=betas, eps=eps, fused=True)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

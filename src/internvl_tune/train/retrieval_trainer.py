@@ -25,6 +25,7 @@ from internvl_tune.errors import DataError, UserError
 from internvl_tune.train.loop import LoopTrainer, TrainResult, run_trainer
 from internvl_tune.train.layer_decay import layer_decay_lr_scale
 from internvl_tune.train.optim import build_param_groups, count_parameters
+from internvl_tune.train.compile import compile_blocks, compile_enabled
 from internvl_tune.train.retrieval_config import (
     RetrievalConfig,
     RetrievalDataArgs,
@@ -211,7 +212,8 @@ class RetrievalTrainer(LoopTrainer):
             raise UserError("no parameter is trainable: check the --freeze_* / --unfreeze_* / LoRA flags")
         self.model_config = model.config
         self.module = RetrievalTrainModule(model).to(info.device).train()
-        parallelize(self.module, param_dtype=self.compute_dtype, reshard_after_forward=info.world_size > 1)
+        self.compiled = compile_enabled(t.torch_compile, info.device) and compile_blocks(self.module) > 0
+        parallelize(self.module, param_dtype=self.compute_dtype)
 
         self.tokenizer = load_tokenizer(m.model_name_or_path, add_eos_token=True)
         self.train_set = build_dataset(cfg, self.tokenizer)
@@ -305,6 +307,7 @@ class RetrievalTrainer(LoopTrainer):
             f"{self.sampler.global_batch} ({t.per_device_train_batch_size} x {self.info.world_size} ranks x "
             f"{t.gradient_accumulation_steps} accum), {self.sampler.steps_per_epoch} steps/epoch, {self.total_steps} steps",
             f"device: {self.info.device} x {self.info.world_size}, compute dtype {self.compute_dtype or torch.float32}, "
+            f"torch.compile {'on' if self.compiled else 'off'}, "
             f"output: {self.output_dir}",
         ]
         return lines

@@ -37,6 +37,24 @@ def build_prompt(template_name: str, history: list[tuple[str, str]], question: s
     return template.generation_prompt(messages, system_message), template.sep
 
 
+def image_layout(input_ids: torch.Tensor, image_flags: torch.Tensor, img_context_token_id: int,
+                 num_image_token: int) -> dict:
+    """Which tiles carry features and where they go: ``image_tiles`` [T'] and ``image_positions`` [T' x n] indices.
+
+    ``image_positions`` are flat positions (``b * L + p``) of the ``<IMG_CONTEXT>`` tokens, in order. Raises a
+    ``UserError`` when the prompt's image tokens do not match the tiles (e.g. a truncated prompt).
+    """
+    tiles = image_flags.reshape(-1).nonzero().squeeze(1)
+    positions = (input_ids.reshape(-1) == img_context_token_id).nonzero().squeeze(1)
+    if len(positions) != len(tiles) * num_image_token:
+        raise UserError(
+            f"the prompt has {len(positions)} {IMG_CONTEXT_TOKEN} tokens but the images give "
+            f"{len(tiles) * num_image_token} features ({len(tiles)} tiles x {num_image_token}); each image needs "
+            f"exactly {IMG_CONTEXT_TOKEN} x {num_image_token} x its tiles — was the prompt truncated?"
+        )
+    return {"image_tiles": tiles, "image_positions": positions}
+
+
 class ImageProcessor:
     """PIL images -> ``pixel_values`` [tiles, 3, S, S] and tiles per image, with the checkpoint's tiling settings."""
 
@@ -114,7 +132,7 @@ class InternVLChat:
         return inner.multi_modal_projector(features)
 
     def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                     image_flags: torch.Tensor | None = None) -> torch.Tensor:
+                     image_flags: torch.Tensor | None = None, layout: dict | None = None) -> torch.Tensor:
         """Token embeddings with image features written at the ``<IMG_CONTEXT>`` positions.
 
         Args:
@@ -122,6 +140,8 @@ class InternVLChat:
             pixel_values: [T, 3, S, S] all tiles of the batch in order, or None for text only.
             image_flags: [T] 1 for real tiles, 0 for the dummy tile of a text-only sample (its features are dropped,
                 but still computed so that every rank runs the vision tower, as the reference does).
+            layout: ``image_layout(...)`` of this batch, computed ahead (the training collator does it on the
+                CPU, so the step needs no host sync); computed here when None.
 
         Returns:
             [B, L, hidden] input embeddings for the LLM.
@@ -129,21 +149,17 @@ class InternVLChat:
         embeds = self.model.get_input_embeddings()(input_ids)
         if pixel_values is None:
             return embeds
+        if layout is None:
+            if image_flags is None:
+                image_flags = torch.ones(pixel_values.shape[0], dtype=torch.long)
+            layout = image_layout(input_ids, image_flags.to(input_ids.device), self.img_context_token_id,
+                                  self.num_image_token)
         features = self.extract_features(pixel_values)
-        if image_flags is not None:
-            features = features[image_flags.reshape(-1).to(features.device) == 1]
-        mask = input_ids == self.img_context_token_id
-        n_tokens, n_features = int(mask.sum()), features.shape[0] * features.shape[1]
-        if n_tokens != n_features:
-            raise UserError(
-                f"the prompt has {n_tokens} {IMG_CONTEXT_TOKEN} tokens but the images give {n_features} features "
-                f"({features.shape[0]} tiles x {self.num_image_token}); each image needs exactly "
-                f"{IMG_CONTEXT_TOKEN} x {self.num_image_token} x its tiles — was the prompt truncated?"
-            )
+        features = features.index_select(0, layout["image_tiles"].to(features.device))
         # index_copy (not masked_scatter): its backward is an index_select, with no host sync in the backward pass
-        positions = mask.reshape(-1).nonzero().squeeze(1).to(embeds.device)
         flat = embeds.reshape(-1, embeds.shape[-1])
-        return flat.index_copy(0, positions, features.reshape(-1, features.shape[-1]).to(embeds.dtype)).view_as(embeds)
+        features = features.reshape(-1, features.shape[-1]).to(embeds.dtype)
+        return flat.index_copy(0, layout["image_positions"].to(embeds.device), features).view_as(embeds)
 
     # --------------------------------------------------------------------------------------------- generation
     @torch.no_grad()

@@ -1,0 +1,76 @@
+"""The training CLIs on a GPU with tiny checkpoints: compiled and eager runs must agree.
+
+Run on a GPU box: ``python -m internvl_tune.bench.gpu_smoke --out /tmp/smoke``. It writes tiny InternVL2-2B and
+InternVL-14B checkpoints, then runs ``internvl-tune train`` (packed rows, bf16) with ``--torch_compile False`` and
+``True`` on the bundled sample's image and text samples, and ``internvl-tune retrieval-train`` (head recipe) on its
+Flickr30K mini-set with ``--torch_compile True``. Prints the losses side by side; exits 1 when a run fails or
+compiled and eager losses differ by more than bf16 noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from internvl_tune.cli import main as cli
+from internvl_tune.train.metrics import read_jsonl
+
+SAMPLE = Path(__file__).resolve().parents[3] / "examples" / "sample"
+
+
+def _meta(out: Path) -> Path:
+    """The sample's meta file without the video kind (PyAV may be missing on a GPU box), with absolute roots."""
+    meta = json.loads((SAMPLE / "meta.json").read_text())
+    keep = {name: {**spec, "root": str(SAMPLE / spec["root"]), "annotation": str(SAMPLE / spec["annotation"])}
+            for name, spec in meta.items() if name != "sample_video"}
+    path = out / "meta.json"
+    path.write_text(json.dumps(keep, indent=2))
+    return path
+
+
+def _losses(run: Path) -> list[float]:
+    return [r["loss"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="working directory (checkpoints and runs)")
+    parser.add_argument("--steps", type=int, default=12, help="optimizer steps of each run")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    chat_ckpt, cg_ckpt = out / "tiny-InternVL2-2B", out / "tiny-InternVL-14B"
+    for like, ckpt in (("internvl2-2b", chat_ckpt), ("internvl-14b", cg_ckpt)):
+        if not ckpt.exists():
+            cli(["tiny-model", "--like", like, "--out", str(ckpt)])
+    meta = _meta(out)
+    common = ["--max_steps", str(args.steps), "--report_to", "none", "--dataloader_num_workers", "2", "--bf16", "True",
+              "--overwrite_output_dir", "True", "--learning_rate", "1e-3", "--lr_scheduler_type", "constant"]
+    chat = ["train", "--model_name_or_path", str(chat_ckpt), "--meta_path", str(meta), "--conv_style", "internlm2-chat",
+            "--force_image_size", "56", "--dynamic_image_size", "True", "--max_dynamic_patch", "4", "--use_packed_ds",
+            "True", "--max_packed_tokens", "1024", "--freeze_backbone", "True", *common]
+    runs = {}
+    for compiled in ("False", "True"):
+        run = out / f"chat_compile_{compiled}"
+        code = cli([*chat, "--output_dir", str(run), "--torch_compile", compiled])
+        runs[f"train, packed, compile {compiled}"] = (code, _losses(run) if code == 0 else [])
+    run = out / "retrieval_compile_True"
+    code = cli(["retrieval-train", "--model_name_or_path", str(cg_ckpt), "--dataset_name", "flickr30k_en_train",
+                "--data_root", str(SAMPLE), "--force_image_size", "28", "--freeze_model", "True",
+                "--unfreeze_qllama_head", "True", "--per_device_train_batch_size", "8", "--output_dir", str(run),
+                "--torch_compile", "True", *common])
+    runs["retrieval-train head, compile True"] = (code, _losses(run) if code == 0 else [])
+    ok = all(code == 0 and losses for code, losses in runs.values())
+    eager, compiled = (runs[f"train, packed, compile {c}"][1] for c in ("False", "True"))
+    if eager and compiled:
+        worst = max(abs(a - b) / abs(a) for a, b in zip(eager, compiled))
+        ok = ok and len(eager) == len(compiled) and worst < 0.05
+        print(f"chat losses, compiled vs eager: worst relative difference {worst:.2e} over {len(eager)} steps")
+    for name, (code, losses) in runs.items():
+        print(f"{name:<40} exit {code}  losses {' '.join(f'{x:.4f}' for x in losses)}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,62 @@
+"""A packed row gives the same loss and gradients as the same samples padded in a batch (fp32, CPU)."""
+
+import pytest
+import torch
+
+from internvl_tune.dist import DistInfo
+from internvl_tune.train.chat_batch import ChatCollator
+from internvl_tune.train.chat_module import ChatTrainModule
+from internvl_tune.train.config import DataArgs, TrainArgs, TrainConfig
+
+
+@pytest.fixture(scope="module")
+def model_and_samples(tiny_1b, tmp_path_factory, subset_meta):
+    from internvl_tune.models.internvl_chat import load_pretrained
+    from internvl_tune.train.chat_trainer import build_datasets
+
+    meta = subset_meta(tmp_path_factory.mktemp("meta"), 3)
+    chat = load_pretrained(tiny_1b, dtype=torch.float32, device="cpu")
+    data = DataArgs(meta_path=str(meta), conv_style="Hermes-2", force_image_size=56, max_dynamic_patch=4,
+                    dynamic_image_size=True, use_thumbnail=True, max_seq_length=1024)
+    train, _ = build_datasets(TrainConfig(data=data, train=TrainArgs(seed=0)), chat, DistInfo())
+    return chat, [train[i] for i in range(len(train))]
+
+
+def _loss_and_grads(module, collate, samples):
+    module.zero_grad()
+    batch = collate(samples)
+    loss = module(batch) / batch["loss_weight"].sum()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("reduction", ["token", "sample", "square"])
+def test_packed_row_equals_padded_batch(model_and_samples, reduction):
+    chat, samples = model_and_samples
+    assert len(samples) >= 4 and len({len(s["input_ids"]) for s in samples}) > 1  # really different lengths
+    torch.manual_seed(0)
+    module = ChatTrainModule(chat)
+    args = (0, chat.img_context_token_id, chat.num_image_token, reduction)
+    padded_loss, padded_grads = _loss_and_grads(module, ChatCollator(False, *args), samples)
+    packed_loss, packed_grads = _loss_and_grads(module, ChatCollator(True, *args), samples)
+    assert torch.allclose(packed_loss, padded_loss, rtol=1e-6, atol=0)
+    assert padded_grads.keys() == packed_grads.keys() and len(padded_grads) > 10
+    for name, grad in padded_grads.items():
+        # (a key bias has a zero gradient in exact arithmetic, softmax being shift-invariant: absolute floor)
+        err = (packed_grads[name] - grad).norm()
+        assert err <= 1e-5 * grad.norm() + 1e-8, (name, float(err), float(grad.norm()))
+
+
+def test_packed_batch_carries_what_the_step_needs_without_a_host_sync(model_and_samples):
+    chat, samples = model_and_samples
+    batch = ChatCollator(True, 0, chat.img_context_token_id, chat.num_image_token)(samples)
+    lengths = [len(s["input_ids"]) for s in samples]
+    assert batch["cu_seq_lens"].tolist() == [sum(lengths[:i]) for i in range(len(lengths) + 1)]
+    assert batch["max_length"] == max(lengths) and batch["num_tokens"] == sum(lengths)
+    ids = batch["input_ids"].reshape(-1)
+    assert torch.all(ids[batch["image_positions"]] == chat.img_context_token_id)
+    assert len(batch["image_positions"]) == len(batch["image_tiles"]) * chat.num_image_token
+    # every loss position predicts its own sample's next token
+    nxt = batch["loss_index"] + 1
+    assert torch.equal(batch["loss_target"], batch["labels"].reshape(-1)[nxt])
+    assert torch.equal(batch["sample_ids"].reshape(-1)[nxt], batch["sample_ids"].reshape(-1)[batch["loss_index"]])
