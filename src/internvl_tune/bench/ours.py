@@ -74,7 +74,7 @@ def run_ours(shape: str, samples, device, warmup: int, packed_tokens: int, compi
     estimate = estimate_training_memory(
         module, decoder_blocks(module), world_size=1, tokens_per_micro_batch=packed_tokens,
         hidden=tcfg.hidden_size, ffn=tcfg.intermediate_size, num_layers=tcfg.num_hidden_layers,
-        grad_checkpoint=grad_checkpoint, vocab=tcfg.vocab_size)
+        grad_checkpoint=grad_checkpoint, compiled=compile, vocab=tcfg.vocab_size)
     parallelize(module, param_dtype=torch.bfloat16)
     groups = build_param_groups(module.named_parameters(), 1e-5, 0.0)
     optimizer = build_adamw(groups, (0.9, 0.999), 1e-8)

@@ -117,7 +117,9 @@ class ChatTrainer(LoopTrainer):
             raise UserError("no parameter is trainable: check --freeze_llm / --freeze_backbone / --freeze_mlp / LoRA flags")
 
         self.module = ChatTrainModule(chat).to(info.device)
-        self.compiled = compile_enabled(t.torch_compile, info.device) and compile_blocks(self.module) > 0
+        m = cfg.model
+        random_recompute = m.grad_checkpoint and bool(m.use_llm_lora or m.use_backbone_lora or m.drop_path_rate)
+        self.compiled = compile_enabled(t.torch_compile, info.device, random_recompute) and compile_blocks(self.module) > 0
         parallelize(self.module, param_dtype=self.compute_dtype)
 
         self.train_set, self.val_set = build_datasets(cfg, chat, info)
@@ -222,7 +224,7 @@ class ChatTrainer(LoopTrainer):
             self.module, decoder_blocks(self.module), world_size=self.info.world_size,
             tokens_per_micro_batch=min(tokens, d.max_packed_tokens if d.use_packed_ds else tokens),
             hidden=text.hidden_size, ffn=text.intermediate_size, num_layers=text.num_hidden_layers,
-            grad_checkpoint=self.cfg.model.grad_checkpoint,
+            grad_checkpoint=self.cfg.model.grad_checkpoint, compiled=self.compiled,
             compute_bytes=2 if self.compute_dtype is not None else 4, vocab=text.vocab_size)
 
     def plan_lines(self) -> list[str]:

@@ -14,9 +14,17 @@ from torch import nn
 from internvl_tune.dist.fsdp import decoder_blocks
 
 
-def compile_enabled(setting: str, device: torch.device) -> bool:
-    """``--torch_compile``: "True", "False", or "auto" (on for CUDA devices)."""
-    return setting == "True" or (setting == "auto" and device.type == "cuda")
+def compile_enabled(setting: str, device: torch.device, random_recompute: bool = False) -> bool:
+    """``--torch_compile``: "True", "False", or "auto": on for CUDA devices, unless ``random_recompute``.
+
+    ``random_recompute``: activation checkpointing re-runs blocks that draw random numbers (LoRA dropout, ViT
+    drop-path). With the checkpoint outside the compiled block, PyTorch then fails on the GPU ("A different number
+    of tensors was saved during the original forward and recomputation", seen on InternVL2-8B with LoRA), so
+    "auto" leaves such runs eager.
+    """
+    if setting == "auto":
+        return device.type == "cuda" and not random_recompute
+    return setting == "True"
 
 
 def compile_blocks(model: nn.Module) -> int:

@@ -212,7 +212,8 @@ class RetrievalTrainer(LoopTrainer):
             raise UserError("no parameter is trainable: check the --freeze_* / --unfreeze_* / LoRA flags")
         self.model_config = model.config
         self.module = RetrievalTrainModule(model).to(info.device).train()
-        self.compiled = compile_enabled(t.torch_compile, info.device) and compile_blocks(self.module) > 0
+        random_recompute = m.grad_checkpoint and bool(m.use_backbone_lora or m.use_qllama_lora or m.drop_path_rate)
+        self.compiled = compile_enabled(t.torch_compile, info.device, random_recompute) and compile_blocks(self.module) > 0
         parallelize(self.module, param_dtype=self.compute_dtype)
 
         self.tokenizer = load_tokenizer(m.model_name_or_path, add_eos_token=True)

@@ -1,0 +1,54 @@
+"""``internvl-tune bench train|eval|smoke|plot``: the benchmark scripts of ``internvl_tune.bench`` as one command."""
+
+from __future__ import annotations
+
+import argparse
+
+SCRIPTS = {
+    "train": ("internvl_tune.bench.train_throughput",
+              "training tokens/s, MFU and peak memory: our path against a plain transformers loop (CUDA)"),
+    "eval": ("internvl_tune.bench.eval_speed",
+             "InternVL-14B retrieval embedding, head fine-tune and batched captioning speed (CUDA)"),
+    "smoke": ("internvl_tune.bench.gpu_smoke",
+              "the training CLIs with tiny checkpoints, torch.compile on and off: losses must agree"),
+    "plot": ("internvl_tune.bench.plot", "redraw throughput.png from the bench_*.json files of a folder"),
+}
+NEEDS_CUDA = {"train", "eval"}
+
+EPILOG = """examples:
+  internvl-tune bench train --shape internvl2-2b --variants plain,ours+compile --out bench_2b.json
+  internvl-tune bench train --help        (every option of one script)
+  internvl-tune bench eval --parts caption --out eval.json
+  internvl-tune bench smoke --out /tmp/smoke
+  internvl-tune bench plot docs/perf
+
+Results recorded so far, with the commands that produced them: docs/performance.md."""
+
+
+def register(subparsers, name: str, help_text: str) -> None:
+    parser = subparsers.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("script", choices=sorted(SCRIPTS),
+                        help="; ".join(f"{k}: {v[1]}" for k, v in SCRIPTS.items()))
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="options of that script (see `bench SCRIPT --help`)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import importlib
+
+    import torch
+
+    from internvl_tune.errors import UserError
+
+    module, _ = SCRIPTS[args.script]
+    if args.script in NEEDS_CUDA and "--help" not in args.args and "-h" not in args.args \
+            and not torch.cuda.is_available():
+        raise UserError(f"`bench {args.script}` measures GPU speed and needs a CUDA device; none is visible here "
+                        f"(`bench smoke` runs on the CPU too)")
+    if args.script == "plot":
+        from pathlib import Path
+
+        print(importlib.import_module(module).plot(Path(args.args[0] if args.args else "docs/perf")))
+        return 0
+    return importlib.import_module(module).main(args.args)

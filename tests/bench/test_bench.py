@@ -1,0 +1,39 @@
+"""The benchmark code runs (tiny shape, CPU), and its command explains itself where it cannot run."""
+
+import pytest
+import torch
+
+from internvl_tune.bench.common import synthetic_samples, train_flops
+from internvl_tune.cli import main
+from internvl_tune.train.compile import compile_enabled
+
+
+def test_our_training_path_runs_on_packed_synthetic_samples():
+    from internvl_tune.bench.ours import run_ours
+
+    samples = synthetic_samples(8, seed=0, tiles=(1, 2), text=(16, 64))
+    row = run_ours("tiny", samples, torch.device("cpu"), warmup=1, packed_tokens=1024, steps=3)
+    assert row["tokens_per_s"] > 0 and row["tflops"] > 0 and torch.isfinite(torch.tensor(row["loss_last"]))
+    assert 0 <= row["padding_waste"] < 1 and row["estimate_gib"] > 0
+
+
+def test_flop_formula_counts_trained_frozen_and_attention_terms():
+    base = train_flops(10, True, 0, 0, 100, 0, 1, 4, [100])
+    assert base == 6 * 10 * 100 + 3 * 2 * 100 * 100 * 4
+    assert train_flops(10, False, 0, 0, 100, 0, 1, 4, [100]) == base - 4 * 10 * 100  # frozen: forward only
+    assert train_flops(10, True, 0, 0, 100, 0, 1, 4, [50, 50]) < base  # two short samples attend less
+
+
+def test_bench_train_without_a_gpu_is_a_readable_error(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    assert main(["bench", "train", "--shape", "tiny"]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting, device, random_recompute, expected", [
+    ("auto", "cuda", False, True), ("auto", "cpu", False, False), ("auto", "cuda", True, False),
+    ("True", "cpu", True, True), ("False", "cuda", False, False),
+])
+def test_torch_compile_setting(setting, device, random_recompute, expected):
+    assert compile_enabled(setting, torch.device(device), random_recompute) is expected
