@@ -93,7 +93,8 @@ class TrainArgs:
     report_to: str = option("tensorboard", "metric sinks besides JSONL/CSV: tensorboard or none")
     dataloader_num_workers: int = option(2, "data-loading worker processes per rank")
     torch_compile: str = option("auto", "torch.compile each ViT and LLM block once, with a symbolic sequence length "
-                                "(fused norms, RoPE and activations; about a minute at start): auto = on GPUs",
+                                "(fused norms, RoPE and activations; about a minute at start): auto = on GPUs, except "
+                                "LoRA or drop-path runs with --grad_checkpoint",
                                 ("auto", "True", "False"))
     max_bad_steps: int = option(10, "stop after this many skipped steps with non-finite loss or gradients")
     device: str | None = option(None, "cuda or cpu (default: cuda when available)")
