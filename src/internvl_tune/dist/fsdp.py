@@ -65,3 +65,22 @@ def _average_over_ranks(grad: torch.Tensor) -> torch.Tensor:
     grad = grad.clone()
     dist.all_reduce(grad)  # SUM: gloo has no AVG
     return grad / dist.get_world_size()
+
+
+def materialize_from_rank0(model: nn.Module, full_state: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Give a model sharded on the meta device its weights: rank 0 holds them all, the others hold none.
+
+    Each rank allocates only its own shards on ``device``; rank 0 broadcasts ``full_state`` (the model's full state
+    dict, on its CPU) tensor by tensor, and every rank keeps its slice. So N ranks hold one full copy of the
+    checkpoint in host memory between them, not N. Buffers, built for real on every rank, keep their values.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+    set_model_state_dict(model, full_state if dist.get_rank() == 0 else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from internvl_tune.dist import DistInfo, all_reduce_sum, init_distributed
-from internvl_tune.dist.fsdp import parallelize
+from internvl_tune.dist.fsdp import materialize_from_rank0, parallelize
 from internvl_tune.errors import UserError
 from internvl_tune.train.chat_batch import ChatCollator
 from internvl_tune.train.chat_module import ChatTrainModule
@@ -77,14 +77,32 @@ def build_datasets(cfg: TrainConfig, chat, info: DistInfo):
     return train, val
 
 
+def load_for_training(cfg: TrainConfig, dtype: torch.dtype, weights: bool = True):
+    """The chat model as training starts from it: the checkpoint (or, ``weights=False``, its structure on the meta
+    device), trainable flags and LoRA adapters (initialised from ``--seed``), fp32 master copies of what trains.
+
+    Returns:
+        ``(chat, trainable parameter counts per part)``.
+    """
+    from internvl_tune.models.internvl_chat import load_pretrained
+
+    m = cfg.model
+    chat = load_pretrained(m.model_name_or_path, dtype=dtype, device="cpu", weights=weights,
+                           select_layer=m.vision_select_layer, ps_version=m.ps_version, drop_path_rate=m.drop_path_rate)
+    torch.manual_seed(cfg.train.seed)  # the same LoRA initialisation on every rank and for any world size
+    parts = apply_trainable_flags(chat, m)
+    for p in chat.model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return chat, parts
+
+
 class ChatTrainer(LoopTrainer):
     """InternVL2 chat fine-tuning; the loop itself is :class:`LoopTrainer`'s."""
 
     name, unit = "train", "tokens"
 
     def __init__(self, cfg: TrainConfig):
-        from internvl_tune.models.internvl_chat import load_pretrained
-
         self.cfg = cfg
         t = cfg.train
         if not cfg.model.model_name_or_path:
@@ -97,30 +115,36 @@ class ChatTrainer(LoopTrainer):
         self.compute_dtype = torch.bfloat16 if (t.bf16 and info.device.type == "cuda") else None
         load_dtype = torch.bfloat16 if self.compute_dtype is not None else torch.float32
 
-        chat = load_pretrained(cfg.model.model_name_or_path, dtype=load_dtype, device="cpu",
-                               select_layer=cfg.model.vision_select_layer, ps_version=cfg.model.ps_version,
-                               drop_path_rate=cfg.model.drop_path_rate)
+        # Several ranks: each builds the structure only; rank 0 alone reads the checkpoint and broadcasts it
+        # into the shards (one full copy in host memory for the whole job, not one per rank).
+        sharded = info.world_size > 1
+        chat, self.trainable_parts = load_for_training(cfg, load_dtype, weights=not sharded)
         self.chat = chat
         if cfg.data.force_image_size != chat.image_size:
             raise UserError(
                 f"--force_image_size {cfg.data.force_image_size} differs from the checkpoint's tile size "
                 f"{chat.image_size}; pass --force_image_size {chat.image_size}"
             )
-        self.trainable_parts = apply_trainable_flags(chat, cfg.model)
-        for p in chat.model.parameters():  # fp32 master weights for everything that trains
-            if p.requires_grad and p.dtype != torch.float32:
-                p.data = p.data.float()
         if cfg.model.grad_checkpoint:
             chat.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.trainable, self.total_params = count_parameters(chat.model)
         if self.trainable == 0:
             raise UserError("no parameter is trainable: check --freeze_llm / --freeze_backbone / --freeze_mlp / LoRA flags")
 
-        self.module = ChatTrainModule(chat).to(info.device)
+        self.module = ChatTrainModule(chat)
+        if not sharded:
+            self.module.to(info.device)
         m = cfg.model
         random_recompute = m.grad_checkpoint and bool(m.use_llm_lora or m.use_backbone_lora or m.drop_path_rate)
         self.compiled = compile_enabled(t.torch_compile, info.device, random_recompute) and compile_blocks(self.module) > 0
         parallelize(self.module, param_dtype=self.compute_dtype)
+        if sharded:
+            full = {}
+            if info.is_main:
+                source, _ = load_for_training(cfg, load_dtype)
+                full = {f"model.{k}": v for k, v in source.model.state_dict().items()}
+            materialize_from_rank0(self.module, full, info.device)
+            del full
 
         self.train_set, self.val_set = build_datasets(cfg, chat, info)
         pad_id = chat.tokenizer.pad_token_id if chat.tokenizer.pad_token_id is not None else 0

@@ -256,7 +256,7 @@ def _resize_for_new_tokens(model, tokenizer, added: int) -> None:
 
 
 def load_pretrained(path, dtype: torch.dtype | None = torch.float32, device="cpu", attn_implementation: str = "sdpa",
-                    **overrides) -> InternVLChat:
+                    weights: bool = True, **overrides) -> InternVLChat:
     """Load an InternVL2 checkpoint in the original or the transformers-native layout, strictly.
 
     Args:
@@ -264,6 +264,8 @@ def load_pretrained(path, dtype: torch.dtype | None = torch.float32, device="cpu
         dtype: parameter dtype; None keeps each tensor's dtype from the files (bit-exact conversion).
         device: where the parameters go.
         attn_implementation: ``sdpa`` or ``eager`` (``flash_attention_2`` where installed).
+        weights: False builds the structure only: parameters stay on the meta device (in ``dtype``), buffers are
+            real; for ranks that receive their weights from rank 0 (``dist.fsdp.materialize_from_rank0``).
         **overrides: InternVLChatConfig settings to replace (``select_layer``, ``ps_version``, ``template``,
             ``dynamic_image_size``, ``use_thumbnail``, ``min_dynamic_patch``, ``max_dynamic_patch``,
             ``force_image_size``, ``downsample_ratio``, ``drop_path_rate`` of the ViT); None values are ignored.
@@ -292,7 +294,11 @@ def load_pretrained(path, dtype: torch.dtype | None = torch.float32, device="cpu
     native = cfg.native_config(original, tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN), attn_implementation)
     model = build_empty_model(native)
     spec = LayoutSpec.from_original(original) if layout == "original" else None
-    load_weights(model, path, layout, spec, dtype, device)
+    if weights:
+        load_weights(model, path, layout, spec, dtype, device)
+    elif dtype is not None:
+        for p in model.parameters():
+            p.data = p.data.to(dtype)
     model.eval()
     if original["vision_config"].get("drop_path_rate", 0.0) > 0:  # only acts in train mode
         set_drop_path(model, original["vision_config"]["drop_path_rate"])
