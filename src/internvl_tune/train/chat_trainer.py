@@ -203,8 +203,8 @@ class ChatTrainer(LoopTrainer):
     def export(self) -> Path:
         """Write the final model into ``output_dir`` in the original InternVL layout (LoRA: adapter + merged).
 
-        The sharded parameters are gathered to rank 0, loaded into a fresh CPU copy of the base model with the same
-        trainable flags, and saved from there, so the exported files never depend on how training was sharded.
+        The sharded parameters are gathered to rank 0, assigned into a fresh CPU structure of the base model with the
+        same trainable flags, and saved from there, so the exported files never depend on how training was sharded.
         """
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -221,11 +221,13 @@ class ChatTrainer(LoopTrainer):
 
         full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.info.is_main:
+            # the structure only: every tensor comes from the gathered state, so the checkpoint is not read again
             fresh = load_pretrained(self.cfg.model.model_name_or_path, dtype=torch.float32, device="cpu",
-                                    select_layer=self.cfg.model.vision_select_layer, ps_version=self.cfg.model.ps_version)
+                                    weights=False, select_layer=self.cfg.model.vision_select_layer,
+                                    ps_version=self.cfg.model.ps_version)
             apply_trainable_flags(fresh, self.cfg.model)
-            state = {k.removeprefix("model."): v for k, v in full.items()}
-            fresh.model.load_state_dict(state, strict=True)
+            state = {k.removeprefix("model."): v.float() if v.is_floating_point() else v for k, v in full.items()}
+            fresh.model.load_state_dict(state, strict=True, assign=True)
             if has_lora(fresh):
                 save_adapter(fresh, self.output_dir / "adapter", base=self.cfg.model.model_name_or_path)
                 if self.cfg.model.merge_lora:

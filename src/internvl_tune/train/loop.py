@@ -158,7 +158,7 @@ class LoopTrainer:
                 f"--learning_rate, check the data with `internvl-tune data check`, or raise --max_bad_steps"
             )
         if step % t.logging_steps == 0 or step == self.total_steps:
-            done_at = out.get("done_at", time.perf_counter())  # steps read back late know when they finished
+            done_at = out["done_at"]  # steps read back late know when they finished
             elapsed = done_at - self._window[0]
             row = {"epoch": round(step / self.sampler.steps_per_epoch, 4), **self.log_fields(out),
                    f"{self.unit}_per_s": self._window[1] / max(elapsed, 1e-9),
