@@ -5,7 +5,7 @@ import torch
 
 from internvl_tune.bench.common import synthetic_samples, train_flops
 from internvl_tune.cli import main
-from internvl_tune.train.compile import compile_enabled
+from internvl_tune.dist.parallelize import compile_enabled
 
 
 def test_our_training_path_runs_on_packed_synthetic_samples():
@@ -31,9 +31,8 @@ def test_bench_train_without_a_gpu_is_a_readable_error(capsys):
     assert "needs a CUDA device" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("setting, device, random_recompute, expected", [
-    ("auto", "cuda", False, True), ("auto", "cpu", False, False), ("auto", "cuda", True, False),
-    ("True", "cpu", True, True), ("False", "cuda", False, False),
+@pytest.mark.parametrize("setting, device, expected", [
+    ("auto", "cuda", True), ("auto", "cpu", False), ("True", "cpu", True), ("False", "cuda", False),
 ])
-def test_torch_compile_setting(setting, device, random_recompute, expected):
-    assert compile_enabled(setting, torch.device(device), random_recompute) is expected
+def test_torch_compile_setting(setting, device, expected):
+    assert compile_enabled(setting, torch.device(device)) is expected

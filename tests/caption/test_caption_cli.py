@@ -38,14 +38,14 @@ def sample_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_g(tmp_path_factory) -> Path:
-    from internvl_tune.models.internvl_cg.tiny import write_tiny_internvl14b
+    from internvl_tune.testing.tiny_cg import write_tiny_internvl14b
 
     return write_tiny_internvl14b(tmp_path_factory.mktemp("ckpt") / "InternVL-14B-224px")
 
 
 @pytest.fixture(scope="module")
 def tiny_chat(tmp_path_factory) -> Path:
-    from internvl_tune.models.internvl_chat import write_tiny_checkpoint
+    from internvl_tune.testing.tiny_chat import write_tiny_checkpoint
 
     return write_tiny_checkpoint("internvl2-1b", tmp_path_factory.mktemp("ckpt") / "InternVL2-1B")
 

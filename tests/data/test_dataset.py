@@ -10,18 +10,26 @@ import pytest
 import torch
 
 from internvl_tune.constants import IGNORE_INDEX
-from internvl_tune.data import DataConfig, SupervisedDataset, frame_indices, load_video_frames, pad_collate
+from internvl_tune.data import CheckpointDefaults, DataConfig, SupervisedDataset, frame_indices, load_video_frames
+from internvl_tune.data.batch import pad_rows
 from internvl_tune.errors import DataError
 
 SAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sample"
 
-CFG = dict(conv_style="Hermes-2", dynamic_image_size=True, use_thumbnail=True, max_dynamic_patch=6,
-           force_image_size=56, patch_size=14)  # 56-px tiles: 4 tokens each, fast on CPU
+# a tiny InternVL2-1B's settings: 56-px tiles of 4 tokens each, fast on CPU
+TINY = CheckpointDefaults(template="Hermes-2", image_size=56, downsample_ratio=0.5, num_image_token=4,
+                          dynamic_image_size=True, use_thumbnail=True, min_dynamic_patch=1, max_dynamic_patch=12)
+CFG = dict(max_dynamic_patch=6)
+
+
+def _config(**kw) -> DataConfig:
+    """The data settings as training resolves them against the tiny checkpoint."""
+    return DataConfig(**kw).resolve(TINY)
 
 
 @pytest.fixture(scope="module")
 def dataset(qwen2):
-    return SupervisedDataset(SAMPLE / "meta.json", qwen2, DataConfig(**CFG), is_train=True, seed=0)
+    return SupervisedDataset(SAMPLE / "meta.json", qwen2, _config(**CFG), is_train=True, seed=0)
 
 
 def by_id(ds, sample_id):
@@ -59,7 +67,7 @@ def test_multi_image_budget_is_split(dataset):
 
 
 def test_video_frames_are_reproducible_per_epoch(qwen2):
-    ds = SupervisedDataset(SAMPLE / "meta.json", qwen2, DataConfig(**CFG), is_train=True, seed=3)
+    ds = SupervisedDataset(SAMPLE / "meta.json", qwen2, _config(**CFG), is_train=True, seed=3)
     i = by_id(ds, "sample_video:2")  # coffee_zoom.mp4, 20 frames
     a, b = ds[i], ds[i]
     assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["input_ids"], b["input_ids"])
@@ -73,8 +81,8 @@ def test_video_frames_are_reproducible_per_epoch(qwen2):
 
 
 def test_jpeg_augmentation_only_where_data_augment(qwen2):
-    ds = SupervisedDataset(SAMPLE / "meta.json", qwen2, DataConfig(**CFG), is_train=True, seed=0)
-    ev = SupervisedDataset(SAMPLE / "meta.json", qwen2, DataConfig(**CFG), is_train=False, seed=0)
+    ds = SupervisedDataset(SAMPLE / "meta.json", qwen2, _config(**CFG), is_train=True, seed=0)
+    ev = SupervisedDataset(SAMPLE / "meta.json", qwen2, _config(**CFG), is_train=False, seed=0)
     img = by_id(ds, "sample_image:1")  # data_augment true
     multi = by_id(ds, "sample_multi_image:1")  # data_augment false
     assert not torch.equal(ds[img]["pixel_values"], ev[img]["pixel_values"])
@@ -95,10 +103,10 @@ def test_frame_sampling():
 
 def test_too_long_samples_are_retiled_then_cut_then_dropped(qwen2, caplog):
     # sample_image:3 is 98 tokens with 7 tiles of 4 tokens, 74 with one tile.
-    ds = SupervisedDataset(SAMPLE / "meta.json", qwen2, DataConfig(**{**CFG, "max_seq_length": 80}), is_train=False)
+    ds = SupervisedDataset(SAMPLE / "meta.json", qwen2, _config(**{**CFG, "max_seq_length": 80}), is_train=False)
     p = ds.prepare(by_id(ds, "sample_image:3"))
     assert any(n.startswith("re-tiled") for n in p.notes) and 70 < len(p.encoded.input_ids) <= 80
-    ds = SupervisedDataset(SAMPLE / "meta.json", qwen2, DataConfig(**{**CFG, "max_seq_length": 70}), is_train=False)
+    ds = SupervisedDataset(SAMPLE / "meta.json", qwen2, _config(**{**CFG, "max_seq_length": 70}), is_train=False)
     p = ds.prepare(by_id(ds, "sample_text:3"))  # long text: the tail is cut (there are no image tokens to protect)
     assert any(n.startswith("truncated") for n in p.notes) and len(p.encoded.input_ids) == 70
     with pytest.raises(DataError, match="no answer token"):  # one tile fits but cutting would remove the answer
@@ -113,10 +121,10 @@ def test_broken_sample_is_skipped_and_strict_raises(qwen2, sample_copy):
     row["image"] = "missing.jpg"
     lines[0] = json.dumps(row)
     (sample_copy / "image.jsonl").write_text("\n".join(lines) + "\n")
-    ds = SupervisedDataset(sample_copy / "meta.json", qwen2, DataConfig(**CFG), is_train=False)
+    ds = SupervisedDataset(sample_copy / "meta.json", qwen2, _config(**CFG), is_train=False)
     i = by_id(ds, "sample_image:1")
     assert ds[i]["sample_id"] == "sample_image:2" and ds.stats["skipped"] == 1
-    strict = SupervisedDataset(sample_copy / "meta.json", qwen2, DataConfig(**CFG), is_train=False, strict=True)
+    strict = SupervisedDataset(sample_copy / "meta.json", qwen2, _config(**CFG), is_train=False, strict=True)
     with pytest.raises(DataError, match=r"image.jsonl:1: image not found"):
         strict[i]
 
@@ -124,20 +132,19 @@ def test_broken_sample_is_skipped_and_strict_raises(qwen2, sample_copy):
 def test_paths_may_not_leave_the_root(qwen2, sample_copy):
     (sample_copy / "image.jsonl").write_text(json.dumps({"image": "../videos/x.jpg", "conversations": [
         {"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "Hello"}]}) + "\n")
-    ds = SupervisedDataset(sample_copy / "meta.json", qwen2, DataConfig(**CFG), strict=True)
+    ds = SupervisedDataset(sample_copy / "meta.json", qwen2, _config(**CFG), strict=True)
     with pytest.raises(DataError, match="outside the dataset root"):
         ds[by_id(ds, "sample_image:1")]
 
 
-def test_pad_collate():
+def test_pad_rows():
     a = {"input_ids": torch.tensor([5, 6, 7]), "labels": torch.tensor([-100, 6, 7]), "pixel_values": torch.zeros(2, 3, 4, 4),
          "image_flags": torch.tensor([1, 1]), "sample_id": "a:1"}
     b = {"input_ids": torch.tensor([0]), "labels": torch.tensor([0]), "pixel_values": torch.ones(1, 3, 4, 4),
          "image_flags": torch.tensor([0]), "sample_id": "b:1"}
-    batch = pad_collate([a, b], pad_token_id=0)
+    batch = pad_rows([a, b], pad_token_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [0, -100, -100]]
     assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 0, 0]]
     assert batch["attention_mask"].tolist() == [[True, True, True], [True, False, False]]  # a real pad-id token counts
-    assert batch["pixel_values"].shape == (3, 3, 4, 4) and batch["image_flags"].tolist() == [1, 1, 0]
-    assert batch["sample_id"] == ["a:1", "b:1"]
+    assert batch["sample_index"].tolist() == [[0, 0, 0], [1, 1, 1]]

@@ -9,8 +9,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from internvl_tune.dist import DistInfo, gather_with_grad
-from internvl_tune.dist.fsdp import parallelize
+from internvl_tune.dist.parallelize import parallelize
 from internvl_tune.train.checkpoint import Checkpointer, list_checkpoints
+from internvl_tune.train.optim import build_param_groups
 
 
 def _port() -> int:
@@ -78,23 +79,24 @@ def _train(model, opt, steps, seed=1):
     return losses
 
 
+def _sharded(world):
+    model, layers = _model()
+    model[0].weight.requires_grad_(False)  # frozen params are not stored
+    parallelize(model, list(layers), world_size=world, param_dtype=None)
+    return model, torch.optim.AdamW(build_param_groups(model.named_parameters(), 1e-2, 0.0), lr=1e-2)
+
+
 def _ckpt_worker(rank, world, port, path, out):
     _setup(rank, world, port)
     info = DistInfo(rank, world, rank, torch.device("cpu"))
-    model, _ = _model()
-    model[0].weight.requires_grad_(False)  # frozen params are not stored
-    parallelize(model, param_dtype=None)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model, opt = _sharded(world)
     _train(model, opt, 3)
     ck = Checkpointer(path, info, keep=1)
-    ck.save(3, model, opt, {"note": "x"})
+    ck.save(3, opt, {"note": "x"})
     after = _train(model, opt, 2, seed=7)
-    model2, _ = _model()
-    model2[0].weight.requires_grad_(False)
-    parallelize(model2, param_dtype=None)
-    opt2 = torch.optim.AdamW([p for p in model2.parameters() if p.requires_grad], lr=1e-2)
+    model2, opt2 = _sharded(world)
     _train(model2, opt2, 1, seed=99)  # different state, overwritten by load
-    state = ck.load(ck.resolve("auto"), model2, opt2)
+    state = ck.load(ck.resolve("auto"), opt2)
     resumed = _train(model2, opt2, 2, seed=7)
     if rank == 0:
         out.put((after, resumed, state["step"], state["note"]))

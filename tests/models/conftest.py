@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from internvl_tune.models.internvl_chat.tokenizers import write_qwen2_tokenizer
+from internvl_tune.testing.tokenizers import write_qwen2_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -21,7 +21,7 @@ FAMILY_LIKES = {"qwen2": "internvl2-1b", "internlm2": "internvl2-2b", "phi3": "i
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
     """Lazily written tiny original-layout checkpoints, one per ``like`` name, shared by the session."""
-    from internvl_tune.models.internvl_chat import write_tiny_checkpoint
+    from internvl_tune.testing.tiny_chat import write_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("tiny")
     cache = {}

@@ -60,7 +60,8 @@ def _import_reference(ref_root: str, scratch: Path):
 
 
 def compare(ref_root: str, likes: list[str]) -> None:
-    from internvl_tune.models.internvl_chat import load_pretrained, write_tiny_checkpoint
+    from internvl_tune.models.internvl_chat import load_pretrained
+    from internvl_tune.testing.tiny_chat import write_tiny_checkpoint
 
     warnings.filterwarnings("ignore")
     scratch = Path(tempfile.mkdtemp(prefix="internvl-fidelity-"))

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from internvl_tune.constants import SPECIAL_TOKENS
-from internvl_tune.models.internvl_chat.tokenizers import load_tokenizer, write_qwen2_tokenizer
+from internvl_tune.models.internvl_chat.tokenizers import load_tokenizer
+from internvl_tune.testing.tokenizers import write_qwen2_tokenizer
 
 TEXTS = [
     "Hello world!  This is   a test.\n\n\tTabs",

@@ -2,7 +2,7 @@
 
 import pytest
 
-from internvl_tune.models.internvl_cg.tiny import write_tiny_internvl14b
+from internvl_tune.testing.tiny_cg import write_tiny_internvl14b
 
 
 @pytest.fixture(scope="session")

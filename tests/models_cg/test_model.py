@@ -10,7 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from internvl_tune.errors import CheckpointError
 from internvl_tune.models.internvl_cg.loading import load_internvl_cg, save_internvl_cg
-from internvl_tune.models.internvl_cg.tokenizer import load_tokenizer, tokenize_prompts, tokenize_retrieval
+from internvl_tune.data.retrieval import tokenize_retrieval
+from internvl_tune.models.internvl_cg.tokenizer import load_tokenizer, tokenize_prompts
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +145,10 @@ def test_gradient_checkpointing_and_drop_path_train(tiny_cg):
     rates = [layer.drop_path1.p for layer in m.vision_model.encoder.layers]
     assert rates == pytest.approx([0.0, 0.3])
     m.train()
-    m.set_gradient_checkpointing(True)
+    from internvl_tune.dist.parallelize import apply_activation_checkpointing
+
+    blocks = [*m.vision_model.encoder.layers, *m.qllama.model.layers]
+    assert len(apply_activation_checkpointing(m, blocks, 1.0)) == len(blocks)
     out = m.encode_image(torch.randn(2, 3, 28, 28), "InternVL-G")
     F.normalize(out, dim=-1).sum().backward()
     assert m.query_tokens.grad is not None and m.vision_model.embeddings.patch_embedding.weight.grad is not None

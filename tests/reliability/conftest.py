@@ -35,7 +35,10 @@ def cli(capsys):
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
     """Tiny original-layout checkpoints of two families (InternLM2 2B-like, Phi-3 4B-like); fast to write."""
-    from internvl_tune.models.internvl_chat import write_tiny_checkpoint
+    from internvl_tune.testing.tiny_chat import write_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("tiny_ckpt")
-    return {like: write_tiny_checkpoint(like, root / like, seed=1) for like in ("internvl2-2b", "internvl2-4b")}
+    out = {like: write_tiny_checkpoint(like, root / like, seed=1) for like in ("internvl2-2b", "internvl2-4b")}
+    # the released tile size (448 px, 256 tokens a tile), for checks of image-token budgets
+    out["internvl2-2b-448"] = write_tiny_checkpoint("internvl2-2b", root / "internvl2-2b-448", seed=1, image_size=448)
+    return out

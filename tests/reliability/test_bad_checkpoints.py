@@ -145,7 +145,7 @@ def test_chat_input_mistakes(tiny_checkpoints, tmp_path, cli, question, images, 
 def test_truncated_internvl_cg_shard_is_a_clear_error(tmp_path):
     from internvl_tune.errors import CheckpointError
     from internvl_tune.models.internvl_cg.loading import load_internvl_cg
-    from internvl_tune.models.internvl_cg.tiny import write_tiny_internvl14b
+    from internvl_tune.testing.tiny_cg import write_tiny_internvl14b
 
     ckpt = write_tiny_internvl14b(tmp_path / "tiny14b")
     shard = sorted(ckpt.glob("model-*.safetensors"))[-1]

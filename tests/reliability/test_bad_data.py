@@ -210,8 +210,8 @@ def token_corpus(tmp_path):
 
 
 def test_image_tokens_past_max_seq_length(token_corpus, tiny_checkpoints, cli):
-    result = cli("data", "check", token_corpus / "meta.json", "--model_name_or_path", tiny_checkpoints["internvl2-2b"],
-                 "--max_seq_length", "200")
+    result = cli("data", "check", token_corpus / "meta.json", "--model_name_or_path",
+                 tiny_checkpoints["internvl2-2b-448"], "--max_seq_length", "200")
     assert result.code == 1
     assert f"{token_corpus / 'd.jsonl'}:1: the image tokens alone reach past --max_seq_length 200" in result.out
     assert "raise --max_seq_length" in result.out
@@ -219,12 +219,26 @@ def test_image_tokens_past_max_seq_length(token_corpus, tiny_checkpoints, cli):
 
 def test_zero_supervised_tokens_after_truncation(token_corpus, tiny_checkpoints, cli):
     """The "loss is 0" trap: a sample whose answer is cut away is flagged, with the token count that fits."""
-    result = cli("data", "check", token_corpus / "meta.json", "--model_name_or_path", tiny_checkpoints["internvl2-2b"],
-                 "--max_seq_length", "600", "--dynamic_image_size", "True")
+    result = cli("data", "check", token_corpus / "meta.json", "--model_name_or_path",
+                 tiny_checkpoints["internvl2-2b-448"], "--max_seq_length", "600", "--dynamic_image_size", "True")
     assert result.code == 1
     assert f"{token_corpus / 'd.jsonl'}:2: no answer token is left within --max_seq_length 600" in result.out
-    assert f"{token_corpus / 'd.jsonl'}:1: re-tiled from 2 to 1 tiles" in result.out  # a warning, not an error
+    # 2 tiles and the thumbnail the checkpoint's config asks for; a warning, not an error
+    assert f"{token_corpus / 'd.jsonl'}:1: re-tiled from 3 to 1 tiles" in result.out
     assert "1 error(s), 1 warning(s)" in result.out
+
+
+def test_data_check_takes_tile_size_and_template_from_the_checkpoint(token_corpus, tiny_checkpoints, cli):
+    small = cli("data", "check", token_corpus / "meta.json", "--model_name_or_path", tiny_checkpoints["internvl2-2b"])
+    released = cli("data", "check", token_corpus / "meta.json", "--model_name_or_path",
+                   tiny_checkpoints["internvl2-2b-448"])
+    assert "4 tokens per tile" in small.out and "256 tokens per tile" in released.out
+    assert "template internlm2-chat" in small.out and "dynamic tiles on, up to 12" in small.out  # the config's
+    phi3 = cli("data", "check", token_corpus / "meta.json", "--model_name_or_path", tiny_checkpoints["internvl2-4b"])
+    assert "template phi3-chat" in phi3.out
+    wrong = cli("data", "check", token_corpus / "meta.json", "--model_name_or_path", tiny_checkpoints["internvl2-2b"],
+                "--force_image_size", "448")
+    assert wrong.code == 2 and "--force_image_size 448 differs" in wrong.err and "pass --force_image_size 56" in wrong.err
 
 
 def test_template_that_does_not_match_the_tokenizer(token_corpus, tiny_checkpoints, cli):
@@ -236,10 +250,11 @@ def test_template_that_does_not_match_the_tokenizer(token_corpus, tiny_checkpoin
 
 
 def test_training_dataset_refuses_a_mismatched_template_at_start(token_corpus, tiny_checkpoints):
-    from internvl_tune.data.dataset import DataConfig, SupervisedDataset
+    from internvl_tune.data.config import REFERENCE_DEFAULTS, DataConfig
+    from internvl_tune.data.dataset import SupervisedDataset
     from internvl_tune.errors import DataError
     from internvl_tune.models.internvl_chat.tokenizers import load_tokenizer
 
     tok = load_tokenizer(tiny_checkpoints["internvl2-2b"])
     with pytest.raises(DataError, match="phi3-chat template needs"):
-        SupervisedDataset(token_corpus / "meta.json", tok, DataConfig(conv_style="phi3-chat"))
+        SupervisedDataset(token_corpus / "meta.json", tok, DataConfig(conv_style="phi3-chat").resolve(REFERENCE_DEFAULTS))

@@ -151,8 +151,8 @@ def test_masks_supervise_exactly_the_answers_and_image_runs_stay_whole(tokenizer
        max_tiles=st.none() | st.integers(4, 12), world=st.integers(1, 3), accum=st.integers(1, 2),
        seed=st.integers(0, 5))
 def test_packing_keeps_every_sample_once_and_images_whole(lengths, tiles, budget, max_tiles, world, accum, seed):
-    from internvl_tune.data.packing import pack_collate
-    from internvl_tune.train.sampler import PackedBatchSampler
+    from internvl_tune.data.batch import ChatCollator
+    from internvl_tune.data.packing import PackedBatchSampler
 
     n = len(lengths)
     tiles = tiles.draw(st.lists(st.integers(0, 3), min_size=n, max_size=n))
@@ -176,22 +176,24 @@ def test_packing_keeps_every_sample_once_and_images_whole(lengths, tiles, budget
         return {"input_ids": ids, "labels": labels, "pixel_values": torch.zeros(max(tiles[i], 1), 3, 2, 2),
                 "image_flags": torch.tensor([int(tiles[i] > 0)] * max(tiles[i], 1)), "sample_id": str(i)}
 
+    collate = ChatCollator(packed=True, pad_token_id=0, img_context_token_id=9, num_image_token=2)
     for p in packs:
         parts = [sample(i) for i in p]
-        row = pack_collate(parts)
-        assert row["sample_id"] == [str(i) for i in p]
-        assert int((row["labels"] != IGNORE_INDEX).sum()) == sum(int((s["labels"] != IGNORE_INDEX).sum()) for s in parts)
-        owners = row["sample_ids"][0].tolist()
+        row = collate(parts)
+        assert row.sample_ids == [str(i) for i in p]
+        assert int((row.labels != IGNORE_INDEX).sum()) == sum(int((s["labels"] != IGNORE_INDEX).sum()) for s in parts)
+        owners = row.sample_index[0].tolist()
         for k, s in enumerate(parts):  # each sample's tokens are contiguous, unchanged, positions restart at 0
             where = [j for j, o in enumerate(owners) if o == k]
             assert where == list(range(where[0], where[0] + len(s["input_ids"])))
-            assert torch.equal(row["input_ids"][0, where], s["input_ids"])
-            assert row["position_ids"][0, where].tolist() == list(range(len(where)))
-        assert row["pixel_values"].shape[0] == sum(s["pixel_values"].shape[0] for s in parts)
+            assert torch.equal(row.input_ids[0, where], s["input_ids"])
+            assert row.position_ids[0, where].tolist() == list(range(len(where)))
+        assert row.pixel_values.shape[0] == sum(s["pixel_values"].shape[0] for s in parts)
+        assert len(row.image_positions) == 2 * sum(tiles[i] for i in p)  # every image's tokens get its features
 
 
 def test_packing_with_fewer_packs_than_one_step_needs():
-    from internvl_tune.train.sampler import PackedBatchSampler
+    from internvl_tune.data.packing import PackedBatchSampler
 
     sampler = PackedBatchSampler([1], 60, world_size=2, rank=1, grad_accum=2, seed=0)
     assert [i for _, micro in sampler.epoch_steps(0) for p in micro for i in p] == [0, 0]

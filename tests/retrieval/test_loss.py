@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from internvl_tune.train.retrieval_loss import retrieval_loss
+from internvl_tune.models.internvl_cg.loss import retrieval_loss
 
 
 def _inputs(B=8, D=16, seed=0):

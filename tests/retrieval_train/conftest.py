@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from internvl_tune.models.internvl_cg.tiny import write_tiny_internvl14b
+from internvl_tune.testing.tiny_cg import write_tiny_internvl14b
 
 SAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sample"
 

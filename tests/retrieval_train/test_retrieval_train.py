@@ -13,14 +13,16 @@ import torch
 
 from internvl_tune.train.config import TrainArgs
 from internvl_tune.train.metrics import read_jsonl
-from internvl_tune.train.retrieval_config import RetrievalConfig, RetrievalDataArgs, RetrievalModelArgs
+from internvl_tune.data.retrieval import RetrievalDataArgs
+from internvl_tune.models.internvl_cg.recipe import RetrievalModelArgs
+from internvl_tune.train.config import RunConfig
 
 REPO = Path(__file__).resolve().parents[2]
 HEAD = dict(freeze_model=True, freeze_vision_model=True, freeze_qllama=True, unfreeze_qllama_head=True)
 
 
-def _cfg(model, data_root, out, **kw) -> RetrievalConfig:
-    m = RetrievalModelArgs(model_name_or_path=str(model), grad_checkpoint=False)
+def _cfg(model, data_root, out, **kw) -> RunConfig:
+    m = RetrievalModelArgs(model_name_or_path=str(model), grad_checkpoint="False")
     d = RetrievalDataArgs(dataset_name="flickr30k_en_train", data_root=str(data_root), force_image_size=28)
     t = TrainArgs(output_dir=str(out), max_steps=3, per_device_train_batch_size=8, learning_rate=1e-3,
                   lr_scheduler_type="constant", logging_steps=1, save_steps=1000, dataloader_num_workers=0,
@@ -30,7 +32,7 @@ def _cfg(model, data_root, out, **kw) -> RetrievalConfig:
         if section is None:
             raise KeyError(key)
         setattr(section, key, value)
-    return RetrievalConfig(model=m, data=d, train=t)
+    return RunConfig(model=m, data=d, train=t)
 
 
 def _losses(out: Path) -> list[float]:
@@ -40,7 +42,7 @@ def _losses(out: Path) -> list[float]:
 # ----------------------------------------------------------------------------------------------- which params train
 def _trainable(tiny_ckpt, **flags) -> set[str]:
     from internvl_tune.models.internvl_cg.loading import load_internvl_cg
-    from internvl_tune.train.retrieval_trainer import apply_trainable_flags
+    from internvl_tune.models.internvl_cg.recipe import apply_trainable_flags
 
     model = load_internvl_cg(tiny_ckpt, dtype="fp32")
     apply_trainable_flags(model, RetrievalModelArgs(**flags))
@@ -83,7 +85,7 @@ def test_full_and_crossattn_flags(tiny_ckpt):
 # ----------------------------------------------------------------------------------------------- layer-wise lr decay
 def test_layer_decay_groups_follow_the_reference_rule(tiny_ckpt):
     from internvl_tune.models.internvl_cg.loading import load_internvl_cg
-    from internvl_tune.train.layer_decay import layer_decay_lr_scale
+    from internvl_tune.models.internvl_cg.layer_decay import layer_decay_lr_scale
     from internvl_tune.train.optim import build_param_groups
 
     model = load_internvl_cg(tiny_ckpt, dtype="fp32")
@@ -115,7 +117,7 @@ def test_layer_decay_groups_follow_the_reference_rule(tiny_ckpt):
 def test_loss_decreases_and_the_export_evaluates(tiny_ckpt, sample_root, tmp_path):
     from internvl_tune.cli import main
     from internvl_tune.models.internvl_cg.loading import load_internvl_cg
-    from internvl_tune.train.retrieval_trainer import run
+    from train_helpers import run_retrieval as run
 
     result = run(_cfg(tiny_ckpt, sample_root, tmp_path / "run", max_steps=8, use_custom_trainer=True,
                       vit_layer_decay_rate=0.9, qllama_layer_decay_rate=0.9))
@@ -131,7 +133,7 @@ def test_loss_decreases_and_the_export_evaluates(tiny_ckpt, sample_root, tmp_pat
 
 @pytest.mark.slow
 def test_resume_gives_the_uninterrupted_losses(tiny_ckpt, sample_root, tmp_path):
-    from internvl_tune.train.retrieval_trainer import run
+    from train_helpers import run_retrieval as run
 
     run(_cfg(tiny_ckpt, sample_root, tmp_path / "ref", max_steps=4, **HEAD, use_backbone_lora=2, use_qllama_lora=2))
     run(_cfg(tiny_ckpt, sample_root, tmp_path / "run", max_steps=2, save_steps=2, **HEAD, use_backbone_lora=2,
@@ -145,7 +147,7 @@ def _spawn_worker(rank, world, port, model, data_root, out, q):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    from internvl_tune.train.retrieval_trainer import run
+    from train_helpers import run_retrieval as run
 
     result = run(_cfg(model, data_root, out, per_device_train_batch_size=8 // world))
     if rank == 0:
@@ -179,16 +181,17 @@ def test_two_gloo_processes_match_one_process(tiny_ckpt, sample_root, tmp_path):
 def test_flags_env_and_yaml_precedence(tmp_path):
     import argparse
 
-    from internvl_tune.cli.retrieval_train import env_defaults
-    from internvl_tune.train.retrieval_config import build_retrieval_arg_parser, load_retrieval_config
+    from internvl_tune.cli.retrieval_train import env_defaults, sections
+    from internvl_tune.models.internvl_cg.recipe import IGNORED_FLAGS
+    from internvl_tune.train.config import build_arg_parser, load_config
 
-    parser = build_retrieval_arg_parser(argparse.ArgumentParser())
+    parser = build_arg_parser(argparse.ArgumentParser(), sections(), IGNORED_FLAGS)
     (tmp_path / "c.yaml").write_text("model:\n  qllama_layer_decay_rate: 0.7\ntrain:\n  learning_rate: 2.0e-6\n")
     args = parser.parse_args(["--config", str(tmp_path / "c.yaml"), "--freeze_model", "--use_custom_trainer", "True",
                               "--use_backbone_lora", "16", "--deepspeed", "zero_stage3_config.json", "--optim",
                               "adamw_torch", "--pad_to_max_length", "True", "--learning_rate", "1e-6"])
     env = env_defaults({"VIT_LAYER_DECAY_RATE": "0.9", "QLLAMA_LAYER_DECAY_RATE": "0.9"})
-    cfg = load_retrieval_config(args, env)
+    cfg = load_config(args, sections(), env)
     assert cfg.model.freeze_model and cfg.model.use_custom_trainer and cfg.model.use_backbone_lora == 16
     assert cfg.model.vit_layer_decay_rate == 0.9  # environment default
     assert cfg.model.qllama_layer_decay_rate == 0.7  # YAML beats the environment
@@ -198,7 +201,7 @@ def test_flags_env_and_yaml_precedence(tmp_path):
 
 def test_unknown_dataset_name_is_a_user_error(tiny_ckpt, tmp_path):
     from internvl_tune.errors import UserError
-    from internvl_tune.train.retrieval_trainer import dataset_spec
+    from internvl_tune.data.retrieval import dataset_spec
 
     with pytest.raises(UserError, match="coco_karpathy_train"):
         dataset_spec(RetrievalDataArgs(dataset_name="flickr_en"))

@@ -10,7 +10,7 @@ SAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sample"
 
 @pytest.fixture(scope="session")
 def tiny_1b(tmp_path_factory) -> Path:
-    from internvl_tune.models.internvl_chat.tiny import write_tiny_checkpoint
+    from internvl_tune.testing.tiny_chat import write_tiny_checkpoint
 
     return write_tiny_checkpoint("internvl2-1b", tmp_path_factory.mktemp("tiny") / "InternVL2-1B")
 

@@ -40,7 +40,7 @@ def _losses(out: Path) -> list[float]:
 
 def experiment(workdir: Path, kills: int, seed: int, max_delay: float = 12.0) -> dict:
     """Returns the reference losses, the final losses after ``kills`` SIGKILLs, and the kill delays used."""
-    from internvl_tune.models.internvl_chat.tiny import write_tiny_checkpoint
+    from internvl_tune.testing.tiny_chat import write_tiny_checkpoint
     from internvl_tune.train.checkpoint import list_checkpoints
 
     model = write_tiny_checkpoint("internvl2-1b", workdir / "tiny")

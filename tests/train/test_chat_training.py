@@ -11,16 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from internvl_tune.train.config import DataArgs, ModelArgs, TrainArgs, TrainConfig
+from internvl_tune.data.config import DataConfig
+from internvl_tune.models.internvl_chat.recipe import ModelArgs
+from internvl_tune.train.config import RunConfig, TrainArgs
 from internvl_tune.train.metrics import read_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _cfg(model, meta, out, **kw) -> TrainConfig:
-    m = ModelArgs(model_name_or_path=str(model), freeze_backbone=True, grad_checkpoint=False)
-    d = DataArgs(meta_path=str(meta), conv_style="Hermes-2", force_image_size=56, max_dynamic_patch=4,
-                 dynamic_image_size=True, use_thumbnail=True, max_seq_length=1024)
+def _cfg(model, meta, out, **kw) -> RunConfig:
+    m = ModelArgs(model_name_or_path=str(model), freeze_backbone=True, grad_checkpoint="False")
+    d = DataConfig(meta_path=str(meta), conv_style="Hermes-2", force_image_size=56, max_dynamic_patch=4,
+                   dynamic_image_size=True, use_thumbnail=True, max_seq_length=1024)
     t = TrainArgs(output_dir=str(out), max_steps=4, per_device_train_batch_size=2, learning_rate=1e-3,
                   logging_steps=1, save_steps=1000, dataloader_num_workers=0, report_to="none", seed=0)
     for key, value in kw.items():
@@ -30,7 +32,7 @@ def _cfg(model, meta, out, **kw) -> TrainConfig:
                 break
         else:
             raise KeyError(key)
-    return TrainConfig(model=m, data=d, train=t)
+    return RunConfig(model=m, data=d, train=t)
 
 
 def _losses(out: Path) -> list[float]:
@@ -38,7 +40,7 @@ def _losses(out: Path) -> list[float]:
 
 
 def test_full_finetune_overfits_the_sample(tiny_1b, tmp_path, subset_meta):
-    from internvl_tune.train.chat_trainer import run
+    from train_helpers import run_chat as run
 
     meta = subset_meta(tmp_path, 2)
     result = run(_cfg(tiny_1b, meta, tmp_path / "run", max_steps=40, learning_rate=3e-3, warmup_steps=2,
@@ -72,7 +74,7 @@ def _trainable(chat) -> set[str]:
 )
 def test_freeze_and_lora_flags_train_exactly_the_intended_parameters(tiny_1b, flags, expect):
     from internvl_tune.models.internvl_chat import load_pretrained
-    from internvl_tune.train.freeze import apply_trainable_flags
+    from internvl_tune.models.internvl_chat.recipe import apply_trainable_flags
 
     chat = load_pretrained(tiny_1b)
     apply_trainable_flags(chat, ModelArgs(**flags))
@@ -95,7 +97,7 @@ def _spawn_worker(rank, world, port, model, meta, out, q, extra):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from internvl_tune.train.chat_trainer import run
+    from train_helpers import run_chat as run
 
     result = run(_cfg(model, meta, out, per_device_train_batch_size=4 // world, max_steps=3, device="cpu", **extra))
     if rank == 0:
@@ -170,7 +172,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_losses(tiny_1b, tmp_path, s
 def test_lora_export_merges_to_the_adapter_logits(tiny_1b, tmp_path, subset_meta):
     from internvl_tune.models.internvl_chat import load_pretrained
     from internvl_tune.models.internvl_chat.lora import load_adapter
-    from internvl_tune.train.chat_trainer import run
+    from train_helpers import run_chat as run
 
     meta = subset_meta(tmp_path, 2)
     run(_cfg(tiny_1b, meta, tmp_path / "run", use_llm_lora=4, freeze_llm=True, freeze_mlp=True, max_steps=3,
@@ -189,7 +191,7 @@ def test_lora_export_merges_to_the_adapter_logits(tiny_1b, tmp_path, subset_meta
 
 def test_existing_checkpoints_need_resume_or_overwrite(tiny_1b, tmp_path, subset_meta):
     from internvl_tune.errors import UserError
-    from internvl_tune.train.chat_trainer import run
+    from train_helpers import run_chat as run
 
     meta = subset_meta(tmp_path, 2)
     run(_cfg(tiny_1b, meta, tmp_path / "run", max_steps=1, save_steps=1))

@@ -4,12 +4,14 @@ import argparse
 
 import pytest
 
+from internvl_tune.cli.train import sections
 from internvl_tune.errors import UserError
+from internvl_tune.models.internvl_chat.recipe import IGNORED_FLAGS
 from internvl_tune.train.config import build_arg_parser, load_config
 
 
 def _parse(argv):
-    return load_config(build_arg_parser(argparse.ArgumentParser()).parse_args(argv))
+    return load_config(build_arg_parser(argparse.ArgumentParser(), sections(), IGNORED_FLAGS).parse_args(argv), sections())
 
 
 def test_reference_style_flags():

@@ -7,16 +7,18 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
+from internvl_tune.data.batch import TensorBatch
 from internvl_tune.dist import DistInfo
 from internvl_tune.errors import UserError
 from internvl_tune.train.checkpoint import Checkpointer, list_checkpoints
 from internvl_tune.train.metrics import read_jsonl
-from internvl_tune.train.optim import build_adamw
+from internvl_tune.train.optim import build_adamw, build_param_groups
 from internvl_tune.train.schedule import LRSchedule
 from internvl_tune.train.step import StepRunner
 
@@ -26,7 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 def _toy():
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
-    return model, torch.optim.AdamW(model.parameters(), lr=0.1)
+    return model, torch.optim.AdamW(build_param_groups(model.named_parameters(), 0.1, 0.0), lr=0.1)
 
 
 def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
@@ -36,18 +38,18 @@ def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch
     model(torch.randn(4, 3)).sum().backward()
     opt.step()
     ck = Checkpointer(tmp_path, DistInfo(), keep=2)
-    ck.save(1, model, opt, {"note": "first"})
+    ck.save(1, opt, {"note": "first"})
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ck_module, "save_file", disk_full)
     with pytest.raises(OSError):
-        ck.save(2, model, opt, {"note": "second"})
+        ck.save(2, opt, {"note": "second"})
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-1"]  # the partial one is not "complete"
     assert ck.resolve("auto").name == "checkpoint-1"
     fresh, fresh_opt = _toy()
-    state = ck.load(ck.resolve("auto"), fresh, fresh_opt)
+    state = ck.load(ck.resolve("auto"), fresh_opt)
     assert state["note"] == "first" and torch.equal(fresh.weight, model.weight)
 
 
@@ -59,24 +61,35 @@ class _NaNAfter(torch.nn.Module):
         self.w = torch.nn.Parameter(torch.ones(()))
 
     def forward(self, batch):
-        loss = (self.w * batch["loss_weight"]).sum()
-        return loss * float("nan") if batch["poison"] else loss
+        loss = (self.w * batch.loss_weight).sum()
+        return {"loss": loss * float("nan") if batch.poison else loss}
 
 
-def _batch(poison: bool, weights=(1.0, 1.0, 1.0)) -> dict:
-    return {"loss_weight": torch.tensor(weights), "num_tokens": 4, "poison": poison}
+@dataclass
+class _Batch(TensorBatch):
+    loss_weight: torch.Tensor
+    poison: bool
+    work: int = 4
+
+    @property
+    def weight(self) -> float:
+        return float(self.loss_weight.sum())
+
+
+def _batch(poison: bool, weights=(1.0, 1.0, 1.0)) -> _Batch:
+    return _Batch(torch.tensor(weights), poison)
 
 
 def _runner(module):
-    return StepRunner(module, build_adamw([{"params": list(module.parameters()), "lr": 0.1}], (0.9, 0.999), 1e-8),
-                      LRSchedule("constant", 0, 10), DistInfo())
+    groups = build_param_groups(module.named_parameters(), 0.1, 0.0)
+    return StepRunner(module, build_adamw(groups, (0.9, 0.999), 1e-8), LRSchedule("constant", 0, 10), DistInfo())
 
 
 def test_non_finite_step_is_skipped_without_touching_the_weights_or_the_optimizer_state():
     module = _NaNAfter()
     runner = _runner(module)
     good = runner([_batch(False)], 0).result()
-    assert good["finite"] and good["tokens"] == 4 and module.w.item() != 1.0
+    assert good["finite"] and good["work"] == 4 and module.w.item() != 1.0
     before = module.w.detach().clone()
     state = {k: v.clone() for k, v in runner.optimizer.state[module.w].items()}
     bad = runner([_batch(True)], 1).result()
@@ -116,7 +129,7 @@ def test_sigterm_checkpoints_exits_cleanly_and_resumes_exactly(tiny_1b, tmp_path
     run.send_signal(signal.SIGTERM)
     out, err = run.communicate(timeout=120)
     assert run.returncode == 0, err[-2000:]
-    assert "stopped by signal" in out
+    assert "stopped by signal" in err and "stopped by signal" in (tmp_path / "run" / "train.log").read_text()
     saved = list_checkpoints(tmp_path / "run")
     assert saved, "SIGTERM must leave a checkpoint"
     stopped_at = int(saved[-1].name.split("-")[1])

@@ -17,7 +17,7 @@ SCRIPTS = REPO / "shell" / "internvl2.0" / "2nd_finetune"
     ("internvl2_2b_internlm2_1_8b_dynamic_res_2nd_finetune_full.sh", "internvl2-2b"),
 ])
 def test_script_trains_and_exports_a_tiny_model(tmp_path, script, like):
-    from internvl_tune.models.internvl_chat.tiny import write_tiny_checkpoint
+    from internvl_tune.testing.tiny_chat import write_tiny_checkpoint
 
     model = write_tiny_checkpoint(like, tmp_path / "model")
     out = tmp_path / "run"

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from internvl_tune.constants import IGNORE_INDEX
-from internvl_tune.train.loss import supervised_positions, token_weights, weighted_lm_loss_sum
+from internvl_tune.data.batch import supervised_positions, token_weights
+from internvl_tune.models.internvl_chat.loss import weighted_lm_loss_sum
 from internvl_tune.train.metrics import MetricsLogger, read_jsonl
 
 
@@ -55,7 +56,7 @@ def test_chunked_loss_equals_plain_cross_entropy(chunk):
 
 
 def test_metrics_logger_resume_drops_later_rows_and_plots(tmp_path):
-    log = MetricsLogger(tmp_path, tensorboard=True)
+    log = MetricsLogger(tmp_path, sinks=("tensorboard",))
     for step in range(1, 6):
         log.log(step, {"loss": 1.0 / step, "lr": 0.1, "grad_norm": 2.0})
     log.log(5, {"eval_loss": 0.5})
@@ -65,7 +66,7 @@ def test_metrics_logger_resume_drops_later_rows_and_plots(tmp_path):
     header = (tmp_path / "metrics.csv").read_text().splitlines()[0]
     assert header.split(",")[:4] == ["step", "loss", "lr", "grad_norm"] and "eval_loss" in header
     assert any((tmp_path / "tensorboard").iterdir())
-    resumed = MetricsLogger(tmp_path, tensorboard=False, resume_step=3)
+    resumed = MetricsLogger(tmp_path, resume_step=3)
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2]
     resumed.close()
 

@@ -3,31 +3,25 @@
 import pytest
 import torch
 
-from internvl_tune.dist import DistInfo
-from internvl_tune.train.chat_batch import ChatCollator
-from internvl_tune.train.chat_module import ChatTrainModule
-from internvl_tune.train.config import DataArgs, TrainArgs, TrainConfig
+from internvl_tune.data.batch import ChatCollator
+from internvl_tune.data.config import DataConfig
+from internvl_tune.models.internvl_chat.recipe import ChatRecipe, ChatTrainModule, ModelArgs
 
 
 @pytest.fixture(scope="module")
 def model_and_samples(tiny_1b, tmp_path_factory, subset_meta):
-    from internvl_tune.models.internvl_chat import load_pretrained
-    from internvl_tune.train.chat_trainer import build_datasets
-
     meta = subset_meta(tmp_path_factory.mktemp("meta"), 3)
-    chat = load_pretrained(tiny_1b, dtype=torch.float32, device="cpu")
-    data = DataArgs(meta_path=str(meta), conv_style="Hermes-2", force_image_size=56, max_dynamic_patch=4,
-                    dynamic_image_size=True, use_thumbnail=True, max_seq_length=1024)
-    train, _ = build_datasets(TrainConfig(data=data, train=TrainArgs(seed=0)), chat, DistInfo())
-    return chat, [train[i] for i in range(len(train))]
+    data = DataConfig(meta_path=str(meta), max_dynamic_patch=4, max_seq_length=1024)
+    recipe = ChatRecipe(ModelArgs(model_name_or_path=str(tiny_1b)), data)
+    recipe.build_module(torch.float32)
+    train, _, _, _ = recipe.build_data(seed=0, rank=0, world_size=1, per_device_batch=1, grad_accum=1)
+    return recipe.chat, [train[i] for i in range(len(train))]
 
 
 def _loss_and_grads(module, collate, samples, device):
-    from internvl_tune.train.step import to_device
-
     module.zero_grad()
     batch = collate(samples)
-    loss = module(to_device(batch, device)) / batch["loss_weight"].sum().to(device)
+    loss = module(batch.to(device))["loss"] / batch.weight
     loss.backward()
     return loss.detach().float(), {n: p.grad.float() for n, p in module.named_parameters() if p.grad is not None}
 
@@ -71,12 +65,14 @@ def test_packed_batch_carries_what_the_step_needs_without_a_host_sync(model_and_
     chat, samples = model_and_samples
     batch = ChatCollator(True, 0, chat.img_context_token_id, chat.num_image_token)(samples)
     lengths = [len(s["input_ids"]) for s in samples]
-    assert batch["cu_seq_lens"].tolist() == [sum(lengths[:i]) for i in range(len(lengths) + 1)]
-    assert batch["max_length"] == max(lengths) and batch["num_tokens"] == sum(lengths)
-    ids = batch["input_ids"].reshape(-1)
-    assert torch.all(ids[batch["image_positions"]] == chat.img_context_token_id)
-    assert len(batch["image_positions"]) == len(batch["image_tiles"]) * chat.num_image_token
-    # every loss position predicts its own sample's next token
-    nxt = batch["loss_index"] + 1
-    assert torch.equal(batch["loss_target"], batch["labels"].reshape(-1)[nxt])
-    assert torch.equal(batch["sample_ids"].reshape(-1)[nxt], batch["sample_ids"].reshape(-1)[batch["loss_index"]])
+    assert batch.cu_seq_lens.tolist() == [sum(lengths[:i]) for i in range(len(lengths) + 1)]
+    assert batch.max_length == max(lengths) and batch.num_tokens == sum(lengths)
+    ids = batch.input_ids.reshape(-1)
+    assert torch.all(ids[batch.image_positions] == chat.img_context_token_id)
+    assert len(batch.image_positions) == len(batch.image_tiles) * chat.num_image_token
+    # every loss position predicts its own sample's next token, and knows which sample that is
+    nxt = batch.loss_index + 1
+    assert torch.equal(batch.loss_target, batch.labels.reshape(-1)[nxt])
+    owners = batch.sample_index.reshape(-1)
+    assert torch.equal(owners[nxt], owners[batch.loss_index]) and torch.equal(owners[nxt], batch.loss_sample)
+    assert batch.weight == float(batch.loss_weight.sum()) > 0

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 SHAPE_14B = {
     "attn_pool_num_heads": 16, "clip_embed_dim": 768, "cross_attention_frequency": 2, "hidden_size": 4096,
@@ -32,7 +31,7 @@ def build_14b(device: torch.device):
     """A random InternVL-14B-224px-shaped model in bf16 on ``device``."""
     from internvl_tune.models.internvl_cg.config import InternVLCGConfig
     from internvl_tune.models.internvl_cg.model import InternVLModel
-    from internvl_tune.models.internvl_cg.tiny import tiny_config_dict
+    from internvl_tune.testing.tiny_cg import tiny_config_dict
 
     d = tiny_config_dict(vocab_size=SHAPE_14B["qllama"]["vocab_size"], image_size=224,
                          num_query_token=SHAPE_14B["num_query_token"])
@@ -77,21 +76,11 @@ def bench_embedding(model, n_images: int, n_captions: int, device) -> dict:
     return out
 
 
-class _HeadStep(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch):
-        from internvl_tune.train.retrieval_loss import retrieval_loss
-
-        feats = self.model.retrieval_features(**{k: v for k, v in batch.items() if k != "image_ids"})
-        return retrieval_loss(**feats, image_ids=batch["image_ids"])["loss"]
-
-
 def bench_head_finetune(model, batch: int, steps: int, device) -> dict:
+    from internvl_tune.data.retrieval import RetrievalBatch
     from internvl_tune.dist import init_distributed
-    from internvl_tune.dist.fsdp import parallelize
+    from internvl_tune.dist.parallelize import parallelize
+    from internvl_tune.models.internvl_cg.recipe import RetrievalTrainModule
 
     init_distributed("cuda")
     model.requires_grad_(False)
@@ -100,26 +89,26 @@ def bench_head_finetune(model, batch: int, steps: int, device) -> dict:
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
-    model.set_gradient_checkpointing(True)
-    step_module = _HeadStep(model).train()
-    parallelize(step_module, param_dtype=torch.bfloat16)
+    step_module = RetrievalTrainModule(model, gather_fn=lambda x: x).train()
+    parallelize(step_module, step_module.blocks(), world_size=1, param_dtype=torch.bfloat16, grad_checkpoint=1.0)
     opt = torch.optim.AdamW([p for p in step_module.parameters() if p.requires_grad], lr=1e-6, fused=True)
     g = torch.Generator(device=device).manual_seed(1)
 
     def make():
         ids = lambda: torch.randint(3, 49000, (batch, 80), device=device, generator=g)  # noqa: E731
         mask = torch.ones(batch, 80, dtype=torch.long, device=device)
-        return dict(pixel_values=torch.randn(batch, 3, 224, 224, device=device, generator=g, dtype=torch.bfloat16),
-                    negative_input_ids=ids(), negative_attention_mask=mask, positive_input_ids=ids(),
-                    positive_attention_mask=mask, summarize_input_ids=ids(), summarize_attention_mask=mask,
-                    image_ids=torch.arange(batch, device=device))
+        return RetrievalBatch(
+            pixel_values=torch.randn(batch, 3, 224, 224, device=device, generator=g, dtype=torch.bfloat16),
+            negative_input_ids=ids(), negative_attention_mask=mask, positive_input_ids=ids(),
+            positive_attention_mask=mask, summarize_input_ids=ids(), summarize_attention_mask=mask,
+            image_ids=torch.arange(batch, device=device), work=batch)
 
     torch.cuda.reset_peak_memory_stats()
     for i in range(steps + 2):
         if i == 2:
             _sync()
             start = time.perf_counter()
-        loss = step_module(make())
+        loss = step_module(make())["loss"]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

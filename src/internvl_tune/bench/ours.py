@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from types import SimpleNamespace
 
@@ -9,18 +10,17 @@ import torch
 
 from internvl_tune.bench.common import materialize
 from internvl_tune.bench.shapes import native_config
+from internvl_tune.data.batch import ChatCollator
+from internvl_tune.data.packing import PackedBatchSampler
 from internvl_tune.dist import init_distributed
-from internvl_tune.dist.fsdp import decoder_blocks, parallelize
-from internvl_tune.models import varlen_attention
+from internvl_tune.dist.parallelize import parallelize, parse_grad_checkpoint
+from internvl_tune.models.common import varlen_attention
 from internvl_tune.models.internvl_chat.chat import InternVLChat
 from internvl_tune.models.internvl_chat.config import original_from_native
-from internvl_tune.train.chat_batch import ChatCollator
-from internvl_tune.train.chat_module import ChatTrainModule
-from internvl_tune.train.compile import compile_blocks
-from internvl_tune.train.optim import build_adamw, build_param_groups
-from internvl_tune.train.sampler import PackedBatchSampler
-from internvl_tune.train.schedule import LRSchedule
+from internvl_tune.models.internvl_chat.recipe import ChatTrainModule
 from internvl_tune.train.memory import estimate_training_memory
+from internvl_tune.train.optim import build_adamw, build_param_groups
+from internvl_tune.train.schedule import LRSchedule
 from internvl_tune.train.step import StepRunner
 
 
@@ -49,7 +49,7 @@ def build_chat(shape: str, attn: str, device: torch.device) -> InternVLChat:
 
 
 def run_ours(shape: str, samples, device, warmup: int, packed_tokens: int, compile: bool = False,
-             grad_checkpoint: bool = False, lora_rank: int = 0, steps: int | None = None, profile: bool = False) -> dict:
+             grad_checkpoint: str = "False", lora_rank: int = 0, steps: int | None = None, profile: bool = False) -> dict:
     """Train on packs of ``samples`` as ``internvl-tune train`` does and time it: tokens/s, TFLOP/s, peak memory."""
     from internvl_tune.bench.train_throughput import _flops, _param_counts
 
@@ -65,17 +65,15 @@ def run_ours(shape: str, samples, device, warmup: int, packed_tokens: int, compi
     for p in chat.model.parameters():  # fp32 master weights for what trains
         if p.requires_grad:
             p.data = p.data.float()
-    if grad_checkpoint:
-        chat.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     module = ChatTrainModule(chat)
-    if compile:
-        compile_blocks(module)
+    mode = parse_grad_checkpoint(grad_checkpoint)
+    blocks = parallelize(module, module.blocks(), world_size=1, param_dtype=torch.bfloat16, grad_checkpoint=mode,
+                         compile=compile)
     tcfg = chat.model.config.text_config
     estimate = estimate_training_memory(
-        module, decoder_blocks(module), world_size=1, tokens_per_micro_batch=packed_tokens,
+        module, blocks, world_size=1, tokens_per_micro_batch=packed_tokens,
         hidden=tcfg.hidden_size, ffn=tcfg.intermediate_size, num_layers=tcfg.num_hidden_layers,
-        grad_checkpoint=grad_checkpoint, compiled=compile, vocab=tcfg.vocab_size)
-    parallelize(module, param_dtype=torch.bfloat16)
+        grad_checkpoint=mode, compiled=compile, vocab=tcfg.vocab_size)
     groups = build_param_groups(module.named_parameters(), 1e-5, 0.0)
     optimizer = build_adamw(groups, (0.9, 0.999), 1e-8)
     stepper = StepRunner(module, optimizer, LRSchedule("constant", 0, 10**6), info, 1.0)
@@ -90,8 +88,8 @@ def run_ours(shape: str, samples, device, warmup: int, packed_tokens: int, compi
     batches = []
     for p in packs:  # as the data loader hands them over: bf16 pixels, pinned memory
         batch = collate([data[i] for i in p])
-        batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
-        batches.append({k: v.pin_memory() if cuda and torch.is_tensor(v) else v for k, v in batch.items()})
+        batch = dataclasses.replace(batch, pixel_values=batch.pixel_values.to(torch.bfloat16))
+        batches.append(batch.pin_memory() if cuda else batch)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     tokens, timed, start, previous = 0, [], None, None
@@ -107,7 +105,7 @@ def run_ours(shape: str, samples, device, warmup: int, packed_tokens: int, compi
             last = previous.result()
         previous = pending
         if i >= warmup:
-            tokens += batch["num_tokens"]
+            tokens += batch.num_tokens
             timed.extend(packs[i])
     last = previous.result()
     _sync(device)
@@ -116,7 +114,7 @@ def run_ours(shape: str, samples, device, warmup: int, packed_tokens: int, compi
     flops = _flops(counts, cfg, timed_samples)
     if lora_rank:  # a frozen LLM costs 4·N·T (forward + input gradients), not 6·N·T
         flops -= 2 * counts["llm"] * sum(s.tokens for s in timed_samples)
-    name = "ours" + (" + compile" if compile else "") + (" + ckpt" if grad_checkpoint else "")
+    name = "ours" + (" + compile" if compile else "") + (f" + ckpt {grad_checkpoint}" if mode else "")
     name += f" + LoRA r{lora_rank}" if lora_rank else ""
     return {"variant": name, "tokens_per_s": tokens / elapsed, "tflops": flops / elapsed / 1e12,
             "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0,

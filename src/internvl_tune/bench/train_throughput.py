@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=8, help="samples (plain) / steps (ours) not timed")
     parser.add_argument("--packed_tokens", type=int, default=8192, help="token budget of a packed row (ours)")
     parser.add_argument("--variants", default="plain,ours",
-                        help="comma list of: plain, ours[+compile][+ckpt][+lora<rank>][+profile] (e.g. ours+compile+ckpt)")
+                        help="comma list of: plain, ours[+compile][+ckpt[FRACTION|selective]][+lora<rank>][+profile] "
+                             "(e.g. ours+compile+ckpt, ours+compile+ckpt0.5+lora16)")
     parser.add_argument("--steps", type=int, default=None, help="timed packed steps for ours (default: one epoch)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -103,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                 opts = variant.split("+")[1:]
                 lora = next((int(o[4:]) for o in opts if o.startswith("lora")), 0)
                 row = run_ours(args.shape, samples, device, args.warmup, args.packed_tokens, compile="compile" in opts,
-                               grad_checkpoint="ckpt" in opts, lora_rank=lora, steps=args.steps,
+                               grad_checkpoint=next((o[5:] or "True" for o in opts if o.startswith("ckpt")), "False"),
+                               lora_rank=lora, steps=args.steps,
                                profile="profile" in opts)
         except Exception as exc:  # one failing variant must not cost the others' numbers
             print(f"variant {variant} failed: {type(exc).__name__}: {str(exc)[:500]}", flush=True)

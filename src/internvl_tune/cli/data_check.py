@@ -5,63 +5,39 @@ Exit status: 0 when no error was found (warnings allowed unless ``--strict``), 1
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
+import dataclasses
 
+from internvl_tune.cli.flags import add_bool_flag
 from internvl_tune.constants import IGNORE_INDEX, IMG_CONTEXT_TOKEN
-from internvl_tune.data.templates import TEMPLATES
+from internvl_tune.data.config import DataConfig
 
-
-def _help(name: str) -> str:
-    """The training flag's own help text, so both commands explain a setting the same way."""
-    import dataclasses
-
-    from internvl_tune.train.config import DataArgs
-
-    field = next(f for f in dataclasses.fields(DataArgs) if f.name == name)
-    return f"{field.metadata['help']} (default: %(default)s)"
+# training-only settings that change nothing a check looks at
+NOT_CHECKED = {"meta_path", "eval_meta_path", "use_packed_ds", "max_packed_tokens", "num_images_expected",
+               "loss_reduction", "group_by_length"}
 
 
 def register(subparsers, name: str, help_text: str) -> None:
-    p = subparsers.add_parser(name, help=help_text, description=help_text + ". Exits 0 only when no error is found.",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from internvl_tune.options import add_dataclass_flags
+
+    p = subparsers.add_parser(name, help=help_text, description=help_text + ". Exits 0 only when no error is found.")
     p.add_argument("meta", metavar="META_JSON", help="the meta JSON (as passed to training with --meta_path)")
-    p.add_argument("--model_name_or_path", help="checkpoint whose tokenizer (and template) to use; enables token checks")
+    p.add_argument("--model_name_or_path", help="checkpoint whose tokenizer, template and tile settings to use; "
+                                                "enables token-length and label checks")
     p.add_argument("--tokenizer", help="tokenizer directory, if not the checkpoint's")
-    p.add_argument("--conv_style", choices=list(TEMPLATES), default=None,
-                   help="conversation template (default: the checkpoint's `template`, else internlm2-chat)")
-    p.add_argument("--max_seq_length", type=int, default=8192, help=_help("max_seq_length"))
-    p.add_argument("--force_image_size", type=int, default=448, help=_help("force_image_size"))
-    p.add_argument("--down_sample_ratio", type=float, default=0.5, help=_help("down_sample_ratio"))
-    p.add_argument("--dynamic_image_size", type=_bool, default=False, metavar="BOOL", help=_help("dynamic_image_size"))
-    p.add_argument("--use_thumbnail", type=_bool, default=False, metavar="BOOL", help=_help("use_thumbnail"))
-    p.add_argument("--min_dynamic_patch", type=int, default=1, help=_help("min_dynamic_patch"))
-    p.add_argument("--max_dynamic_patch", type=int, default=12, help=_help("max_dynamic_patch"))
-    p.add_argument("--min_num_frame", type=int, default=8, help=_help("min_num_frame"))
-    p.add_argument("--max_num_frame", type=int, default=32, help=_help("max_num_frame"))
-    p.add_argument("--allow_outside_root", action="store_true", help="accept paths that leave their dataset root")
-    p.add_argument("--max_errors", type=int, default=50, help="list at most this many problems")
-    p.add_argument("--strict", action="store_true", help="warnings count as errors too")
-    p.add_argument("--show", type=int, default=0, metavar="N", help="print the first N samples as tokenized (needs a tokenizer)")
+    group = p.add_argument_group("data settings (as for training; the checkpoint's when not given)")
+    add_dataclass_flags(group, DataConfig, skip=NOT_CHECKED)
+    p.add_argument("--max_errors", type=int, default=50, help="list at most this many problems (default: 50)")
+    add_bool_flag(p, "strict", False, "warnings count as errors too (default: False)")
+    p.add_argument("--show", type=int, default=0, metavar="N",
+                   help="print the first N samples as tokenized, image tokens collapsed, answers highlighted "
+                        "(needs a tokenizer; default: 0)")
     p.set_defaults(func=run)
 
 
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes"):
-        return True
-    if text.lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
-
-
-def _checkpoint_config(path: str | None) -> dict:
-    if not path or not (Path(path) / "config.json").is_file():
-        return {}
-    try:
-        return json.loads((Path(path) / "config.json").read_text())
-    except json.JSONDecodeError:
-        return {}
+def data_config(args, defaults) -> DataConfig:
+    """The DataConfig of the flags, resolved against the checkpoint's settings."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(DataConfig) if hasattr(args, f.name)}
+    return DataConfig(**values).resolve(defaults, args.model_name_or_path or "the reference defaults")
 
 
 def run(args) -> int:
@@ -69,27 +45,21 @@ def run(args) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from internvl_tune.data.check import check_meta
-    from internvl_tune.data.dataset import DataConfig
+    from internvl_tune.data.config import REFERENCE_DEFAULTS
 
     console = Console()
-    ckpt = _checkpoint_config(args.model_name_or_path)
-    conv_style = args.conv_style or ckpt.get("template") or "internlm2-chat"
-    if conv_style not in TEMPLATES:
-        conv_style = "internlm2-chat"
-    patch = (ckpt.get("vision_config") or {}).get("patch_size", 14)
-    cfg = DataConfig(
-        force_image_size=args.force_image_size, patch_size=patch, down_sample_ratio=args.down_sample_ratio,
-        dynamic_image_size=args.dynamic_image_size, use_thumbnail=args.use_thumbnail,
-        min_dynamic_patch=args.min_dynamic_patch, max_dynamic_patch=args.max_dynamic_patch,
-        max_seq_length=args.max_seq_length, min_num_frame=args.min_num_frame, max_num_frame=args.max_num_frame,
-        conv_style=conv_style, allow_outside_root=args.allow_outside_root,
-    )
+    defaults = REFERENCE_DEFAULTS
+    if args.model_name_or_path:
+        from internvl_tune.models.internvl_chat.config import checkpoint_data_defaults
+
+        defaults = checkpoint_data_defaults(args.model_name_or_path)
+    cfg = data_config(args, defaults)
     tokenizer = None
     tok_path = args.tokenizer or args.model_name_or_path
     if tok_path:
         from internvl_tune.models.internvl_chat.tokenizers import load_tokenizer
 
-        tokenizer = load_tokenizer(tok_path, model_max_length=args.max_seq_length)
+        tokenizer = load_tokenizer(tok_path, model_max_length=cfg.max_seq_length)
 
     with Progress(TextColumn("checking"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True, disable=not console.is_terminal) as bar:

@@ -45,10 +45,12 @@ def _meta_with_absolute_paths(sample: Path, out: Path) -> Path:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from internvl_tune.data.config import DataConfig
     from internvl_tune.models.internvl_chat import load_pretrained
-    from internvl_tune.models.internvl_chat.tiny import write_tiny_checkpoint
-    from internvl_tune.train import chat_trainer
-    from internvl_tune.train.config import DataArgs, ModelArgs, TrainArgs, TrainConfig
+    from internvl_tune.models.internvl_chat.recipe import ChatRecipe, ModelArgs
+    from internvl_tune.testing.tiny_chat import write_tiny_checkpoint
+    from internvl_tune.train.config import RunConfig, TrainArgs
+    from internvl_tune.train.trainer import run as run_trainer
 
     console = Console()
     out = Path(args.out).resolve()
@@ -64,24 +66,22 @@ def run(args: argparse.Namespace) -> int:
     console.rule("2. data check of the bundled sample")
     from internvl_tune.cli import main as cli_main
 
-    status = cli_main(["data", "check", str(meta), "--model_name_or_path", str(model_dir), "--conv_style", "Hermes-2",
-                       "--force_image_size", "56", "--dynamic_image_size", "True", "--use_thumbnail", "True",
-                       "--max_dynamic_patch", "6", "--max_seq_length", "2048", "--show", "2"])
+    status = cli_main(["data", "check", str(meta), "--model_name_or_path", str(model_dir), "--max_dynamic_patch", "6",
+                       "--max_seq_length", "2048", "--show", "2"])
     if status != 0:
         return status
 
     console.rule(f"3. LoRA fine-tuning ({args.steps} steps, CPU)")
     run_dir = out / "run"
-    cfg = TrainConfig(
+    cfg = RunConfig(
         model=ModelArgs(model_name_or_path=str(model_dir), freeze_backbone=True, freeze_llm=True, freeze_mlp=True,
-                        use_llm_lora=args.lora_rank, unfreeze_lm_head=True, grad_checkpoint=False),
-        data=DataArgs(meta_path=str(meta), conv_style="Hermes-2", force_image_size=56, dynamic_image_size=True,
-                      use_thumbnail=True, max_dynamic_patch=6, max_seq_length=2048),
+                        use_llm_lora=args.lora_rank, unfreeze_lm_head=True, grad_checkpoint="False"),
+        data=DataConfig(meta_path=str(meta), max_dynamic_patch=6, max_seq_length=2048),
         train=TrainArgs(output_dir=str(run_dir), overwrite_output_dir=True, max_steps=args.steps,
                         per_device_train_batch_size=4, learning_rate=5e-3, warmup_steps=2, lr_scheduler_type="cosine",
                         logging_steps=5, save_steps=20, save_total_limit=1, dataloader_num_workers=0, seed=0),
     )
-    result = chat_trainer.run(cfg)
+    result = run_trainer(ChatRecipe(cfg.model, cfg.data), cfg)
     first, last = result.losses[0], result.losses[-1]
     console.print(f"loss {first:.3f} -> {last:.3f} ({(1 - last / first):.0%} lower) over {result.steps} steps")
 

@@ -113,10 +113,10 @@ def _gather_fn(world_size: int):
 
 
 def run(args) -> int:
-    from internvl_tune.data.retrieval import load_dataset_registry
+    from internvl_tune.data.retrieval import load_dataset_registry, tokenize_retrieval
     from internvl_tune.eval.retrieval import evaluate_retrieval
     from internvl_tune.models.internvl_cg.loading import load_internvl_cg
-    from internvl_tune.models.internvl_cg.tokenizer import load_tokenizer, tokenize_retrieval
+    from internvl_tune.models.internvl_cg.tokenizer import load_tokenizer
 
     if args.task != "zeroshot_retrieval":
         raise UserError(f"--task {args.task} is not supported by InternVL retrieval evaluation; use zeroshot_retrieval")

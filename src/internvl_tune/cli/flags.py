@@ -6,17 +6,7 @@ reference's launch scripts write them; every flag has a help text.
 
 from __future__ import annotations
 
-import argparse
-
-
-def str2bool(text: str) -> bool:
-    """Parse a boolean flag value: ``True``/``False`` (also yes/no/1/0/on/off, any case)."""
-    low = str(text).strip().lower()
-    if low in ("true", "1", "yes", "y", "on"):
-        return True
-    if low in ("false", "0", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+from internvl_tune.options import str2bool
 
 
 def add_bool_flag(parser, name: str, default: bool, help: str, dest: str | None = None) -> None:

@@ -6,7 +6,6 @@ import argparse
 import os
 
 from internvl_tune.errors import UserError
-from internvl_tune.train.retrieval_config import build_retrieval_arg_parser, load_retrieval_config
 
 # The reference reads the layer-decay rates from these variables; here they are only defaults of the two flags.
 DECAY_ENV = {"VIT_LAYER_DECAY_RATE": "vit_layer_decay_rate", "QLLAMA_LAYER_DECAY_RATE": "qllama_layer_decay_rate"}
@@ -28,10 +27,22 @@ Booleans take an optional value: --freeze_model, --freeze_model True and --freez
 Precedence: flags > --config YAML > VIT_LAYER_DECAY_RATE / QLLAMA_LAYER_DECAY_RATE > defaults."""
 
 
+def sections() -> dict:
+    """The run-config sections of retrieval fine-tuning."""
+    from internvl_tune.data.retrieval import RetrievalDataArgs
+    from internvl_tune.models.internvl_cg.recipe import RetrievalModelArgs
+    from internvl_tune.train.config import TrainArgs
+
+    return {"model": RetrievalModelArgs, "data": RetrievalDataArgs, "train": TrainArgs}
+
+
 def register(subparsers, name: str, help_text: str) -> None:
+    from internvl_tune.models.internvl_cg.recipe import IGNORED_FLAGS
+    from internvl_tune.train.config import build_arg_parser
+
     parser = subparsers.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    build_retrieval_arg_parser(parser)
+    build_arg_parser(parser, sections(), IGNORED_FLAGS)
     parser.set_defaults(func=run)
 
 
@@ -48,7 +59,14 @@ def env_defaults(environ=os.environ) -> dict[str, dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from internvl_tune.train import retrieval_trainer
+    from internvl_tune.dist import gather_with_grad
+    from internvl_tune.models.internvl_cg.recipe import RetrievalRecipe
+    from internvl_tune.train.config import load_config
+    from internvl_tune.train.trainer import run as run_trainer
 
-    result = retrieval_trainer.run(load_retrieval_config(args, env_defaults()))
+    cfg = load_config(args, sections(), env_defaults())
+    if cfg.train.eval_steps:
+        raise UserError("retrieval-train has no validation pass; evaluate checkpoints with "
+                        "`internvl-tune eval retrieval --pretrained OUTPUT_DIR`")
+    result = run_trainer(RetrievalRecipe(cfg.model, cfg.data, gather_with_grad), cfg)
     return 0 if result.steps > 0 or not result.interrupted else 1

@@ -18,7 +18,7 @@ INTERNVL_14B = "internvl-14b"  # InternVL-14B-224px: InternViT-6B + QLLaMA (Inte
 
 
 def register(subparsers, name: str, help_text: str) -> None:
-    from internvl_tune.models.internvl_chat.tiny import SIZES
+    from internvl_tune.testing.tiny_chat import SIZES
 
     parser = subparsers.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,13 +34,13 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from internvl_tune.errors import UserError
-    from internvl_tune.models.internvl_chat.tiny import write_tiny_checkpoint
+    from internvl_tune.testing.tiny_chat import write_tiny_checkpoint
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} already exists and is not empty — choose a new --out directory")
     if args.like == INTERNVL_14B:
-        from internvl_tune.models.internvl_cg.tiny import write_tiny_internvl14b
+        from internvl_tune.testing.tiny_cg import write_tiny_internvl14b
 
         write_tiny_internvl14b(out, seed=args.seed, image_size=args.image_size or 28)
     else:

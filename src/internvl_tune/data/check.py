@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from internvl_tune.constants import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
-from internvl_tune.data.dataset import DataConfig, SupervisedDataset, resolve_path, sample_kind
+from internvl_tune.data.config import DataConfig
+from internvl_tune.data.dataset import SupervisedDataset, resolve_path
 from internvl_tune.data.images import load_image, num_tiles
-from internvl_tune.data.meta import DatasetSpec, JsonlIndex, read_meta
+from internvl_tune.data.meta import DatasetSpec, JsonlIndex, read_meta, sample_kind
 from internvl_tune.data.preprocess import parse_conversations, tokenizer_info
 from internvl_tune.data.templates import GPT, HUMAN, get_template
 from internvl_tune.data.video import load_video_frames

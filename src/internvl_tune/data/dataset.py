@@ -33,7 +33,9 @@ from internvl_tune.data.images import (
     num_tiles,
     tiles_to_tensor,
 )
-from internvl_tune.data.meta import DatasetSpec, JsonlIndex, read_meta
+from internvl_tune.data.config import DataConfig
+from internvl_tune.data.lengths import estimate_lines
+from internvl_tune.data.meta import DatasetSpec, JsonlIndex, read_meta, sample_kind
 from internvl_tune.data.preprocess import Encoded, build_conversation_ids, parse_conversations, tokenizer_info
 from internvl_tune.data.templates import HUMAN, get_template
 from internvl_tune.data.video import load_video_frames
@@ -41,50 +43,7 @@ from internvl_tune.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("text", "image", "multi_image", "video")
 MAX_TRIES = 10  # like the reference: a broken sample is replaced, at most this many times in a row
-
-
-@dataclass
-class DataConfig:
-    """Data settings shared by training, evaluation and ``data check`` (reference flag names and defaults)."""
-
-    force_image_size: int = 448
-    patch_size: int = 14
-    down_sample_ratio: float = 0.5
-    dynamic_image_size: bool = False
-    use_thumbnail: bool = False
-    min_dynamic_patch: int = 1
-    max_dynamic_patch: int = 12
-    max_seq_length: int = 8192
-    normalize_type: str = "imagenet"
-    min_num_frame: int = 8
-    max_num_frame: int = 32
-    pad2square: bool = False
-    conv_style: str = "internlm2-chat"
-    allow_outside_root: bool = False
-
-    @property
-    def num_image_token(self) -> int:
-        """Tokens per tile: (448 / 14)^2 patches, pixel-shuffled by 0.5 in each direction -> 256."""
-        return int((self.force_image_size // self.patch_size) ** 2 * self.down_sample_ratio**2)
-
-
-def sample_kind(item: dict, where: str | None = None) -> str:
-    """``text``, ``image``, ``multi_image`` or ``video``, by the reference's rules (a list of one image is multi_image)."""
-    image, video = item.get("image"), item.get("video")
-    if image is not None and not isinstance(image, (str, list)):
-        raise DataError(f"`image` must be a path or a list of paths, got {type(image).__name__}", where,
-                        'write "image": "a.jpg" or "image": ["a.jpg", "b.jpg"]')
-    if image:
-        if isinstance(image, list) and not all(isinstance(p, str) and p for p in image):
-            raise DataError("`image` list must hold non-empty path strings", where, 'write "image": ["a.jpg", "b.jpg"]')
-        return "multi_image" if isinstance(image, list) else "image"
-    if video is not None and video != "":
-        if not isinstance(video, str):
-            raise DataError(f"`video` must be a path string, got {type(video).__name__}", where, 'write "video": "clip.mp4"')
-        return "video"
-    return "text"
 
 
 def resolve_path(root: str, rel: str, allow_outside_root: bool, where: str | None = None) -> str:
@@ -141,7 +100,7 @@ class SupervisedDataset(Dataset):
     Args:
         meta_or_specs: a meta JSON path, or DatasetSpec objects.
         tokenizer: tokenizer with the InternVL special tokens.
-        cfg: data settings.
+        cfg: data settings, resolved against the checkpoint (``DataConfig.resolve``).
         is_train: training set (random frames, JPEG augmentation where ``data_augment``) or evaluation set.
         seed: base seed of every per-sample random choice.
         strict: raise on a broken sample instead of replacing it with the next one.
@@ -150,6 +109,8 @@ class SupervisedDataset(Dataset):
     def __init__(self, meta_or_specs, tokenizer, cfg: DataConfig, is_train: bool = True, seed: int = 0, strict: bool = False):
         if isinstance(meta_or_specs, (str, os.PathLike)):
             meta_or_specs = read_meta(meta_or_specs)
+        if not cfg.resolved:
+            raise ValueError("resolve the DataConfig against the checkpoint first (DataConfig.resolve)")
         self.specs: list[DatasetSpec] = list(meta_or_specs)
         self.tokenizer, self.cfg = tokenizer, cfg
         self.template = get_template(cfg.conv_style)
@@ -377,8 +338,6 @@ class SupervisedDataset(Dataset):
         return self._tiles
 
     def _estimate(self) -> None:
-        from internvl_tune.data.lengths import estimate_lines
-
         lengths, kinds, tiles = [], [], []
         for spec, index, size in zip(self.specs, self.indexes, self.sizes):
             n_lines = len(index)

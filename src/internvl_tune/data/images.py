@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from internvl_tune.constants import NORMALIZE
+from internvl_tune.constants import IMAGENET_MEAN, IMAGENET_STD, NORMALIZE
 from internvl_tune.errors import DataError
 
 BICUBIC = Image.Resampling.BICUBIC
@@ -123,11 +123,9 @@ class ImageTransform:
     def __init__(self, augment: bool, input_size: int, pad2square: bool = False, normalize_type: str = "imagenet"):
         if normalize_type not in NORMALIZE:
             raise DataError(f"unknown normalize_type {normalize_type!r}", fix=f"use one of {', '.join(NORMALIZE)}")
-        mean, std = NORMALIZE[normalize_type]
+        self.mean, self.std = NORMALIZE[normalize_type]
         self.augment, self.input_size, self.pad2square = augment, input_size, pad2square
-        self.fill = tuple(int(m * 255) for m in mean)
-        self.mean = np.asarray(mean, dtype=np.float32)
-        self.std = np.asarray(std, dtype=np.float32)
+        self.fill = tuple(int(m * 255) for m in self.mean)
 
     def __call__(self, image: Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
         if image.mode != "RGB":
@@ -138,13 +136,24 @@ class ImageTransform:
             image = jpeg_reencode(image, int(rng.choice(JPEG_QUALITIES)))
         elif self.pad2square:
             image = expand2square(image, self.fill)
-        image = image.resize((self.input_size, self.input_size), BICUBIC)  # a no-op copy when already that size
-        # Same float32 operations as ToTensor + Normalize (divide by 255, subtract mean, divide by std), in numpy
-        # on the HWC array, which is several times faster than torch on small tensors in data-loader workers.
-        pixels = np.asarray(image, dtype=np.float32) / np.float32(255.0)
-        pixels -= self.mean
-        pixels /= self.std
-        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+        return resize_normalize(image, self.input_size, self.mean, self.std)
+
+
+def normalize(image: Image.Image, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """RGB PIL image -> ``[3, H, W]`` float tensor: divide by 255, subtract ``mean``, divide by ``std``.
+
+    The same float32 operations as torchvision's ToTensor + Normalize, in numpy on the HWC array, which is several
+    times faster than torch on small tensors in data-loader workers.
+    """
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / np.float32(255.0)
+    pixels -= np.asarray(mean, dtype=np.float32)
+    pixels /= np.asarray(std, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+
+
+def resize_normalize(image: Image.Image, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """Bicubic resize to ``size x size`` (no crop), then :func:`normalize`: the reference's evaluation transform."""
+    return normalize(image.convert("RGB").resize((size, size), BICUBIC), mean, std)
 
 
 def build_transform(is_train: bool, input_size: int, pad2square: bool = False, normalize_type: str = "imagenet"):

@@ -9,6 +9,7 @@ tile per frame for video, and a cap at ``max_seq_length`` (samples are fitted to
 from __future__ import annotations
 
 from internvl_tune.data.images import num_tiles
+from internvl_tune.data.meta import sample_kind
 from internvl_tune.data.preprocess import tokenizer_info
 from internvl_tune.data.templates import GPT, HUMAN, Template
 from internvl_tune.errors import DataError
@@ -53,8 +54,6 @@ def _image_tiles(item: dict, kind: str, cfg, max_patch: int) -> int:
 
 def estimate_lines(index, lines, tokenizer, template: Template, cfg, max_patch: int) -> dict[int, tuple[int, str, int]]:
     """``{line: (estimated tokens, kind, tiles)}`` for the given usable-line numbers of a JsonlIndex."""
-    from internvl_tune.data.dataset import sample_kind
-
     fixed, per_turn = _template_overhead(tokenizer, template)
     out: dict[int, tuple[int, str, int]] = {}
     pending: list[tuple[int, str, int, int, str]] = []  # (line, kind, tiles, non-text tokens, text)

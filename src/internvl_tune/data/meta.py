@@ -238,3 +238,23 @@ def scan_line_starts(path: str) -> tuple[np.ndarray, np.ndarray | None]:
         return starts, None
     keep = ~empty
     return starts[keep], (np.flatnonzero(keep) + 1).astype(np.int64)
+
+
+KINDS = ("text", "image", "multi_image", "video")
+
+
+def sample_kind(item: dict, where: str | None = None) -> str:
+    """``text``, ``image``, ``multi_image`` or ``video``, by the reference's rules (a list of one image is multi_image)."""
+    image, video = item.get("image"), item.get("video")
+    if image is not None and not isinstance(image, (str, list)):
+        raise DataError(f"`image` must be a path or a list of paths, got {type(image).__name__}", where,
+                        'write "image": "a.jpg" or "image": ["a.jpg", "b.jpg"]')
+    if image:
+        if isinstance(image, list) and not all(isinstance(p, str) and p for p in image):
+            raise DataError("`image` list must hold non-empty path strings", where, 'write "image": ["a.jpg", "b.jpg"]')
+        return "multi_image" if isinstance(image, list) else "image"
+    if video is not None and video != "":
+        if not isinstance(video, str):
+            raise DataError(f"`video` must be a path string, got {type(video).__name__}", where, 'write "video": "clip.mp4"')
+        return "video"
+    return "text"

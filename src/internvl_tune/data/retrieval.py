@@ -25,12 +25,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from internvl_tune.constants import IMAGENET_MEAN, IMAGENET_STD
-from internvl_tune.data.images import load_image
-from internvl_tune.errors import DataError
-from internvl_tune.models.internvl_cg.tokenizer import tokenize_retrieval
+from internvl_tune.data.batch import TensorBatch
+from internvl_tune.data.images import load_image, normalize, resize_normalize
+from internvl_tune.errors import DataError, UserError
+from internvl_tune.options import option
 
 MAX_WORDS = 50
+RETRIEVAL_PREFIX = "summarize:"
+RETRIEVAL_MAX_LENGTH = 80
 # Training datasets of the reference fine-tuning scripts (paths relative to the working directory, like the reference).
 BUILTIN_TRAIN_SETS = {
     "flickr30k_en_train": {"root": "./data/flickr30k/Images/", "annotation": "./data/flickr30k/flickr30k_train_karpathy.txt"},
@@ -190,17 +192,37 @@ def train_pairs(name: str, spec: dict) -> list[tuple[str, str, int]]:
     raise DataError(f"unknown dataset {name!r}: its name must contain `flickr` or `coco`")
 
 
+# ----------------------------------------------------------------------------------------------- text
+def tokenize_retrieval(
+    tokenizer,
+    texts: list[str],
+    prefix: str = RETRIEVAL_PREFIX,
+    max_length: int = RETRIEVAL_MAX_LENGTH,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` ``[N, max_length]`` for ``prefix + text``, right-padded with id 0.
+
+    The tokenizer must have been loaded with ``add_eos_token=True``.
+    """
+    return padded_tokens(tokenizer, [prefix + t for t in texts], "right", max_length=max_length, truncation=True,
+                         padding="max_length")
+
+
+def padded_tokens(tokenizer, texts: list[str], side: str, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of ``texts`` padded on ``side`` (``kwargs`` go to the tokenizer)."""
+    # transformers' LLaMA tokenizer defaults to left padding; the reference's slow one padded right. Be explicit.
+    saved = tokenizer.padding_side
+    tokenizer.padding_side = side
+    try:
+        enc = tokenizer(texts, return_tensors="pt", **kwargs)
+    finally:
+        tokenizer.padding_side = saved
+    return enc["input_ids"], enc["attention_mask"]
+
+
 # ----------------------------------------------------------------------------------------------- transforms
-def to_normalized_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL -> ``[3, H, W]`` float: /255, ImageNet mean/std (ToTensor + Normalize)."""
-    pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / np.float32(255.0)
-    pixels = (pixels - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
-    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
-
-
 def eval_transform(image: Image.Image, size: int) -> torch.Tensor:
     """Retrieval evaluation: bicubic resize to ``size x size`` (no crop), ImageNet normalisation."""
-    return to_normalized_tensor(image.convert("RGB").resize((size, size), Image.BICUBIC))
+    return resize_normalize(image, size)
 
 
 def random_resized_crop_box(width: int, height: int, rng: np.random.Generator, scale=(0.5, 1.0),
@@ -232,7 +254,67 @@ def train_transform(image: Image.Image, size: int, rng: np.random.Generator) -> 
     image = image.crop((left, top, left + w, top + h)).resize((size, size), Image.BICUBIC)
     if rng.random() < 0.5:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    return to_normalized_tensor(image)
+    return normalize(image)
+
+
+# ----------------------------------------------------------------------------------------------- training data
+@dataclass
+class RetrievalDataArgs:
+    """Data flags of InternVL-C/G retrieval fine-tuning (the reference's ``DataTrainingArguments``)."""
+
+    dataset_name: str = option("flickr30k_en_train", "flickr30k_en_train, flickr30k_cn_train, coco_karpathy_train, "
+                                                     "or a name from --custom_datasets")
+    custom_datasets: str | None = option(None, "JSON/YAML registry {name: {root, annotation}}; names contain "
+                                               "flickr_format or coco_format")
+    data_root: str = option("./data", "folder holding flickr30k/ and coco/ for the built-in dataset names")
+    max_seq_length: int = option(80, "caption tokens, EOS included; captions are padded to this length")
+    force_image_size: int = option(224, "input resolution; 364 interpolates the 224 position embeddings")
+
+
+def dataset_spec(d: RetrievalDataArgs) -> dict:
+    """``{"root", "annotation"}`` of ``--dataset_name``: a custom registry entry, or a built-in set under ``--data_root``."""
+    registry = load_dataset_registry(d.custom_datasets) if d.custom_datasets else {}
+    if d.dataset_name in registry:
+        return registry[d.dataset_name]
+    if d.dataset_name in BUILTIN_TRAIN_SETS:  # the reference's ./data/... paths, re-rooted at --data_root
+        return {k: str(Path(d.data_root) / Path(v).relative_to("data"))
+                for k, v in BUILTIN_TRAIN_SETS[d.dataset_name].items()}
+    known = sorted(BUILTIN_TRAIN_SETS) + sorted(registry)
+    raise UserError(f"--dataset_name {d.dataset_name!r} is unknown; choose one of {', '.join(known)}, or register it "
+                    f"in a --custom_datasets file ({{name: {{root, annotation}}}}, name containing flickr_format or "
+                    f"coco_format)")
+
+
+def build_train_dataset(d: RetrievalDataArgs, tokenizer, seed: int) -> RetrievalTrainDataset:
+    """The training set named by ``--dataset_name`` (its image folder must exist)."""
+    spec = dataset_spec(d)
+    if not Path(spec["root"]).is_dir():
+        raise DataError(f"image folder of {d.dataset_name} not found", spec["root"],
+                        "pass --data_root (the folder holding flickr30k/ and coco/), e.g. --data_root examples/sample; "
+                        "`internvl-tune data prepare` lists what to download")
+    return RetrievalTrainDataset(train_pairs(d.dataset_name, spec), tokenizer, d.force_image_size, d.max_seq_length,
+                                 seed=seed)
+
+
+@dataclass
+class RetrievalBatch(TensorBatch):
+    """One micro-batch of (image, caption) pairs: the ITM positive and negative captions, the ITC caption."""
+
+    pixel_values: torch.Tensor  # [B, 3, S, S]
+    positive_input_ids: torch.Tensor  # [B, max_seq_length] each, padded with 0
+    positive_attention_mask: torch.Tensor
+    negative_input_ids: torch.Tensor
+    negative_attention_mask: torch.Tensor
+    summarize_input_ids: torch.Tensor
+    summarize_attention_mask: torch.Tensor
+    image_ids: torch.Tensor  # [B]
+    weight: float = 1.0  # every micro-step is its own contrastive batch: the step averages them
+    work: int = 0  # samples
+
+    @classmethod
+    def collate(cls, samples: list[dict]) -> RetrievalBatch:
+        """The DataLoader's ``collate_fn``: stack the samples' tensors."""
+        return cls(**{k: torch.stack([s[k] for s in samples]) for k in samples[0]}, work=len(samples))
 
 
 # ----------------------------------------------------------------------------------------------- training dataset

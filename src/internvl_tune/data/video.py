@@ -52,24 +52,6 @@ def _folder_frames(path: str) -> list[str]:
     return [os.path.join(path, n) for n in sorted(names, key=number)]
 
 
-def count_frames(path: str, where: str | None = None) -> int:
-    """Number of frames of a video file or frame folder (decodes the file only when its header has no count)."""
-    if os.path.isdir(path):
-        return len(_folder_frames(path))
-    import av
-
-    try:
-        with av.open(path) as container:
-            stream = container.streams.video[0]
-            if stream.frames:
-                return int(stream.frames)
-            return sum(1 for _ in container.decode(stream))
-    except FileNotFoundError:
-        raise DataError(f"video not found: {path}", where, "fix the path (it is relative to the dataset `root`)") from None
-    except (av.error.FFmpegError, IndexError, OSError) as exc:
-        raise DataError(f"cannot decode video {path}: {exc}", where, "re-encode it (e.g. H.264 MP4) or drop the sample") from None
-
-
 def load_video_frames(
     path: str,
     num_frames: int,

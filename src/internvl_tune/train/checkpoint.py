@@ -2,11 +2,14 @@
 
 Layout of ``<output_dir>/checkpoint-<step>/``::
 
-    trainer_state.json                      step, epoch, world size, counters, config (rank 0)
+    trainer_state.json                      step, world size, counters, the run's resolved config (rank 0)
     rank00000-of-00002.safetensors          this rank's shards of the trainable parameters, their AdamW
     rank00001-of-00002.safetensors          moments and step, and its RNG states
 
-Frozen parameters are not stored: they come back from the base checkpoint. Each rank writes its own local shard
+Tensors are named after the optimizer's parameter names (``param.<name>``, ``optim.<name>.<moment>``), the names of
+the checkpoint without wrapper prefixes, so what a checkpoint holds never depends on module identities, wrappers
+or whether FSDP currently has a parameter gathered. Frozen parameters are not stored: they come back from the base
+checkpoint (``trainer_state.json`` names it, so :func:`read_trainable_params` can rebuild the trained model). Each rank writes its own local shard
 (``DTensor.to_local()``), so saving is parallel and needs no gather; resuming needs the same world size (a clear
 error says so). A checkpoint is written into ``checkpoint-<step>.partial`` and renamed only after every rank has
 finished and fsynced, so a crash or a full disk can never leave a half-written checkpoint that looks complete.
@@ -22,7 +25,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from internvl_tune.dist import DistInfo, barrier
 from internvl_tune.errors import UserError
@@ -67,7 +69,7 @@ class Checkpointer:
     def _file(self, rank: int) -> str:
         return f"rank{rank:05d}-of-{self.info.world_size:05d}.safetensors"
 
-    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> Path:
+    def save(self, step: int, optimizer: torch.optim.Optimizer, state: dict) -> Path:
         """Write ``checkpoint-<step>`` atomically; every rank must call this. Returns the final path."""
         final = self.output_dir / f"checkpoint-{step}"
         partial = self.output_dir / f"checkpoint-{step}.partial"
@@ -75,7 +77,7 @@ class Checkpointer:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
         barrier()
-        tensors = _trainable_state(model, optimizer)
+        tensors = _trainable_state(optimizer)
         tensors["rng.cpu"] = torch.get_rng_state()
         if self.info.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.info.device).cpu()
@@ -118,7 +120,7 @@ class Checkpointer:
             raise UserError(f"--resume_from_checkpoint {path}: not a complete checkpoint (no {STATE_FILE})")
         return path
 
-    def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    def load(self, path: Path, optimizer: torch.optim.Optimizer) -> dict:
         """Restore trainable parameters, optimizer moments and RNG states; returns the saved trainer state."""
         state = json.loads((Path(path) / STATE_FILE).read_text())
         if state["world_size"] != self.info.world_size:
@@ -127,63 +129,80 @@ class Checkpointer:
                 f"resume with the same number of processes (GPUs)"
             )
         tensors = load_file(str(Path(path) / self._file(self.info.rank)))
-        _restore_trainable_state(model, optimizer, tensors, path)
+        _restore_trainable_state(optimizer, tensors, path)
         torch.set_rng_state(tensors["rng.cpu"])
         if "rng.cuda" in tensors and self.info.device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.info.device)
         return state
 
 
-def _param_names(model: nn.Module) -> dict[int, str]:
-    return {id(p): n for n, p in model.named_parameters()}
-
-
-def _trainable_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    names = _param_names(model)
-    out: dict[str, torch.Tensor] = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            out[f"param.{name}"] = _local(p.detach()).contiguous().cpu()
+def _named_params(optimizer: torch.optim.Optimizer):
+    """``(name, parameter, group)`` of every parameter the optimizer updates (``build_param_groups`` names them)."""
     for group in optimizer.param_groups:
-        for p in group["params"]:
-            st = optimizer.state.get(p)
-            if not st:
-                continue
-            name = names[id(p)]
-            for key, value in st.items():
-                out[f"optim.{name}.{key}"] = _local(value).detach().contiguous().cpu()
+        for name, p in zip(group["names"], group["params"]):
+            yield name, p, group
+
+
+def _trainable_state(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for name, p, _ in _named_params(optimizer):
+        out[f"param.{name}"] = _local(p.detach()).contiguous().cpu()
+        for key, value in optimizer.state.get(p, {}).items():
+            out[f"optim.{name}.{key}"] = _local(value).detach().contiguous().cpu()
     return out
 
 
-def _restore_trainable_state(model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict, path) -> None:
-    names = _param_names(model)
-    expected = {f"param.{n}" for n, p in model.named_parameters() if p.requires_grad}
+def _restore_trainable_state(optimizer: torch.optim.Optimizer, tensors: dict, path) -> None:
+    expected = {f"param.{name}": _local(p).shape for name, p, _ in _named_params(optimizer)}
     stored = {k for k in tensors if k.startswith("param.")}
-    if expected != stored:
-        missing, extra = sorted(expected - stored), sorted(stored - expected)
+    if set(expected) != stored:
+        missing, extra = sorted(set(expected) - stored), sorted(stored - set(expected))
         raise UserError(
             f"{path} does not match this run's trainable parameters (missing {missing[:5]}, unexpected {extra[:5]}); "
             f"resume with the same freeze / LoRA flags"
         )
+    wrong = [f"{k[len('param.'):]}: {tuple(tensors[k].shape)} stored, {tuple(shape)} now"
+             for k, shape in expected.items() if tensors[k].shape != shape]
+    if wrong:
+        raise UserError(f"{path} holds trainable parameters of other shapes ({'; '.join(wrong[:3])}): it was written "
+                        f"with other LoRA ranks or model settings; resume with the flags of that run (its "
+                        f"{STATE_FILE} lists them under 'config'), or start a new --output_dir")
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                local = _local(p)
-                local.copy_(tensors[f"param.{name}"].to(local.device, local.dtype))
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                prefix = f"optim.{names[id(p)]}."
-                keys = [k for k in tensors if k.startswith(prefix)]
-                if not keys:
-                    continue
-                st = {}
-                for key in keys:
-                    value = tensors[key]
-                    field = key[len(prefix):]
-                    if field == "step":
-                        st[field] = value.to(_local(p).device if group.get("fused") else "cpu")
-                    else:
-                        holder = torch.zeros_like(p)
-                        _local(holder).copy_(value.to(_local(holder).device))
-                        st[field] = holder
+        for name, p, group in _named_params(optimizer):
+            local = _local(p)
+            local.copy_(tensors[f"param.{name}"].to(local.device, local.dtype))
+            prefix = f"optim.{name}."
+            st = {}
+            for key in [k for k in tensors if k.startswith(prefix)]:
+                value, field = tensors[key], key[len(prefix):]
+                if field == "step":
+                    st[field] = value.to(local.device if group.get("fused") else "cpu")
+                else:
+                    holder = torch.zeros_like(p)
+                    _local(holder).copy_(value.to(_local(holder).device))
+                    st[field] = holder
+            if st:
                 optimizer.state[p] = st
+
+
+def read_trainable_params(path: str | Path) -> tuple[dict, dict[str, list[torch.Tensor]]]:
+    """The trainer state of a checkpoint and its trainable parameters, as the ranks stored them.
+
+    Returns:
+        ``(trainer_state, {name: [rank 0's part, rank 1's part, ...]})``; FSDP shards each parameter along its first
+        dimension in rank order, so ``torch.cat(parts)`` (or ``parts[0]`` for a replicated one) is the full tensor.
+    """
+    path = Path(path)
+    if not (path / STATE_FILE).is_file():
+        raise UserError(f"{path}: not a complete training checkpoint (no {STATE_FILE})")
+    state = json.loads((path / STATE_FILE).read_text())
+    world = state["world_size"]
+    parts: dict[str, list[torch.Tensor]] = {}
+    for rank in range(world):
+        file = path / f"rank{rank:05d}-of-{world:05d}.safetensors"
+        if not file.is_file():
+            raise UserError(f"{file} is missing: the checkpoint is incomplete")
+        for key, value in load_file(str(file)).items():
+            if key.startswith("param."):
+                parts.setdefault(key[len("param."):], []).append(value)
+    return state, parts

@@ -8,10 +8,13 @@ Per rank, with ``W`` ranks (FSDP2 shards model states evenly):
 - frozen parameters: their stored bytes / W (bf16 on GPUs)
 - trainable parameters: fp32 master (4 B) + fp32 gradient (4 B) + AdamW moments (8 B), all / W
 - gathered parameters: several ranks: the largest blocks held unsharded in the compute dtype while they run;
-  one rank: a compute-dtype copy of every trainable parameter (``dist/fsdp.py``)
-- activations: per LLM token and layer, ``a_ckpt * hidden`` bytes kept between layers with activation
-  checkpointing, plus one layer's full activations ``(a_hidden * hidden + a_ffn * ffn) * tokens`` being recomputed;
-  without checkpointing every layer keeps its full activations; plus the loss chunk's fp32 logits.
+  one rank: a compute-dtype copy of every trainable parameter (``dist/parallelize.py``)
+- activations, per LLM token and layer: a checkpointed layer keeps its input, ``a_ckpt * hidden`` bytes, and one
+  layer at a time is recomputed with its full activations; an uncheckpointed layer keeps its full activations
+  ``a_hidden * hidden + a_ffn * ffn`` (about half when compiled); a *selective* layer keeps the outputs of its
+  matrix products and attention, ``a_sel_hidden * hidden + a_sel_ffn * ffn``; LoRA dropout keeps a dropped-out copy
+  (bf16) and a mask (1 byte) of each adapted linear's input in every uncheckpointed layer; plus the loss chunk's fp32
+  logits.
 """
 
 from __future__ import annotations
@@ -27,6 +30,10 @@ A_FFN = 6.0
 # torch.compile'd blocks keep about half the activations of eager ones (fused norms/activations save fewer
 # intermediates): 0.45 and 0.52 on the InternVL2-2B and -1B shapes, H100, 2026-11-23
 COMPILED_ACTIVATIONS = 0.5
+# selective checkpointing keeps q, k, v, o, attention, gate, up and down outputs: about 5 hidden + 2 ffn widths in bf16
+A_SEL_HIDDEN = 10.0
+A_SEL_FFN = 4.0
+LORA_DROPOUT_BYTES = 3.0  # a bf16 copy and a bool mask of the input, per adapted linear
 WORKSPACE_GIB = 1.0  # CUDA context-independent allocator slack, cuBLAS workspaces
 
 
@@ -63,11 +70,12 @@ def estimate_training_memory(
     hidden: int,
     ffn: int,
     num_layers: int,
-    grad_checkpoint: bool,
+    grad_checkpoint: float | str,
     compiled: bool = False,
     compute_bytes: int = 2,
     loss_chunk: int = 2048,
     vocab: int = 0,
+    lora_dropout_width: int = 0,
 ) -> MemoryEstimate:
     """Estimate the peak memory of one rank for a decoder-style VLM training step.
 
@@ -77,10 +85,12 @@ def estimate_training_memory(
         world_size: ranks sharing the model states.
         tokens_per_micro_batch: LLM tokens in one micro-batch (rows x sequence length, or the packing budget).
         hidden, ffn, num_layers: LLM width, MLP width and depth.
-        grad_checkpoint: activation checkpointing on every LLM layer.
-        compiled: the blocks run under ``torch.compile`` (``train/compile.py``).
+        grad_checkpoint: the share of checkpointed layers (0.0 to 1.0) or ``"selective"``
+            (``dist.parallelize.parse_grad_checkpoint``).
+        compiled: the blocks run under ``torch.compile``.
         compute_bytes: bytes of the compute dtype (2 for bf16).
         loss_chunk, vocab: rows of fp32 logits alive at once in the chunked loss, and the vocabulary size.
+        lora_dropout_width: per LLM layer, the summed input widths of the linears whose LoRA has dropout (0: none).
     """
     gib = 2**30
     states = 0
@@ -95,10 +105,12 @@ def estimate_training_memory(
     else:  # one rank keeps compute copies of the trainable parameters; frozen ones are used as stored
         gathered = sum(p.numel() for p in model.parameters() if p.requires_grad) * compute_bytes
     t = tokens_per_micro_batch
-    layer_full = (A_HIDDEN * hidden + A_FFN * ffn) * t * (COMPILED_ACTIVATIONS if compiled else 1.0)
-    if grad_checkpoint:
-        acts = A_CKPT * hidden * t * num_layers + layer_full
+    kept = (A_HIDDEN * hidden + A_FFN * ffn) * (COMPILED_ACTIVATIONS if compiled else 1.0) * t
+    kept += LORA_DROPOUT_BYTES * lora_dropout_width * t
+    if grad_checkpoint == "selective":
+        acts = (A_SEL_HIDDEN * hidden + A_SEL_FFN * ffn) * t * num_layers + kept
     else:
-        acts = layer_full * num_layers
+        checkpointed = round(grad_checkpoint * num_layers)
+        acts = A_CKPT * hidden * t * checkpointed + kept * (num_layers - checkpointed) + (kept if checkpointed else 0)
     logits = 3 * 4 * min(loss_chunk, t) * vocab  # fp32 logits, their softmax and gradient
     return MemoryEstimate(states / gib, gathered / gib, acts / gib, logits / gib)

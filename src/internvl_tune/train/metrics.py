@@ -1,4 +1,8 @@
-"""Run metrics: JSONL (the source of truth), CSV, TensorBoard, and PNG plots of loss / lr / grad-norm."""
+"""Run metrics: JSONL (the source of truth), CSV, PNG plots of loss / lr / grad-norm, and the sinks of
+``--report_to`` (TensorBoard, Weights & Biases, MLflow).
+
+Sink tags are grouped as the transformers Trainer groups them: ``train/loss``, ``train/lr``, ``eval/loss``.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +12,54 @@ import math
 import os
 from pathlib import Path
 
+from internvl_tune.errors import UserError
+
+SINKS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # sink -> the package it needs
+
+
+def parse_report_to(value: str) -> list[str]:
+    """The sinks of ``--report_to`` (comma-separated); an unknown or uninstalled sink is a UserError, not ignored."""
+    import importlib.util
+
+    names = [v.strip() for v in str(value).split(",") if v.strip()]
+    if names in ([], ["none"]):
+        return []
+    unknown = [n for n in names if n not in SINKS]
+    if unknown or "none" in names:
+        raise UserError(f"--report_to {value}: unknown sink {', '.join(unknown) or 'none (with others)'}; use a "
+                        f"comma-separated list of {', '.join(SINKS)}, or none")
+    for name in names:
+        if importlib.util.find_spec(SINKS[name]) is None:
+            raise UserError(f"--report_to {name}: the {SINKS[name]} package is not installed; `pip install "
+                            f"{SINKS[name]}`, or drop it from --report_to")
+    return names
+
+
+def tag(key: str) -> str:
+    """The sink tag of a metrics key: ``eval_loss`` -> ``eval/loss``, ``loss`` -> ``train/loss``."""
+    return "eval/" + key[len("eval_"):] if key.startswith("eval_") else "train/" + key
+
 
 class MetricsLogger:
-    """Writes one JSON object per logged step to ``metrics.jsonl``; mirrors it to TensorBoard and CSV.
+    """Writes one JSON object per logged step to ``metrics.jsonl``; mirrors it to the sinks and CSV.
 
     Only the main rank should hold an enabled logger. Appending is resume-safe: on resume, rows at or after the
     resumed step are dropped first, so a crash never leaves duplicated steps in the log.
+
+    Args:
+        run_dir: the output directory.
+        enabled: False on ranks other than the main one.
+        sinks: names from :func:`parse_report_to`.
+        resume_step: the first step this run logs when it resumes (None: a fresh run).
+        config: the resolved run configuration, recorded by W&B and MLflow.
     """
 
-    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True, resume_step: int | None = None):
+    def __init__(self, run_dir: Path, enabled: bool = True, sinks: tuple[str, ...] = (), resume_step: int | None = None,
+                 config: dict | None = None):
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.path = self.run_dir / "metrics.jsonl"
-        self.writer = None
+        self.writer = self.wandb = self.mlflow = None
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -29,13 +68,21 @@ class MetricsLogger:
             _atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in rows))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        if "tensorboard" in sinks:
+            from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
-            except ImportError:  # tensorboard is a core dependency; stay usable without it
-                self.writer = None
+            self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        if "wandb" in sinks:
+            import wandb
+
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "internvl-tune"), dir=str(self.run_dir),
+                                    name=self.run_dir.name, config=config, resume="allow")
+        if "mlflow" in sinks:
+            import mlflow
+
+            mlflow.start_run(run_name=self.run_dir.name)
+            mlflow.log_params(_flat(config or {}))
+            self.mlflow = mlflow
 
     def log(self, step: int, values: dict) -> None:
         """Record ``values`` (floats, ints, short strings) at optimizer step ``step``."""
@@ -44,10 +91,14 @@ class MetricsLogger:
         row = {"step": step, **values}
         with self.path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
+        scalars = {tag(k): v for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         if self.writer is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self.writer.add_scalar(key, value, step)
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+        if self.mlflow is not None:
+            self.mlflow.log_metrics(scalars, step=step)
 
     def flush(self) -> None:
         """Write ``metrics.csv`` and the PNG plots from the JSONL log."""
@@ -63,6 +114,21 @@ class MetricsLogger:
         self.flush()
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.mlflow is not None:
+            self.mlflow.end_run()
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    """``{"train": {"seed": 1}}`` -> ``{"train.seed": 1}`` (MLflow parameters are flat)."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -96,6 +162,16 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 PLOTS = {"loss.png": ("loss", "eval_loss"), "lr.png": ("lr",), "grad_norm.png": ("grad_norm",)}
+SMOOTHED = ("loss", "grad_norm")  # noisy per-step series get a smoothed line beside the raw one
+
+
+def smooth(values: list[float], weight: float = 0.9) -> list[float]:
+    """Exponential moving average with TensorBoard's debiasing (the first points are not pulled towards 0)."""
+    out, average = [], 0.0
+    for i, value in enumerate(values, 1):
+        average = weight * average + (1 - weight) * value
+        out.append(average / (1 - weight**i))
+    return out
 
 
 def write_plots(rows: list[dict], out_dir: Path) -> list[Path]:
@@ -114,7 +190,11 @@ def write_plots(rows: list[dict], out_dir: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
         for key, points in series.items():
             xs, ys = zip(*points)
-            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=key)
+            if key in SMOOTHED and len(xs) >= 10:
+                line = ax.plot(xs, ys, alpha=0.3, label=f"{key} (raw)")[0]
+                ax.plot(xs, smooth(list(ys)), color=line.get_color(), label=f"{key} (smoothed)")
+            else:
+                ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=key)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(keys[0])
         ax.grid(alpha=0.3)

@@ -37,11 +37,16 @@ class StopFlag:
             signal.signal(sig, old)
 
 
-def prepare_output_dir(cfg, info: DistInfo) -> tuple[Path, str | None]:
-    out = Path(cfg.train.output_dir)
-    resume = cfg.train.resume_from_checkpoint
+def prepare_output_dir(t, info: DistInfo) -> tuple[Path, str | None]:
+    """The run directory (created on rank 0, interrupted saves removed) and the resume request.
+
+    Args:
+        t: the run's ``TrainArgs`` (``output_dir``, ``resume_from_checkpoint``, ``overwrite_output_dir``).
+    """
+    out = Path(t.output_dir)
+    resume = t.resume_from_checkpoint
     existing = list_checkpoints(out)
-    if existing and not resume and not cfg.train.overwrite_output_dir:
+    if existing and not resume and not t.overwrite_output_dir:
         raise UserError(
             f"{out} already holds checkpoints ({existing[-1].name}); pass --resume_from_checkpoint auto to continue, "
             f"or --overwrite_output_dir True to start over"

@@ -11,11 +11,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
-from internvl_tune.constants import IMAGENET_MEAN, IMAGENET_STD
+from internvl_tune.data.images import resize_normalize
 from internvl_tune.errors import CheckpointError
 
 INTERNVL_G = "internvl_g"
@@ -61,17 +60,6 @@ def detect_model_kind(path: str | Path) -> str:
     )
 
 
-def resize_normalize(images: list[Image.Image], size: int) -> torch.Tensor:
-    """Square bicubic resize to ``size`` and ImageNet normalisation (the reference eval transform): ``[B, 3, S, S]``."""
-    mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)
-    std = np.asarray(IMAGENET_STD, dtype=np.float32)
-    arrays = []
-    for img in images:
-        img = img.convert("RGB").resize((size, size), Image.BICUBIC)
-        arrays.append(((np.asarray(img, dtype=np.float32) / 255.0 - mean) / std).transpose(2, 0, 1))
-    return torch.from_numpy(np.stack(arrays))
-
-
 class InternVLGCaptioner:
     """Captions with an InternVL-14B ``InternVLModel`` (InternVL-G mode).
 
@@ -96,7 +84,7 @@ class InternVLGCaptioner:
 
     @torch.no_grad()
     def caption(self, images: list[Image.Image]) -> list[str]:
-        pixel_values = resize_normalize(images, self.image_size).to(self.device, self.dtype)
+        pixel_values = torch.stack([resize_normalize(im, self.image_size) for im in images]).to(self.device, self.dtype)
         input_ids = self.prompt_ids.expand(len(images), -1)
         output = self.model.generate(pixel_values=pixel_values, input_ids=input_ids,
                                      attention_mask=torch.ones_like(input_ids), **self.generation_kwargs)

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
 from transformers.activations import ACT2FN
 
+from internvl_tune.models.common.drop_path import DropPath, linear_rates
 from internvl_tune.models.internvl_cg.config import VisionConfig
 
 
@@ -34,24 +34,6 @@ def make_norm(config: VisionConfig, dim: int) -> nn.Module:
     if config.norm_type == "layer_norm":
         return nn.LayerNorm(dim, eps=config.layer_norm_eps)
     return InternRMSNorm(dim, eps=config.layer_norm_eps)
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch per sample, rescaling the kept ones by 1/keep."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
 
 
 class InternVisionEmbeddings(nn.Module):
@@ -134,25 +116,16 @@ class InternVisionEncoderLayer(nn.Module):
         return x + self.drop_path2(self.mlp(self.norm2(x)) * self.ls2)
 
 
-def _linear_rates(rate: float, n: int) -> list[float]:
-    # Computed on the CPU explicitly: the model may be built under a meta-device context.
-    return torch.linspace(0, rate, n, device="cpu").tolist()
-
-
 class InternVisionEncoder(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
         # Stochastic depth grows linearly from 0 at the first layer to drop_path_rate at the last.
-        rates = _linear_rates(config.drop_path_rate, config.num_hidden_layers)
+        rates = linear_rates(config.drop_path_rate, config.num_hidden_layers)
         self.layers = nn.ModuleList(InternVisionEncoderLayer(config, r) for r in rates)
-        self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
-            if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
-            else:
-                x = layer(x)
+            x = layer(x)
         return x
 
 
@@ -169,22 +142,6 @@ class InternVisionModel(nn.Module):
     def image_size(self) -> int:
         grid = int(round((self.embeddings.position_embedding.shape[1] - 1) ** 0.5))
         return grid * self.config.patch_size
-
-    def set_drop_path_rate(self, rate: float) -> None:
-        """Re-spread stochastic depth linearly over the layers (the reference sets it in the config before init)."""
-        self.config.drop_path_rate = rate
-        layers = self.encoder.layers
-        for layer, r in zip(layers, _linear_rates(rate, len(layers))):
-            layer.drop_path1.p = layer.drop_path2.p = r
-
-    @torch.no_grad()
-    def resize_pos_embeddings(self, new_size: int) -> None:
-        """Interpolate the patch position embeddings bicubically to ``new_size`` pixels (the class token's stays)."""
-        pos = self.embeddings.position_embedding
-        old_grid, new_grid = self.image_size // self.config.patch_size, new_size // self.config.patch_size
-        if old_grid == new_grid:
-            return
-        self.embeddings.position_embedding = nn.Parameter(interpolate_pos_embedding(pos.data, new_grid))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if pixel_values.ndim != 4:

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from internvl_tune.errors import CheckpointError
-from internvl_tune.models.weights import file_keys, iter_file_tensors, weight_files
+from internvl_tune.models.common.weights import file_keys, iter_file_tensors, weight_files, write_shards
 from internvl_tune.models.internvl_cg.config import InternVLCGConfig
 from internvl_tune.models.internvl_cg.intern_vit import interpolate_pos_embedding
 from internvl_tune.models.internvl_cg.model import InternVLModel
@@ -53,6 +53,7 @@ def load_internvl_cg(
     device: str | torch.device = "cpu",
     force_image_size: int | None = None,
     drop_path_rate: float | None = None,
+    weights: bool = True,
 ) -> InternVLModel:
     """Load an InternVL-14B (InternVL-C/G) checkpoint directory strictly.
 
@@ -63,6 +64,8 @@ def load_internvl_cg(
         force_image_size: run at this input size (the position embeddings are interpolated when the checkpoint
             has them at the vision ``image_size``); default: the config's ``force_image_size`` or ``image_size``.
         drop_path_rate: override the ViT's stochastic depth (training).
+        weights: False builds the structure only, with parameters on the meta device in ``dtype`` (for ranks that
+            receive their weights from rank 0, and for exporting gathered weights).
 
     Returns:
         The model in eval mode, with ``model.config.force_image_size`` describing the loaded resolution.
@@ -75,11 +78,16 @@ def load_internvl_cg(
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: no config.json — point at the directory of an InternVL-14B checkpoint")
     config = InternVLCGConfig.from_file(path / "config.json")
-    files = weight_files(path)
     if force_image_size and force_image_size != config.vision_config.image_size:
         config.force_image_size = force_image_size
     if drop_path_rate is not None:
         config.vision_config.drop_path_rate = drop_path_rate
+    if not weights:
+        with torch.device("meta"):
+            model = InternVLModel(config).to(dtype)
+        config.use_backbone_lora = config.use_qllama_lora = 0
+        return model.eval()
+    files = weight_files(path)
 
     keys = {_canonical(k) for f in files for k in file_keys(f)}
     lora = _collect_lora(files, config)
@@ -187,10 +195,7 @@ def save_internvl_cg(model: InternVLModel, out_dir: str | Path, tokenizer_dir: s
     out.mkdir(parents=True, exist_ok=True)
     # clone(): tied parameters appear under two names and safetensors refuses shared storage.
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    size = sum(t.numel() * t.element_size() for t in state.values())
-    from internvl_tune.models.internvl_cg.tiny import write_safetensors_shards
-
-    write_safetensors_shards(state, out, max(1, -(-size // max_shard_bytes)))
+    write_shards(out, state, max_shard_bytes=max_shard_bytes)
     model.config.save(out / "config.json")
     if tokenizer_dir is not None:
         for name in TOKENIZER_FILES:

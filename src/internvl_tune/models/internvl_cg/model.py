@@ -93,10 +93,6 @@ class InternVLModel(nn.Module):
             self.qllama.lm_head.weight = self.qllama.model.embed_tokens.weight
 
     # ------------------------------------------------------------------ building blocks
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        self.vision_model.encoder.gradient_checkpointing = enabled
-        self.qllama.model.gradient_checkpointing = enabled
-
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.qllama.model.embed_tokens(input_ids)
 
@@ -169,7 +165,7 @@ class InternVLModel(nn.Module):
         summarize_input_ids: torch.Tensor,
         summarize_attention_mask: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        """The forward of retrieval fine-tuning up to the loss (see ``train.retrieval_loss``).
+        """The forward of retrieval fine-tuning up to the loss (see ``loss.retrieval_loss``).
 
         Returns:
             ``itm_logits`` ``[2B, 2]`` (negatives first, then positives), and the unnormalised ``image_itc``

@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 
 from internvl_tune.constants import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
+from internvl_tune.data.batch import image_layout
 from internvl_tune.errors import CheckpointError, UserError
+from internvl_tune.models.common.drop_path import add_drop_path
 from internvl_tune.models.internvl_chat import config as cfg
-from internvl_tune.models.internvl_chat.drop_path import set_drop_path
 from internvl_tune.models.internvl_chat.key_map import LayoutSpec
 from internvl_tune.models.internvl_chat.loading import build_empty_model, load_weights
 from internvl_tune.models.internvl_chat.tokenizers import load_tokenizer
@@ -35,24 +36,6 @@ def build_prompt(template_name: str, history: list[tuple[str, str]], question: s
         messages += [(HUMAN, old_question), (GPT, old_answer)]
     messages.append((HUMAN, question))
     return template.generation_prompt(messages, system_message), template.sep
-
-
-def image_layout(input_ids: torch.Tensor, image_flags: torch.Tensor, img_context_token_id: int,
-                 num_image_token: int) -> dict:
-    """Which tiles carry features and where they go: ``image_tiles`` [T'] and ``image_positions`` [T' x n] indices.
-
-    ``image_positions`` are flat positions (``b * L + p``) of the ``<IMG_CONTEXT>`` tokens, in order. Raises a
-    ``UserError`` when the prompt's image tokens do not match the tiles (e.g. a truncated prompt).
-    """
-    tiles = image_flags.reshape(-1).nonzero().squeeze(1)
-    positions = (input_ids.reshape(-1) == img_context_token_id).nonzero().squeeze(1)
-    if len(positions) != len(tiles) * num_image_token:
-        raise UserError(
-            f"the prompt has {len(positions)} {IMG_CONTEXT_TOKEN} tokens but the images give "
-            f"{len(tiles) * num_image_token} features ({len(tiles)} tiles x {num_image_token}); each image needs "
-            f"exactly {IMG_CONTEXT_TOKEN} x {num_image_token} x its tiles — was the prompt truncated?"
-        )
-    return {"image_tiles": tiles, "image_positions": positions}
 
 
 class ImageProcessor:
@@ -265,7 +248,7 @@ def load_pretrained(path, dtype: torch.dtype | None = torch.float32, device="cpu
         device: where the parameters go.
         attn_implementation: ``sdpa`` or ``eager`` (``flash_attention_2`` where installed).
         weights: False builds the structure only: parameters stay on the meta device (in ``dtype``), buffers are
-            real; for ranks that receive their weights from rank 0 (``dist.fsdp.materialize_from_rank0``).
+            real; for ranks that receive their weights from rank 0 (``dist.parallelize.materialize_from_rank0``).
         **overrides: InternVLChatConfig settings to replace (``select_layer``, ``ps_version``, ``template``,
             ``dynamic_image_size``, ``use_thumbnail``, ``min_dynamic_patch``, ``max_dynamic_patch``,
             ``force_image_size``, ``downsample_ratio``, ``drop_path_rate`` of the ViT); None values are ignored.
@@ -273,14 +256,7 @@ def load_pretrained(path, dtype: torch.dtype | None = torch.float32, device="cpu
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory — pass the folder that holds config.json and the weights")
-    raw = cfg.read_json(path / "config.json")
-    layout = cfg.detect_layout(raw, str(path / "config.json"))
-    if layout == "original":
-        original = raw
-    elif (path / cfg.SIDECAR).is_file():
-        original = cfg.read_json(path / cfg.SIDECAR)
-    else:
-        original = cfg.original_from_native(raw)
+    layout, original = cfg.read_original_config(path)
     unknown = set(overrides) - set(cfg.CHAT_DEFAULTS) - {"drop_path_rate"}
     if unknown:
         raise UserError(f"load_pretrained got unknown settings: {', '.join(sorted(unknown))}")
@@ -301,7 +277,7 @@ def load_pretrained(path, dtype: torch.dtype | None = torch.float32, device="cpu
             p.data = p.data.to(dtype)
     model.eval()
     if original["vision_config"].get("drop_path_rate", 0.0) > 0:  # only acts in train mode
-        set_drop_path(model, original["vision_config"]["drop_path_rate"])
+        add_drop_path(model.model.vision_tower.encoder.layer, original["vision_config"]["drop_path_rate"])
     added = max(0, len(tokenizer) - vocab)
     _resize_for_new_tokens(model, tokenizer, added)
     if added:

@@ -13,6 +13,7 @@ import copy
 import json
 from pathlib import Path
 
+from internvl_tune.data.config import CheckpointDefaults
 from internvl_tune.errors import CheckpointError
 
 FAMILY_BY_ARCH = {
@@ -108,6 +109,37 @@ def num_image_token(original: dict) -> int:
     """Tokens per tile: (tile/patch)^2 * downsample_ratio^2, e.g. 256 for 448px tiles."""
     patch = original["vision_config"].get("patch_size", 14)
     return int((image_size(original) // patch) ** 2 * chat_setting(original, "downsample_ratio") ** 2)
+
+
+def data_defaults(original: dict) -> CheckpointDefaults:
+    """The input settings of a checkpoint, for ``DataConfig.resolve`` (template, tile size, tokens per tile, tiling)."""
+    return CheckpointDefaults(
+        template=chat_setting(original, "template"),
+        image_size=image_size(original),
+        downsample_ratio=chat_setting(original, "downsample_ratio"),
+        num_image_token=num_image_token(original),
+        dynamic_image_size=chat_setting(original, "dynamic_image_size"),
+        use_thumbnail=chat_setting(original, "use_thumbnail"),
+        min_dynamic_patch=chat_setting(original, "min_dynamic_patch"),
+        max_dynamic_patch=chat_setting(original, "max_dynamic_patch"),
+    )
+
+
+def read_original_config(path: Path) -> tuple[str, dict]:
+    """``(layout, original InternVLChatConfig dict)`` of a checkpoint directory (native checkpoints: from the stored
+    sidecar, or rebuilt from the native config)."""
+    raw = read_json(path / "config.json")
+    layout = detect_layout(raw, str(path / "config.json"))
+    if layout == "original":
+        return layout, raw
+    if (path / SIDECAR).is_file():
+        return layout, read_json(path / SIDECAR)
+    return layout, original_from_native(raw)
+
+
+def checkpoint_data_defaults(path) -> CheckpointDefaults:
+    """:func:`data_defaults` of a checkpoint directory, from its config files alone (no weights are read)."""
+    return data_defaults(read_original_config(Path(path))[1])
 
 
 def _rope_parameters(llm: dict, family: str, where: str) -> dict:

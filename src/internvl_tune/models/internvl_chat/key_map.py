@@ -1,27 +1,27 @@
 """State-dict keys: original InternVLChatModel <-> transformers' native InternVLForConditionalGeneration.
 
-Key table (``N`` = layer index; ``LM`` = ``language_model.model``; native ``V`` = ``model.vision_tower``,
-native ``T`` = ``model.language_model``):
+One table, read in both directions (``{n}`` = a layer index, ``{w}`` = a parameter leaf such as ``weight``/``bias``;
+``LM`` = ``language_model.model``, native ``V`` = ``model.vision_tower``, native ``T`` = ``model.language_model``):
 
 | original                                         | native                                                      |
 |--------------------------------------------------|-------------------------------------------------------------|
 | vision_model.embeddings.class_embedding          | V.embeddings.cls_token                                      |
 | vision_model.embeddings.position_embedding       | V.embeddings.position_embeddings                            |
-| vision_model.embeddings.patch_embedding.*        | V.embeddings.patch_embeddings.projection.*                  |
-| vision_model.encoder.layers.N.attn.qkv.*         | V.encoder.layer.N.attention.{q,k,v}_proj.* (split in thirds) |
-| vision_model.encoder.layers.N.attn.{q,k}_norm.*  | V.encoder.layer.N.attention.{q,k}_norm.*                    |
-| vision_model.encoder.layers.N.attn.proj.*        | V.encoder.layer.N.attention.projection_layer.*              |
-| vision_model.encoder.layers.N.mlp.fc{1,2}.*      | V.encoder.layer.N.mlp.fc{1,2}.*                             |
-| vision_model.encoder.layers.N.norm{1,2}.*        | V.encoder.layer.N.layernorm_{before,after}.*                |
-| vision_model.encoder.layers.N.ls{1,2}            | V.encoder.layer.N.lambda_{1,2}                              |
-| mlp1.{0,1,3}.*                                   | model.multi_modal_projector.{layer_norm,linear_1,linear_2}.* |
+| vision_model.embeddings.patch_embedding.{w}      | V.embeddings.patch_embeddings.projection.{w}                |
+| vision_model.encoder.layers.{n}.attn.qkv.{w}     | V.encoder.layer.{n}.attention.{q,k,v}_proj.{w} (thirds)     |
+| vision_model.encoder.layers.{n}.attn.{q,k}_norm  | V.encoder.layer.{n}.attention.{q,k}_norm                    |
+| vision_model.encoder.layers.{n}.attn.proj.{w}    | V.encoder.layer.{n}.attention.projection_layer.{w}          |
+| vision_model.encoder.layers.{n}.mlp.fc{1,2}.{w}  | V.encoder.layer.{n}.mlp.fc{1,2}.{w}                         |
+| vision_model.encoder.layers.{n}.norm{1,2}.{w}    | V.encoder.layer.{n}.layernorm_{before,after}.{w}            |
+| vision_model.encoder.layers.{n}.ls{1,2}          | V.encoder.layer.{n}.lambda_{1,2}                            |
+| mlp1.{0,1,3}.{w}                                 | model.multi_modal_projector.{layer_norm,linear_1,linear_2}.{w} |
 | LM.* (Qwen2, Phi-3, Llama: same names)           | T.*                                                         |
 | language_model.lm_head.weight                    | lm_head.weight                                              |
 | InternLM2: LM.tok_embeddings.weight              | T.embed_tokens.weight                                       |
-| InternLM2: LM.layers.N.attention.wqkv.*          | T.layers.N.self_attn.{q,k,v}_proj.* (grouped per KV head)   |
-| InternLM2: LM.layers.N.attention.wo.*            | T.layers.N.self_attn.o_proj.*                               |
-| InternLM2: LM.layers.N.feed_forward.w{1,3,2}.*   | T.layers.N.mlp.{gate,up,down}_proj.*                        |
-| InternLM2: LM.layers.N.{attention,ffn}_norm.*    | T.layers.N.{input,post_attention}_layernorm.*               |
+| InternLM2: LM.layers.{n}.attention.wqkv.{w}      | T.layers.{n}.self_attn.{q,k,v}_proj.{w} (grouped per KV head) |
+| InternLM2: LM.layers.{n}.attention.wo.{w}        | T.layers.{n}.self_attn.o_proj.{w}                           |
+| InternLM2: LM.layers.{n}.feed_forward.w{1,3,2}   | T.layers.{n}.mlp.{gate,up,down}_proj                        |
+| InternLM2: LM.layers.{n}.{attention,ffn}_norm    | T.layers.{n}.{input,post_attention}_layernorm               |
 | InternLM2: LM.norm.weight                        | T.norm.weight                                               |
 | InternLM2: language_model.output.weight          | lm_head.weight                                              |
 
@@ -32,6 +32,7 @@ Phi-3 keeps its fused ``qkv_proj`` / ``gate_up_proj``: the native Phi-3 has the 
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -40,39 +41,43 @@ import torch
 from internvl_tune.models.internvl_chat.config import family_of
 
 V, T = "model.vision_tower.", "model.language_model."
-# Plain renames (regex on the original key -> native template), applied in order, first match wins.
-_VISION_RENAMES = [
-    (r"vision_model\.embeddings\.class_embedding$", V + "embeddings.cls_token"),
-    (r"vision_model\.embeddings\.position_embedding$", V + "embeddings.position_embeddings"),
-    (r"vision_model\.embeddings\.patch_embedding\.(weight|bias)$", V + r"embeddings.patch_embeddings.projection.\1"),
-    (r"vision_model\.encoder\.layers\.(\d+)\.attn\.(q_norm|k_norm)\.(weight|bias)$", V + r"encoder.layer.\1.attention.\2.\3"),
-    (r"vision_model\.encoder\.layers\.(\d+)\.attn\.proj\.(weight|bias)$", V + r"encoder.layer.\1.attention.projection_layer.\2"),
-    (r"vision_model\.encoder\.layers\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)$", V + r"encoder.layer.\1.mlp.\2.\3"),
-    (r"vision_model\.encoder\.layers\.(\d+)\.norm1\.(weight|bias)$", V + r"encoder.layer.\1.layernorm_before.\2"),
-    (r"vision_model\.encoder\.layers\.(\d+)\.norm2\.(weight|bias)$", V + r"encoder.layer.\1.layernorm_after.\2"),
-    (r"vision_model\.encoder\.layers\.(\d+)\.ls1$", V + r"encoder.layer.\1.lambda_1"),
-    (r"vision_model\.encoder\.layers\.(\d+)\.ls2$", V + r"encoder.layer.\1.lambda_2"),
-    (r"mlp1\.0\.(weight|bias)$", r"model.multi_modal_projector.layer_norm.\1"),
-    (r"mlp1\.1\.(weight|bias)$", r"model.multi_modal_projector.linear_1.\1"),
-    (r"mlp1\.3\.(weight|bias)$", r"model.multi_modal_projector.linear_2.\1"),
+_VIT, _LM = "vision_model.encoder.layers.{n}.", "language_model.model."
+# (original, native) name templates; both directions are derived from this one table.
+VISION_KEYS = [
+    ("vision_model.embeddings.class_embedding", V + "embeddings.cls_token"),
+    ("vision_model.embeddings.position_embedding", V + "embeddings.position_embeddings"),
+    ("vision_model.embeddings.patch_embedding.{w}", V + "embeddings.patch_embeddings.projection.{w}"),
+    (_VIT + "attn.q_norm.{w}", V + "encoder.layer.{n}.attention.q_norm.{w}"),
+    (_VIT + "attn.k_norm.{w}", V + "encoder.layer.{n}.attention.k_norm.{w}"),
+    (_VIT + "attn.proj.{w}", V + "encoder.layer.{n}.attention.projection_layer.{w}"),
+    (_VIT + "mlp.fc1.{w}", V + "encoder.layer.{n}.mlp.fc1.{w}"),
+    (_VIT + "mlp.fc2.{w}", V + "encoder.layer.{n}.mlp.fc2.{w}"),
+    (_VIT + "norm1.{w}", V + "encoder.layer.{n}.layernorm_before.{w}"),
+    (_VIT + "norm2.{w}", V + "encoder.layer.{n}.layernorm_after.{w}"),
+    (_VIT + "ls1", V + "encoder.layer.{n}.lambda_1"),
+    (_VIT + "ls2", V + "encoder.layer.{n}.lambda_2"),
+    ("mlp1.0.{w}", "model.multi_modal_projector.layer_norm.{w}"),
+    ("mlp1.1.{w}", "model.multi_modal_projector.linear_1.{w}"),
+    ("mlp1.3.{w}", "model.multi_modal_projector.linear_2.{w}"),
 ]
-_HF_LLM_RENAMES = [
-    (r"language_model\.model\.(.+)$", T + r"\1"),
-    (r"language_model\.lm_head\.weight$", "lm_head.weight"),
+HF_LLM_KEYS = [
+    (_LM + "{rest}", T + "{rest}"),
+    ("language_model.lm_head.weight", "lm_head.weight"),
 ]
-_INTERNLM2_RENAMES = [
-    (r"language_model\.model\.tok_embeddings\.weight$", T + "embed_tokens.weight"),
-    (r"language_model\.model\.layers\.(\d+)\.attention\.wo\.(weight|bias)$", T + r"layers.\1.self_attn.o_proj.\2"),
-    (r"language_model\.model\.layers\.(\d+)\.feed_forward\.w1\.weight$", T + r"layers.\1.mlp.gate_proj.weight"),
-    (r"language_model\.model\.layers\.(\d+)\.feed_forward\.w3\.weight$", T + r"layers.\1.mlp.up_proj.weight"),
-    (r"language_model\.model\.layers\.(\d+)\.feed_forward\.w2\.weight$", T + r"layers.\1.mlp.down_proj.weight"),
-    (r"language_model\.model\.layers\.(\d+)\.attention_norm\.weight$", T + r"layers.\1.input_layernorm.weight"),
-    (r"language_model\.model\.layers\.(\d+)\.ffn_norm\.weight$", T + r"layers.\1.post_attention_layernorm.weight"),
-    (r"language_model\.model\.norm\.weight$", T + "norm.weight"),
-    (r"language_model\.output\.weight$", "lm_head.weight"),
+INTERNLM2_KEYS = [
+    (_LM + "tok_embeddings.weight", T + "embed_tokens.weight"),
+    (_LM + "layers.{n}.attention.wo.{w}", T + "layers.{n}.self_attn.o_proj.{w}"),
+    (_LM + "layers.{n}.feed_forward.w1.weight", T + "layers.{n}.mlp.gate_proj.weight"),
+    (_LM + "layers.{n}.feed_forward.w3.weight", T + "layers.{n}.mlp.up_proj.weight"),
+    (_LM + "layers.{n}.feed_forward.w2.weight", T + "layers.{n}.mlp.down_proj.weight"),
+    (_LM + "layers.{n}.attention_norm.weight", T + "layers.{n}.input_layernorm.weight"),
+    (_LM + "layers.{n}.ffn_norm.weight", T + "layers.{n}.post_attention_layernorm.weight"),
+    (_LM + "norm.weight", T + "norm.weight"),
+    ("language_model.output.weight", "lm_head.weight"),
 ]
-_VIT_QKV = re.compile(r"vision_model\.encoder\.layers\.(\d+)\.attn\.qkv\.(weight|bias)$")
-_WQKV = re.compile(r"language_model\.model\.layers\.(\d+)\.attention\.wqkv\.(weight|bias)$")
+# Fused q/k/v: (original template, native template with {p} = q|k|v)
+VIT_QKV = (_VIT + "attn.qkv.{w}", V + "encoder.layer.{n}.attention.{p}_proj.{w}")
+WQKV = (_LM + "layers.{n}.attention.wqkv.{w}", T + "layers.{n}.self_attn.{p}_proj.{w}")
 # Older transformers (4.5x) saved native InternVL checkpoints with these prefixes; accepted on load.
 LEGACY_NATIVE_PREFIXES = [
     ("language_model.model.", T),
@@ -80,6 +85,15 @@ LEGACY_NATIVE_PREFIXES = [
     ("vision_tower.", V),
     ("multi_modal_projector.", "model.multi_modal_projector."),
 ]
+_PLACEHOLDERS = {"n": r"(?P<n>\d+)", "w": r"(?P<w>\w+)", "p": r"(?P<p>[qkv])", "rest": r"(?P<rest>.+)"}
+
+
+@functools.cache
+def _compile(template: str) -> re.Pattern:
+    pattern = re.escape(template)
+    for name, group in _PLACEHOLDERS.items():
+        pattern = pattern.replace(re.escape("{" + name + "}"), group)
+    return re.compile(pattern + "$")
 
 
 @dataclass(frozen=True)
@@ -102,9 +116,22 @@ class LayoutSpec:
             head_dim=llm.get("head_dim") or llm["hidden_size"] // heads,
         )
 
+    def table(self) -> list[tuple[str, str]]:
+        """The plain renames of this family, as (original, native) templates."""
+        return VISION_KEYS + (INTERNLM2_KEYS if self.family == "internlm2" else HF_LLM_KEYS)
 
-def _renames(spec: LayoutSpec):
-    return _VISION_RENAMES + (_INTERNLM2_RENAMES if spec.family == "internlm2" else _HF_LLM_RENAMES)
+    def fused(self) -> list[tuple[str, str]]:
+        """The fused q/k/v entries of this family."""
+        return [VIT_QKV, WQKV] if self.family == "internlm2" else [VIT_QKV]
+
+
+def _rename(key: str, table: list[tuple[str, str]], reverse: bool) -> str | None:
+    """Apply the first matching row of ``table`` (original -> native, or native -> original when ``reverse``)."""
+    for original, native in table:
+        source, target = (native, original) if reverse else (original, native)
+        if m := _compile(source).match(key):
+            return target.format(**m.groupdict())
+    return None
 
 
 def _split_wqkv(tensor: torch.Tensor, spec: LayoutSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -131,74 +158,12 @@ def convert_original_tensor(key: str, tensor: torch.Tensor, spec: LayoutSpec) ->
 
     Splits return views of ``tensor`` (no copy), so streaming a checkpoint never doubles its memory.
     """
-    if m := _VIT_QKV.match(key):
-        layer, kind = m.groups()
-        parts = tensor.chunk(3, dim=0)
-        return [(f"{V}encoder.layer.{layer}.attention.{n}_proj.{kind}", p) for n, p in zip("qkv", parts)]
-    if spec.family == "internlm2" and (m := _WQKV.match(key)):
-        layer, kind = m.groups()
-        parts = _split_wqkv(tensor, spec)
-        return [(f"{T}layers.{layer}.self_attn.{n}_proj.{kind}", p) for n, p in zip("qkv", parts)]
-    for pattern, template in _renames(spec):
-        if re.match(pattern, key):
-            return [(re.sub(pattern, template, key), tensor)]
-    return None
-
-
-def from_original(state: dict[str, torch.Tensor], spec: LayoutSpec) -> dict[str, torch.Tensor]:
-    """Convert a whole original state dict to native keys; unknown keys raise KeyError."""
-    out = {}
-    for key, tensor in state.items():
-        converted = convert_original_tensor(key, tensor, spec)
-        if converted is None:
-            raise KeyError(key)
-        out.update(converted)
-    return out
-
-
-def _native_to_original_name(key: str, spec: LayoutSpec) -> str | None:
-    """Inverse of the plain renames (qkv fusions are handled by ``to_original``)."""
-    inverse = {
-        V + "embeddings.cls_token": "vision_model.embeddings.class_embedding",
-        V + "embeddings.position_embeddings": "vision_model.embeddings.position_embedding",
-    }
-    if key in inverse:
-        return inverse[key]
-    rules = [
-        (re.escape(V) + r"embeddings\.patch_embeddings\.projection\.(weight|bias)$", r"vision_model.embeddings.patch_embedding.\1"),
-        (re.escape(V) + r"encoder\.layer\.(\d+)\.attention\.(q_norm|k_norm)\.(\w+)$", r"vision_model.encoder.layers.\1.attn.\2.\3"),
-        (re.escape(V) + r"encoder\.layer\.(\d+)\.attention\.projection_layer\.(\w+)$", r"vision_model.encoder.layers.\1.attn.proj.\2"),
-        (re.escape(V) + r"encoder\.layer\.(\d+)\.mlp\.(fc1|fc2)\.(\w+)$", r"vision_model.encoder.layers.\1.mlp.\2.\3"),
-        (re.escape(V) + r"encoder\.layer\.(\d+)\.layernorm_before\.(\w+)$", r"vision_model.encoder.layers.\1.norm1.\2"),
-        (re.escape(V) + r"encoder\.layer\.(\d+)\.layernorm_after\.(\w+)$", r"vision_model.encoder.layers.\1.norm2.\2"),
-        (re.escape(V) + r"encoder\.layer\.(\d+)\.lambda_1$", r"vision_model.encoder.layers.\1.ls1"),
-        (re.escape(V) + r"encoder\.layer\.(\d+)\.lambda_2$", r"vision_model.encoder.layers.\1.ls2"),
-        (r"model\.multi_modal_projector\.layer_norm\.(\w+)$", r"mlp1.0.\1"),
-        (r"model\.multi_modal_projector\.linear_1\.(\w+)$", r"mlp1.1.\1"),
-        (r"model\.multi_modal_projector\.linear_2\.(\w+)$", r"mlp1.3.\1"),
-    ]
-    if spec.family == "internlm2":
-        rules += [
-            (re.escape(T) + r"embed_tokens\.weight$", "language_model.model.tok_embeddings.weight"),
-            (re.escape(T) + r"layers\.(\d+)\.self_attn\.o_proj\.(\w+)$", r"language_model.model.layers.\1.attention.wo.\2"),
-            (re.escape(T) + r"layers\.(\d+)\.mlp\.gate_proj\.weight$", r"language_model.model.layers.\1.feed_forward.w1.weight"),
-            (re.escape(T) + r"layers\.(\d+)\.mlp\.up_proj\.weight$", r"language_model.model.layers.\1.feed_forward.w3.weight"),
-            (re.escape(T) + r"layers\.(\d+)\.mlp\.down_proj\.weight$", r"language_model.model.layers.\1.feed_forward.w2.weight"),
-            (re.escape(T) + r"layers\.(\d+)\.input_layernorm\.weight$", r"language_model.model.layers.\1.attention_norm.weight"),
-            (re.escape(T) + r"layers\.(\d+)\.post_attention_layernorm\.weight$", r"language_model.model.layers.\1.ffn_norm.weight"),
-            (re.escape(T) + r"norm\.weight$", "language_model.model.norm.weight"),
-            (r"lm_head\.weight$", "language_model.output.weight"),
-        ]
-    else:
-        rules += [(re.escape(T) + r"(.+)$", r"language_model.model.\1"), (r"lm_head\.weight$", "language_model.lm_head.weight")]
-    for pattern, template in rules:
-        if re.match(pattern, key):
-            return re.sub(pattern, template, key)
-    return None
-
-
-_NATIVE_VIT_QKV = re.compile(re.escape(V) + r"encoder\.layer\.(\d+)\.attention\.([qkv])_proj\.(weight|bias)$")
-_NATIVE_LLM_QKV = re.compile(re.escape(T) + r"layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$")
+    for original, native in spec.fused():
+        if m := _compile(original).match(key):
+            parts = _split_wqkv(tensor, spec) if original == WQKV[0] else tensor.chunk(3, dim=0)
+            return [(native.format(p=p, **m.groupdict()), part) for p, part in zip("qkv", parts)]
+    name = _rename(key, spec.table(), reverse=False)
+    return None if name is None else [(name, tensor)]
 
 
 def to_original(state: dict[str, torch.Tensor], spec: LayoutSpec) -> dict[str, torch.Tensor]:
@@ -206,22 +171,22 @@ def to_original(state: dict[str, torch.Tensor], spec: LayoutSpec) -> dict[str, t
     out: dict[str, torch.Tensor] = {}
     fused: dict[tuple[str, str, str], dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
-        if m := _NATIVE_VIT_QKV.match(key):
-            fused.setdefault(("vit", m.group(1), m.group(3)), {})[m.group(2)] = tensor
-        elif spec.family == "internlm2" and (m := _NATIVE_LLM_QKV.match(key)):
-            fused.setdefault(("llm", m.group(1), m.group(3)), {})[m.group(2)] = tensor
+        for original, native in spec.fused():
+            if m := _compile(native).match(key):
+                groups = m.groupdict()
+                fused.setdefault((original, groups["n"], groups["w"]), {})[groups["p"]] = tensor
+                break
         else:
-            name = _native_to_original_name(key, spec)
+            name = _rename(key, spec.table(), reverse=True)
             if name is None:
                 raise KeyError(key)
             out[name] = tensor
-    for (where, layer, kind), parts in fused.items():
+    for (original, layer, leaf), parts in fused.items():
         if set(parts) != {"q", "k", "v"}:
-            raise KeyError(f"{where} layer {layer} {kind}: only {sorted(parts)} of q/k/v present")
-        if where == "vit":
-            out[f"vision_model.encoder.layers.{layer}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
-        else:
-            out[f"language_model.model.layers.{layer}.attention.wqkv.{kind}"] = _join_wqkv(parts["q"], parts["k"], parts["v"], spec)
+            raise KeyError(f"{original.format(n=layer, w=leaf)}: only {sorted(parts)} of q/k/v present")
+        q, k, v = parts["q"], parts["k"], parts["v"]
+        joined = _join_wqkv(q, k, v, spec) if original == WQKV[0] else torch.cat([q, k, v])
+        out[original.format(n=layer, w=leaf)] = joined
     return out
 
 

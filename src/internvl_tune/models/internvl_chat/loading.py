@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from internvl_tune.errors import CheckpointError
-from internvl_tune.models.weights import iter_file_tensors, weight_files
+from internvl_tune.models.common.weights import iter_file_tensors, weight_files
 from internvl_tune.models.internvl_chat.key_map import LayoutSpec, convert_original_tensor, normalize_native_key
 
 _MAX_LISTED = 20

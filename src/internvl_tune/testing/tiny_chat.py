@@ -17,7 +17,7 @@ import torch
 from internvl_tune.constants import SPECIAL_TOKENS
 from internvl_tune.errors import UserError
 from internvl_tune.models.internvl_chat import config as cfg
-from internvl_tune.models.internvl_chat.tokenizers import write_qwen2_tokenizer
+from internvl_tune.testing.tokenizers import write_qwen2_tokenizer
 
 # like -> (LLM family, conversation template, InternViT kind, tokenizer style)
 SIZES = {

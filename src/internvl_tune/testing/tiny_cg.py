@@ -17,8 +17,8 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
+from internvl_tune.models.common.weights import write_shards
 from internvl_tune.models.internvl_cg.config import InternVLCGConfig
 from internvl_tune.models.internvl_cg.model import InternVLModel
 
@@ -181,23 +181,5 @@ def write_tiny_internvl14b(
     (out / "config.json").write_text(json.dumps(cfg_dict, indent=2) + "\n")
     model = InternVLModel(InternVLCGConfig.from_dict(cfg_dict))
     _randomize(model, seed)
-    write_safetensors_shards({k: v.clone() for k, v in model.state_dict().items()}, out, num_shards)
+    write_shards(out, {k: v.clone() for k, v in sorted(model.state_dict().items())}, num_shards)
     return out
-
-
-def write_safetensors_shards(state: dict[str, torch.Tensor], out: Path, num_shards: int) -> None:
-    """HF-style ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json`` (one file if n == 1)."""
-    keys = sorted(state)
-    if num_shards == 1:
-        save_file({k: state[k].contiguous() for k in keys}, str(out / "model.safetensors"), metadata={"format": "pt"})
-        return
-    per = math.ceil(len(keys) / num_shards)
-    weight_map, total = {}, 0
-    for i in range(num_shards):
-        name = f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors"
-        part = {k: state[k].contiguous() for k in keys[i * per : (i + 1) * per]}
-        save_file(part, str(out / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in part})
-        total += sum(t.numel() * t.element_size() for t in part.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -1,6 +1,6 @@
-"""Reading checkpoint weight files safely: which files, and their tensors one at a time.
+"""Checkpoint weight files: reading them safely (which files, their tensors one at a time) and writing shards.
 
-Shared by the InternVL2 and InternVL-C/G loaders. safetensors shards (through ``model.safetensors.index.json``) are
+Shared by the InternVL2 and InternVL-C/G loaders and savers. safetensors shards (through ``model.safetensors.index.json``) are
 preferred; legacy ``.bin`` files are read only with ``torch.load(weights_only=True)``, never as arbitrary pickles.
 A truncated or corrupt file (a partial download, a full disk) gives a CheckpointError naming it, not a crash.
 """
@@ -18,6 +18,7 @@ from internvl_tune.errors import CheckpointError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
+MAX_SHARD_BYTES = 5 * 2**30
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -98,3 +99,40 @@ def iter_file_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
             "convert it to safetensors"
         ) from exc
     yield from state.items()
+
+
+def write_shards(out: Path, state: dict[str, torch.Tensor], num_shards: int | None = None,
+                 max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """Write ``state`` as ``model.safetensors``, or as numbered shards plus ``model.safetensors.index.json``.
+
+    Args:
+        out: existing directory.
+        state: tensors by key, in the order they are written (made contiguous; safetensors refuses shared storage,
+            so tied tensors must be cloned by the caller).
+        num_shards: force this many shards; default: as many as needed to stay under ``max_shard_bytes`` each.
+    """
+    from safetensors.torch import save_file
+
+    keys = list(state)
+    sizes = [state[k].numel() * state[k].element_size() for k in keys]
+    total = sum(sizes)
+    count = num_shards or max(1, -(-total // max_shard_bytes))
+    if count == 1:
+        save_file({k: state[k].contiguous() for k in keys}, str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
+    # Greedy split in key order so each shard holds about total/count bytes.
+    target, groups, current, current_size = total / count, [], [], 0
+    for key, size in zip(keys, sizes):
+        if current and current_size + size > target and len(groups) < count - 1:
+            groups.append(current)
+            current, current_size = [], 0
+        current.append(key)
+        current_size += size
+    groups.append(current)
+    weight_map = {}
+    for i, group in enumerate(groups, 1):
+        name = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+        save_file({k: state[k].contiguous() for k in group}, str(out / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in group})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")

@@ -1,0 +1,1 @@
+"""Pieces every model family uses: reading and writing weight files, stochastic depth, packed (varlen) attention."""

@@ -1,0 +1,261 @@
+"""The InternVL2 chat fine-tuning recipe: what the one trainer (``train/trainer.py``) needs to know of this family.
+
+- ``ModelArgs``: the model flags of the reference's ``internvl_chat_finetune.py`` (the data flags are
+  ``data.config.DataConfig``);
+- :func:`apply_trainable_flags`: the reference's freeze / LoRA flags, applied by name;
+- :class:`ChatTrainModule`: vision tower -> pixel shuffle -> mlp1 -> image features scattered into the token
+  embeddings -> LLM decoder -> weighted next-token loss on supervised positions only (``loss.py``);
+- :class:`ChatRecipe`: builds the module (from the checkpoint, or its structure on the meta device), the datasets,
+  the collator and the sampler, and exports the final model (LoRA: adapter + merged).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from internvl_tune.data.batch import ChatBatch
+from internvl_tune.data.config import DataConfig
+from internvl_tune.errors import UserError
+from internvl_tune.models.common import varlen_attention
+from internvl_tune.models.internvl_chat.loss import weighted_lm_loss_sum
+from internvl_tune.options import option
+
+# Reference flags we accept and ignore because our loop decides them itself (listed in --help).
+IGNORED_FLAGS = {
+    "--deepspeed": "ZeRO is replaced by FSDP2 sharding",
+    "--evaluation_strategy": "validation runs when --eval_meta_path is set",
+    "--do_train": "always true",
+    "--tf32": "enabled on GPUs that support it",
+    "--use_fast_tokenizer": "fast tokenizers are always used",
+    "--remove_unused_columns": "not applicable",
+    "--use_data_resampling": "not supported yet",
+}
+
+
+@dataclass
+class ModelArgs:
+    """Model flags of InternVL2 fine-tuning (the reference's ``ModelArguments``)."""
+
+    model_name_or_path: str | None = option(None, "checkpoint directory (original InternVL layout or "
+                                                  "transformers-native), e.g. ./pretrained/InternVL2-8B")
+    freeze_llm: bool = option(False, "freeze the language model and its LM head")
+    freeze_backbone: bool = option(False, "freeze the vision encoder (InternViT)")
+    freeze_mlp: bool = option(False, "freeze the vision-language projector (mlp1)")
+    unfreeze_vit_layers: int = option(0, "after freezing, make these ViT layers trainable again: N = layers[N:], "
+                                         "-4 = the last 4")
+    vision_select_layer: int = option(-1, "ViT layer whose features feed the projector (-1 = last)")
+    use_backbone_lora: int = option(0, "LoRA rank for the ViT (0 = off)")
+    use_llm_lora: int = option(0, "LoRA rank for the LLM (0 = off)")
+    lora_alpha: float | None = option(None, "LoRA scaling numerator (default: 2 x rank, as the reference)")
+    lora_dropout: float = option(0.05, "dropout on the LoRA input (the reference's 0.05; 0 makes steps "
+                                       "deterministic and recomputation cheaper)")
+    lora_target_modules: str | None = option(None, "comma-separated module names to wrap with LoRA, e.g. "
+                                                   "q_proj,v_proj (default: the reference's per family: attention "
+                                                   "and MLP linears)")
+    unfreeze_lm_head: bool = option(False, "train the LM head even when the LLM is frozen or LoRA-wrapped")
+    grad_checkpoint: str = option("True", "activation checkpointing: True (every ViT and LLM block), False, a "
+                                          "fraction such as 0.5 (that share of the blocks: less recompute for more "
+                                          "memory), or selective (every block, keeping matmul and attention "
+                                          "outputs: most of the speed for part of the memory)")
+    drop_path_rate: float = option(0.0, "stochastic depth for the ViT (linear over layers, as the reference)")
+    ps_version: str = option("v2", "pixel-shuffle version", ("v1", "v2"))
+    merge_lora: bool = option(True, "for LoRA runs, also write the merged model as the final output")
+
+
+def _set(module: nn.Module, trainable: bool) -> None:
+    for p in module.parameters():
+        p.requires_grad_(trainable)
+
+
+def apply_trainable_flags(chat, args: ModelArgs) -> dict[str, int]:
+    """Freeze / unfreeze / LoRA-wrap ``chat.model`` per ``args``, in the reference's order (``unfreeze_lm_head`` last,
+    so it really takes effect): freeze_backbone -> freeze_llm -> LoRA -> freeze_mlp -> unfreeze_vit_layers ->
+    unfreeze_lm_head.
+
+    Returns:
+        Trainable parameter counts per part (``vision``, ``projector``, ``llm``, ``lm_head``), for the run log.
+    """
+    from internvl_tune.models.internvl_chat.lora import add_lora
+
+    model = chat.model
+    vision, projector = model.model.vision_tower, model.model.multi_modal_projector
+    llm, lm_head = model.model.language_model, model.lm_head
+    _set(model, True)
+    if args.freeze_backbone:
+        _set(vision, False)
+    if args.freeze_llm:
+        _set(llm, False)
+        _set(lm_head, False)
+    if args.use_backbone_lora or args.use_llm_lora:
+        add_lora(chat, llm_rank=args.use_llm_lora, vision_rank=args.use_backbone_lora)
+    if args.freeze_mlp:
+        _set(projector, False)
+    if args.unfreeze_vit_layers:
+        for layer in vision.encoder.layer[args.unfreeze_vit_layers :]:
+            _set(layer, True)
+    if args.unfreeze_lm_head:
+        _set(lm_head, True)
+    return {
+        name: sum(p.numel() for p in part.parameters() if p.requires_grad)
+        for name, part in (("vision", vision), ("projector", projector), ("llm", llm), ("lm_head", lm_head))
+    }
+
+
+class ChatTrainModule(nn.Module):
+    """Wraps an ``InternVLChat`` for training; ``forward(batch)`` returns the weighted loss sum of the micro-batch."""
+
+    def __init__(self, chat):
+        super().__init__()
+        self.model = chat.model  # the only registered child: FSDP2 and checkpoints see the usual parameter names
+        self.chat = chat
+        # packed rows run one causal attention per sample (flash varlen on CUDA); padded batches keep SDPA
+        chat.model.model.language_model.set_attn_implementation(varlen_attention.register())
+
+    def blocks(self) -> list[nn.Module]:
+        """The repeated blocks, ViT first: the units of checkpointing, compilation and sharding."""
+        return [*self.model.model.vision_tower.encoder.layer, *self.model.model.language_model.layers]
+
+    def forward(self, batch: ChatBatch) -> dict[str, torch.Tensor]:
+        """``{"loss": sum of weight x cross-entropy}`` over the batch's supervised tokens (the step divides by the
+        weight of the whole global batch)."""
+        embeds = self.chat.embed_inputs(batch.input_ids, batch.pixel_values,
+                                        layout={"image_tiles": batch.image_tiles,
+                                                "image_positions": batch.image_positions})
+        packed = {}
+        if batch.packed:  # one causal attention per sample
+            cu, longest = batch.cu_seq_lens, batch.max_length
+            packed = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+        out = self.model.model.language_model(inputs_embeds=embeds, attention_mask=batch.attention_mask,
+                                              position_ids=batch.position_ids, use_cache=False, **packed)
+        loss = weighted_lm_loss_sum(out.last_hidden_state, self.model.lm_head.weight, batch.loss_index,
+                                    batch.loss_target, batch.loss_weight)
+        return {"loss": loss}
+
+
+class ChatRecipe:
+    """InternVL2 chat fine-tuning for ``train/trainer.py`` (see its ``Recipe`` protocol)."""
+
+    name, unit = "train", "tokens"
+
+    def __init__(self, model: ModelArgs, data: DataConfig):
+        if not model.model_name_or_path:
+            raise UserError("--model_name_or_path is required (a checkpoint directory such as ./pretrained/InternVL2-1B)")
+        if not data.meta_path:
+            raise UserError("--meta_path is required (a meta JSON naming your JSONL datasets)")
+        self.args, self.data = model, data
+        self.chat = None
+        self.trainable_parts: dict[str, int] = {}
+
+    def _load_chat(self, dtype: torch.dtype, weights: bool):
+        from internvl_tune.models.internvl_chat.chat import load_pretrained
+
+        m = self.args
+        return load_pretrained(m.model_name_or_path, dtype=dtype, device="cpu", weights=weights,
+                               select_layer=m.vision_select_layer, ps_version=m.ps_version,
+                               drop_path_rate=m.drop_path_rate)
+
+    def build_module(self, dtype: torch.dtype, weights: bool = True) -> ChatTrainModule:
+        """The training module from the checkpoint (``weights=False``: its structure on the meta device), with the
+        trainable flags and LoRA adapters applied. The data settings are resolved against the checkpoint here."""
+        from internvl_tune.models.internvl_chat.config import data_defaults
+
+        chat = self._load_chat(dtype, weights)
+        self.trainable_parts = apply_trainable_flags(chat, self.args)
+        if self.chat is None:  # the first build is the trained one (a second, on rank 0, only sources weights)
+            self.data = self.data.resolve(data_defaults(chat.original_config), self.args.model_name_or_path)
+            self.chat = chat
+        return ChatTrainModule(chat)
+
+    @property
+    def grad_checkpoint(self) -> str:
+        return self.args.grad_checkpoint
+
+    def param_groups_scale(self) -> None:
+        """One learning rate for every parameter."""
+        return None
+
+    def build_data(self, seed: int, rank: int, world_size: int, per_device_batch: int, grad_accum: int):
+        """``(train_set, val_set or None, collate, sampler)``."""
+        from internvl_tune.data.batch import ChatCollator
+        from internvl_tune.data.dataset import SupervisedDataset
+        from internvl_tune.data.packing import PackedBatchSampler
+        from internvl_tune.data.sampler import GlobalBatchSampler
+
+        d, chat = self.data, self.chat
+        train = SupervisedDataset(d.meta_path, chat.tokenizer, d, is_train=True, seed=seed)
+        val = SupervisedDataset(d.eval_meta_path, chat.tokenizer, d, is_train=False, seed=seed) if d.eval_meta_path \
+            else None
+        pad_id = chat.tokenizer.pad_token_id if chat.tokenizer.pad_token_id is not None else 0
+        collate = ChatCollator(d.use_packed_ds, pad_id, chat.img_context_token_id, chat.num_image_token,
+                               d.loss_reduction)
+        self.lengths = train.lengths
+        if d.use_packed_ds:
+            sampler = PackedBatchSampler(train.lengths, d.max_packed_tokens, world_size, rank, grad_accum, seed,
+                                         tiles=train.tiles, max_tiles=d.num_images_expected)
+        else:
+            sampler = GlobalBatchSampler(train.lengths, per_device_batch, world_size, rank, grad_accum, seed,
+                                         d.group_by_length)
+        return train, val, collate, sampler
+
+    def tokens_per_micro_batch(self, per_device_batch: int) -> int:
+        """LLM tokens of the largest micro-batch: the packing budget, or the longest sample times the batch size."""
+        if self.data.use_packed_ds:
+            return self.data.max_packed_tokens
+        return per_device_batch * max(self.lengths)
+
+    def memory_shape(self, per_device_batch: int) -> dict:
+        """The LLM shape the memory estimate needs (``train/memory.py``)."""
+        text = self.chat.model.config.text_config
+        return dict(tokens_per_micro_batch=self.tokens_per_micro_batch(per_device_batch), hidden=text.hidden_size,
+                    ffn=text.intermediate_size, num_layers=text.num_hidden_layers, vocab=text.vocab_size)
+
+    def describe(self) -> list[str]:
+        """The recipe's lines of the run plan: model, template and tiling."""
+        d, chat = self.data, self.chat
+        own = chat.template
+        template = d.conv_style + ("" if d.conv_style == own else f" (the checkpoint says {own}: check --conv_style)")
+        tiles = (f"dynamic tiles {d.min_dynamic_patch}-{d.max_dynamic_patch}"
+                 + (" + thumbnail" if d.use_thumbnail else "") if d.dynamic_image_size else "one tile per image")
+        parts = ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in self.trainable_parts.items())
+        return [f"model: {self.args.model_name_or_path} ({chat.family}), template {template}, "
+                f"{d.force_image_size} px tiles x {d.num_image_token} tokens, {tiles}; trainable: {parts}"]
+
+    def export(self, state: dict[str, torch.Tensor], output_dir: Path) -> None:
+        """Write the final model into ``output_dir`` in the original InternVL layout (LoRA: adapter + merged).
+
+        ``state`` is the gathered state dict of the training module; it is assigned into a fresh structure of the
+        base model with the same trainable flags (built on the meta device: the checkpoint is not read again), so
+        the exported files never depend on how training was sharded. Runs on rank 0 only.
+        """
+        from internvl_tune.models.internvl_chat.lora import has_lora, merge_lora, save_adapter
+
+        chat = self._load_chat(torch.float32, weights=False)
+        apply_trainable_flags(chat, self.args)
+        own = {k.removeprefix("model."): v.float() if v.is_floating_point() else v for k, v in state.items()}
+        chat.model.load_state_dict(own, strict=True, assign=True)
+        if has_lora(chat):
+            save_adapter(chat, output_dir / "adapter", base=self.args.model_name_or_path)
+            if self.args.merge_lora:
+                merge_lora(chat)
+        if not has_lora(chat):
+            _save_into(chat, output_dir)
+
+
+def _save_into(chat, output_dir: Path) -> None:
+    """Save the model in the original layout next to the run's logs and checkpoints (as the reference does).
+
+    It is written to a temporary sibling first; files then move in one by one, weights before ``config.json``,
+    so a crash never leaves a config that points at missing weights.
+    """
+    tmp = output_dir / ".final-model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    chat.save_pretrained(tmp, layout="original", overwrite=True)
+    for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):
+        os.replace(f, output_dir / f.name)
+    tmp.rmdir()

@@ -1,0 +1,361 @@
+"""The one trainer: set-up, the loop, validation and export, for every model family through its recipe.
+
+Launch: ``internvl-tune train ...`` / ``internvl-tune retrieval-train ...`` (one process), or under ``torchrun`` /
+``srun`` (N ranks; gloo on CPU, NCCL on GPUs). What differs between model families lives in their recipe
+(``models/internvl_chat/recipe.py``, ``models/internvl_cg/recipe.py``), which satisfies :class:`Recipe`.
+
+Set-up order: process group -> output dir -> the training module from the recipe (on several ranks: its structure on
+the meta device) -> fp32 master copies of what trains -> ``dist.parallelize`` (activation checkpointing, compile,
+FSDP2) -> on several ranks rank 0 reads the checkpoint and broadcasts it into the shards -> data -> optimizer,
+schedule, checkpoints, metrics -> resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from internvl_tune.dist import all_reduce_sum, barrier, init_distributed, shutdown
+from internvl_tune.dist.parallelize import (
+    clean_name,
+    compile_enabled,
+    materialize_from_rank0,
+    parallelize,
+    parse_grad_checkpoint,
+    reshard,
+)
+from internvl_tune.errors import UserError
+from internvl_tune.train.checkpoint import Checkpointer
+from internvl_tune.train.config import RunConfig, save_config
+from internvl_tune.train.memory import estimate_training_memory
+from internvl_tune.train.metrics import MetricsLogger, parse_report_to
+from internvl_tune.train.optim import build_adamw, build_param_groups, count_parameters
+from internvl_tune.train.progress import StepProgress
+from internvl_tune.train.runtime import StopFlag, make_loader, memory_gib, prepare_output_dir
+from internvl_tune.train.schedule import LRSchedule, warmup_steps_for
+from internvl_tune.train.step import StepRunner
+
+TEXT_LOG = "train.log"
+RESULTS = "train_results.json"
+
+
+class Recipe(Protocol):
+    """What a model family gives the trainer."""
+
+    name: str  # progress-bar label
+    unit: str  # what throughput counts: "tokens" or "samples"
+    grad_checkpoint: str  # the family's --grad_checkpoint value
+
+    def build_module(self, dtype: torch.dtype, weights: bool = True) -> nn.Module:
+        """The training module (``forward(batch) -> {"loss": ...}``, ``blocks()``), trainable flags applied."""
+
+    def build_data(self, seed: int, rank: int, world_size: int, per_device_batch: int, grad_accum: int) -> tuple:
+        """``(train_set, val_set or None, collate, sampler)``."""
+
+    def param_groups_scale(self):
+        """An lr-scale function of parameter names (layer-wise decay), or None."""
+
+    def describe(self) -> list[str]:
+        """The recipe's lines of the run plan."""
+
+    def memory_shape(self, per_device_batch: int) -> dict | None:
+        """The LLM shape for the memory estimate (``train/memory.py``), or None."""
+
+    def export(self, state: dict[str, torch.Tensor], output_dir: Path) -> None:
+        """Write the final model from the gathered state of the training module (rank 0)."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or interrupted) run leaves behind."""
+
+    output_dir: Path
+    steps: int
+    losses: list[float]
+    interrupted: bool = False
+
+
+def _fp32_masters(module: nn.Module) -> None:
+    """Trainable parameters become fp32 (the master weights of mixed precision); frozen ones keep their dtype."""
+    for p in module.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
+class Trainer:
+    """Holds the state of one run; :meth:`train` is the loop."""
+
+    def __init__(self, recipe: Recipe, cfg: RunConfig):
+        self.recipe, self.cfg = recipe, cfg
+        t = cfg.train
+        self.sinks = parse_report_to(t.report_to)  # an unknown sink fails before minutes of loading
+        self.info = info = init_distributed(t.device)
+        self.output_dir, resume = prepare_output_dir(t, info)
+        self.compute_dtype = torch.bfloat16 if (t.bf16 and info.device.type == "cuda") else None
+        load_dtype = torch.bfloat16 if self.compute_dtype is not None else torch.float32
+
+        # Several ranks: each builds the structure only; rank 0 alone reads the checkpoint and broadcasts it into
+        # the shards (one full copy in host memory for the whole job, not one per rank).
+        sharded = info.world_size > 1
+        torch.manual_seed(t.seed)  # the same LoRA initialisation on every rank and for any world size
+        module = recipe.build_module(load_dtype, weights=not sharded)
+        _fp32_masters(module)
+        self.trainable, self.total_params = count_parameters(module)
+        if self.trainable == 0:
+            raise UserError("no parameter is trainable: check the freeze / unfreeze / LoRA flags")
+        if not sharded:
+            module.to(info.device)
+        self.grad_checkpoint = parse_grad_checkpoint(recipe.grad_checkpoint)
+        self.compiled = compile_enabled(t.torch_compile, info.device)
+        self.blocks = parallelize(module, module.blocks(), world_size=info.world_size, param_dtype=self.compute_dtype,
+                                  grad_checkpoint=self.grad_checkpoint, compile=self.compiled)
+        if sharded:
+            full = {}
+            if info.is_main:
+                torch.manual_seed(t.seed)
+                source = recipe.build_module(load_dtype)
+                _fp32_masters(source)
+                full = source.state_dict()
+            materialize_from_rank0(module, full, info.device, info.is_main)
+            del full
+        self.module = module
+
+        self.train_set, self.val_set, self.collate, self.sampler = recipe.build_data(
+            t.seed, info.rank, info.world_size, t.per_device_train_batch_size, t.gradient_accumulation_steps)
+        steps_per_epoch = self.sampler.steps_per_epoch
+        self.total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.num_train_epochs * steps_per_epoch))
+        self.groups = build_param_groups(((clean_name(n), p) for n, p in module.named_parameters()),
+                                         t.learning_rate, t.weight_decay, recipe.param_groups_scale())
+        self.optimizer = build_adamw(self.groups, (t.adam_beta1, t.adam_beta2), t.adam_epsilon)
+        warmup = warmup_steps_for(self.total_steps, t.warmup_steps, t.warmup_ratio)
+        self.schedule = LRSchedule(t.lr_scheduler_type, warmup, self.total_steps)
+        self.checkpointer = Checkpointer(self.output_dir, info, t.save_total_limit)
+        self.step, self.bad_steps, self.seen = 0, 0, 0
+        self.resumed_from = self.checkpointer.resolve(resume)
+        if self.resumed_from is not None:
+            state = self.checkpointer.load(self.resumed_from, self.optimizer)
+            self.step, self.bad_steps, self.seen = state["step"], state["bad_steps"], state["work_seen"]
+        elif info.is_main:
+            (self.output_dir / TEXT_LOG).unlink(missing_ok=True)
+        self.metrics = MetricsLogger(self.output_dir, enabled=info.is_main, sinks=self.sinks,
+                                     resume_step=self.step + 1 if self.resumed_from is not None else None,
+                                     config=cfg.to_dict())
+        if info.is_main:
+            save_config(cfg, self.output_dir / "config.yaml")
+        self.stepper = StepRunner(self.module, self.optimizer, self.schedule, info, t.max_grad_norm)
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> TrainResult:
+        """Run until ``total_steps`` (or a stop signal), checkpointing, validating and logging on the way."""
+        t, info = self.cfg.train, self.info
+        progress = self.progress = StepProgress(self.total_steps, self.recipe.name, enabled=info.is_main,
+                                                start=self.step, log_path=self.output_dir / TEXT_LOG)
+        self._print_plan()
+        self._losses: list[float] = []
+        self._eval_loss = None
+        interrupted = False
+        started, self._seen_before = time.perf_counter(), self.seen
+        self.module.train()
+        steps_per_epoch = self.sampler.steps_per_epoch
+        self._window = (self.stepper.clock.mark(), 0)  # start mark and work of the current logging window
+        with StopFlag() as stop:
+            while self.step < self.total_steps and not interrupted:
+                epoch, in_epoch = divmod(self.step, steps_per_epoch)
+                if hasattr(self.train_set, "set_epoch"):
+                    self.train_set.set_epoch(epoch)
+                order = list(self.sampler.epoch_steps(epoch, in_epoch))[: self.total_steps - self.step]
+                micro = [mb for _, micros in order for mb in micros]
+                loader = iter(make_loader(self.train_set, micro, self.collate, t.dataloader_num_workers))
+                pending = None  # the previous step, queued and not read back yet
+                for i in range(len(order)):
+                    handle = self.stepper([next(loader) for _ in range(t.gradient_accumulation_steps)], self.step)
+                    self.step += 1
+                    if pending is not None:  # read step n - 1 while step n runs
+                        self._record(*pending)
+                    pending = (self.step, handle)
+                    saving = t.save_strategy == "steps" and self._due(t.save_steps)
+                    evaluating = self.val_set is not None and self._due(t.eval_steps or t.save_steps)
+                    stopping = stop.requested
+                    if saving or evaluating or stopping or i == len(order) - 1:
+                        self._record(*pending)
+                        pending = None
+                    if evaluating:
+                        self._evaluate_and_log()
+                    if saving:
+                        self.save_checkpoint()
+                    if stopping:
+                        interrupted = True
+                        break
+                if t.save_strategy == "epoch" and not interrupted:
+                    self.save_checkpoint()
+        if interrupted:
+            self.save_checkpoint()
+            progress.print(f"stopped by signal at step {self.step}; resume with --resume_from_checkpoint auto")
+        self.metrics.close()
+        self._write_results(time.perf_counter() - started, interrupted)
+        return TrainResult(self.output_dir, self.step, self._losses, interrupted)
+
+    def _due(self, every: int) -> bool:
+        return every > 0 and self.step % every == 0
+
+    def _record(self, step: int, handle) -> None:
+        """Account for a finished step: counters, the non-finite limit, the metrics row and the progress bar."""
+        t = self.cfg.train
+        out = handle.result()
+        self.seen += out["work"]
+        start, work = self._window
+        work += out["work"]
+        self._window = (start, work)
+        self._losses.append(out["loss"])
+        if not out["finite"]:
+            self.bad_steps += 1
+        if self.bad_steps > t.max_bad_steps:
+            raise UserError(
+                f"{self.bad_steps} steps had a non-finite loss or gradient (last at step {step}); lower "
+                f"--learning_rate, check the data with `internvl-tune data check`, or raise --max_bad_steps"
+            )
+        if step % t.logging_steps == 0 or step == self.total_steps:
+            unit = self.recipe.unit
+            rate = work / max(self.stepper.clock.seconds(start, out["end"]), 1e-9)
+            terms = {k: v for k, v in out.items() if k not in ("work", "finite", "end")}
+            row = {"epoch": round(step / self.sampler.steps_per_epoch, 4), **terms, f"{unit}_per_s": rate,
+                   "memory_gib": round(memory_gib(self.info.device), 2), "skipped_steps": self.bad_steps}
+            self.metrics.log(step, row)
+            self.progress.update(step, f"loss {out['loss']:.4f} | {rate:.0f} {unit}/s | {row['memory_gib']:.1f} GiB",
+                                 log=True)
+            self._window = (out["end"], 0)
+
+    def _restart_window(self) -> None:
+        """After a pause (validation, a checkpoint), time the next steps from now."""
+        self._window = (self.stepper.clock.mark(), 0)
+
+    def save_checkpoint(self) -> Path:
+        state = {"bad_steps": self.bad_steps, "work_seen": self.seen, "config": self.cfg.to_dict()}
+        path = self.checkpointer.save(self.step, self.optimizer, state)
+        self.metrics.flush()
+        self._restart_window()
+        return path
+
+    # ------------------------------------------------------------------ validation
+    def _evaluate_and_log(self) -> None:
+        self._eval_loss = self.evaluate()
+        self.metrics.log(self.step, {"eval_loss": self._eval_loss})
+        self.progress.print(f"step {self.step}: eval_loss {self._eval_loss:.4f}")
+        self._restart_window()
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Weighted validation loss over the whole validation set, sharded across ranks.
+
+        Every rank runs the same number of forward passes (FSDP gathers parameters collectively): a rank with fewer
+        samples repeats its first batch and ignores the result.
+        """
+        info, size = self.info, self.cfg.train.per_device_train_batch_size
+        indices = list(range(info.rank, len(self.val_set), info.world_size))
+        batches = [indices[i : i + size] for i in range(0, len(indices), size)]
+        most = math.ceil(math.ceil(len(self.val_set) / info.world_size) / size)
+        counted = [True] * len(batches) + [False] * (most - len(batches))
+        batches += [batches[0]] * (most - len(batches))
+        total = torch.zeros((), dtype=torch.float64, device=info.device)
+        weight = torch.zeros((), dtype=torch.float64, device=info.device)
+        self.module.eval()
+        for batch, keep in zip(make_loader(self.val_set, batches, self.collate, 0), counted):
+            loss = self.module(batch.to(info.device))["loss"]
+            if keep:
+                total += loss.double()
+                weight += batch.weight
+        self.module.train()
+        reshard(self.module)  # without a backward, FSDP would keep the gathered parameters registered
+        return (all_reduce_sum(total) / all_reduce_sum(weight).clamp_min(1e-12)).item()
+
+    # ------------------------------------------------------------------ export and reporting
+    def export(self) -> Path:
+        """Gather the trained weights to rank 0 and let the recipe write the final model into ``output_dir``."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.info.is_main:
+            self.recipe.export(full, self.output_dir)
+            print(f"final model written to {self.output_dir}")
+        barrier()
+        return self.output_dir
+
+    def memory_estimate(self):
+        """Peak GPU memory per rank predicted for this run (``train/memory.py``), or None for recipes without one."""
+        shape = self.recipe.memory_shape(self.cfg.train.per_device_train_batch_size)
+        if shape is None:
+            return None
+        return estimate_training_memory(self.module, self.blocks, world_size=self.info.world_size,
+                                        grad_checkpoint=self.grad_checkpoint, compiled=self.compiled,
+                                        compute_bytes=2 if self.compute_dtype is not None else 4, **shape)
+
+    def plan_lines(self) -> list[str]:
+        t, info, s = self.cfg.train, self.info, self.sampler
+        unit = "packs" if hasattr(s, "padding_waste") else "samples"
+        lines = self.recipe.describe() + [
+            f"parameters: {self.trainable / 1e6:.2f}M of {self.total_params / 1e6:.2f}M trainable",
+            f"data: {len(self.train_set)} samples, global batch {s.global_batch} {unit} "
+            f"({s.global_batch // (info.world_size * t.gradient_accumulation_steps)} x {info.world_size} ranks x "
+            f"{t.gradient_accumulation_steps} accum), {s.steps_per_epoch} steps/epoch, {self.total_steps} steps"
+            + (f", packed rows ({s.padding_waste():.1%} padding)" if hasattr(s, "padding_waste") else ""),
+            f"device: {info.device} x {info.world_size}, compute dtype {self.compute_dtype or torch.float32}, "
+            f"activation checkpointing {self.recipe.grad_checkpoint}, torch.compile {'on' if self.compiled else 'off'}, "
+            f"output: {self.output_dir}",
+        ]
+        estimate = self.memory_estimate()
+        if estimate is not None:
+            lines.append(estimate.describe())
+        if self.resumed_from is not None:
+            lines.append(f"resumed from {self.resumed_from} at step {self.step}")
+        return lines
+
+    def _print_plan(self) -> None:
+        if self.info.is_main:
+            for line in self.plan_lines():
+                self.progress.print(line)
+
+    def describe(self) -> None:
+        """Dry run: print the plan without training."""
+        self.progress = StepProgress(self.total_steps, self.recipe.name, enabled=self.info.is_main)
+        self._print_plan()
+        self.progress.close()
+
+    def _write_results(self, seconds: float, interrupted: bool) -> None:
+        """``train_results.json``: the run's summary (as the transformers Trainer writes one), and the last lines."""
+        unit = self.recipe.unit
+        results = {
+            "global_step": self.step, "epoch": round(self.step / self.sampler.steps_per_epoch, 4),
+            "train_loss": self._losses[-1] if self._losses else None,
+            "train_loss_mean": sum(self._losses) / len(self._losses) if self._losses else None,
+            "eval_loss": self._eval_loss, "train_runtime_s": round(seconds, 2),
+            f"{unit}_per_s": (self.seen - self._seen_before) / seconds if seconds > 0 else None,
+            f"{unit}_seen": self.seen, "peak_memory_gib": round(memory_gib(self.info.device), 2),
+            "skipped_steps": self.bad_steps, "interrupted": interrupted,
+        }
+        if self.info.is_main:
+            (self.output_dir / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
+            self.progress.print(f"done: {self.step} steps in {seconds / 60:.1f} min, last loss "
+                                f"{results['train_loss']}, {results[f'{unit}_per_s'] or 0:.0f} {unit}/s")
+        self.progress.close()
+
+
+def run(recipe: Recipe, cfg: RunConfig) -> TrainResult:
+    """Train (or describe, with ``--dry_run``), export the final model, and tear down the process group."""
+    try:
+        trainer = Trainer(recipe, cfg)
+        if cfg.train.dry_run:
+            trainer.describe()
+            return TrainResult(trainer.output_dir, trainer.step, [])
+        result = trainer.train()
+        if not result.interrupted:
+            trainer.export()
+        return result
+    finally:
+        shutdown()
