@@ -25,7 +25,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 # The reference's rotary embedding has a fixed base and ignores any rope settings in the config.
 ROPE_BASE = 10000.0
 
-# transformers (~5.2x) renamed the KV cache argument of forward / prepare_inputs_for_generation and the output field
+# transformers 5.24 renamed the KV cache argument of forward / prepare_inputs_for_generation and the output field
 # from `past_key_values` to `cache`; both are accepted, and outputs and generation inputs use the installed name.
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
