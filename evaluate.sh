@@ -5,7 +5,7 @@
 #   GPUS=8 sh evaluate.sh pretrained/InternVL2-8B caption --dynamic     # an InternVL2 chat model, all three sets
 #
 # TASK: caption (COCO + Flickr30K + NoCaps) | caption-coco | caption-flickr30k | caption-nocaps.
-# Flags after TASK go to `internvl-tune eval caption` (--data_root data --out-dir results --batch_size N ...).
+# Flags after TASK go to `internvl-tune eval caption` (--data_root data --out_dir results --batch_size N ...).
 # GPUS: processes to start (default: the number of visible GPUs, 1 without any); MASTER_PORT (default 63667);
 # PYTHON: the interpreter that has internvl-tune installed (default: python).
 set -eu

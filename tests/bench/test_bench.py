@@ -1,5 +1,7 @@
 """The benchmark code runs (tiny shape, CPU), and its command explains itself where it cannot run."""
 
+import json
+
 import pytest
 import torch
 
@@ -29,6 +31,17 @@ def test_bench_train_without_a_gpu_is_a_readable_error(capsys):
         pytest.skip("a GPU is visible")
     assert main(["bench", "train", "--shape", "tiny"]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_bench_plot_help_and_folder(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", "plot", "--help"])
+    assert stop.value.code == 0 and "bench_*.json" in capsys.readouterr().out
+    row = {"shape": "internvl2-2b", "variant": "plain", "tokens_per_s": 1000.0, "mfu": 0.1, "peak_gib": 12.0}
+    (tmp_path / "bench_2b.json").write_text(json.dumps([row]))
+    assert main(["bench", "plot", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "throughput.png")
+    assert (tmp_path / "throughput.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("setting, device, expected", [

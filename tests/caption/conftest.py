@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,19 @@ def _tree_template(tmp_path_factory) -> Path:
 def data_root(_tree_template, tmp_path) -> Path:
     """A fresh copy per test (tests may delete or convert files)."""
     return Path(shutil.copytree(_tree_template, tmp_path / "data"))
+
+
+@pytest.fixture
+def bare_flickr_root(tmp_path) -> Path:
+    """The bundled Flickr30K sample as the InternVL release names it: file names without ``Images/``."""
+    folder = Path(shutil.copytree(Path(__file__).resolve().parents[2] / "examples/sample/flickr30k",
+                                  tmp_path / "data/flickr30k"))
+    js = folder / "flickr30k_test_karpathy.json"
+    data = json.loads(js.read_text())
+    for image in data["images"]:
+        image["file_name"] = image["file_name"].removeprefix("Images/")
+    js.write_text(json.dumps(data))
+    return folder.parent
 
 
 @pytest.fixture

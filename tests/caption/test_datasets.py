@@ -10,6 +10,7 @@ from internvl_tune.errors import DataError, UserError
 from internvl_tune.eval.caption.datasets import (
     BENCHMARKS,
     coco_image_id,
+    describe_missing,
     load_images,
     load_references,
     parse_dataset_names,
@@ -32,6 +33,24 @@ def test_flickr_and_nocaps_use_the_json_ids_and_their_image_roots(data_root):
     assert [i.image_id for i in nocaps] == [0, 1, 2, 3, 4]
     assert nocaps[1].path == data_root / "nocaps/images/0001ea2087020901.jpg"
     assert all(i.path.is_file() for i in flickr + nocaps)
+
+
+def test_flickr_bare_file_names_resolve_under_images(bare_flickr_root):
+    images = load_images(BENCHMARKS["flickr30k"], bare_flickr_root)
+    assert len(images) == 6
+    assert images[0].path == bare_flickr_root / "flickr30k/Images/1000100.jpg"
+    assert all(i.path.is_file() for i in images)
+
+
+def test_missing_images_name_every_folder_looked_in(bare_flickr_root):
+    (bare_flickr_root / "flickr30k/Images/1000101.jpg").unlink()
+    bench = BENCHMARKS["flickr30k"]
+    images = load_images(bench, bare_flickr_root)
+    assert images[1].path == bare_flickr_root / "flickr30k/1000101.jpg"  # under the first folder when absent
+    root = bare_flickr_root / "flickr30k"
+    assert describe_missing([i.path for i in images], bench.image_dirs(bare_flickr_root)) == (
+        f"1 of 6 image file(s) not found, e.g. 1000101.jpg; looked in {root}/ and {root}/Images/")
+    assert describe_missing([i.path for i in images if i.path.is_file()], bench.image_dirs(bare_flickr_root)) == ""
 
 
 def test_references_follow_the_ground_truth_image_order(tmp_path):

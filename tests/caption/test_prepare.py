@@ -47,8 +47,20 @@ def test_retrieval_files_and_image_checks(data_root):
         path.unlink()
     (empty,) = check_dataset("flickr30k", data_root, tasks=("caption",)).problems[:1]
     assert empty.startswith(f"{data_root / 'flickr30k/Images'}/ holds no images — download the Flickr30K images from")
-    assert report.problems == [f"flickr30k caption images: 1 of 5 image(s) not found, e.g. "
-                               f"{data_root / 'flickr30k/Images/1000092797.jpg'}"]
+    folder = data_root / "flickr30k"
+    assert report.problems == [f"flickr30k caption images: 1 of 5 image file(s) not found, e.g. "
+                               f"Images/1000092797.jpg; looked in {folder}/ and {folder}/Images/"]
+
+
+def test_flickr_release_json_with_bare_file_names(bare_flickr_root, capsys):
+    args = ["data", "prepare", "flickr30k", "--root", str(bare_flickr_root), "--task", "caption"]
+    assert main(args) == 0
+    assert "ok       flickr30k caption images: all 6 images present" in capsys.readouterr().out
+    (bare_flickr_root / "flickr30k/Images/1000103.jpg").unlink()
+    assert main(args) == 1
+    folder = bare_flickr_root / "flickr30k"
+    assert (f"flickr30k caption images: 1 of 6 image file(s) not found, e.g. 1000103.jpg; "
+            f"looked in {folder}/ and {folder}/Images/") in capsys.readouterr().out
 
 
 def test_flickr_txt_is_converted_like_the_release_json(data_root, capsys):

@@ -58,7 +58,8 @@ def test_two_datasets_write_captions_scores_and_seed_lines(data_root, tmp_path, 
 def test_inputs_are_checked_before_generating(data_root, tmp_path, captioner, needs_java):
     cfg = CaptionEvalConfig(datasets=["nocaps"], data_root=str(data_root), out_dir=str(tmp_path / "o"))
     (data_root / "nocaps/images/0002ea2087020901.jpg").unlink()
-    with pytest.raises(DataError, match=r"nocaps: 1 image file\(s\) not found.*0002ea2087020901.jpg.*data prepare"):
+    with pytest.raises(DataError, match=r"nocaps: 1 of 5 image file\(s\) not found, e\.g\. 0002ea2087020901.jpg; "
+                                        r"looked in .*nocaps/images/.*data prepare"):
         evaluate_captions(captioner, cfg)
     gt = data_root / "coco/annotations/coco_karpathy_test_gt.json"
     data = json.loads(gt.read_text())
@@ -69,3 +70,15 @@ def test_inputs_are_checked_before_generating(data_root, tmp_path, captioner, ne
     with pytest.raises(DataError, match=r"coco_karpathy_test_gt.json: 1 image id\(s\) have no reference captions"):
         evaluate_captions(captioner, cfg)
     assert captioner.batch_sizes == []  # nothing was generated
+
+
+def test_flickr_release_json_with_bare_file_names(bare_flickr_root, tmp_path, captioner, needs_java):
+    cfg = CaptionEvalConfig(datasets=["flickr30k"], data_root=str(bare_flickr_root), out_dir=str(tmp_path / "o"))
+    (result,) = evaluate_captions(captioner, cfg, print_fn=lambda line: None)
+    assert [c["image_id"] for c in json.loads(result.captions_file.read_text())] == [
+        1000100, 1000101, 1000102, 1000103, 1000110, 1000112]
+    (bare_flickr_root / "flickr30k/Images/1000102.jpg").unlink()
+    folder = bare_flickr_root / "flickr30k"
+    with pytest.raises(DataError, match=re.escape(f"1 of 6 image file(s) not found, e.g. 1000102.jpg; "
+                                                  f"looked in {folder}/ and {folder}/Images/")):
+        evaluate_captions(captioner, cfg)

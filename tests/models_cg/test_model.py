@@ -1,6 +1,7 @@
 """InternVL-C/G on a tiny checkpoint: strict loading, embedding shapes/normalisation, masks, generation batching."""
 
 import json
+import logging
 import shutil
 
 import pytest
@@ -11,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from internvl_tune.errors import CheckpointError
 from internvl_tune.models.internvl_cg.loading import load_internvl_cg, save_internvl_cg
 from internvl_tune.data.retrieval import tokenize_retrieval
+from internvl_tune.models.internvl_cg.qllama import CACHE_FIELD
 from internvl_tune.models.internvl_cg.tokenizer import load_tokenizer, tokenize_prompts
 
 
@@ -138,6 +140,29 @@ def test_generation_batched_equals_single(tiny_cg, model, num_beams):
         row = batched[i][: single.shape[0]]
         assert torch.equal(row, single), (i, row, single)
     assert batched.shape[1] >= 4
+
+
+@pytest.mark.parametrize("cache_kwarg", ["cache", "past_key_values"])
+def test_kv_cache_under_either_name_matches_the_full_forward(model, cache_kwarg):
+    """transformers renamed the cache argument (``past_key_values`` -> ``cache``); QLLaMA takes both."""
+    qllama = model.qllama
+    ids = torch.randint(3, qllama.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    full = qllama(input_ids=ids).logits
+    prefill = qllama(input_ids=ids[:, :-1], use_cache=True)
+    cache = getattr(prefill, CACHE_FIELD)
+    assert cache.get_seq_length() == 6
+    step = qllama(input_ids=ids[:, -1:], **{cache_kwarg: cache})
+    assert getattr(step, CACHE_FIELD) is cache and cache.get_seq_length() == 7
+    assert torch.allclose(step.logits[:, -1], full[:, -1], atol=1e-5)
+
+
+def test_generation_logs_no_deprecation(tiny_cg, model, caplog):
+    logging.Logger.warning_once.cache_clear()  # transformers logs each message once per process
+    tok = load_tokenizer(tiny_cg, add_eos_token=False)
+    ids, mask = tokenize_prompts(tok, ["English caption:"])
+    with caplog.at_level(logging.WARNING):
+        model.generate(torch.randn(1, 3, 28, 28), ids, mask, num_beams=2, max_new_tokens=3, do_sample=False)
+    assert not [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
 
 
 def test_gradient_checkpointing_and_drop_path_train(tiny_cg):

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from internvl_tune.cli.flags import description
+
 SHAPE_14B = {
     "attn_pool_num_heads": 16, "clip_embed_dim": 768, "cross_attention_frequency": 2, "hidden_size": 4096,
     "num_query_token": 96,
@@ -152,18 +154,25 @@ def bench_captions(model, n_images: int, batch: int, device, n_single: int | Non
             "caption_speedup": batched_rate / single_rate, "caption_identical": f"{same}/{n_single}"}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=1000)
-    parser.add_argument("--captions", type=int, default=5000)
-    parser.add_argument("--batch", type=int, default=32, help="head fine-tune batch")
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--caption_images", type=int, default=32)
-    parser.add_argument("--caption_batch", type=int, default=32)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description(__doc__),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=1000, help="images to embed for retrieval (default: 1000)")
+    parser.add_argument("--captions", type=int, default=5000, help="captions to embed for retrieval (default: 5000)")
+    parser.add_argument("--batch", type=int, default=32, help="head fine-tune batch (default: 32)")
+    parser.add_argument("--steps", type=int, default=6,
+                        help="timed head fine-tune steps, after 2 untimed warm-up steps (default: 6)")
+    parser.add_argument("--caption_images", type=int, default=32, help="images to caption (default: 32)")
+    parser.add_argument("--caption_batch", type=int, default=32, help="images per batched generate call (default: 32)")
     parser.add_argument("--caption_single", type=int, default=None, help="images in the batch-1 loop (default: all)")
-    parser.add_argument("--parts", default="embed,caption,head")
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
+    parser.add_argument("--parts", default="embed,caption,head",
+                        help="comma list of the parts to run: embed, caption, head (default: all three)")
+    parser.add_argument("--out", default=None, help="write the results as JSON here (rewritten after each part)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     device = torch.device("cuda")
     model = build_14b(device)
     row = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,

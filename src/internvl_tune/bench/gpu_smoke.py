@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from internvl_tune.cli import main as cli
+from internvl_tune.cli.flags import description
 from internvl_tune.train.metrics import read_jsonl
 
 SAMPLE = Path(__file__).resolve().parents[3] / "examples" / "sample"
@@ -33,11 +34,16 @@ def _losses(run: Path) -> list[float]:
     return [r["loss"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description(__doc__),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="working directory (checkpoints and runs)")
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps of each run")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     chat_ckpt, cg_ckpt = out / "tiny-InternVL2-2B", out / "tiny-InternVL-14B"

@@ -1,14 +1,16 @@
-"""Chart of the recorded benchmark results: ``python -m internvl_tune.bench.plot docs/perf``.
+"""Chart of the recorded benchmark results: ``internvl-tune bench plot docs/perf``.
 
-Reads the ``bench_*.json`` files that ``train_throughput --out`` wrote and draws tokens/s and MFU per variant
+Reads the ``bench_*.json`` files that ``bench train --out`` wrote and draws tokens/s and MFU per variant
 into ``<folder>/throughput.png``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
+
+from internvl_tune.cli.flags import description
 
 
 def plot(folder: Path) -> Path:
@@ -42,5 +44,18 @@ def plot(folder: Path) -> Path:
     return out
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description(__doc__),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", nargs="?", type=Path, default=Path("docs/perf"),
+                        help="folder holding the bench_*.json files; the chart is written there (default: docs/perf)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    print(plot(build_parser().parse_args(argv).folder))
+    return 0
+
+
 if __name__ == "__main__":
-    print(plot(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/perf")))
+    raise SystemExit(main())

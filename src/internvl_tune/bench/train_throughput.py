@@ -21,6 +21,7 @@ import torch
 
 from internvl_tune.bench.common import materialize, measure_matmul_peak, synthetic_samples, train_flops
 from internvl_tune.bench.shapes import native_config
+from internvl_tune.cli.flags import description
 
 
 def _model(shape: str, attn: str, device: torch.device, dtype: torch.dtype):
@@ -77,8 +78,9 @@ def run_plain(shape: str, samples, device, warmup: int) -> dict:
             "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description(__doc__),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="internvl2-2b", help="internvl2-1b | internvl2-2b | internvl2-4b | internvl2-8b")
     parser.add_argument("--samples", type=int, default=64, help="synthetic samples (1-7 tiles, 64-1024 text tokens)")
     parser.add_argument("--warmup", type=int, default=8, help="samples (plain) / steps (ours) not timed")
@@ -88,7 +90,11 @@ def main(argv: list[str] | None = None) -> int:
                              "(e.g. ours+compile+ckpt, ours+compile+ckpt0.5+lora16)")
     parser.add_argument("--steps", type=int, default=None, help="timed packed steps for ours (default: one epoch)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     device = torch.device("cuda")  # (set PYTORCH_CUDA_ALLOC_CONF before CUDA starts: see main() at the bottom)
     peak = measure_matmul_peak(device)
     samples = synthetic_samples(args.samples, seed=0)

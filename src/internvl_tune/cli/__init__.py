@@ -53,11 +53,12 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         description="Fine-tune and evaluate InternVL models. Run `internvl-tune COMMAND --help` for each command's flags.",
     )
     parser.add_argument("--version", action="version", version="internvl-tune " + __import__("internvl_tune").__version__)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", help="the job to run (each takes --help)")
     for name, module, help_text in COMMANDS:
         if name in GROUPS:
             group = sub.add_parser(name, help=help_text, description=help_text)
-            group_sub = group.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
+            group_sub = group.add_subparsers(dest="subcommand", metavar="SUBCOMMAND",
+                                             help="the job to run (each takes --help)")
             for sub_name, sub_module, sub_help in GROUPS[name]:
                 _add_lazy(group_sub, sub_name, sub_module, sub_help, argv if name in argv else [])
         else:

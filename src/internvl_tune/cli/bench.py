@@ -46,9 +46,4 @@ def run(args: argparse.Namespace) -> int:
             and not torch.cuda.is_available():
         raise UserError(f"`bench {args.script}` measures GPU speed and needs a CUDA device; none is visible here "
                         f"(`bench smoke` runs on the CPU too)")
-    if args.script == "plot":
-        from pathlib import Path
-
-        print(importlib.import_module(module).plot(Path(args.args[0] if args.args else "docs/perf")))
-        return 0
     return importlib.import_module(module).main(args.args)

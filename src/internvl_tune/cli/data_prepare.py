@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from internvl_tune.cli.flags import add_bool_flag, add_flag
 from internvl_tune.eval.caption.prepare import LAYOUT, TASKS, check_dataset
 
 
@@ -17,15 +18,15 @@ def register(subparsers, name: str, help_text: str) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("datasets", nargs="+", choices=[*LAYOUT, "all"], help="datasets to check")
-    parser.add_argument("--root", "--data_root", "--data-root", dest="root", default="data",
-                        help="folder holding coco/, flickr30k/ and nocaps/")
-    parser.add_argument("--task", choices=[*TASKS, "all"], default="all",
-                        help="check only what caption evaluation or retrieval needs")
-    parser.add_argument("--check-only", "--check_only", dest="check_only", action="store_true",
-                        help="do not write flickr30k_test_karpathy.json from the txt")
-    parser.add_argument("--keep-commas", "--keep_commas", dest="keep_commas", action="store_true",
-                        help="keep whole Flickr30K captions when converting (the InternVL release file cuts each "
-                             "caption at its first comma; the default matches it, and so the published scores)")
+    add_flag(parser, "--root", "--data_root", "--data-root", dest="root", default="data",
+             help="folder holding coco/, flickr30k/ and nocaps/")
+    add_flag(parser, "--task", choices=[*TASKS, "all"], default="all",
+             help="check only what caption evaluation or retrieval needs")
+    add_bool_flag(parser, "check_only", False, "do not write flickr30k_test_karpathy.json from the txt",
+                  aliases=("--check-only",))
+    add_bool_flag(parser, "keep_commas", False,
+                  "keep whole Flickr30K captions when converting (the InternVL release file cuts each caption at its "
+                  "first comma; the default matches it, and so the published scores)", aliases=("--keep-commas",))
     parser.set_defaults(func=run)
 
 

@@ -12,11 +12,13 @@ import argparse
 import json
 from pathlib import Path
 
+from internvl_tune.cli.flags import description
+
 SAMPLE = Path(__file__).resolve().parents[3] / "examples" / "sample"
 
 
 def register(subparsers, name: str, help_text: str) -> None:
-    parser = subparsers.add_parser(name, help=help_text, description=__doc__,
+    parser = subparsers.add_parser(name, help=help_text, description=description(__doc__),
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     parser.add_argument("--sample", default=str(SAMPLE), help="sample folder with meta.json (default: the bundled one)")

@@ -12,6 +12,7 @@ import argparse
 
 import torch
 
+from internvl_tune.cli.flags import add_bool_flag, add_flag
 from internvl_tune.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -20,31 +21,33 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def register(subparsers, name: str, help_text: str) -> None:
     p = subparsers.add_parser(name, help=help_text, description=help_text,
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", "--checkpoint", dest="model", required=True,
-                   help="checkpoint folder: InternVL-14B (InternVL-G) or an InternVL2 chat model")
-    p.add_argument("--datasets", default="coco,flickr30k,nocaps", help="comma-separated: coco, flickr30k, nocaps")
-    p.add_argument("--data_root", "--data-root", dest="data_root", default="data",
-                   help="folder holding coco/, flickr30k/ and nocaps/ (see `internvl-tune data prepare`)")
-    p.add_argument("--out-dir", "--out_dir", dest="out_dir", default="results", help="where captions and scores go")
-    p.add_argument("--prompt", default=None,
-                   help="InternVL-G: 'English caption:'; "
-                        "chat: 'Provide a one-sentence caption for the provided image.'")
-    p.add_argument("--num_beams", "--num-beams", dest="num_beams", type=int, default=None,
-                   help="InternVL-G: 5; chat: 1 (forced to 1 for models over 20B parameters or with --dynamic)")
-    p.add_argument("--max_new_tokens", "--max-new-tokens", dest="max_new_tokens", type=int, default=30)
-    p.add_argument("--min_new_tokens", "--min-new-tokens", dest="min_new_tokens", type=int, default=8)
-    p.add_argument("--temperature", type=float, default=0.0, help="chat models: sample when > 0")
-    p.add_argument("--dynamic", action="store_true", help="chat models: dynamic-resolution tiling")
-    p.add_argument("--max_num", "--max-num", dest="max_num", type=int, default=6, help="chat models: most tiles")
-    p.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, default=1,
-                   help="images per generate call (the reference uses 1; larger batches give the same captions)")
-    p.add_argument("--num_workers", "--num-workers", dest="num_workers", type=int, default=2,
-                   help="threads decoding images ahead of the model")
-    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
-                   help="auto: float16 (InternVL-G) / bfloat16 (chat) on CUDA as the reference, float32 on CPU")
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    p.add_argument("--limit", type=int, default=None, help="caption only the first N images of each set (smoke test)")
-    p.add_argument("--seed", type=int, default=0)
+    add_flag(p, "--model", "--checkpoint", dest="model", required=True,
+             help="checkpoint folder: InternVL-14B (InternVL-G) or an InternVL2 chat model")
+    add_flag(p, "--datasets", default="coco,flickr30k,nocaps", help="comma-separated: coco, flickr30k, nocaps")
+    add_flag(p, "--data_root", "--data-root", default="data",
+             help="folder holding coco/, flickr30k/ and nocaps/ (see `internvl-tune data prepare`)")
+    add_flag(p, "--out_dir", "--out-dir", default="results", help="where captions and scores go")
+    add_flag(p, "--prompt", default=None,
+             help="InternVL-G: 'English caption:'; chat: 'Provide a one-sentence caption for the provided image.'")
+    add_flag(p, "--num_beams", "--num-beams", type=int, default=None,
+             help="InternVL-G: 5; chat: 1 (forced to 1 for models over 20B parameters or with --dynamic)")
+    add_flag(p, "--max_new_tokens", "--max-new-tokens", type=int, default=30,
+             help="most tokens generated per caption")
+    add_flag(p, "--min_new_tokens", "--min-new-tokens", type=int, default=8,
+             help="fewest tokens generated per caption (the end token is held back until then)")
+    add_flag(p, "--temperature", type=float, default=0.0, help="chat models: sample when > 0")
+    add_bool_flag(p, "dynamic", False, "chat models: dynamic-resolution tiling (up to --max_num tiles per image)")
+    add_flag(p, "--max_num", "--max-num", type=int, default=6, help="chat models: most tiles")
+    add_flag(p, "--batch_size", "--batch-size", type=int, default=1,
+             help="images per generate call (the reference uses 1; larger batches give the same captions)")
+    add_flag(p, "--num_workers", "--num-workers", type=int, default=2,
+             help="threads decoding images ahead of the model")
+    add_flag(p, "--dtype", choices=["auto", *DTYPES], default="auto",
+             help="auto: float16 (InternVL-G) / bfloat16 (chat) on CUDA as the reference, float32 on CPU")
+    add_flag(p, "--device", choices=["auto", "cuda", "cpu"], default="auto",
+             help="auto: the process's CUDA device when one is visible (one per rank under torchrun), else the CPU")
+    add_flag(p, "--limit", type=int, default=None, help="caption only the first N images of each set (smoke test)")
+    add_flag(p, "--seed", type=int, default=0, help="torch seed, for sampling with --temperature > 0")
     p.set_defaults(func=run)
 
 

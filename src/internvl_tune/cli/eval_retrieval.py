@@ -38,7 +38,8 @@ def register(subparsers, name: str, help_text: str) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """clip_benchmark's ``eval`` flags that apply to InternVL retrieval, plus --device/--dtype/--datasets_file."""
-    p.add_argument("--model_type", default="internvl", choices=["internvl"])
+    p.add_argument("--model_type", default="internvl", choices=["internvl"],
+                   help="clip_benchmark's model family; only internvl is provided")
     p.add_argument("--model", default="internvl_c_retrieval_hf", choices=sorted(MODELS),
                    help="InternVL-C (contrastive) or InternVL-G (queries + backbone ensemble) embeddings")
     p.add_argument("--pretrained", required=True, help="InternVL-14B checkpoint folder (HF layout)")
@@ -46,22 +47,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", nargs="+", default=["flickr30k"],
                    help="flickr30k, coco (alias mscoco_captions), or a custom *_flickr_format / *_coco_format name")
     p.add_argument("--dataset_root", default="root", help="dataset folder (may contain {dataset})")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test",
+                   help="which annotation file: test, val or train (flickr30k_<split>_karpathy.txt, "
+                        "coco_karpathy_<split>.json ...)")
     p.add_argument("--annotation_file", default="", help="override the annotation file of the dataset")
     p.add_argument("--datasets_file", default=None,
                    help="JSON/YAML {name: {root, annotation}} registering custom datasets")
     p.add_argument("--language", nargs="+", default=["en"], help="en or cn (Flickr30K-CN / COCO-CN)")
     p.add_argument("--output", default="result.json",
                    help="metrics JSON; may contain {dataset} {model} {pretrained} {task} {language}")
-    p.add_argument("--recall_k", nargs="+", type=int, default=[1, 5, 10])
+    p.add_argument("--recall_k", nargs="+", type=int, default=[1, 5, 10],
+                   help="the k of each image and text retrieval recall@k reported")
     p.add_argument("--batch_size", type=int, default=64, help="images per forward (with all their captions)")
     p.add_argument("--num_workers", type=int, default=4, help="accepted for compatibility; images load in-process")
-    p.add_argument("--no_amp", dest="amp", action="store_false", help="no autocast on CUDA")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--no_amp", dest="amp", action="store_false",
+                   help="no autocast on CUDA (without this flag: amp=%(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="torch seed set before evaluating (clip_benchmark's flag)")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                   help="auto: CUDA when a device is visible (one per rank under torchrun), else the CPU")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                    help="auto: fp16 on CUDA (as the reference loader), fp32 on CPU")
-    p.add_argument("--quiet", dest="verbose", action="store_false")
+    p.add_argument("--quiet", dest="verbose", action="store_false",
+                   help="print only errors, not the progress and result lines (without this flag: "
+                        "verbose=%(default)s)")
 
 
 def resolve_dataset(name: str, root: str, split: str, language: str, annotation_file: str, registry: dict):

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from internvl_tune.cli.flags import add_flag
+
 EPILOG = """examples:
   internvl-tune tiny-model --like internvl2-1b --out ./pretrained/tiny-InternVL2-1B
-  internvl-tune tiny-model --like internvl2-26b --out /tmp/tiny26b --image-size 28
+  internvl-tune tiny-model --like internvl2-26b --out /tmp/tiny26b --image_size 28
   internvl-tune tiny-model --like internvl-14b --out /tmp/tiny-InternVL-14B-224px   (InternVL-C/G layout)
 
 The files (config.json keys, safetensors key names, tokenizer files) match the named release; widths and depths are
@@ -25,8 +27,8 @@ def register(subparsers, name: str, help_text: str) -> None:
     parser.add_argument("--like", required=True, choices=sorted(SIZES) + [INTERNVL_14B], help="which release to imitate")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="tile size (default 56 for InternVL2, a multiple of 28; 28 for internvl-14b)")
+    add_flag(parser, "--image_size", "--image-size", type=int, default=None,
+             help="tile size (default 56 for InternVL2, a multiple of 28; 28 for internvl-14b)")
     parser.set_defaults(func=run)
 
 

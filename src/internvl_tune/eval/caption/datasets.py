@@ -5,7 +5,9 @@ Each benchmark has two files: a list of images to caption and a COCO-format grou
 
     coco/annotations/coco_karpathy_test.json       list of {"image": "val2014/COCO_val2014_000000391895.jpg", ...}
     coco/annotations/coco_karpathy_test_gt.json    COCO-format references, images resolved under coco/
-    flickr30k/flickr30k_test_karpathy.json         {"images": [{"id", "file_name": "Images/..."}], "annotations": [...]}
+    flickr30k/flickr30k_test_karpathy.json         {"images": [{"id", "file_name"}], "annotations": [...]},
+                                                   images resolved under flickr30k/, then flickr30k/Images/ (the
+                                                   InternVL release names "<n>.jpg", our conversion "Images/<n>.jpg")
     nocaps/nocaps_val_4500_captions.json           {"images": [{"id", "file_name"}], "annotations": [...]},
                                                    images under nocaps/images/
 """
@@ -13,6 +15,7 @@ Each benchmark has two files: a list of images to caption and a COCO-format grou
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,22 +27,28 @@ class CaptionBenchmark:
     """Where one benchmark's files lie, relative to the data root."""
 
     name: str
-    image_root: str  # image paths in the annotation are relative to this folder
+    image_roots: tuple[str, ...]  # folders the annotation's image paths may be relative to, tried in order
     annotation: str  # the images to caption
     ground_truth: str  # COCO-format reference captions
     split_size: int  # images in the full test split, for the size check in `data prepare`
 
+    def image_dirs(self, data_root: str | Path) -> list[Path]:
+        """The image folders under ``data_root``, in the order files are looked up in."""
+        return [Path(data_root) / r for r in self.image_roots]
+
 
 BENCHMARKS: dict[str, CaptionBenchmark] = {
     "coco": CaptionBenchmark(
-        "coco", "coco", "coco/annotations/coco_karpathy_test.json", "coco/annotations/coco_karpathy_test_gt.json", 5000
+        "coco", ("coco",), "coco/annotations/coco_karpathy_test.json", "coco/annotations/coco_karpathy_test_gt.json",
+        5000,
     ),
     "flickr30k": CaptionBenchmark(
-        "flickr30k", "flickr30k", "flickr30k/flickr30k_test_karpathy.json",
+        "flickr30k", ("flickr30k", "flickr30k/Images"), "flickr30k/flickr30k_test_karpathy.json",
         "flickr30k/flickr30k_test_karpathy.json", 1000
     ),
     "nocaps": CaptionBenchmark(
-        "nocaps", "nocaps/images", "nocaps/nocaps_val_4500_captions.json", "nocaps/nocaps_val_4500_captions.json", 4500
+        "nocaps", ("nocaps/images",), "nocaps/nocaps_val_4500_captions.json", "nocaps/nocaps_val_4500_captions.json",
+        4500,
     ),
 }
 
@@ -86,6 +95,28 @@ def coco_image_id(filename: str) -> int:
     return int(Path(filename).stem.rsplit("_", 1)[-1])
 
 
+def resolve_image(filename: str, dirs: Sequence[Path]) -> Path:
+    """The first ``dir / filename`` that is a file; under the first folder when none is (reported as missing)."""
+    for folder in dirs:
+        if (folder / filename).is_file():
+            return folder / filename
+    return dirs[0] / filename
+
+
+def describe_missing(paths: Sequence[Path], dirs: Sequence[Path]) -> str:
+    """Empty when every file exists, else how many are absent, a few of their names, and every folder looked in.
+
+    ``paths`` lie under ``dirs[0]`` when absent (see :func:`resolve_image`).
+    """
+    absent = [p for p in paths if not p.is_file()]
+    if not absent:
+        return ""
+    shown = ", ".join(str(p.relative_to(dirs[0])) for p in absent[:3])
+    folders = [f"{d}/" for d in dirs]
+    looked = folders[0] if len(folders) == 1 else f"{', '.join(folders[:-1])} and {folders[-1]}"
+    return f"{len(absent)} of {len(paths)} image file(s) not found, e.g. {shown}; looked in {looked}"
+
+
 def _int_id(value, where: str) -> int:
     # Result files store ids as int (pycocotools matches them against the ground truth by value).
     if isinstance(value, bool) or not isinstance(value, int):
@@ -101,12 +132,13 @@ def load_images(benchmark: CaptionBenchmark, data_root: str | Path) -> list[Capt
         data_root: the folder holding ``coco/``, ``flickr30k/`` and ``nocaps/``.
 
     Returns:
-        One :class:`CaptionImage` per entry of the annotation file.
+        One :class:`CaptionImage` per entry of the annotation file, its path under the first of the benchmark's
+        image folders that holds the file.
     """
     root = Path(data_root)
     path = root / benchmark.annotation
     data = read_json(path)
-    image_root = root / benchmark.image_root
+    dirs = benchmark.image_dirs(root)
     images = []
     if benchmark.name == "coco":
         if not isinstance(data, list):
@@ -121,7 +153,7 @@ def load_images(benchmark: CaptionBenchmark, data_root: str | Path) -> list[Capt
             except ValueError:
                 raise DataError(f"cannot read a COCO image id from {filename!r}", where=where,
                                 fix="COCO file names end in _<number>.jpg") from None
-            images.append(CaptionImage(image_id, image_root / filename))
+            images.append(CaptionImage(image_id, resolve_image(filename, dirs)))
         return images
     entries = data.get("images") if isinstance(data, dict) else None
     if not isinstance(entries, list):
@@ -133,7 +165,7 @@ def load_images(benchmark: CaptionBenchmark, data_root: str | Path) -> list[Capt
         filename = entry.get("file_name", entry.get("image"))
         if not isinstance(filename, str):
             raise DataError("image entry has neither 'file_name' nor 'image'", where=where)
-        images.append(CaptionImage(_int_id(entry["id"], where), image_root / filename))
+        images.append(CaptionImage(_int_id(entry["id"], where), resolve_image(filename, dirs)))
     return images
 
 

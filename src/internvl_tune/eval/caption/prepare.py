@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from internvl_tune.errors import UserError
-from internvl_tune.eval.caption.datasets import BENCHMARKS, load_images, load_references
+from internvl_tune.eval.caption.datasets import BENCHMARKS, describe_missing, load_images, load_references
 
 INTERNVL_RELEASE = "https://github.com/OpenGVLab/InternVL/releases/download/data"
 CLIP_BENCHMARK_RELEASE = "https://github.com/mehdidc/retrieval_annotations/releases/download/1.0.0"
@@ -133,11 +133,10 @@ def _count_images(folder: Path) -> int:
     return sum(1 for e in os.scandir(folder) if e.is_file() and Path(e.name).suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _missing_images(paths: list[Path], report: PrepareReport, label: str) -> None:
-    absent = [p for p in paths if not p.is_file()]
-    if absent:
-        shown = ", ".join(str(p) for p in absent[:5])
-        report.problems.append(f"{label}: {len(absent)} of {len(paths)} image(s) not found, e.g. {shown}")
+def _missing_images(paths: list[Path], dirs: list[Path], report: PrepareReport, label: str) -> None:
+    missing = describe_missing(paths, dirs)
+    if missing:
+        report.problems.append(f"{label}: {missing}")
     else:
         report.lines.append(f"  ok       {label}: all {len(paths)} images present")
 
@@ -157,7 +156,7 @@ def _check_caption_split(name: str, data_root: Path, report: PrepareReport) -> N
     if no_refs:
         report.problems.append(f"{bench.ground_truth}: {len(no_refs)} image id(s) have no reference caption, "
                                f"e.g. {no_refs[:5]}")
-    _missing_images([i.path for i in images], report, f"{name} caption images")
+    _missing_images([i.path for i in images], bench.image_dirs(data_root), report, f"{name} caption images")
 
 
 def _check_retrieval_files(name: str, folder: Path, report: PrepareReport) -> None:
@@ -169,7 +168,8 @@ def _check_retrieval_files(name: str, folder: Path, report: PrepareReport) -> No
                 head, sep, _ = line.strip().partition(".jpg,")
                 if sep:
                     names.append(head + ".jpg")
-            _missing_images([folder / "Images" / n for n in dict.fromkeys(names)], report, txt.name)
+            images = folder / "Images"
+            _missing_images([images / n for n in dict.fromkeys(names)], [images], report, txt.name)
     elif name == "coco" and (folder / "annotations/coco_karpathy_train.json").is_file():
         path = folder / "annotations/coco_karpathy_train.json"
         try:
@@ -178,7 +178,7 @@ def _check_retrieval_files(name: str, folder: Path, report: PrepareReport) -> No
         except (json.JSONDecodeError, TypeError, KeyError):
             report.problems.append(f"{path}: expected a JSON list of {{'image': ..., 'caption': ...}} entries")
             return
-        _missing_images([folder / f for f in files], report, path.name)
+        _missing_images([folder / f for f in files], [folder], report, path.name)
 
 
 def check_dataset(name: str, data_root: str | Path, tasks=TASKS, convert: bool = True,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from internvl_tune.errors import DataError, UserError
 from internvl_tune.eval.caption.datasets import (
+    describe_missing,
     get_benchmark,
     load_images,
     load_references,
@@ -71,7 +72,7 @@ def chat_results_txt(out_dir: str | Path, checkpoint: str) -> Path:
     return Path(out_dir) / ("_".join(parts[-2:]) + ".txt")
 
 
-def _check_inputs(name: str, images, references, ground_truth: Path) -> None:
+def _check_inputs(name: str, images, references, ground_truth: Path, image_dirs: list[Path]) -> None:
     """Fail before any GPU time is spent: duplicate ids, ids without references, missing image files."""
     counts = Counter(item.image_id for item in images)
     dupes = [i for i, n in counts.items() if n > 1]
@@ -81,10 +82,9 @@ def _check_inputs(name: str, images, references, ground_truth: Path) -> None:
     if unknown:
         raise DataError(f"{len(unknown)} image id(s) have no reference captions (e.g. {unknown[:5]})",
                         where=str(ground_truth), fix="use the ground-truth file that matches the image list")
-    missing = [str(item.path) for item in images if not item.path.is_file()]
+    missing = describe_missing([item.path for item in images], image_dirs)
     if missing:
-        raise DataError(f"{name}: {len(missing)} image file(s) not found, e.g. {missing[:3]}",
-                        fix="run `internvl-tune data prepare` for the download commands")
+        raise DataError(f"{name}: {missing}", fix="run `internvl-tune data prepare` for the download commands")
 
 
 def evaluate_dataset(
@@ -106,7 +106,7 @@ def evaluate_dataset(
         raise DataError(f"{name}: no images to caption", where=str(Path(cfg.data_root) / bench.annotation))
     gt_path = Path(cfg.data_root) / bench.ground_truth
     references = load_references(gt_path)
-    _check_inputs(name, images, references, gt_path)
+    _check_inputs(name, images, references, gt_path, bench.image_dirs(cfg.data_root))
 
     results = generate_captions(
         model, images, batch_size=cfg.batch_size, rank=rank, world_size=world_size, gather=gather,

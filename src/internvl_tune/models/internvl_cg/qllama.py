@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
 from transformers import GenerationMixin, LlamaConfig, PreTrainedModel
 from transformers.activations import ACT2FN
@@ -24,6 +23,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 # The reference's rotary embedding has a fixed base and ignores any rope settings in the config.
 ROPE_BASE = 10000.0
+
+# transformers 5.24 renamed the KV cache argument of forward / prepare_inputs_for_generation and the output field
+# from `past_key_values` to `cache`; both are accepted, and outputs and generation inputs use the installed name.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class QLlamaRMSNorm(nn.Module):
@@ -174,7 +177,6 @@ class QLlamaModel(nn.Module):
             QLlamaDecoderLayer(config, i, use_cross_attn=i % freq == 0) for i in range(config.num_hidden_layers)
         )
         self.norm = QLlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.gradient_checkpointing = False
 
     def forward(
         self,
@@ -182,7 +184,7 @@ class QLlamaModel(nn.Module):
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         vision_hidden_states: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         repeat_time: int = 1,
     ) -> torch.Tensor:
         """Run the decoder.
@@ -193,11 +195,11 @@ class QLlamaModel(nn.Module):
             position_ids: ``[B, L]``; default ``past .. past + L - 1``.
             vision_hidden_states: ``[B / repeat_time, N, vision_hidden]`` image features for the cross-attention,
                 used only on the first forward of a sequence (no cached past), when the queries are present.
-            past_key_values: a transformers ``Cache`` (generation) or None.
+            cache: a transformers ``Cache`` (generation) or None.
             repeat_time: how many sub-task copies of each image the batch stacks.
         """
         B, L, _ = inputs_embeds.shape
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + L, device=inputs_embeds.device).expand(B, L)
         if vision_hidden_states is not None:
@@ -207,13 +209,8 @@ class QLlamaModel(nn.Module):
                 raise ValueError(f"image features given but the sequence ({L}) is shorter than the query block")
         cos, sin = rotary_cos_sin(position_ids, self.config.hidden_size // self.config.num_attention_heads, inputs_embeds.dtype)
         x = inputs_embeds
-        for layer in self.layers:
-            if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(
-                    layer, x, cos, sin, attention_mask, vision_hidden_states, None, repeat_time, use_reentrant=False
-                )
-            else:
-                x = layer(x, cos, sin, attention_mask, vision_hidden_states, past_key_values, repeat_time)
+        for layer in self.layers:  # (activation checkpointing wraps the layers from outside: dist/parallelize.py)
+            x = layer(x, cos, sin, attention_mask, vision_hidden_states, cache, repeat_time)
         return self.norm(x)
 
 
@@ -244,39 +241,45 @@ class QLlamaForCausalLM(PreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         vision_hidden_states: torch.Tensor | None = None,
         use_zero_attention_mask: bool = False,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """LM logits. ``attention_mask`` is a 0/1 ``[B, past + L]`` mask or an additive ``[B, 1, L, past + L]`` one."""
+        """LM logits. ``attention_mask`` is a 0/1 ``[B, past + L]`` mask or an additive ``[B, 1, L, past + L]`` one.
+
+        The KV cache comes as ``cache`` or, from transformers before the rename, ``past_key_values``.
+        """
+        cache = cache if cache is not None else past_key_values
         if inputs_embeds is None:
             inputs_embeds = self.model.embed_tokens(input_ids)
         B, L, _ = inputs_embeds.shape
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past = cache.get_seq_length() if cache is not None else 0
         if attention_mask is None:
             attention_mask = torch.ones(B, past + L, dtype=torch.long, device=inputs_embeds.device)
         if attention_mask.ndim == 2:
             zero_block = self.config.num_query_token if use_zero_attention_mask and past == 0 else 0
             attention_mask = causal_padding_mask(attention_mask, L, inputs_embeds.dtype, zero_block)
-        hidden = self.model(inputs_embeds, attention_mask, position_ids, vision_hidden_states, past_key_values)
+        hidden = self.model(inputs_embeds, attention_mask, position_ids, vision_hidden_states, cache)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        return CausalLMOutputWithPast(logits=self.lm_head(hidden), past_key_values=past_key_values)
+        return CausalLMOutputWithPast(logits=self.lm_head(hidden), **{CACHE_FIELD: cache})
 
     def prepare_inputs_for_generation(
         self,
         input_ids,
-        past_key_values=None,
+        cache=None,
         attention_mask=None,
         inputs_embeds=None,
         vision_hidden_states=None,
         use_zero_attention_mask=False,
+        past_key_values=None,
         **kwargs,
     ) -> dict:
         """Prefill with the prompt embeddings (queries + prompt), then one new token per step.
@@ -284,17 +287,18 @@ class QLlamaForCausalLM(PreTrainedModel, GenerationMixin):
         Positions come from the running 0/1 mask (``cumsum - 1``), so left-padded prompts get the same positions
         as unpadded ones.
         """
-        decoding = past_key_values is not None and past_key_values.get_seq_length() > 0
+        cache = cache if cache is not None else past_key_values
+        decoding = cache is not None and cache.get_seq_length() > 0
         position_ids = None
         if attention_mask is not None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
-        inputs = dict(
-            past_key_values=past_key_values,
-            attention_mask=attention_mask,
-            vision_hidden_states=vision_hidden_states,
-            use_zero_attention_mask=use_zero_attention_mask,
-            use_cache=kwargs.get("use_cache", True),
-        )
+        inputs = {
+            CACHE_FIELD: cache,
+            "attention_mask": attention_mask,
+            "vision_hidden_states": vision_hidden_states,
+            "use_zero_attention_mask": use_zero_attention_mask,
+            "use_cache": kwargs.get("use_cache", True),
+        }
         if decoding:
             inputs["input_ids"] = input_ids[:, -1:]
             inputs["position_ids"] = position_ids[:, -1:] if position_ids is not None else None
