@@ -192,7 +192,9 @@ def _inject(chat, settings: LoraSettings, exclude: list[str] = ()) -> None:
     from peft import LoraConfig, inject_adapter_in_model
 
     exclude_regex = "^(?:" + "|".join(map(re.escape, exclude)) + r")(?:\..+)?$" if exclude else None
+    was_training = chat.model.training
     inject_adapter_in_model(LoraConfig(**settings.peft_fields(), exclude_modules=exclude_regex), chat.model)
+    chat.model.train(was_training)  # the new LoRA dropout modules start in training mode
     chat.lora_config = settings
 
 
@@ -329,14 +331,20 @@ def _check_complete(adapter_dir: Path) -> None:
                                   " or the run's output directory that holds adapter/")
 
 
-def find_adapter(path) -> Path:
-    """The adapter folder ``path`` names: ``path`` itself, or ``path/adapter`` (the output directory of a LoRA run)."""
+def adapter_dir_of(path) -> Path | None:
+    """The adapter folder ``path`` names: ``path`` itself, or ``path/adapter`` (a LoRA run's output directory); None
+    when it holds neither."""
     path = Path(path)
-    if not any((path / name).exists() for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_INFO)) \
-            and (path / "adapter").is_dir():
-        path = path / "adapter"
-    _check_complete(path)
-    return path
+    if any((path / name).exists() for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_INFO)):
+        return path
+    return path / "adapter" if (path / "adapter").is_dir() else None
+
+
+def find_adapter(path) -> Path:
+    """``adapter_dir_of(path)``, which must hold a complete adapter."""
+    adapter_dir = adapter_dir_of(path) or Path(path)
+    _check_complete(adapter_dir)
+    return adapter_dir
 
 
 def _read_weights(file: Path) -> dict[str, torch.Tensor]:
@@ -433,12 +441,10 @@ def apply_adapter(chat, adapter: Adapter, where: str = "the adapter") -> None:
         raise CheckpointError(
             f"{where}: {ADAPTER_WEIGHTS} lacks {len(lacking)} tensors of the modules its config says were trained "
             f"(modules_to_save), e.g. {lacking[:3]} — the adapter is incomplete; export it again from the training run")
-    was_training = chat.model.training
     if adapter.lora:
         _inject(chat, adapter.settings, exclude=adapter.modules_to_save)
     else:
         chat.lora_config = adapter.settings
-    chat.model.train(was_training)  # new LoRA dropout modules start in training mode
     params = dict(chat.model.named_parameters())
     own = {n.replace(f".{ADAPTER_NAME}.", "."): n for n in params if _is_lora(n)}
     if set(adapter.lora) != set(own) or set(adapter.trained) != expected:
