@@ -11,9 +11,10 @@ EPILOG = """examples:
   internvl-tune convert work_dirs/my_lora_run/adapter work_dirs/adapter-orig --to original
 
 Checkpoints: tensors keep their dtype (bf16 stays bf16) and values; original -> native -> original gives identical
-tensors and config.json. The native layout loads with transformers.AutoModelForImageTextToText and AutoProcessor;
-the original layout is what the reference code, vLLM and lmdeploy read (the source's tokenizer and remote-code
-files are copied along).
+tensors and config.json. The native layout loads with transformers.AutoModelForImageTextToText, and with
+AutoProcessor where torchvision is installed (InternVLProcessor's video processor needs it); the original layout is
+what the reference code, vLLM and lmdeploy read. The source's tokenizer, generation, processor and remote-code files
+are copied along, nothing else (a training run's logs and checkpoints stay behind).
 
 LoRA adapters (a directory with adapter_config.json): --to original keys the adapter by the original InternVL2
 module names, for vLLM and peft on the reference model; where the original fuses q/k/v (InternViT qkv, InternLM2
