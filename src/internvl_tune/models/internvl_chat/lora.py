@@ -416,6 +416,11 @@ def read_adapter(path) -> Adapter:
         raise CheckpointError(f"{adapter_dir / ADAPTER_WEIGHTS}: tensors {stray[:5]} are neither LoRA weights nor part "
                               f"of modules_to_save in {ADAPTER_CONFIG} — the two files do not belong together")
     lora = {k: v for k, v in weights.items() if _is_lora(k)}
+    modules = {k.rsplit(".lora_", 1)[0] for k in lora}
+    unpaired = sorted(f"{m}.lora_{x}.weight" for m in modules for x in "AB" if f"{m}.lora_{x}.weight" not in lora)
+    if unpaired:
+        raise CheckpointError(f"{adapter_dir / ADAPTER_WEIGHTS}: lacks {unpaired[:5]} (each LoRA layer needs its A and B) "
+                              "— the file is incomplete; copy it again from the training run")
     return Adapter(settings, facts, config.get("base_model_name_or_path"), lora, trained, modules_to_save)
 
 
