@@ -37,5 +37,8 @@ demo: install
 test: install-dev
 	$(BIN)/python -m pytest -n 2 --durations=15
 
+lint: install-dev
+	$(BIN)/ruff check src tests
+
 clean:
 	rm -rf runs .pytest_cache .hypothesis

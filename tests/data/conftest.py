@@ -13,8 +13,8 @@ SAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sample"
 @pytest.fixture(scope="session")
 def tokenizers(tmp_path_factory):
     """name -> tokenizer: the real Qwen2 BPE (InternVL2-1B) and tiny InternLM2 / Phi-3 / Yi sentencepiece ones."""
-    from internvl_tune.testing.tiny_chat import write_tiny_tokenizer
     from internvl_tune.models.internvl_chat.tokenizers import load_tokenizer
+    from internvl_tune.testing.tiny_chat import write_tiny_tokenizer
 
     out = {}
     for style in ("qwen2", "internlm2", "phi3", "yi"):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
 from internvl_tune.cli import main
 
 SAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sample"

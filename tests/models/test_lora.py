@@ -65,7 +65,9 @@ def test_merge_save_load_and_wrong_base(tiny_dirs, tmp_path):
     again.model.eval()
     torch.testing.assert_close(_logits(again), with_adapter, atol=1e-6, rtol=0)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"].endswith("internvl2-2b") and config["llm_rank"] == 4
+    info = json.loads((tmp_path / "adapter" / "internvl_tune_adapter.json").read_text())
+    assert config["base_model_name_or_path"].endswith("internvl2-2b") and config["r"] == 4 and config["lora_alpha"] == 8
+    assert info["lora"]["llm_rank"] == 4 and info["base_model"]["family"] == "internlm2"
 
     other = load_pretrained(tiny_dirs("internvl2-1b"))
     with pytest.raises(CheckpointError, match="this adapter was trained on .*internvl2-2b.*differs"):

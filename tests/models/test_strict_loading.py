@@ -7,11 +7,11 @@ import shutil
 
 import pytest
 import torch
+from checkpoint_damage import edit_shard
 from safetensors.torch import load_file
 
 from internvl_tune.errors import CheckpointError
 from internvl_tune.models.internvl_chat import load_pretrained
-from checkpoint_damage import edit_shard
 
 
 @pytest.fixture

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from internvl_tune.data.retrieval import tokenize_retrieval
 from internvl_tune.errors import CheckpointError
 from internvl_tune.models.internvl_cg.loading import load_internvl_cg, save_internvl_cg
-from internvl_tune.data.retrieval import tokenize_retrieval
 from internvl_tune.models.internvl_cg.qllama import CACHE_FIELD
 from internvl_tune.models.internvl_cg.tokenizer import load_tokenizer, tokenize_prompts
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from reliability_media import write_bad_media
 
 
@@ -98,10 +97,10 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def report(corpus):
     """One ``data check`` run over the whole corpus: (exit code, {line number: [reported lines]})."""
-    from internvl_tune.cli import main
-
     import contextlib
     import io
+
+    from internvl_tune.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -8,8 +8,16 @@ import torch
 from PIL import Image
 
 from internvl_tune.data.retrieval import (
-    RetrievalTrainDataset, coco_eval_set, flickr_eval_set, load_dataset_registry, pre_caption,
-    random_resized_crop_box, read_coco_karpathy, read_flickr_txt, train_pairs, train_transform,
+    RetrievalTrainDataset,
+    coco_eval_set,
+    flickr_eval_set,
+    load_dataset_registry,
+    pre_caption,
+    random_resized_crop_box,
+    read_coco_karpathy,
+    read_flickr_txt,
+    train_pairs,
+    train_transform,
 )
 from internvl_tune.errors import DataError
 

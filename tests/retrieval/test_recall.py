@@ -73,9 +73,8 @@ def test_shards_cover_everything_in_order():
 
 
 def test_sharded_embeddings_equal_single_process(tiny_ckpt, sample_dir):
-    from internvl_tune.data.retrieval import flickr_eval_set
+    from internvl_tune.data.retrieval import flickr_eval_set, tokenize_retrieval
     from internvl_tune.models.internvl_cg.loading import load_internvl_cg
-    from internvl_tune.data.retrieval import tokenize_retrieval
     from internvl_tune.models.internvl_cg.tokenizer import load_tokenizer
 
     model = load_internvl_cg(tiny_ckpt, dtype="fp32")

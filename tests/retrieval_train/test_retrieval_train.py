@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from internvl_tune.train.config import TrainArgs
-from internvl_tune.train.metrics import read_jsonl
 from internvl_tune.data.retrieval import RetrievalDataArgs
 from internvl_tune.models.internvl_cg.recipe import RetrievalModelArgs
-from internvl_tune.train.config import RunConfig
+from internvl_tune.train.config import RunConfig, TrainArgs
+from internvl_tune.train.metrics import read_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
 HEAD = dict(freeze_model=True, freeze_vision_model=True, freeze_qllama=True, unfreeze_qllama_head=True)
@@ -84,8 +83,8 @@ def test_full_and_crossattn_flags(tiny_ckpt):
 
 # ----------------------------------------------------------------------------------------------- layer-wise lr decay
 def test_layer_decay_groups_follow_the_reference_rule(tiny_ckpt):
-    from internvl_tune.models.internvl_cg.loading import load_internvl_cg
     from internvl_tune.models.internvl_cg.layer_decay import layer_decay_lr_scale
+    from internvl_tune.models.internvl_cg.loading import load_internvl_cg
     from internvl_tune.train.optim import build_param_groups
 
     model = load_internvl_cg(tiny_ckpt, dtype="fp32")
@@ -115,9 +114,10 @@ def test_layer_decay_groups_follow_the_reference_rule(tiny_ckpt):
 
 # ----------------------------------------------------------------------------------------------- training runs
 def test_loss_decreases_and_the_export_evaluates(tiny_ckpt, sample_root, tmp_path):
+    from train_helpers import run_retrieval as run
+
     from internvl_tune.cli import main
     from internvl_tune.models.internvl_cg.loading import load_internvl_cg
-    from train_helpers import run_retrieval as run
 
     result = run(_cfg(tiny_ckpt, sample_root, tmp_path / "run", max_steps=8, use_custom_trainer=True,
                       vit_layer_decay_rate=0.9, qllama_layer_decay_rate=0.9))
@@ -200,8 +200,8 @@ def test_flags_env_and_yaml_precedence(tmp_path):
 
 
 def test_unknown_dataset_name_is_a_user_error(tiny_ckpt, tmp_path):
-    from internvl_tune.errors import UserError
     from internvl_tune.data.retrieval import dataset_spec
+    from internvl_tune.errors import UserError
 
     with pytest.raises(UserError, match="coco_karpathy_train"):
         dataset_spec(RetrievalDataArgs(dataset_name="flickr_en"))

@@ -170,9 +170,10 @@ def test_sigkill_then_resume_gives_the_uninterrupted_losses(tiny_1b, tmp_path, s
 
 
 def test_lora_export_merges_to_the_adapter_logits(tiny_1b, tmp_path, subset_meta):
+    from train_helpers import run_chat as run
+
     from internvl_tune.models.internvl_chat import load_pretrained
     from internvl_tune.models.internvl_chat.lora import load_adapter
-    from train_helpers import run_chat as run
 
     meta = subset_meta(tmp_path, 2)
     run(_cfg(tiny_1b, meta, tmp_path / "run", use_llm_lora=4, freeze_llm=True, freeze_mlp=True, max_steps=3,
@@ -190,8 +191,9 @@ def test_lora_export_merges_to_the_adapter_logits(tiny_1b, tmp_path, subset_meta
 
 
 def test_existing_checkpoints_need_resume_or_overwrite(tiny_1b, tmp_path, subset_meta):
-    from internvl_tune.errors import UserError
     from train_helpers import run_chat as run
+
+    from internvl_tune.errors import UserError
 
     meta = subset_meta(tmp_path, 2)
     run(_cfg(tiny_1b, meta, tmp_path / "run", max_steps=1, save_steps=1))

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from internvl_tune.train.optim import build_param_groups
 from internvl_tune.data.sampler import GlobalBatchSampler
+from internvl_tune.train.optim import build_param_groups
 from internvl_tune.train.schedule import LRSchedule, warmup_steps_for
 
 

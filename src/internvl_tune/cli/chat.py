@@ -1,26 +1,41 @@
-"""``internvl-tune chat MODEL_DIR --image PATH "question"``: ask an InternVL2 checkpoint about images."""
+"""``internvl-tune chat MODEL "question"``: ask an InternVL2 checkpoint, or a base model with a LoRA adapter, about images."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 EPILOG = """examples:
   internvl-tune chat ./pretrained/InternVL2-8B --image cat.jpg "What is the cat doing?"
   internvl-tune chat ./pretrained/InternVL2-1B --image a.jpg --image b.jpg "Image-1: <image>\\nImage-2: <image>\\nCompare them."
   internvl-tune chat ./pretrained/InternVL2-2B "Tell me a joke."          (text only)
+  internvl-tune chat work_dirs/my_lora_run/adapter --image cat.jpg "What is the cat doing?"
+  internvl-tune chat work_dirs/my_lora_run --base /new/place/InternVL2-2B "Hi"   (the base moved since training)
 
+MODEL is a checkpoint directory (original or native layout), a LoRA adapter directory, or a training run's output
+directory: its merged or fully trained model when it holds config.json, else its adapter/. An adapter is loaded onto
+the base checkpoint recorded in its adapter_config.json (base_model_name_or_path) unless --base names another.
 Prompt building and the stop token follow the checkpoint's conversation template (config.json "template").
 Greedy decoding unless --temperature > 0."""
+
+
+def _hidden_alias(parser, flag: str, dest: str, type_) -> None:
+    """Keep an earlier spelling of a flag working without listing it in --help."""
+    parser.add_argument(flag, dest=dest, type=type_, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def register(subparsers, name: str, help_text: str) -> None:
     parser = subparsers.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="checkpoint directory (original or native layout)")
+    parser.add_argument("model", help="checkpoint directory, LoRA adapter directory, or a training run's output directory")
     parser.add_argument("question", help="the question; put <image> where each image belongs (optional)")
     parser.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
-    parser.add_argument("--max-tiles", type=int, default=None, help="max dynamic tiles per image (default: config)")
-    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--base", default=None,
+                        help="base checkpoint for a LoRA adapter (default: the one recorded in its adapter_config.json)")
+    parser.add_argument("--max_tiles", type=int, default=None, help="max dynamic tiles per image (default: config)")
+    parser.add_argument("--max_new_tokens", type=int, default=512, help="stop after this many new tokens (default: 512)")
+    _hidden_alias(parser, "--max-tiles", "max_tiles", int)
+    _hidden_alias(parser, "--max-new-tokens", "max_new_tokens", int)
     parser.add_argument("--temperature", type=float, default=0.0, help="> 0 samples; 0 is greedy")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                         help="default: bfloat16 on GPU, float32 on CPU")
@@ -28,15 +43,29 @@ def register(subparsers, name: str, help_text: str) -> None:
     parser.set_defaults(func=run)
 
 
+def load_model(path: str, base: str | None, **load_kwargs):
+    """The checkpoint at ``path``, or the base model with the adapter ``path`` names (see EPILOG)."""
+    from internvl_tune.errors import UserError
+    from internvl_tune.models.internvl_chat import load_pretrained
+    from internvl_tune.models.internvl_chat.lora import adapter_dir_of, load_with_adapter
+
+    adapter = None if base is None and (Path(path) / "config.json").is_file() else adapter_dir_of(path)
+    if adapter is not None:
+        return load_with_adapter(adapter, base, **load_kwargs)
+    if base is not None:
+        raise UserError(f"--base is for LoRA adapters, and {path} holds none (no adapter_config.json, no adapter/) — "
+                        "drop --base, or pass the adapter directory")
+    return load_pretrained(path, **load_kwargs)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from internvl_tune.data.images import load_image
-    from internvl_tune.models.internvl_chat import load_pretrained
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    chat = load_pretrained(args.model, dtype=dtype, device=device)
+    chat = load_model(args.model, args.base, dtype=dtype, device=device)
     pixel_values, tiles = None, None
     if args.image:
         pixel_values, tiles = chat.image_processor([load_image(p) for p in args.image], max_tiles=args.max_tiles)

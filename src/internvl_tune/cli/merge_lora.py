@@ -1,37 +1,45 @@
-"""``internvl-tune merge-lora ADAPTER_DIR --base BASE --out DIR``: fold a LoRA adapter into its base model."""
+"""``internvl-tune merge-lora ADAPTER --out DIR``: fold a LoRA adapter (and its trained modules) into its base model."""
 
 from __future__ import annotations
 
 import argparse
 
-EPILOG = """example:
-  internvl-tune merge-lora work_dirs/my_lora_run/adapter --base ./pretrained/InternVL2-2B --out work_dirs/merged
+EPILOG = """examples:
+  internvl-tune merge-lora work_dirs/my_lora_run/adapter --out work_dirs/merged
+  internvl-tune merge-lora work_dirs/my_lora_run --base /new/place/InternVL2-2B --out work_dirs/merged
 
-The adapter's config names the base it was trained on; a base with other shapes is refused. The merged model is
-written in the original layout (or --layout native)."""
+ADAPTER is an adapter directory or a LoRA run's output directory (which holds adapter/). The base is the checkpoint
+recorded in adapter_config.json (base_model_name_or_path) unless --base names another; a base with other shapes is
+refused. Besides the LoRA updates, every module the adapter saved whole (a trained LM head, projector or ViT layers)
+replaces the base's. The merged model is written in the original layout (or --layout native)."""
 
 
 def register(subparsers, name: str, help_text: str) -> None:
+    from internvl_tune.cli.flags import add_bool_flag
+
     parser = subparsers.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
-    parser.add_argument("--base", required=True, help="the base checkpoint the adapter was trained on")
+    parser.add_argument("adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors) or a LoRA "
+                                        "run's output directory")
+    parser.add_argument("--base", default=None,
+                        help="the base checkpoint the adapter was trained on (default: the one recorded in the adapter)")
     parser.add_argument("--out", required=True, help="output directory for the merged model")
-    parser.add_argument("--layout", choices=("original", "native"), default="original")
+    parser.add_argument("--layout", choices=("original", "native"), default="original",
+                        help="checkpoint layout to write: original (InternVLChatModel; reference code, vLLM, lmdeploy) "
+                             "or native (transformers InternVLForConditionalGeneration); default: original")
     parser.add_argument("--dtype", choices=("keep", "bfloat16", "float32"), default="keep",
                         help="dtype of the merged weights (default: the base's); the merge itself runs in float32")
+    add_bool_flag(parser, "overwrite", False, "replace a non-empty --out directory")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from internvl_tune.models.internvl_chat import load_pretrained
     from internvl_tune.models.internvl_chat.loading import iter_tensors
-    from internvl_tune.models.internvl_chat.lora import load_adapter, merge_lora
+    from internvl_tune.models.internvl_chat.lora import load_with_adapter, merge_lora
 
-    chat = load_pretrained(args.base, dtype=torch.float32)
-    load_adapter(chat, args.adapter)
+    chat = load_with_adapter(args.adapter, args.base, dtype=torch.float32)
     merge_lora(chat)
     if args.dtype == "keep":
         _, first, _ = next(iter_tensors(chat.source_dir))
@@ -39,6 +47,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         target = getattr(torch, args.dtype)
     chat.model.to(target)
-    out = chat.save_pretrained(args.out, layout=args.layout)
-    print(f"merged {args.adapter} into {args.base}: {out}")
+    out = chat.save_pretrained(args.out, layout=args.layout, overwrite=args.overwrite)
+    print(f"merged {args.adapter} into {chat.source_dir}: {out}")
     return 0

@@ -7,7 +7,7 @@ kinds), ``images`` / ``video`` (pixels), ``templates`` + ``preprocess`` (prompt,
 """
 
 from internvl_tune.data.batch import ChatBatch, ChatCollator
-from internvl_tune.data.config import CheckpointDefaults, DataConfig, REFERENCE_DEFAULTS
+from internvl_tune.data.config import REFERENCE_DEFAULTS, CheckpointDefaults, DataConfig
 from internvl_tune.data.dataset import SupervisedDataset
 from internvl_tune.data.images import build_transform, choose_grid, dynamic_preprocess, load_image, num_tiles
 from internvl_tune.data.meta import KINDS, DatasetSpec, JsonlIndex, read_meta, sample_kind

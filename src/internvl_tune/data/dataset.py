@@ -26,6 +26,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from internvl_tune.constants import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
+from internvl_tune.data.config import DataConfig
 from internvl_tune.data.images import (
     ImageTransform,
     dynamic_preprocess,
@@ -33,7 +34,6 @@ from internvl_tune.data.images import (
     num_tiles,
     tiles_to_tensor,
 )
-from internvl_tune.data.config import DataConfig
 from internvl_tune.data.lengths import estimate_lines
 from internvl_tune.data.meta import DatasetSpec, JsonlIndex, read_meta, sample_kind
 from internvl_tune.data.preprocess import Encoded, build_conversation_ids, parse_conversations, tokenizer_info

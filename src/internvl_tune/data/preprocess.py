@@ -26,8 +26,8 @@ from internvl_tune.constants import (
     IMG_END_TOKEN,
     IMG_START_TOKEN,
 )
-from internvl_tune.errors import DataError
 from internvl_tune.data.templates import GPT, HUMAN, SYSTEM, Template
+from internvl_tune.errors import DataError
 
 _ONE_IMAGE = IMG_START_TOKEN + IMG_CONTEXT_TOKEN + IMG_END_TOKEN
 

@@ -251,13 +251,11 @@ class RetrievalRecipe:
         layers exist to receive the adapters), merged and saved; ``internvl-tune eval retrieval --pretrained
         OUTPUT_DIR`` and the reference's loaders read it directly. Runs on rank 0 only.
         """
-        from types import SimpleNamespace
-
+        from internvl_tune.models.common.lora import merge_lora_layers
         from internvl_tune.models.internvl_cg.loading import save_internvl_cg
-        from internvl_tune.models.internvl_chat.lora import merge_lora
 
         fresh = self._load(self.load_dtype, weights=False)  # the structure only: every tensor comes from `state`
         apply_trainable_flags(fresh, self.args)
         fresh.load_state_dict(checkpoint_state(state, fresh), strict=True, assign=True)
-        merge_lora(SimpleNamespace(model=fresh))  # folds every peft LoRA layer of `.model` into its base linear
+        merge_lora_layers(fresh)
         save_internvl_cg(fresh.to(self.load_dtype), output_dir, tokenizer_dir=self.args.model_name_or_path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from transformers import LlamaTokenizer, PreTrainedTokenizerBase
 
 from internvl_tune.data.retrieval import padded_tokens

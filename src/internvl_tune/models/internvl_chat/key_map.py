@@ -144,13 +144,18 @@ def _split_wqkv(tensor: torch.Tensor, spec: LayoutSpec) -> tuple[torch.Tensor, t
     return q, k, v
 
 
-def _join_wqkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: LayoutSpec) -> torch.Tensor:
+def join_wqkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: LayoutSpec) -> torch.Tensor:
     per_group = spec.num_heads // spec.num_kv_heads
     rest = q.shape[1:]
     q = q.reshape(spec.num_kv_heads, per_group, spec.head_dim, *rest)
     k = k.reshape(spec.num_kv_heads, 1, spec.head_dim, *rest)
     v = v.reshape(spec.num_kv_heads, 1, spec.head_dim, *rest)
     return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
+
+
+def original_name(key: str, spec: LayoutSpec) -> str | None:
+    """The original name of a native key that is not part of a fused q/k/v (None when unknown)."""
+    return _rename(key, spec.table(), reverse=True)
 
 
 def convert_original_tensor(key: str, tensor: torch.Tensor, spec: LayoutSpec) -> list[tuple[str, torch.Tensor]] | None:
@@ -177,7 +182,7 @@ def to_original(state: dict[str, torch.Tensor], spec: LayoutSpec) -> dict[str, t
                 fused.setdefault((original, groups["n"], groups["w"]), {})[groups["p"]] = tensor
                 break
         else:
-            name = _rename(key, spec.table(), reverse=True)
+            name = original_name(key, spec)
             if name is None:
                 raise KeyError(key)
             out[name] = tensor
@@ -185,7 +190,7 @@ def to_original(state: dict[str, torch.Tensor], spec: LayoutSpec) -> dict[str, t
         if set(parts) != {"q", "k", "v"}:
             raise KeyError(f"{original.format(n=layer, w=leaf)}: only {sorted(parts)} of q/k/v present")
         q, k, v = parts["q"], parts["k"], parts["v"]
-        joined = _join_wqkv(q, k, v, spec) if original == WQKV[0] else torch.cat([q, k, v])
+        joined = join_wqkv(q, k, v, spec) if original == WQKV[0] else torch.cat([q, k, v])
         out[original.format(n=layer, w=leaf)] = joined
     return out
 

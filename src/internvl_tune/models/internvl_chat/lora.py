@@ -7,152 +7,479 @@
 | Phi-3 LLM       | self_attn.qkv_proj, o_proj, mlp.gate_up_proj, down_proj     | the same names                                   |
 | Qwen2 / Llama   | self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj           | the same names                                   |
 
-``lora_alpha = 2 * r`` and dropout 0.05, as the reference. Where the reference fuses q/k/v into one linear (InternViT
-``qkv``, InternLM2 ``wqkv``) we put one adapter on each of q, k and v: the same rank per projection, not one shared
-low-rank factor, so adapters are not interchangeable with reference ones for those modules (merged weights are).
-Adapters are saved as ``adapter_model.safetensors`` + ``adapter_config.json``; the config records the base model
-and its shapes so loading onto a different base fails with a clear error.
+Defaults as the reference: ``lora_alpha = 2 * r``, dropout 0.05. Where the reference fuses q/k/v into one linear
+(InternViT ``qkv``, InternLM2 ``wqkv``) we put one adapter on each of q, k and v; ``convert --to original`` writes
+the exact fused equivalent (rank 3r, A stacked, B block-diagonal in the fused row order).
+
+An adapter folder (``save_adapter``) is a peft adapter of the native ``InternVLForConditionalGeneration``, so
+``peft.PeftModel.from_pretrained(load_pretrained(base).model, folder)`` loads it:
+
+- ``adapter_config.json``: peft's ``LoraConfig`` (``target_modules`` as one regex, ``rank_pattern`` /
+  ``alpha_pattern`` for the ViT where its rank or alpha differs from the LLM's, ``modules_to_save`` for the trained
+  non-LoRA modules, ``base_model_name_or_path``);
+- ``adapter_model.safetensors``: ``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight`` and
+  ``base_model.model.<module>.<parameter>`` for every module in ``modules_to_save``;
+- ``internvl_tune_adapter.json``: our facts (format version, key layout, base-model fingerprint, rank / alpha /
+  targets per part), which peft never reads.
+
+Every parameter that trains besides the LoRA matrices (``--unfreeze_lm_head``, an unfrozen projector, unfrozen ViT
+layers) is saved, as the smallest whole modules that hold it. peft never puts LoRA inside a module it saves whole,
+so a LoRA layer inside such a module is folded into the saved weight.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from internvl_tune.errors import CheckpointError
+from internvl_tune.errors import CheckpointError, UserError
+from internvl_tune.models.common.lora import lora_modules, merge_lora_layers
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_INFO = "internvl_tune_adapter.json"
+FORMAT_VERSION = 2
+PEFT_PREFIX = "base_model.model."
+ADAPTER_NAME = "default"
 LORA_DROPOUT = 0.05
-_VIT = r"model\.vision_tower\.encoder\.layer\.\d+\.(attention\.(q_proj|k_proj|v_proj|projection_layer)|mlp\.(fc1|fc2))"
-_LLM = {
-    "phi3": r"model\.language_model\.layers\.\d+\.(self_attn\.(qkv_proj|o_proj)|mlp\.(gate_up_proj|down_proj))",
-    "default": r"model\.language_model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))",
-}
+VIT_TARGETS = ("q_proj", "k_proj", "v_proj", "projection_layer", "fc1", "fc2")
+_LLM_TARGETS = {"phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")}
+_HF_LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_LLM_LAYER = r"model\.language_model\.layers\.\d+\."
+_VIT_LAYER = r"model\.vision_tower\.encoder\.layer\.\d+\."
+SPEC_FACTS = ("family", "llm_heads", "llm_kv_heads", "llm_head_dim")  # fingerprint keys that give the LayoutSpec
 
 
-def _llm_pattern(family: str) -> str:
-    return _LLM.get(family, _LLM["default"])
+def default_llm_targets(family: str) -> tuple[str, ...]:
+    """The reference's LLM LoRA targets of ``family``, as native leaf-module names."""
+    return _LLM_TARGETS.get(family, _HF_LLM_TARGETS)
+
+
+def _module_regex(layer: str, targets) -> str:
+    return layer + r"(?:\w+\.)*(?:" + "|".join(map(re.escape, targets)) + ")"
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """What ``add_lora`` wrapped: rank, alpha and target leaf names of the LLM and of the ViT (rank 0: not wrapped)."""
+
+    llm_rank: int = 0
+    vision_rank: int = 0
+    llm_alpha: float = 0
+    vision_alpha: float = 0
+    lora_dropout: float = LORA_DROPOUT
+    llm_target_modules: tuple[str, ...] = ()
+    vision_target_modules: tuple[str, ...] = ()
+
+    def parts(self) -> list[tuple[str, int, float]]:
+        """``(module regex, rank, alpha)`` of each wrapped part, the LLM first."""
+        parts = []
+        if self.llm_rank:
+            parts.append((_module_regex(_LLM_LAYER, self.llm_target_modules), self.llm_rank, self.llm_alpha))
+        if self.vision_rank:
+            parts.append((_module_regex(_VIT_LAYER, self.vision_target_modules), self.vision_rank, self.vision_alpha))
+        return parts
+
+    def peft_fields(self) -> dict:
+        """``LoraConfig`` fields: the first part's rank and alpha, patterns for a second part that differs."""
+        parts = self.parts()
+        _, rank, alpha = parts[0]
+        return {
+            "r": rank, "lora_alpha": alpha, "lora_dropout": self.lora_dropout,
+            "target_modules": "^(?:" + "|".join(regex for regex, _, _ in parts) + ")$",
+            "rank_pattern": {regex: r for regex, r, _ in parts[1:] if r != rank},
+            "alpha_pattern": {regex: a for regex, _, a in parts[1:] if a != alpha},
+        }
+
+    def scaling(self, module: str) -> float:
+        """``alpha / r`` of the LoRA layer on ``module`` (a native module name)."""
+        for regex, rank, alpha in self.parts():
+            if re.fullmatch(regex, module):
+                return alpha / rank
+        raise CheckpointError(f"LoRA weights for {module}, which the adapter's target modules do not cover")
+
+
+@dataclass
+class Adapter:
+    """An adapter in memory, keyed by native names (what ``save_adapter`` writes and ``load_adapter`` reads).
+
+    Attributes:
+        settings: ranks, alphas and targets.
+        fingerprint: shape facts of the base model (``fingerprint(chat)``).
+        base: the base checkpoint it was trained on, as recorded.
+        lora: ``<module>.lora_A.weight`` / ``<module>.lora_B.weight`` tensors.
+        trained: ``<module>.<parameter>`` tensors of the ``modules_to_save``.
+        modules_to_save: the modules stored whole (they trained, or hold a parameter that trained).
+    """
+
+    settings: LoraSettings
+    fingerprint: dict
+    base: str | None
+    lora: dict[str, torch.Tensor]
+    trained: dict[str, torch.Tensor]
+    modules_to_save: list[str]
+
+    def lora_pairs(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{module: (A, B)}``."""
+        modules = sorted({key.rsplit(".lora_", 1)[0] for key in self.lora})
+        return {m: (self.lora[f"{m}.lora_A.weight"], self.lora[f"{m}.lora_B.weight"]) for m in modules}
 
 
 def fingerprint(chat) -> dict:
-    """Shape facts of the base model an adapter belongs to."""
+    """Shape facts of the base model an adapter belongs to (also what mapping it to original names needs)."""
+    from internvl_tune.models.internvl_chat.key_map import LayoutSpec
+
     text, vision = chat.model.config.text_config, chat.model.config.vision_config
+    spec = LayoutSpec.from_original(chat.original_config)
     return {
         "family": chat.family,
         "llm_hidden_size": text.hidden_size,
         "llm_layers": text.num_hidden_layers,
+        "llm_heads": spec.num_heads,
+        "llm_kv_heads": spec.num_kv_heads,
+        "llm_head_dim": spec.head_dim,
         "vocab_size": chat.model.get_input_embeddings().weight.shape[0],
         "vit_hidden_size": vision.hidden_size,
         "vit_layers": vision.num_hidden_layers,
     }
 
 
-def add_lora(chat, llm_rank: int = 0, vision_rank: int = 0) -> None:
+def _check_targets(layer, targets: tuple[str, ...], part: str) -> None:
+    linears = sorted({name.rsplit(".", 1)[-1] for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)})
+    unknown = [t for t in targets if t not in linears]
+    if unknown:
+        raise UserError(f"LoRA target modules {unknown} are not linear layers of the {part}; choose from {linears}")
+
+
+def add_lora(chat, llm_rank: int = 0, vision_rank: int = 0, lora_alpha: float | None = None,
+             lora_dropout: float = LORA_DROPOUT, llm_target_modules=None, vision_target_modules=None) -> None:
     """Wrap the LLM (rank ``llm_rank``) and/or the ViT (rank ``vision_rank``) linears with LoRA, in place.
 
-    Base weights are frozen; only the LoRA matrices train (other parts keep their ``requires_grad``).
+    As the reference (peft on the LLM / the ViT alone), a wrapped part is frozen except its LoRA matrices: the LLM
+    with ``lm_head`` for ``llm_rank``, the ViT for ``vision_rank``; every other parameter keeps its ``requires_grad``.
+    ``lora_alpha`` defaults to twice each part's rank; ``llm_target_modules`` / ``vision_target_modules`` are leaf
+    names inside one decoder / ViT layer (default: the reference's, see the module docstring).
     """
+    if not (llm_rank or vision_rank):
+        return
+    inner = chat.model.model
+    llm_targets = tuple(llm_target_modules or default_llm_targets(chat.family)) if llm_rank else ()
+    vision_targets = tuple(vision_target_modules or VIT_TARGETS) if vision_rank else ()
+    _check_targets(inner.language_model.layers[0], llm_targets, f"{chat.family} decoder layer")
+    _check_targets(inner.vision_tower.encoder.layer[0], vision_targets, "ViT layer")
+    settings = LoraSettings(
+        llm_rank=llm_rank, vision_rank=vision_rank,
+        llm_alpha=(2 * llm_rank if lora_alpha is None else lora_alpha) if llm_rank else 0,
+        vision_alpha=(2 * vision_rank if lora_alpha is None else lora_alpha) if vision_rank else 0,
+        lora_dropout=lora_dropout, llm_target_modules=llm_targets, vision_target_modules=vision_targets,
+    )
+    flags = {id(p): p.requires_grad for p in chat.model.parameters()}
+    _inject(chat, settings)  # peft freezes every non-LoRA parameter
+    wrapped = ([inner.language_model, chat.model.lm_head] if llm_rank else []) + ([inner.vision_tower] if vision_rank else [])
+    frozen = {id(p) for part in wrapped for p in part.parameters()}
+    for name, p in chat.model.named_parameters():
+        if not _is_lora(name) and id(p) not in frozen:
+            p.requires_grad_(flags[id(p)])
+
+
+def _inject(chat, settings: LoraSettings, exclude: list[str] = ()) -> None:
+    """Put LoRA layers per ``settings`` into ``chat.model``, skipping the modules in ``exclude`` and below them."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    patterns, ranks, alphas = [], {}, {}
-    if llm_rank:
-        patterns.append(_llm_pattern(chat.family))
-        ranks[_llm_pattern(chat.family)], alphas[_llm_pattern(chat.family)] = llm_rank, 2 * llm_rank
-    if vision_rank:
-        patterns.append(_VIT)
-        ranks[_VIT], alphas[_VIT] = vision_rank, 2 * vision_rank
-    if not patterns:
-        return
-    first = llm_rank or vision_rank
-    config = LoraConfig(
-        r=first, lora_alpha=2 * first, lora_dropout=LORA_DROPOUT, target_modules="^(" + "|".join(patterns) + ")$",
-        rank_pattern=ranks, alpha_pattern=alphas,
-    )
-    inject_adapter_in_model(config, chat.model)
-    chat.lora_config = {"llm_rank": llm_rank, "vision_rank": vision_rank}
-
-
-def _lora_modules(model):
-    from peft.tuners.lora import LoraLayer
-
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
+    exclude_regex = "^(?:" + "|".join(map(re.escape, exclude)) + r")(?:\..+)?$" if exclude else None
+    was_training = chat.model.training
+    inject_adapter_in_model(LoraConfig(**settings.peft_fields(), exclude_modules=exclude_regex), chat.model)
+    chat.model.train(was_training)  # the new LoRA dropout modules start in training mode
+    chat.lora_config = settings
 
 
 def has_lora(chat) -> bool:
     """True when the model holds (unmerged) LoRA layers."""
-    return bool(_lora_modules(chat.model))
+    return bool(lora_modules(chat.model))
 
 
 def merge_lora(chat) -> None:
     """Fold every LoRA update into its base weight and put the plain linear layers back, in place."""
-    for name, module in _lora_modules(chat.model):
-        module.merge(safe_merge=True)
-        parent_name, _, child = name.rpartition(".")
-        setattr(chat.model.get_submodule(parent_name), child, module.get_base_layer())
+    merge_lora_layers(chat.model)
     chat.lora_config = None
 
 
-def save_adapter(chat, out_dir, base: str | Path | None = None) -> Path:
-    """Write the LoRA weights and a config naming the base model into ``out_dir``."""
-    from safetensors.torch import save_file
+# ------------------------------------------------------------------------------------------ trained modules
+def _is_lora(name: str) -> bool:
+    return any(part.startswith("lora_") for part in name.split("."))
 
-    ranks = getattr(chat, "lora_config", None)
-    if not has_lora(chat) or not ranks:
+
+def _plain(name: str) -> str:
+    """A parameter or module name as in the model without LoRA (``q_proj.base_layer.weight`` -> ``q_proj.weight``)."""
+    return ".".join(part for part in name.split(".") if part != "base_layer")
+
+
+def trained_modules(model) -> list[str]:
+    """The smallest whole modules holding every trainable non-LoRA parameter (peft's ``modules_to_save``).
+
+    Each such parameter's module widens to its parent while every parameter below the parent trains too, up to
+    the top-level parts (``model.vision_tower``, ``model.multi_modal_projector``, ``model.language_model``,
+    ``lm_head``).
+    """
+    total, trained, owners = Counter(), Counter(), set()
+    for name, p in model.named_parameters():
+        if _is_lora(name):
+            continue
+        parts = _plain(name).split(".")
+        for i in range(1, len(parts)):
+            total[".".join(parts[:i])] += 1
+            trained[".".join(parts[:i])] += p.requires_grad
+        if p.requires_grad:
+            owners.add(".".join(parts[:-1]))
+    chosen = set()
+    for module in owners:
+        parent = module.rpartition(".")[0]
+        while parent not in ("", "model") and trained[parent] == total[parent]:
+            module, parent = parent, parent.rpartition(".")[0]
+        chosen.add(module)
+    return sorted(chosen)
+
+
+def _plain_state(module) -> dict[str, torch.Tensor]:
+    """Parameters of ``module`` under their names without LoRA, each LoRA update folded into its base weight."""
+    from peft.tuners.lora import LoraLayer
+
+    state = {_plain(n): p.detach() for n, p in module.named_parameters() if not _is_lora(n)}
+    for name, layer in module.named_modules():
+        if isinstance(layer, LoraLayer):
+            key = f"{name}.weight" if name else "weight"
+            state[key] = state[key] + layer.get_delta_weight(ADAPTER_NAME).to(state[key].dtype)
+    return state
+
+
+def inside(name: str, modules) -> bool:
+    return any(name == m or name.startswith(m + ".") for m in modules)
+
+
+# ------------------------------------------------------------------------------------------------ save / load
+def _recorded_base(chat, base) -> str | None:
+    base = chat.source_dir if base is None else base
+    if base is None:
+        return None
+    return str(Path(base).resolve()) if Path(base).exists() else str(base)
+
+
+def save_adapter(chat, out_dir, base: str | Path | None = None) -> Path:
+    """Write the LoRA weights, every other trained parameter and the configs into ``out_dir`` (see module docstring).
+
+    ``base`` (default: the checkpoint ``chat`` was loaded from) is recorded as ``base_model_name_or_path``, as an
+    absolute path when it exists here. Trained means ``requires_grad`` now: export a model whose flags mirror training.
+    """
+    settings = getattr(chat, "lora_config", None)
+    if not has_lora(chat) or not isinstance(settings, LoraSettings):
         raise CheckpointError("the model has no LoRA adapter to save — train with --use_llm_lora / --use_backbone_lora")
+    whole = trained_modules(chat.model)
+    lora = {}
+    for name, layer in lora_modules(chat.model):
+        if not inside(name, whole):  # else folded into the module saved whole
+            lora[f"{name}.lora_A.weight"] = layer.lora_A[ADAPTER_NAME].weight.detach()
+            lora[f"{name}.lora_B.weight"] = layer.lora_B[ADAPTER_NAME].weight.detach()
+    trained = {f"{m}.{k}": v for m in whole for k, v in _plain_state(chat.model.get_submodule(m)).items()}
+    adapter = Adapter(settings, fingerprint(chat), _recorded_base(chat, base), lora, trained, whole)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in chat.model.state_dict().items() if "lora_" in k}
-    save_file(state, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    config = {
-        "peft_type": "LORA",
-        "base_model_name_or_path": str(base if base is not None else chat.source_dir),
-        "base_model": fingerprint(chat),
-        "lora_alpha_per_rank": 2,
-        "lora_dropout": LORA_DROPOUT,
-        **ranks,
-    }
-    (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    write_adapter_files(out, adapter)
     return out
+
+
+def write_files(out: Path, state: dict[str, torch.Tensor], peft_fields: dict, info: dict) -> None:
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    state = {PEFT_PREFIX + k: v.detach().cpu().contiguous() for k, v in state.items()}
+    save_file(state, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    LoraConfig(**peft_fields, inference_mode=True).save_pretrained(str(out))
+    (out / ADAPTER_INFO).write_text(json.dumps({"format_version": FORMAT_VERSION, **info}, indent=2) + "\n")
+
+
+def write_adapter_files(out: Path, adapter: Adapter) -> None:
+    """Write ``adapter`` into the existing directory ``out``, keyed by native module names."""
+    info = {"layout": "native", "base_model": adapter.fingerprint, "lora": asdict(adapter.settings)}
+    fields = {**adapter.settings.peft_fields(), "modules_to_save": adapter.modules_to_save or None,
+              "base_model_name_or_path": adapter.base}
+    write_files(out, {**adapter.lora, **adapter.trained}, fields, info)
+
+
+def _check_complete(adapter_dir: Path) -> None:
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (adapter_dir / name).is_file():
+            raise CheckpointError(f"{adapter_dir}: not a complete LoRA adapter directory ({name} is missing) — pass the "
+                                  "adapter directory a LoRA run wrote (adapter_config.json + adapter_model.safetensors)"
+                                  " or the run's output directory that holds adapter/")
+
+
+def adapter_dir_of(path) -> Path | None:
+    """The adapter folder ``path`` names: ``path`` itself, or ``path/adapter`` (a LoRA run's output directory); None
+    when it holds neither."""
+    path = Path(path)
+    if any((path / name).exists() for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_INFO)):
+        return path
+    return path / "adapter" if (path / "adapter").is_dir() else None
+
+
+def find_adapter(path) -> Path:
+    """``adapter_dir_of(path)``, which must hold a complete adapter."""
+    adapter_dir = adapter_dir_of(path) or Path(path)
+    _check_complete(adapter_dir)
+    return adapter_dir
+
+
+def _read_weights(file: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(file))
+    except SafetensorError as exc:
+        raise CheckpointError(f"{file}: cannot read the adapter weights ({exc}) — the file is truncated or corrupt; "
+                              "copy it again from the training run") from exc
+
+
+def _read_current(adapter_dir: Path, config: dict) -> tuple:
+    from internvl_tune.models.internvl_chat.config import read_json
+
+    info = read_json(adapter_dir / ADAPTER_INFO)
+    if info.get("layout") != "native":
+        raise CheckpointError(
+            f"{adapter_dir / ADAPTER_INFO}: field layout is {info.get('layout')!r} — this adapter is keyed by the "
+            "original InternVL2 module names (convert --to original, for vLLM and the reference code); load the "
+            "native adapter it was converted from")
+    settings = LoraSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in info["lora"].items()})
+    weights = {}
+    for key, value in _read_weights(adapter_dir / ADAPTER_WEIGHTS).items():
+        if not key.startswith(PEFT_PREFIX):
+            raise CheckpointError(f"{adapter_dir / ADAPTER_WEIGHTS}: tensor {key} does not start with {PEFT_PREFIX!r} "
+                                  f"— the file does not belong to this {ADAPTER_CONFIG}")
+        weights[key[len(PEFT_PREFIX):]] = value
+    return settings, info.get("base_model", {}), weights, list(config.get("modules_to_save") or [])
+
+
+def _read_previous(adapter_dir: Path, config: dict) -> tuple:
+    """The format before this one: ``model.state_dict()`` keys, ranks in ``adapter_config.json``, LoRA only."""
+    per_rank = config.get("lora_alpha_per_rank", 2)
+    llm_rank, vision_rank = config.get("llm_rank", 0), config.get("vision_rank", 0)
+    family = config.get("base_model", {}).get("family")
+    settings = LoraSettings(
+        llm_rank=llm_rank, vision_rank=vision_rank, llm_alpha=per_rank * llm_rank, vision_alpha=per_rank * vision_rank,
+        lora_dropout=config.get("lora_dropout", LORA_DROPOUT),
+        llm_target_modules=default_llm_targets(family) if llm_rank else (),
+        vision_target_modules=VIT_TARGETS if vision_rank else ())
+    weights = _read_weights(adapter_dir / ADAPTER_WEIGHTS)
+    return settings, config.get("base_model", {}), {k.replace(f".{ADAPTER_NAME}.", "."): v for k, v in weights.items()}, []
+
+
+def read_adapter(path) -> Adapter:
+    """Read an adapter folder (or a LoRA run's output directory) of this format or of the one before it.
+
+    The one before it (no ``internvl_tune_adapter.json``) keyed the LoRA tensors as ``model.state_dict()`` does
+    (``...lora_A.default.weight``) and kept ``llm_rank`` / ``vision_rank`` / ``lora_alpha_per_rank`` in
+    ``adapter_config.json``.
+    """
+    from internvl_tune.models.internvl_chat.config import read_json
+
+    adapter_dir = find_adapter(path)
+    config = read_json(adapter_dir / ADAPTER_CONFIG)
+    if (adapter_dir / ADAPTER_INFO).is_file():
+        settings, facts, weights, modules_to_save = _read_current(adapter_dir, config)
+    elif "llm_rank" in config:
+        settings, facts, weights, modules_to_save = _read_previous(adapter_dir, config)
+    else:
+        raise CheckpointError(f"{adapter_dir}: {ADAPTER_INFO} is missing, so internvl-tune did not write this adapter — "
+                              "load a plain peft adapter with peft.PeftModel.from_pretrained(load_pretrained(BASE).model, "
+                              "ADAPTER_DIR)")
+    trained = {k: v for k, v in weights.items() if not _is_lora(k)}
+    stray = sorted(k for k in trained if not inside(k, modules_to_save))
+    if stray:
+        raise CheckpointError(f"{adapter_dir / ADAPTER_WEIGHTS}: tensors {stray[:5]} are neither LoRA weights nor part "
+                              f"of modules_to_save in {ADAPTER_CONFIG} — the two files do not belong together")
+    lora = {k: v for k, v in weights.items() if _is_lora(k)}
+    modules = {k.rsplit(".lora_", 1)[0] for k in lora}
+    unpaired = sorted(f"{m}.lora_{x}.weight" for m in modules for x in "AB" if f"{m}.lora_{x}.weight" not in lora)
+    if unpaired:
+        raise CheckpointError(f"{adapter_dir / ADAPTER_WEIGHTS}: lacks {unpaired[:5]} (each LoRA layer needs its A and B) "
+                              "— the file is incomplete; copy it again from the training run")
+    return Adapter(settings, facts, config.get("base_model_name_or_path"), lora, trained, modules_to_save)
+
+
+def check_base(chat, adapter: Adapter, where: str) -> None:
+    actual = fingerprint(chat)
+    wrong = {k: (v, actual.get(k)) for k, v in adapter.fingerprint.items() if actual.get(k) != v}
+    if wrong:
+        details = ", ".join(f"{k}: adapter {a}, model {b}" for k, (a, b) in wrong.items())
+        raise CheckpointError(f"{where}: this adapter was trained on {adapter.base!r}, which differs from the base model "
+                              f"given ({details}) — pass that base model")
+
+
+def apply_adapter(chat, adapter: Adapter, where: str = "the adapter") -> None:
+    """Add the LoRA layers of ``adapter`` to ``chat``, fill them and the trained modules; they are left trainable."""
+    check_base(chat, adapter, where)
+    params = dict(chat.model.named_parameters())
+    absent = [m for m in adapter.modules_to_save if not any(inside(p, [m]) for p in params)]
+    if absent:
+        raise CheckpointError(f"{where}: modules_to_save names {absent}, which this model does not have")
+    expected = {p for p in params if inside(p, adapter.modules_to_save)}
+    lacking = sorted(expected - set(adapter.trained))
+    if lacking:
+        raise CheckpointError(
+            f"{where}: {ADAPTER_WEIGHTS} lacks {len(lacking)} tensors of the modules its config says were trained "
+            f"(modules_to_save), e.g. {lacking[:3]} — the adapter is incomplete; export it again from the training run")
+    if adapter.lora:
+        _inject(chat, adapter.settings, exclude=adapter.modules_to_save)
+    else:
+        chat.lora_config = adapter.settings
+    params = dict(chat.model.named_parameters())
+    own = {n.replace(f".{ADAPTER_NAME}.", "."): n for n in params if _is_lora(n)}
+    if set(adapter.lora) != set(own) or set(adapter.trained) != expected:
+        missing = sorted(set(own) - set(adapter.lora))
+        extra = sorted((set(adapter.lora) - set(own)) | (set(adapter.trained) - expected))
+        raise CheckpointError(f"{where}: adapter tensors do not match (missing {missing[:5]}, unexpected {extra[:5]})")
+    device = chat.model.lm_head.weight.device
+    with torch.no_grad():
+        for key, value in adapter.lora.items():
+            params[own[key]].copy_(value.to(device))
+        for key, value in adapter.trained.items():
+            params[key].copy_(value.to(device))
+            params[key].requires_grad_(True)
 
 
 def load_adapter(chat, adapter_dir) -> None:
     """Add LoRA layers to ``chat`` and load a saved adapter into them; the base must match the adapter's."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    apply_adapter(chat, read_adapter(adapter_dir), str(adapter_dir))
 
-    from internvl_tune.models.internvl_chat.config import read_json
 
-    adapter_dir = Path(adapter_dir)
-    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-        if not (adapter_dir / name).is_file():
-            raise CheckpointError(f"{adapter_dir}: not a complete LoRA adapter directory ({name} is missing) — pass the "
-                                  "adapter directory a LoRA run wrote (adapter_config.json + adapter_model.safetensors)")
-    config = read_json(adapter_dir / ADAPTER_CONFIG)
-    expected, actual = config.get("base_model", {}), fingerprint(chat)
-    wrong = {k: (v, actual.get(k)) for k, v in expected.items() if actual.get(k) != v}
-    if wrong:
-        details = ", ".join(f"{k}: adapter {a}, model {b}" for k, (a, b) in wrong.items())
-        raise CheckpointError(
-            f"{adapter_dir}: this adapter was trained on {config.get('base_model_name_or_path')!r}, which differs from "
-            f"the base model given ({details}) — pass that base model"
-        )
-    was_training = chat.model.training
-    add_lora(chat, llm_rank=config.get("llm_rank", 0), vision_rank=config.get("vision_rank", 0))
-    chat.model.train(was_training)  # new LoRA dropout modules start in training mode
-    try:
-        weights = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
-    except SafetensorError as exc:
-        raise CheckpointError(f"{adapter_dir / ADAPTER_WEIGHTS}: cannot read the adapter weights ({exc}) — the file is "
-                              "truncated or corrupt; copy it again from the training run") from exc
-    own = {k for k in chat.model.state_dict() if "lora_" in k}
-    if set(weights) != own:
-        missing, extra = sorted(own - set(weights)), sorted(set(weights) - own)
-        raise CheckpointError(f"{adapter_dir}: adapter tensors do not match (missing {missing[:5]}, unexpected {extra[:5]})")
-    device = chat.model.lm_head.weight.device
-    with torch.no_grad():
-        params = dict(chat.model.named_parameters())
-        for key, value in weights.items():
-            params[key].copy_(value.to(device))
+def resolve_base(adapter_dir, adapter: Adapter, base=None) -> Path:
+    """``base`` when given, else the base checkpoint recorded in the adapter, which must exist."""
+    if base is not None:
+        return Path(base)
+    config = Path(adapter_dir) / ADAPTER_CONFIG
+    if not adapter.base:
+        raise CheckpointError(f"{config}: field base_model_name_or_path is empty — pass the base checkpoint with "
+                              "--base PATH")
+    if not Path(adapter.base).is_dir():
+        raise CheckpointError(f"{config}: the base model recorded in base_model_name_or_path, {adapter.base!r}, is not "
+                              "a directory here — pass its current location with --base PATH")
+    return Path(adapter.base)
+
+
+def load_with_adapter(path, base=None, **load_kwargs):
+    """``load_pretrained`` of the adapter's base (``base`` overrides the recorded one) with the adapter loaded.
+
+    ``path`` is an adapter folder or the output directory of a LoRA run (which holds ``adapter/``).
+    """
+    from internvl_tune.models.internvl_chat import load_pretrained
+
+    adapter_dir = find_adapter(path)
+    adapter = read_adapter(adapter_dir)
+    chat = load_pretrained(resolve_base(adapter_dir, adapter, base), **load_kwargs)
+    apply_adapter(chat, adapter, str(adapter_dir))
+    return chat

@@ -55,9 +55,9 @@ class ModelArgs:
     lora_alpha: float | None = option(None, "LoRA scaling numerator (default: 2 x rank, as the reference)")
     lora_dropout: float = option(0.05, "dropout on the LoRA input (the reference's 0.05; 0 makes steps "
                                        "deterministic and recomputation cheaper)")
-    lora_target_modules: str | None = option(None, "comma-separated module names to wrap with LoRA, e.g. "
-                                                   "q_proj,v_proj (default: the reference's per family: attention "
-                                                   "and MLP linears)")
+    lora_target_modules: str | None = option(None, "comma-separated LLM linears to wrap with LoRA, e.g. "
+                                                   "q_proj,v_proj (default: the reference's per family: every "
+                                                   "attention and MLP linear)")
     unfreeze_lm_head: bool = option(False, "train the LM head even when the LLM is frozen or LoRA-wrapped")
     grad_checkpoint: str = option("True", "activation checkpointing: True (every ViT and LLM block), False, a "
                                           "fraction such as 0.5 (that share of the blocks: less recompute for more "
@@ -93,7 +93,10 @@ def apply_trainable_flags(chat, args: ModelArgs) -> dict[str, int]:
         _set(llm, False)
         _set(lm_head, False)
     if args.use_backbone_lora or args.use_llm_lora:
-        add_lora(chat, llm_rank=args.use_llm_lora, vision_rank=args.use_backbone_lora)
+        targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()] \
+            if args.lora_target_modules else None
+        add_lora(chat, llm_rank=args.use_llm_lora, vision_rank=args.use_backbone_lora, lora_alpha=args.lora_alpha,
+                 lora_dropout=args.lora_dropout, llm_target_modules=targets)
     if args.freeze_mlp:
         _set(projector, False)
     if args.unfreeze_vit_layers:
@@ -210,10 +213,16 @@ class ChatRecipe:
         return per_device_batch * max(self.lengths)
 
     def memory_shape(self, per_device_batch: int) -> dict:
-        """The LLM shape the memory estimate needs (``train/memory.py``)."""
+        """The LLM shape the memory estimate needs (``train/memory.py``), with the input widths of one layer's LoRA
+        linears when their dropout keeps copies of the inputs."""
+        from internvl_tune.models.common.lora import lora_modules
+
         text = self.chat.model.config.text_config
+        layer = self.chat.model.model.language_model.layers[0]
+        dropout_width = sum(m.in_features for _, m in lora_modules(layer)) if self.args.lora_dropout > 0 else 0
         return dict(tokens_per_micro_batch=self.tokens_per_micro_batch(per_device_batch), hidden=text.hidden_size,
-                    ffn=text.intermediate_size, num_layers=text.num_hidden_layers, vocab=text.vocab_size)
+                    ffn=text.intermediate_size, num_layers=text.num_hidden_layers, vocab=text.vocab_size,
+                    lora_dropout_width=dropout_width)
 
     def describe(self) -> list[str]:
         """The recipe's lines of the run plan: model, template and tiling."""

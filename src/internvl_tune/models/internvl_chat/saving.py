@@ -1,13 +1,15 @@
 """Saving InternVL2 checkpoints in the original layout (reference, vLLM, lmdeploy) or the transformers-native one.
 
 Both layouts are written into a temporary sibling directory that is renamed into place at the end, so an interrupted
-save never leaves a half-written checkpoint under the target name. Files that are not weights or configs (tokenizer
-files, remote-code ``.py`` files of the release, ``generation_config.json``) are copied from the source checkpoint.
+save never leaves a half-written checkpoint under the target name. Tokenizer, generation, processor and remote-code
+files are copied from the source checkpoint (an allowlist: a training run's logs, metrics and checkpoints stay
+behind). The native layout also gets what ``transformers.AutoProcessor`` reads (``write_processor_files``).
 """
 
 from __future__ import annotations
 
 import copy
+import fnmatch
 import json
 import shutil
 import tempfile
@@ -15,49 +17,25 @@ from pathlib import Path
 
 import torch
 
+from internvl_tune.constants import IMAGENET_MEAN, IMAGENET_STD, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 from internvl_tune.errors import CheckpointError
+from internvl_tune.models.common.weights import write_shards
 from internvl_tune.models.internvl_chat.config import SIDECAR
 from internvl_tune.models.internvl_chat.key_map import LayoutSpec, to_original
 
-MAX_SHARD_BYTES = 5 * 2**30
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-_NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".index.json", ".pt", ".pth")
-_NOT_COPIED_NAMES = {"config.json", SIDECAR}
-
-
-def write_shards(out: Path, state: dict[str, torch.Tensor], num_shards: int | None = None) -> None:
-    """Write ``state`` as ``model.safetensors`` or as numbered shards plus ``model.safetensors.index.json``.
-
-    Args:
-        out: existing directory.
-        state: tensors by key (made contiguous; shared storage is not allowed by safetensors).
-        num_shards: force this many shards; default: as many as needed to stay under 5 GiB each.
-    """
-    from safetensors.torch import save_file
-
-    keys = list(state)
-    sizes = [state[k].numel() * state[k].element_size() for k in keys]
-    total = sum(sizes)
-    count = num_shards or max(1, -(-total // MAX_SHARD_BYTES))
-    if count == 1:
-        save_file({k: state[k].contiguous() for k in keys}, str(out / "model.safetensors"), metadata={"format": "pt"})
-        return
-    # Greedy split in key order so each shard holds about total/count bytes.
-    target, groups, current, current_size = total / count, [], [], 0
-    for key, size in zip(keys, sizes):
-        if current and current_size + size > target and len(groups) < count - 1:
-            groups.append(current)
-            current, current_size = [], 0
-        current.append(key)
-        current_size += size
-    groups.append(current)
-    weight_map = {}
-    for i, group in enumerate(groups, 1):
-        name = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
-        save_file({k: state[k].contiguous() for k in group}, str(out / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in group})
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+# The files of a checkpoint that are neither weights nor configs: copied from the source (nothing else is).
+AUX_FILE_PATTERNS = (
+    "tokenizer*.json", "tokenizer.model", "*.tiktoken", "vocab*", "merges.txt", "special_tokens_map.json",
+    "added_tokens.json", "generation_config.json", "chat_template*", "preprocessor_config.json",
+    "processor_config.json", "video_preprocessor_config.json", "*.py",
+)
+PROCESSOR_CLASS = "InternVLProcessor"
+# Written by a native save (and copied along by later saves, like the other files above).
+PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json",
+                   "chat_template.jinja")
+_PIL_BICUBIC = 3
+_NO_VIDEO = "InternVL2 takes a video as its frames: pass each frame as an image item"
 
 
 def _dtype_name(state: dict[str, torch.Tensor]) -> str:
@@ -89,12 +67,106 @@ def write_native_checkpoint(out: Path, native_state: dict[str, torch.Tensor], na
 
 
 def copy_aux_files(source: Path | None, out: Path) -> None:
-    """Copy tokenizer / generation / remote-code files of the source checkpoint (never weights or configs)."""
+    """Copy the tokenizer / generation / processor / remote-code files (``AUX_FILE_PATTERNS``) of the source checkpoint."""
     if source is None:
         return
     for file in sorted(source.iterdir()):
-        if file.is_file() and file.name not in _NOT_COPIED_NAMES and not file.name.endswith(_NOT_COPIED_SUFFIXES):
+        if file.is_file() and any(fnmatch.fnmatchcase(file.name, pattern) for pattern in AUX_FILE_PATTERNS):
             shutil.copy2(file, out / file.name)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def chat_template(template_name: str, system_message: str | None = None) -> str:
+    """A Jinja chat template that builds the prompts of the conversation template ``template_name``.
+
+    An image content item becomes ``<IMG_CONTEXT>\\n`` (what ``InternVLProcessor`` expands into the tile tokens), so
+    a user turn [image, text] gives the prompt ``InternVLChat.chat`` builds; a leading ``system`` message replaces
+    the default system message. Video items are refused: InternVL2 sees a video as its frames, given as images.
+    """
+    from internvl_tune.data.templates import get_template
+
+    template = get_template(template_name)
+    lit = lambda text: json.dumps(text, ensure_ascii=False)  # noqa: E731 (a Jinja string literal)
+    render = (
+        "{%- macro render(content) -%}{%- if content is string -%}{{ content }}{%- else -%}"
+        "{%- for item in content -%}{%- if item['type'] == 'image' -%}{{ " + lit(IMG_CONTEXT_TOKEN + "\n") + " }}"
+        "{%- elif item['type'] == 'video' -%}{{ raise_exception(" + lit(_NO_VIDEO) + ") }}"
+        "{%- elif item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}{%- endfor -%}{%- endif -%}{%- endmacro -%}"
+    )
+    default = template.system_message if system_message is None else system_message
+    system = (
+        "{%- if messages and messages[0]['role'] == 'system' -%}{%- set system = render(messages[0]['content']) -%}"
+        "{%- set turns = messages[1:] -%}{%- else -%}{%- set system = " + lit(default) + " -%}"
+        "{%- set turns = messages -%}{%- endif -%}"
+    )
+    if template.system_template is not None:
+        before, after = template.system_template.split("{system_message}")
+        system += "{{ " + lit(before) + " }}{{ system }}{{ " + lit(after + template.sep) + " }}"
+    user, assistant = (lit(role) for role in template.roles)
+    turns = (
+        "{%- for message in turns -%}{%- if message['role'] == 'user' -%}{{ " + user + " }}{%- else -%}{{ " + assistant
+        + " }}{%- endif -%}{{ render(message['content']) }}{{ " + lit(template.sep) + " }}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ " + assistant + " }}{%- endif -%}"
+    )
+    return render + system + turns
+
+
+def _internlm2_tokenizer_json(out: Path, tokenizer) -> None:
+    """``tokenizer.json`` that encodes like ``InternLM2Tokenizer`` (sentencepiece on each chunk between added tokens,
+    BOS in front), so that transformers' own ``AutoTokenizer`` can load an InternLM2 checkpoint."""
+    from tokenizers import AddedToken, processors
+    from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
+
+    proto = import_protobuf().ModelProto()
+    proto.ParseFromString((out / "tokenizer.model").read_bytes())
+    fast = SpmConverter.build_tokenizer_from_spm_proto(proto, {p.piece: i for i, p in enumerate(proto.pieces)}, legacy=True)
+    added = sorted(tokenizer.added_tokens_decoder.items())
+    fast.add_special_tokens([AddedToken(t.content, special=t.special, normalized=False) for _, t in added])
+    moved = [t.content for i, t in added if fast.token_to_id(t.content) != i]
+    if moved:
+        raise CheckpointError(f"{out / 'tokenizer.model'}: the added tokens {moved[:5]} do not follow the sentencepiece "
+                              "vocabulary in id order, so no tokenizer.json can reproduce their ids — keep the "
+                              "original layout for this model")
+    bos = tokenizer.bos_token
+    fast.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                        special_tokens=[(bos, tokenizer.bos_token_id)])
+    fast.save(str(out / "tokenizer.json"))
+
+
+def write_processor_files(out: Path, chat) -> None:
+    """What ``transformers.AutoProcessor`` reads for InternVL, with the checkpoint's tiling and normalisation.
+
+    ``preprocessor_config.json`` (``GotOcr2ImageProcessor``: tile size, dynamic tiling with min / max tiles and the
+    thumbnail, ImageNet mean / std, bicubic resize), ``video_preprocessor_config.json`` (``InternVLVideoProcessor``,
+    needs torchvision), ``processor_config.json`` (``InternVLProcessor``, tokens per tile), ``chat_template.jinja``,
+    and the InternVL image tokens named in ``tokenizer_config.json`` (InternLM2: a ``tokenizer.json`` too).
+    """
+    tiles = chat.image_processor
+    pixels = {
+        "do_resize": True, "size": {"height": chat.image_size, "width": chat.image_size}, "resample": _PIL_BICUBIC,
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(IMAGENET_MEAN),
+        "image_std": list(IMAGENET_STD), "do_convert_rgb": True, "processor_class": PROCESSOR_CLASS,
+    }
+    _write_json(out / "preprocessor_config.json", {
+        "image_processor_type": "GotOcr2ImageProcessor", **pixels, "crop_to_patches": bool(tiles.dynamic),
+        "min_patches": tiles.min_tiles, "max_patches": tiles.max_tiles})
+    _write_json(out / "video_preprocessor_config.json", {"video_processor_type": "InternVLVideoProcessor", **pixels})
+    _write_json(out / "processor_config.json", {"processor_class": PROCESSOR_CLASS,
+                                                "image_seq_length": chat.num_image_token})
+    (out / "chat_template.jinja").write_text(chat_template(chat.template, chat.system_message), encoding="utf-8")
+    config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+    # InternVLProcessor needs a video token too. InternVL2 has none, and a new one would grow the vocabulary; <img> is
+    # never in a prompt the processor is given (images are <IMG_CONTEXT> placeholders there), so no text has videos.
+    config.update(start_image_token=IMG_START_TOKEN, end_image_token=IMG_END_TOKEN,
+                  context_image_token=IMG_CONTEXT_TOKEN, video_token=IMG_START_TOKEN, processor_class=PROCESSOR_CLASS)
+    if chat.family == "internlm2":
+        _internlm2_tokenizer_json(out, chat.tokenizer)
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        config.pop("auto_map", None)  # the remote-code class; tokenizer.json needs none
+    _write_json(out / "tokenizer_config.json", config)
 
 
 def atomic_directory(target: Path, overwrite: bool):
@@ -146,4 +218,5 @@ def save_chat(chat, out_dir: str | Path, layout: str = "original", overwrite: bo
             write_original_checkpoint(tmp, state, chat.original_config)
         else:
             write_native_checkpoint(tmp, state, chat.model.config, chat.original_config)
+            write_processor_files(tmp, chat)
     return target

@@ -1,0 +1,135 @@
+"""LoRA adapters in the original InternVL2 layout, for servers that load the reference's module names (vLLM).
+
+``convert_adapter`` rewrites a native adapter folder (``lora.save_adapter``) under the original InternVLChatModel names.
+Where the original fuses q/k/v into one linear (InternViT ``attn.qkv``, InternLM2 ``attention.wqkv``), the adapter
+becomes the exact fused equivalent: rank 3r, A stacked, B block-diagonal in the fused row order.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from internvl_tune.errors import CheckpointError
+from internvl_tune.models.internvl_chat.lora import (
+    SPEC_FACTS,
+    Adapter,
+    check_base,
+    find_adapter,
+    fingerprint,
+    inside,
+    read_adapter,
+    resolve_base,
+    write_adapter_files,
+    write_files,
+)
+
+
+def convert_adapter(src, out_dir, layout: str, base=None, overwrite: bool = False) -> Path:
+    """Re-write an adapter keyed by ``native`` names (this format; upgrades older folders) or ``original`` ones.
+
+    Folders of the format before this one lack the LLM's head layout; it is then read from the base checkpoint's
+    config (``base``, else the recorded one).
+    """
+    from internvl_tune.models.internvl_chat import load_pretrained
+    from internvl_tune.models.internvl_chat.saving import atomic_directory
+
+    adapter_dir = find_adapter(src)
+    adapter = read_adapter(adapter_dir)
+    if not set(SPEC_FACTS) <= set(adapter.fingerprint):
+        chat = load_pretrained(resolve_base(adapter_dir, adapter, base), weights=False)
+        check_base(chat, adapter, str(adapter_dir))
+        adapter.fingerprint = fingerprint(chat)
+    with atomic_directory(Path(out_dir), overwrite) as tmp:
+        if layout == "native":
+            write_adapter_files(tmp, adapter)
+        else:
+            state, fields, modules_to_save = _to_original(adapter)
+            fields.update(modules_to_save=modules_to_save or None, base_model_name_or_path=adapter.base)
+            write_files(tmp, state, fields, {"layout": "original", "base_model": adapter.fingerprint})
+    return Path(out_dir)
+
+
+# ------------------------------------------------------------------------------- original (InternVL2) names
+def _name_pattern(module: str) -> str:
+    """``a.b.3.c`` -> regex ``a\\.b\\.\\d+\\.c`` (every layer index)."""
+    return r"\.".join(r"\d+" if part.isdigit() else re.escape(part) for part in module.split("."))
+
+
+def _spec(adapter: Adapter):
+    from internvl_tune.models.internvl_chat.key_map import LayoutSpec
+
+    return LayoutSpec(*(adapter.fingerprint[k] for k in SPEC_FACTS))
+
+
+def _fuse(parts: dict[str, tuple[torch.Tensor, torch.Tensor]], rows: dict[str, int], join) -> tuple:
+    """One LoRA pair on a fused q/k/v linear equal to the given per-projection pairs (A stacked, B block-diagonal)."""
+    a = torch.cat([parts[p][0] for p in "qkv" if p in parts])
+    blocks, offset = {}, 0
+    for p in "qkv":
+        blocks[p] = a.new_zeros(rows[p], a.shape[0])
+        if p in parts:
+            rank = parts[p][0].shape[0]
+            blocks[p][:, offset:offset + rank] = parts[p][1]
+            offset += rank
+    return a, join(blocks["q"], blocks["k"], blocks["v"])
+
+
+_VIT_QKV = re.compile(r"model\.vision_tower\.encoder\.layer\.(\d+)\.attention\.([qkv])_proj$")
+_LLM_QKV = re.compile(r"model\.language_model\.layers\.(\d+)\.self_attn\.([qkv])_proj$")
+
+
+def _to_original(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict, list[str]]:
+    """Tensors, ``LoraConfig`` fields and ``modules_to_save`` under the original InternVLChatModel names.
+
+    Each module's ``alpha / r`` is folded into its B and ``lora_alpha`` equals the rank everywhere (scaling 1), so
+    consumers that ignore ``rank_pattern`` / ``alpha_pattern`` (vLLM) still apply every update exactly.
+    """
+    from internvl_tune.models.internvl_chat.key_map import join_wqkv, original_name, to_original
+
+    spec = _spec(adapter)
+    pairs, fused = {}, {}
+    for module, (a, b) in adapter.lora_pairs().items():
+        b = b * adapter.settings.scaling(module)
+        if m := _VIT_QKV.match(module):
+            fused.setdefault(f"vision_model.encoder.layers.{m.group(1)}.attn.qkv", {})[m.group(2)] = (a, b)
+        elif spec.family == "internlm2" and (m := _LLM_QKV.match(module)):
+            fused.setdefault(f"language_model.model.layers.{m.group(1)}.attention.wqkv", {})[m.group(2)] = (a, b)
+        else:
+            pairs[original_name(module + ".weight", spec).removesuffix(".weight")] = (a, b)
+    llm_rows = {"q": spec.num_heads * spec.head_dim, "k": spec.num_kv_heads * spec.head_dim,
+                "v": spec.num_kv_heads * spec.head_dim}
+    for module, parts in fused.items():
+        if module.startswith("vision_model."):
+            side = next(iter(parts.values()))[1].shape[0]
+            pairs[module] = _fuse(parts, dict.fromkeys("qkv", side), lambda q, k, v: torch.cat([q, k, v]))
+        else:
+            pairs[module] = _fuse(parts, llm_rows, lambda q, k, v: join_wqkv(q, k, v, spec))
+    state, modules_to_save = {}, []
+    for module, (a, b) in pairs.items():
+        state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"] = a, b
+    for module in adapter.modules_to_save:
+        tensors = {k: v for k, v in adapter.trained.items() if inside(k, [module])}
+        try:
+            original = to_original(tensors, spec)
+        except KeyError as exc:
+            raise CheckpointError(f"the trained module {module} has no counterpart in the original layout (it is one "
+                                  f"part of a fused linear: {exc}) — serve the native adapter instead") from None
+        modules_to_save.append(".".join(os.path.commonprefix([k.split(".")[:-1] for k in original])))
+        state.update(original)
+    if not pairs:
+        raise CheckpointError("the adapter holds no LoRA layers (only modules_to_save) — nothing for an original-layout "
+                              "LoRA to carry; merge it with merge-lora instead")
+    rank = Counter(a.shape[0] for a, _ in pairs.values()).most_common(1)[0][0]
+    patterns = {_name_pattern(m): a.shape[0] for m, (a, _) in pairs.items()}
+    fields = {
+        "r": rank, "lora_alpha": rank, "lora_dropout": adapter.settings.lora_dropout,
+        "target_modules": "^(?:" + "|".join(sorted(patterns)) + ")$",
+        "rank_pattern": {p: r for p, r in patterns.items() if r != rank},
+        "alpha_pattern": {p: r for p, r in patterns.items() if r != rank},
+    }
+    return state, fields, modules_to_save
