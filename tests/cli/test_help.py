@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 
 import pytest
 
@@ -40,6 +41,12 @@ def _problems(parser: argparse.ArgumentParser) -> list[str]:
         found += [f"{opt}: shown with hyphens; spell it {'--' + opt[2:].replace('-', '_')} (keep {opt} hidden)"
                   for opt in action.option_strings if opt.startswith("--") and "-" in opt[2:]]
     found += [f"RST markup in {text[:60]!r}" for text in texts if "``" in text]
+    options = {opt for action in parser._actions for opt in action.option_strings}
+    for action in parser._actions:  # a flag's help may point at other flags: they must exist in this command
+        for mentioned in re.findall(r"--[a-z][a-z0-9_]*", action.help or ""):
+            if mentioned not in options:
+                found.append(f"{'/'.join(action.option_strings) or action.dest}: help names {mentioned}, "
+                             f"which this command lacks")
     return found
 
 

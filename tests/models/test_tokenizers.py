@@ -62,3 +62,13 @@ def test_internlm2_ids_are_sentencepiece_between_added_tokens(tiny_dirs):
     assert tokenizer(text).input_ids == expected  # BOS first, no EOS, each chunk encoded on its own
     assert tokenizer.decode(tokenizer("Hello world").input_ids, skip_special_tokens=True) == "Hello world"
     assert tokenizer.pad_token == "</s>" and tokenizer.bos_token_id == 1 and tokenizer.eos_token_id == 2
+
+
+def test_no_mistral_regex_warning_for_qwen2(tmp_path, capfd):
+    """transformers guesses "maybe Mistral" from a config.json without model_type and warns; ours is Qwen2."""
+    import json
+
+    write_qwen2_tokenizer(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"transformers_version": "4.37.2"}))
+    load_tokenizer(tmp_path)
+    assert "fix_mistral_regex" not in capfd.readouterr().err

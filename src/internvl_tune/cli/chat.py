@@ -12,30 +12,29 @@ EPILOG = """examples:
   internvl-tune chat work_dirs/my_lora_run/adapter --image cat.jpg "What is the cat doing?"
   internvl-tune chat work_dirs/my_lora_run --base /new/place/InternVL2-2B "Hi"   (the base moved since training)
 
-MODEL is a checkpoint directory (original or native layout), a LoRA adapter directory, or a training run's output
-directory: its merged or fully trained model when it holds config.json, else its adapter/. An adapter is loaded onto
+MODEL is a checkpoint directory (original or native layout), a LoRA adapter directory, a training run's output
+directory (its merged or fully trained model when it holds config.json, else its adapter/), or one of the run's
+checkpoint-N directories (the run's base model with the trained tensors of that step). An adapter is loaded onto
 the base checkpoint recorded in its adapter_config.json (base_model_name_or_path) unless --base names another.
 Prompt building and the stop token follow the checkpoint's conversation template (config.json "template").
 Greedy decoding unless --temperature > 0."""
 
 
-def _hidden_alias(parser, flag: str, dest: str, type_) -> None:
-    """Keep an earlier spelling of a flag working without listing it in --help."""
-    parser.add_argument(flag, dest=dest, type=type_, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-
-
 def register(subparsers, name: str, help_text: str) -> None:
+    from internvl_tune.cli.flags import add_flag
+
     parser = subparsers.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="checkpoint directory, LoRA adapter directory, or a training run's output directory")
+    parser.add_argument("model", help="checkpoint directory, LoRA adapter directory, a training run's output directory, "
+                                      "or one of its checkpoint-N directories")
     parser.add_argument("question", help="the question; put <image> where each image belongs (optional)")
     parser.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
     parser.add_argument("--base", default=None,
                         help="base checkpoint for a LoRA adapter (default: the one recorded in its adapter_config.json)")
-    parser.add_argument("--max_tiles", type=int, default=None, help="max dynamic tiles per image (default: config)")
-    parser.add_argument("--max_new_tokens", type=int, default=512, help="stop after this many new tokens (default: 512)")
-    _hidden_alias(parser, "--max-tiles", "max_tiles", int)
-    _hidden_alias(parser, "--max-new-tokens", "max_new_tokens", int)
+    add_flag(parser, "--max_tiles", "--max-tiles", type=int, default=None,
+             help="max dynamic tiles per image (default: config)")
+    add_flag(parser, "--max_new_tokens", "--max-new-tokens", type=int, default=512,
+             help="stop after this many new tokens (default: 512)")
     parser.add_argument("--temperature", type=float, default=0.0, help="> 0 samples; 0 is greedy")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                         help="default: bfloat16 on GPU, float32 on CPU")
@@ -44,10 +43,17 @@ def register(subparsers, name: str, help_text: str) -> None:
 
 
 def load_model(path: str, base: str | None, **load_kwargs):
-    """The checkpoint at ``path``, or the base model with the adapter ``path`` names (see EPILOG)."""
+    """The checkpoint at ``path``, a training checkpoint, or the base model with the adapter ``path`` names (see
+    EPILOG)."""
     from internvl_tune.errors import UserError
     from internvl_tune.models.internvl_chat import load_pretrained
     from internvl_tune.models.internvl_chat.lora import adapter_dir_of, load_with_adapter
+    from internvl_tune.train.checkpoint import STATE_FILE, load_checkpoint_model
+
+    if (Path(path) / STATE_FILE).is_file():
+        if base is not None:
+            raise UserError(f"{path} is a training checkpoint; it records its base model — drop --base")
+        return load_checkpoint_model(path, **load_kwargs)
 
     adapter = None if base is None and (Path(path) / "config.json").is_file() else adapter_dir_of(path)
     if adapter is not None:

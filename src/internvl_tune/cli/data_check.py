@@ -20,7 +20,7 @@ def register(subparsers, name: str, help_text: str) -> None:
     from internvl_tune.options import add_dataclass_flags
 
     p = subparsers.add_parser(name, help=help_text, description=help_text + ". Exits 0 only when no error is found.")
-    p.add_argument("meta", metavar="META_JSON", help="the meta JSON (as passed to training with --meta_path)")
+    p.add_argument("meta", metavar="META_JSON", help="the meta JSON, the file training reads as its meta_path")
     p.add_argument("--model_name_or_path", help="checkpoint whose tokenizer, template and tile settings to use; "
                                                 "enables token-length and label checks")
     p.add_argument("--tokenizer", help="tokenizer directory, if not the checkpoint's")

@@ -95,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
     question = "What animal is in the picture?"
     answer = chat.chat(Image.open(photo), question, max_new_tokens=24)
     console.print(f"[bold]user[/bold]: <image {photo.name}> {question}")
-    console.print(f"[bold]assistant[/bold] (a tiny random model, so expect noise): {answer!r}")
+    shown = repr(answer) if answer else "(nothing: the tiny model ended its turn at once)"
+    console.print(f"[bold]assistant[/bold] (a tiny random model, so expect noise): {shown}")
 
     console.rule("where things are")
     for what, path in (("run directory", run_dir), ("loss plot", run_dir / "loss.png"),

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 EPILOG = """examples:
   internvl-tune merge-lora work_dirs/my_lora_run/adapter --out work_dirs/merged
   internvl-tune merge-lora work_dirs/my_lora_run --base /new/place/InternVL2-2B --out work_dirs/merged
 
-ADAPTER is an adapter directory or a LoRA run's output directory (which holds adapter/). The base is the checkpoint
+ADAPTER is an adapter directory, a LoRA run's output directory (which holds adapter/), or one of the run's
+checkpoint-N directories (a mid-run step, merged the same way). The base is the checkpoint
 recorded in adapter_config.json (base_model_name_or_path) unless --base names another; a base with other shapes is
 refused. Besides the LoRA updates, every module the adapter saved whole (a trained LM head, projector or ViT layers)
 replaces the base's. The merged model is written in the original layout (or --layout native)."""
@@ -19,8 +21,8 @@ def register(subparsers, name: str, help_text: str) -> None:
 
     parser = subparsers.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors) or a LoRA "
-                                        "run's output directory")
+    parser.add_argument("adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors), a LoRA "
+                                        "run's output directory, or one of its checkpoint-N directories")
     parser.add_argument("--base", default=None,
                         help="the base checkpoint the adapter was trained on (default: the one recorded in the adapter)")
     parser.add_argument("--out", required=True, help="output directory for the merged model")
@@ -36,11 +38,16 @@ def register(subparsers, name: str, help_text: str) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from internvl_tune.cli.chat import load_model
     from internvl_tune.models.internvl_chat.loading import iter_tensors
-    from internvl_tune.models.internvl_chat.lora import load_with_adapter, merge_lora
+    from internvl_tune.models.internvl_chat.lora import find_adapter, has_lora, merge_lora
+    from internvl_tune.train.checkpoint import STATE_FILE
 
-    chat = load_with_adapter(args.adapter, args.base, dtype=torch.float32)
-    merge_lora(chat)
+    if not (Path(args.adapter) / STATE_FILE).is_file():
+        find_adapter(args.adapter)  # a plain checkpoint has nothing to merge: say what an adapter folder holds
+    chat = load_model(args.adapter, args.base, dtype=torch.float32)
+    if has_lora(chat):
+        merge_lora(chat)
     if args.dtype == "keep":
         _, first, _ = next(iter_tensors(chat.source_dir))
         target = first.dtype

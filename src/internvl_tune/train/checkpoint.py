@@ -206,3 +206,49 @@ def read_trainable_params(path: str | Path) -> tuple[dict, dict[str, list[torch.
             if key.startswith("param."):
                 parts.setdefault(key[len("param."):], []).append(value)
     return state, parts
+
+
+def load_checkpoint_model(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu"):
+    """A chat fine-tuning checkpoint (``checkpoint-N``) as an ``InternVLChat``: the base model its run started from,
+    the run's trainable flags (LoRA layers included) and the trained tensors of the checkpoint.
+
+    The run's configuration comes from the checkpoint's ``trainer_state.json`` (or, for checkpoints of older
+    versions, the run directory's ``config.yaml``).
+    """
+    import dataclasses
+
+    import yaml
+
+    from internvl_tune.models.internvl_chat.chat import load_pretrained
+    from internvl_tune.models.internvl_chat.recipe import ModelArgs, apply_trainable_flags
+
+    path = Path(path)
+    state, parts = read_trainable_params(path)
+    config = state.get("config")
+    if config is None and (path.parent / "config.yaml").is_file():
+        config = yaml.safe_load((path.parent / "config.yaml").read_text())
+    if not config or "model_name_or_path" not in config.get("model", {}):
+        raise UserError(f"{path}: neither {STATE_FILE} nor {path.parent / 'config.yaml'} says which model the run "
+                        "trained — not a checkpoint of `internvl-tune train`")
+    known = {f.name for f in dataclasses.fields(ModelArgs)}
+    args = ModelArgs(**{k: v for k, v in config["model"].items() if k in known})
+    base = Path(args.model_name_or_path)
+    if not base.is_dir():
+        raise UserError(f"{path} was trained from {base}, which is not there any more — put the base checkpoint back "
+                        "at that path")
+    chat = load_pretrained(base, dtype=torch.float32, select_layer=args.vision_select_layer,
+                           ps_version=args.ps_version)
+    apply_trainable_flags(chat, args)
+    params = dict(chat.model.named_parameters())
+    with torch.no_grad():
+        for name, pieces in parts.items():
+            key = name.removeprefix("model.")
+            if key not in params:
+                raise UserError(f"{path}: trained tensor {name} has no place in {base} with the run's flags")
+            target = params[key]
+            full = pieces[0] if pieces[0].shape == target.shape else torch.cat(pieces)
+            if full.shape != target.shape:
+                raise UserError(f"{path}: {name} has shape {tuple(full.shape)}, the model {tuple(target.shape)}")
+            target.copy_(full)
+    chat.model.to(device=device, dtype=dtype).eval()
+    return chat

@@ -50,7 +50,7 @@ class TrainArgs:
     save_steps: int = option(500, "checkpoint every N optimizer steps")
     save_total_limit: int | None = option(None, "keep only the newest N checkpoints")
     save_strategy: str = option("steps", "when to checkpoint", ("steps", "epoch", "no"))
-    eval_steps: int = option(0, "validation loss every N steps when --eval_meta_path is set (0 = at each save)")
+    eval_steps: int = option(0, "validation loss every N steps, for runs with a validation set (0 = at each save)")
     report_to: str = option("tensorboard", "metric sinks besides metrics.jsonl/csv and the PNG plots, comma-separated: "
                                            "tensorboard, wandb, mlflow (each needs its package) or none")
     dataloader_num_workers: int = option(2, "data-loading worker processes per rank")

@@ -341,8 +341,9 @@ class Trainer:
         }
         if self.info.is_main:
             (self.output_dir / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
-            self.progress.print(f"done: {self.step} steps in {seconds / 60:.1f} min, last loss "
-                                f"{results['train_loss']}, {results[f'{unit}_per_s'] or 0:.0f} {unit}/s")
+            last = "n/a" if results["train_loss"] is None else f"{results['train_loss']:.4f}"
+            self.progress.print(f"done: {self.step} steps in {seconds / 60:.1f} min, last loss {last}, "
+                                f"{results[f'{unit}_per_s'] or 0:.0f} {unit}/s")
         self.progress.close()
 
 

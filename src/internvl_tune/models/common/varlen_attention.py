@@ -12,7 +12,6 @@ decoder's forward; without them (unpacked batches) the layer falls back to plain
 
 from __future__ import annotations
 
-import functools
 import inspect
 
 import torch
@@ -29,13 +28,18 @@ def cu_seqlens_from_positions(position_ids: torch.Tensor) -> tuple[torch.Tensor,
     return cu, int((cu[1:] - cu[:-1]).max())
 
 
-@functools.cache
-def _varlen_kernel():
+def _find_varlen_kernel():
+    """PyTorch's flash-attention ``varlen_attn`` and its parameter names, or ``(None, set())`` on older PyTorch."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None, set()
     return varlen_attn, set(inspect.signature(varlen_attn).parameters)
+
+
+# Looked up once at import, not inside the attention function: that runs in compiled regions, where a cached lookup
+# makes dynamo warn about the cache wrapper on every compile.
+VARLEN_KERNEL, VARLEN_PARAMS = _find_varlen_kernel()
 
 
 def _per_sample_sdpa(q, k, v, cu: torch.Tensor, scaling) -> torch.Tensor:
@@ -61,7 +65,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     if query.shape[0] != 1:
         raise ValueError("packed attention expects one packed row per micro-batch")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [L, H, D]
-    kernel, params = _varlen_kernel() if query.is_cuda else (None, set())
+    kernel, params = (VARLEN_KERNEL, VARLEN_PARAMS) if query.is_cuda else (None, set())
     if kernel is None:
         return _per_sample_sdpa(q, k, v, cu, scaling)[None], None
     max_len = kwargs["max_length_q"]
