@@ -11,7 +11,7 @@ import torch
 
 from internvl_tune.constants import IGNORE_INDEX
 from internvl_tune.data import CheckpointDefaults, DataConfig, SupervisedDataset, frame_indices, load_video_frames
-from internvl_tune.data.batch import pad_rows
+from internvl_tune.data.batching import pad_rows
 from internvl_tune.errors import DataError
 
 SAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sample"

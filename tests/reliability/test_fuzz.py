@@ -151,8 +151,7 @@ def test_masks_supervise_exactly_the_answers_and_image_runs_stay_whole(tokenizer
        max_tiles=st.none() | st.integers(4, 12), world=st.integers(1, 3), accum=st.integers(1, 2),
        seed=st.integers(0, 5))
 def test_packing_keeps_every_sample_once_and_images_whole(lengths, tiles, budget, max_tiles, world, accum, seed):
-    from internvl_tune.data.batch import ChatCollator
-    from internvl_tune.data.packing import PackedBatchSampler
+    from internvl_tune.data.batching import ChatCollator, PackedBatchSampler
 
     n = len(lengths)
     tiles = tiles.draw(st.lists(st.integers(0, 3), min_size=n, max_size=n))
@@ -193,7 +192,7 @@ def test_packing_keeps_every_sample_once_and_images_whole(lengths, tiles, budget
 
 
 def test_packing_with_fewer_packs_than_one_step_needs():
-    from internvl_tune.data.packing import PackedBatchSampler
+    from internvl_tune.data.batching import PackedBatchSampler
 
     sampler = PackedBatchSampler([1], 60, world_size=2, rank=1, grad_accum=2, seed=0)
     assert [i for _, micro in sampler.epoch_steps(0) for p in micro for i in p] == [0, 0]

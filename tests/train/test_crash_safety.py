@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from internvl_tune.data.batch import TensorBatch
+from internvl_tune.data.batching import TensorBatch
 from internvl_tune.dist import DistInfo
 from internvl_tune.errors import UserError
 from internvl_tune.train.checkpoint import Checkpointer, list_checkpoints

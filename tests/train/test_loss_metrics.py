@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from internvl_tune.constants import IGNORE_INDEX
-from internvl_tune.data.batch import supervised_positions, token_weights
+from internvl_tune.data.batching import supervised_positions, token_weights
 from internvl_tune.models.internvl_chat.loss import weighted_lm_loss_sum
 from internvl_tune.train.metrics import MetricsLogger, read_jsonl
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from internvl_tune.data.batch import ChatCollator
+from internvl_tune.data.batching import ChatCollator
 from internvl_tune.data.config import DataConfig
 from internvl_tune.models.internvl_chat.recipe import ChatRecipe, ChatTrainModule, ModelArgs
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from internvl_tune.data.sampler import GlobalBatchSampler
+from internvl_tune.data.batching import GlobalBatchSampler
 from internvl_tune.train.optim import build_param_groups
 from internvl_tune.train.schedule import LRSchedule, warmup_steps_for
 
@@ -93,7 +93,7 @@ def test_param_groups_decay_rule_and_scales():
 
 
 def test_packs_respect_budget_and_cover_everything():
-    from internvl_tune.data.packing import PackedBatchSampler
+    from internvl_tune.data.batching import PackedBatchSampler
 
     lengths = [(i * 7919) % 900 + 20 for i in range(500)]
     s = PackedBatchSampler(lengths, max_tokens=1024, world_size=2, rank=0, grad_accum=2, seed=1, window=128)
@@ -108,7 +108,7 @@ def test_packs_respect_budget_and_cover_everything():
 
 
 def test_packs_respect_tile_budget_and_oversized_samples():
-    from internvl_tune.data.packing import PackedBatchSampler
+    from internvl_tune.data.batching import PackedBatchSampler
 
     s = PackedBatchSampler([100, 100, 100, 5000], max_tokens=1000, world_size=1, rank=0, grad_accum=1, seed=0,
                            tiles=[3, 3, 3, 1], max_tiles=6)

@@ -10,8 +10,7 @@ import torch
 
 from internvl_tune.bench.common import materialize
 from internvl_tune.bench.shapes import native_config
-from internvl_tune.data.batch import ChatCollator
-from internvl_tune.data.packing import PackedBatchSampler
+from internvl_tune.data.batching import ChatCollator, PackedBatchSampler
 from internvl_tune.dist import init_distributed
 from internvl_tune.dist.parallelize import parallelize, parse_grad_checkpoint
 from internvl_tune.models.common import varlen_attention

@@ -2,11 +2,11 @@
 
 Stages (each its own module): ``config`` (the one data configuration), ``meta`` (datasets, lazy JSONL index, sample
 kinds), ``images`` / ``video`` (pixels), ``templates`` + ``preprocess`` (prompt, image tokens, labels), ``dataset``
-(the four sample kinds), ``batch`` (padded micro-batches as ``ChatBatch``), ``packing`` (packed rows), ``check``
-(validation behind ``internvl-tune data check``), ``retrieval`` (InternVL-C/G image-text pairs).
+(the four sample kinds), ``batching`` (samplers, packing, the typed ``ChatBatch``), ``check`` (validation behind
+``internvl-tune data check``), ``retrieval`` (InternVL-C/G image-text pairs).
 """
 
-from internvl_tune.data.batch import ChatBatch, ChatCollator
+from internvl_tune.data.batching import ChatBatch, ChatCollator
 from internvl_tune.data.config import REFERENCE_DEFAULTS, CheckpointDefaults, DataConfig
 from internvl_tune.data.dataset import SupervisedDataset
 from internvl_tune.data.images import build_transform, choose_grid, dynamic_preprocess, load_image, num_tiles

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from internvl_tune.data.batch import TensorBatch
+from internvl_tune.data.batching import TensorBatch
 from internvl_tune.data.images import load_image, normalize, resize_normalize
 from internvl_tune.errors import DataError, UserError
 from internvl_tune.options import option

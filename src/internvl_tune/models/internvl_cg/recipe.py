@@ -208,8 +208,8 @@ class RetrievalRecipe:
 
     def build_data(self, seed: int, rank: int, world_size: int, per_device_batch: int, grad_accum: int):
         """``(train_set, None, collate, sampler)``: retrieval fine-tuning has no validation loss."""
+        from internvl_tune.data.batching import GlobalBatchSampler
         from internvl_tune.data.retrieval import build_train_dataset
-        from internvl_tune.data.sampler import GlobalBatchSampler
         from internvl_tune.models.internvl_cg.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(self.args.model_name_or_path, add_eos_token=True)

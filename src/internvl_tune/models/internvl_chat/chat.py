@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from internvl_tune.constants import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
-from internvl_tune.data.batch import image_layout
+from internvl_tune.data.batching import image_layout
 from internvl_tune.errors import CheckpointError, UserError
 from internvl_tune.models.common.drop_path import add_drop_path
 from internvl_tune.models.internvl_chat import config as cfg

@@ -1,6 +1,6 @@
 """Next-token loss over supervised positions only, with the reference's per-token weights, chunked over rows.
 
-The positions, targets and weights come from the batch (``data/batch.py``: ``supervised_positions``).
+The positions, targets and weights come from the batch (``data/batching.py``: ``supervised_positions``).
 
 Only positions whose (shifted) label is supervised reach the LM head: prompts and image tokens, usually most of a
 multimodal sequence, never pay for a 150k-wide logits row. Rows are processed in chunks under activation

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from internvl_tune.data.batch import ChatBatch
+from internvl_tune.data.batching import ChatBatch
 from internvl_tune.data.config import DataConfig
 from internvl_tune.errors import UserError
 from internvl_tune.models.common import varlen_attention
@@ -185,10 +185,8 @@ class ChatRecipe:
 
     def build_data(self, seed: int, rank: int, world_size: int, per_device_batch: int, grad_accum: int):
         """``(train_set, val_set or None, collate, sampler)``."""
-        from internvl_tune.data.batch import ChatCollator
+        from internvl_tune.data.batching import ChatCollator, GlobalBatchSampler, PackedBatchSampler
         from internvl_tune.data.dataset import SupervisedDataset
-        from internvl_tune.data.packing import PackedBatchSampler
-        from internvl_tune.data.sampler import GlobalBatchSampler
 
         d, chat = self.data, self.chat
         train = SupervisedDataset(d.meta_path, chat.tokenizer, d, is_train=True, seed=seed)
