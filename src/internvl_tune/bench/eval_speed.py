@@ -3,7 +3,11 @@
 1. retrieval embedding of ``--images`` images (224 px) and ``--captions`` captions (80 tokens), C and G modes;
 2. a retrieval *head* fine-tune step (batch ``--batch``, 224 px): images/s and peak memory;
 3. InternVL-G caption generation (5 beams, 8-30 new tokens): the reference-style batch-1 loop against batched
-   generation, with the number of identical captions.
+   generation, with the number of identical captions;
+4. the *full* 364 px retrieval recipe's step (every parameter trains, drop path 0.3, activation checkpointing): the
+   forward and backward of the largest batch that fits one GPU, with bf16 gradients. Its fp32 master weights and
+   AdamW moments (16 bytes a parameter, 222 GB for 13.9B) cannot fit one GPU; the memory of the 8-GPU run (FSDP2
+   shards them) is estimated from the measured activations.
 
 Run: ``python -m internvl_tune.bench.eval_speed`` on a GPU box; prints a table and writes ``--out`` JSON.
 """
@@ -29,8 +33,8 @@ SHAPE_14B = {
 }
 
 
-def build_14b(device: torch.device):
-    """A random InternVL-14B-224px-shaped model in bf16 on ``device``."""
+def build_14b(device: torch.device, image_size: int = 224, drop_path_rate: float = 0.0):
+    """A random InternVL-14B-shaped model in bf16 on ``device`` (position embeddings for ``image_size``)."""
     from internvl_tune.models.internvl_cg.config import InternVLCGConfig
     from internvl_tune.models.internvl_cg.model import InternVLModel
     from internvl_tune.testing.tiny_cg import tiny_config_dict
@@ -38,8 +42,9 @@ def build_14b(device: torch.device):
     d = tiny_config_dict(vocab_size=SHAPE_14B["qllama"]["vocab_size"], image_size=224,
                          num_query_token=SHAPE_14B["num_query_token"])
     d.update({k: v for k, v in SHAPE_14B.items() if not isinstance(v, dict)})
-    d["vision_config"].update(SHAPE_14B["vision"])
+    d["vision_config"].update(SHAPE_14B["vision"], drop_path_rate=drop_path_rate)
     d["qllama_config"].update(SHAPE_14B["qllama"])
+    d["force_image_size"] = image_size if image_size != 224 else None
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
@@ -154,6 +159,50 @@ def bench_captions(model, n_images: int, batch: int, device, n_single: int | Non
             "caption_speedup": batched_rate / single_rate, "caption_identical": f"{same}/{n_single}"}
 
 
+def bench_full_step(device, batches=(64, 48, 32, 24, 16, 8), steps: int = 3, image_size: int = 364) -> dict:
+    """The full-recipe step at ``image_size``: the largest batch of ``batches`` whose forward and backward fit."""
+    from internvl_tune.data.retrieval import RetrievalBatch
+    from internvl_tune.dist import init_distributed
+    from internvl_tune.dist.parallelize import parallelize
+    from internvl_tune.models.internvl_cg.recipe import RetrievalTrainModule
+
+    init_distributed("cuda")
+    model = build_14b(device, image_size, drop_path_rate=0.3).train()
+    params = sum(p.numel() for p in model.parameters())
+    module = RetrievalTrainModule(model, gather_fn=lambda x: x)
+    parallelize(module, module.blocks(), world_size=1, param_dtype=None, grad_checkpoint=1.0)
+    g = torch.Generator(device=device).manual_seed(3)
+    for batch in batches:
+        try:
+            ids = lambda: torch.randint(3, 49000, (batch, 80), device=device, generator=g)  # noqa: E731
+            mask = torch.ones(batch, 80, dtype=torch.long, device=device)
+            data = RetrievalBatch(torch.randn(batch, 3, image_size, image_size, device=device, generator=g,
+                                              dtype=torch.bfloat16), ids(), mask, ids(), mask, ids(), mask,
+                                  torch.arange(batch, device=device), work=batch)
+            torch.cuda.reset_peak_memory_stats()
+            for i in range(steps + 1):
+                if i == 1:
+                    _sync()
+                    start = time.perf_counter()
+                module(data)["loss"].backward()
+                module.zero_grad(set_to_none=False)  # keep the bf16 gradients allocated, as a real step would
+            _sync()
+            seconds = (time.perf_counter() - start) / steps
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            break
+        except torch.OutOfMemoryError:
+            module.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+    else:
+        return {"full_error": f"no batch of {batches} fits"}
+    weights_and_grads = 2 * 2 * params / 2**30  # bf16 weights + bf16 gradients held during the measured step
+    activations = peak - weights_and_grads
+    eight = 16 * params / 8 / 2**30 + 2 * 2 * params / 48 / 2**30 + activations  # states/8 + ~2 gathered blocks + acts
+    return {"full_image_size": image_size, "full_batch_per_gpu": batch, "full_step_s": seconds,
+            "full_images_per_s": batch / seconds, "full_peak_gib_bf16_grads": peak,
+            "full_activations_gib": activations, "full_estimate_gib_per_gpu_8_gpus": eight}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -166,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--caption_batch", type=int, default=32, help="images per batched generate call (default: 32)")
     parser.add_argument("--caption_single", type=int, default=None, help="images in the batch-1 loop (default: all)")
     parser.add_argument("--parts", default="embed,caption,head",
-                        help="comma list of the parts to run: embed, caption, head (default: all three)")
+                        help="comma list of the parts to run: embed, caption, head, full (default: the first three)")
     parser.add_argument("--out", default=None, help="write the results as JSON here (rewritten after each part)")
     return parser
 
@@ -174,10 +223,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     device = torch.device("cuda")
-    model = build_14b(device)
-    row = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
-           "params_b": sum(p.numel() for p in model.parameters()) / 1e9}
     parts = args.parts.split(",")
+    row = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__}
+    if parts == ["full"]:  # its own 364 px model; the 224 px one is not built
+        row.update(bench_full_step(device))
+        print(json.dumps(row), flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(row, indent=2))
+        return 0
+    model = build_14b(device)
+    row["params_b"] = sum(p.numel() for p in model.parameters()) / 1e9
     for name, fn in (("embed", lambda: bench_embedding(model, args.images, args.captions, device)),
                      ("caption", lambda: bench_captions(model, args.caption_images, args.caption_batch, device,
                                                          args.caption_single)),

@@ -2,9 +2,11 @@
 
 Run on a GPU box: ``python -m internvl_tune.bench.gpu_smoke --out /tmp/smoke``. It writes tiny InternVL2-2B and
 InternVL-14B checkpoints, then runs ``internvl-tune train`` (packed rows, bf16) with ``--torch_compile False`` and
-``True`` on the bundled sample's image and text samples, and ``internvl-tune retrieval-train`` (head recipe) on its
-Flickr30K mini-set with ``--torch_compile True``. Prints the losses side by side; exits 1 when a run fails or
-compiled and eager losses differ by more than bf16 noise.
+``True`` on the bundled sample's image and text samples: full fine-tuning, and LoRA with activation checkpointing
+(the checkpoint inside the compiled region; dropout 0 so both runs draw nothing random), plus a compiled,
+checkpointed LoRA + drop-path run whose random ops are recomputed under compilation; and ``internvl-tune
+retrieval-train`` (head recipe) on its Flickr30K mini-set with ``--torch_compile True``. Prints the losses side by
+side; exits 1 when a run fails or compiled and eager losses differ by more than bf16 noise.
 """
 
 from __future__ import annotations
@@ -56,23 +58,31 @@ def main(argv: list[str] | None = None) -> int:
     chat = ["train", "--model_name_or_path", str(chat_ckpt), "--meta_path", str(meta), "--conv_style", "internlm2-chat",
             "--force_image_size", "56", "--dynamic_image_size", "True", "--max_dynamic_patch", "4", "--use_packed_ds",
             "True", "--max_packed_tokens", "1024", "--freeze_backbone", "True", *common]
+    lora = ["--use_llm_lora", "8", "--freeze_llm", "True", "--freeze_mlp", "True", "--grad_checkpoint", "True"]
     runs = {}
-    for compiled in ("False", "True"):
-        run = out / f"chat_compile_{compiled}"
-        code = cli([*chat, "--output_dir", str(run), "--torch_compile", compiled])
-        runs[f"train, packed, compile {compiled}"] = (code, _losses(run) if code == 0 else [])
+    pairs = {"train, packed": [], "train, packed, LoRA + ckpt": [*lora, "--lora_dropout", "0"]}
+    for name, extra in pairs.items():
+        for compiled in ("False", "True"):
+            run = out / f"{name.replace(', ', '_').replace(' + ', '_').replace(' ', '_')}_compile_{compiled}"
+            code = cli([*chat, *extra, "--output_dir", str(run), "--torch_compile", compiled])
+            runs[f"{name}, compile {compiled}"] = (code, _losses(run) if code == 0 else [])
+    run = out / "chat_lora_dropout_droppath_ckpt_compiled"
+    code = cli([*chat, *lora, "--lora_dropout", "0.05", "--drop_path_rate", "0.1", "--freeze_backbone", "False",
+                "--output_dir", str(run), "--torch_compile", "True"])
+    runs["train, LoRA dropout + drop path + ckpt, compile True"] = (code, _losses(run) if code == 0 else [])
     run = out / "retrieval_compile_True"
     code = cli(["retrieval-train", "--model_name_or_path", str(cg_ckpt), "--dataset_name", "flickr30k_en_train",
                 "--data_root", str(SAMPLE), "--force_image_size", "28", "--freeze_model", "True",
                 "--unfreeze_qllama_head", "True", "--per_device_train_batch_size", "8", "--output_dir", str(run),
                 "--torch_compile", "True", *common])
     runs["retrieval-train head, compile True"] = (code, _losses(run) if code == 0 else [])
-    ok = all(code == 0 and losses for code, losses in runs.values())
-    eager, compiled = (runs[f"train, packed, compile {c}"][1] for c in ("False", "True"))
-    if eager and compiled:
-        worst = max(abs(a - b) / abs(a) for a, b in zip(eager, compiled))
-        ok = ok and len(eager) == len(compiled) and worst < 0.05
-        print(f"chat losses, compiled vs eager: worst relative difference {worst:.2e} over {len(eager)} steps")
+    ok = all(code == 0 and losses and all(x == x for x in losses) for code, losses in runs.values())
+    for name in pairs:
+        eager, compiled = (runs[f"{name}, compile {c}"][1] for c in ("False", "True"))
+        if eager and compiled:
+            worst = max(abs(a - b) / abs(a) for a, b in zip(eager, compiled))
+            ok = ok and len(eager) == len(compiled) and worst < 0.05
+            print(f"{name}: compiled vs eager losses, worst relative difference {worst:.2e} over {len(eager)} steps")
     for name, (code, losses) in runs.items():
         print(f"{name:<40} exit {code}  losses {' '.join(f'{x:.4f}' for x in losses)}")
     return 0 if ok else 1

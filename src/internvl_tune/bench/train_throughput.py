@@ -4,7 +4,9 @@ Run on a GPU box:  ``python -m internvl_tune.bench.train_throughput --shape inte
 (or ``internvl-tune bench train --shape ...``). Prints one table row per variant and writes JSON to ``--out``.
 
 The plain loop is what a user writes with transformers alone: fp32 parameters + bf16 autocast, SDPA, batch 1,
-frozen vision tower, full-vocabulary loss inside ``model(..., labels=...)``, ``torch.optim.AdamW``.
+frozen vision tower, full-vocabulary loss inside ``model(..., labels=...)``, ``torch.optim.AdamW``. Its LoRA form
+(``plain+lora16+ckpt``) is what a user writes with transformers + peft: a bf16 base, peft LoRA on q/k/v/o/gate/up/down
+(alpha 2r, dropout 0.05), gradient checkpointing, SDPA, batch 1.
 Ours: bf16 compute with fp32 master weights (FSDP2 mixed precision), frozen ViT run without autograd, packed
 rows of ``--packed_tokens`` with per-sample attention (flash varlen), loss on supervised positions only, fused
 AdamW, no host sync inside a step, optional ``torch.compile`` of the ViT and LLM blocks.
@@ -50,13 +52,26 @@ def _flops(counts, cfg, samples) -> float:
                        sum(s.tiles for s in samples), t.num_hidden_layers, t.hidden_size, [s.tokens for s in samples])
 
 
-def run_plain(shape: str, samples, device, warmup: int) -> dict:
-    """The plain transformers loop (see the module docstring)."""
-    model, cfg = _model(shape, "sdpa", device, torch.float32)
+LORA_TARGETS = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+
+
+def run_plain(shape: str, samples, device, warmup: int, lora_rank: int = 0, grad_checkpoint: bool = False) -> dict:
+    """The plain transformers loop (see the module docstring); with ``lora_rank``: the plain transformers + peft loop
+    (bf16 base, peft LoRA on q/k/v/o/gate/up/down, dropout 0.05, optional gradient checkpointing, SDPA, batch 1)."""
+    model, cfg = _model(shape, "sdpa", device, torch.bfloat16 if lora_rank else torch.float32)
     model.model.vision_tower.requires_grad_(False)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     counts = _param_counts(model)
+    if lora_rank:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.05,
+                                                 target_modules=LORA_TARGETS))
+    if grad_checkpoint:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     batches = [materialize(s, cfg.image_token_id, cfg.text_config.vocab_size, i) for i, s in enumerate(samples)]
+    pixel_dtype = torch.bfloat16 if lora_rank else torch.float32
     torch.cuda.reset_peak_memory_stats(device)
     tokens, start = 0, None
     for i, b in enumerate(batches):
@@ -64,17 +79,22 @@ def run_plain(shape: str, samples, device, warmup: int) -> dict:
             torch.cuda.synchronize(device)
             start, tokens = time.perf_counter(), 0
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(input_ids=b["input_ids"][None].to(device), pixel_values=b["pixel_values"].to(device),
-                        labels=b["labels"][None].to(device))
+            out = model(input_ids=b["input_ids"][None].to(device), labels=b["labels"][None].to(device),
+                        pixel_values=b["pixel_values"].to(device, pixel_dtype))
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         tokens += len(b["input_ids"])
     torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start
-    flops = _flops(counts, cfg, samples[warmup:])
+    timed = samples[warmup:]
+    flops = _flops(counts, cfg, timed)
+    if lora_rank:  # a frozen LLM costs 4·N·T (forward + input gradients), not 6·N·T
+        flops -= 2 * counts["llm"] * sum(s.tokens for s in timed)
     del model, opt
-    return {"variant": "plain transformers loop", "tokens_per_s": tokens / elapsed, "tflops": flops / elapsed / 1e12,
+    name = "plain transformers loop" + (f" + peft LoRA r{lora_rank}" if lora_rank else "")
+    name += " + grad ckpt" if grad_checkpoint else ""
+    return {"variant": name, "tokens_per_s": tokens / elapsed, "tflops": flops / elapsed / 1e12,
             "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30}
 
 
@@ -86,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=8, help="samples (plain) / steps (ours) not timed")
     parser.add_argument("--packed_tokens", type=int, default=8192, help="token budget of a packed row (ours)")
     parser.add_argument("--variants", default="plain,ours",
-                        help="comma list of: plain, ours[+compile][+ckpt[FRACTION|selective]][+lora<rank>][+profile] "
-                             "(e.g. ours+compile+ckpt, ours+compile+ckpt0.5+lora16)")
+                        help="comma list of: plain[+lora<rank>][+ckpt] and ours[+compile][+ckpt[FRACTION|selective]]"
+                             "[+lora<rank>][+profile] (e.g. plain+lora16+ckpt, ours+compile+ckpt0.5+lora16)")
     parser.add_argument("--steps", type=int, default=None, help="timed packed steps for ours (default: one epoch)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     return parser
@@ -102,13 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     for variant in args.variants.split(","):
         torch.cuda.empty_cache()
         try:
-            if variant == "plain":
-                row = run_plain(args.shape, samples, device, args.warmup)
-            else:  # "ours" plus options joined by "+": compile, ckpt, lora<rank>, profile
+            opts = variant.split("+")[1:]  # options joined by "+": compile, ckpt[...], lora<rank>, profile
+            lora = next((int(o[4:]) for o in opts if o.startswith("lora")), 0)
+            if variant.startswith("plain"):
+                row = run_plain(args.shape, samples, device, args.warmup, lora, any(o.startswith("ckpt") for o in opts))
+            else:
                 from internvl_tune.bench.ours import run_ours
 
-                opts = variant.split("+")[1:]
-                lora = next((int(o[4:]) for o in opts if o.startswith("lora")), 0)
                 row = run_ours(args.shape, samples, device, args.warmup, args.packed_tokens, compile="compile" in opts,
                                grad_checkpoint=next((o[5:] or "True" for o in opts if o.startswith("ckpt")), "False"),
                                lora_rank=lora, steps=args.steps,

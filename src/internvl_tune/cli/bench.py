@@ -9,11 +9,13 @@ SCRIPTS = {
               "training tokens/s, MFU and peak memory: our path against a plain transformers loop (CUDA)"),
     "eval": ("internvl_tune.bench.eval_speed",
              "InternVL-14B retrieval embedding, head fine-tune and batched captioning speed (CUDA)"),
+    "e2e": ("internvl_tune.bench.e2e",
+            "internvl-tune train on real JPEG files against the benchmark harness, same shape (CUDA)"),
     "smoke": ("internvl_tune.bench.gpu_smoke",
               "the training CLIs with tiny checkpoints, torch.compile on and off: losses must agree"),
     "plot": ("internvl_tune.bench.plot", "redraw throughput.png from the bench_*.json files of a folder"),
 }
-NEEDS_CUDA = {"train", "eval"}
+NEEDS_CUDA = {"train", "eval", "e2e"}
 
 EPILOG = """examples:
   internvl-tune bench train --shape internvl2-2b --variants plain,ours+compile --out bench_2b.json

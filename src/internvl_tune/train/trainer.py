@@ -164,7 +164,7 @@ class Trainer:
         started, self._seen_before = time.perf_counter(), self.seen
         self.module.train()
         steps_per_epoch = self.sampler.steps_per_epoch
-        self._window = (self.stepper.clock.mark(), 0)  # start mark and work of the current logging window
+        self._restart_window()
         with StopFlag() as stop:
             while self.step < self.total_steps and not interrupted:
                 epoch, in_epoch = divmod(self.step, steps_per_epoch)
@@ -175,7 +175,10 @@ class Trainer:
                 loader = iter(make_loader(self.train_set, micro, self.collate, t.dataloader_num_workers))
                 pending = None  # the previous step, queued and not read back yet
                 for i in range(len(order)):
-                    handle = self.stepper([next(loader) for _ in range(t.gradient_accumulation_steps)], self.step)
+                    waited = time.perf_counter()
+                    batches = [next(loader) for _ in range(t.gradient_accumulation_steps)]
+                    self._data_wait += time.perf_counter() - waited  # the host blocked on the data loader
+                    handle = self.stepper(batches, self.step)
                     self.step += 1
                     if pending is not None:  # read step n - 1 while step n runs
                         self._record(*pending)
@@ -223,18 +226,23 @@ class Trainer:
             )
         if step % t.logging_steps == 0 or step == self.total_steps:
             unit = self.recipe.unit
-            rate = work / max(self.stepper.clock.seconds(start, out["end"]), 1e-9)
+            seconds = max(self.stepper.clock.seconds(start, out["end"]), 1e-9)
             terms = {k: v for k, v in out.items() if k not in ("work", "finite", "end")}
-            row = {"epoch": round(step / self.sampler.steps_per_epoch, 4), **terms, f"{unit}_per_s": rate,
+            row = {"epoch": round(step / self.sampler.steps_per_epoch, 4), **terms, f"{unit}_per_s": work / seconds,
+                   "data_wait": round(min(1.0, self._data_wait / seconds), 4),
                    "memory_gib": round(memory_gib(self.info.device), 2), "skipped_steps": self.bad_steps}
             self.metrics.log(step, row)
-            self.progress.update(step, f"loss {out['loss']:.4f} | {rate:.0f} {unit}/s | {row['memory_gib']:.1f} GiB",
-                                 log=True)
-            self._window = (out["end"], 0)
+            self.progress.update(step, f"loss {out['loss']:.4f} | {row[f'{unit}_per_s']:.0f} {unit}/s | "
+                                       f"{row['memory_gib']:.1f} GiB", log=True)
+            self._window, self._data_wait = (out["end"], 0), 0.0
 
     def _restart_window(self) -> None:
-        """After a pause (validation, a checkpoint), time the next steps from now."""
-        self._window = (self.stepper.clock.mark(), 0)
+        """After a pause (validation, a checkpoint), time the next steps from now.
+
+        A window's throughput is its work over the time between two finish marks of steps (CUDA events on GPUs);
+        ``data_wait`` is the share of that time the host spent waiting for the data loader.
+        """
+        self._window, self._data_wait = (self.stepper.clock.mark(), 0), 0.0
 
     def save_checkpoint(self) -> Path:
         state = {"bad_steps": self.bad_steps, "work_seen": self.seen, "config": self.cfg.to_dict()}
