@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     samples = synthetic_samples(args.samples, seed=0)
     rows = []
     for variant in args.variants.split(","):
+        torch._dynamo.reset()  # each variant compiles afresh, under its own activation memory budget
         torch.cuda.empty_cache()
         try:
             opts = variant.split("+")[1:]  # options joined by "+": compile, ckpt[...], lora<rank>, profile

@@ -1,15 +1,17 @@
 """``parallelize``: activation checkpointing -> ``torch.compile`` -> FSDP2, applied from outside the model in that order,
 as torchtitan's ``parallelize`` does per model. The model files never mention any of it.
 
-- **Activation checkpointing** wraps each repeated block (ViT blocks, LLM layers) in a checkpoint wrapper, so the
-  checkpoint sits *inside* the compiled region: compilation then sees the recomputation and handles random ops
-  (LoRA dropout, drop path) itself, which eager checkpointing around a compiled block cannot ("A different number
-  of tensors was saved during the original forward and recomputation", seen on InternVL2-8B LoRA). Modes: every
-  block, a fraction of the blocks (spread evenly), or *selective*: every block, but the outputs of matrix products
-  and attention are kept (only the cheap element-wise work is recomputed).
-- **Compilation** of each (wrapped) block with ``dynamic=True``: packed rows and tile counts change every step, and a
+- **Activation checkpointing**, eager: each repeated block (ViT blocks, LLM layers) is wrapped in a checkpoint
+  wrapper. Modes: every block, a fraction of the blocks (spread evenly), or *selective*: every block, but the
+  outputs of matrix products and attention are kept (only the cheap element-wise work is recomputed).
+- **Compilation** of each block with ``dynamic=True``: packed rows and tile counts change every step, and a
   symbolic length keeps one graph for all of them. Identical blocks share the graph. Inductor fuses what eager mode
-  runs as separate kernels (RMSNorm, RoPE, SwiGLU, residual adds, dtype casts).
+  runs as separate kernels (RMSNorm, RoPE, SwiGLU, residual adds, dtype casts). A compiled run checkpoints *inside*
+  the compiled region: the compiler's partitioner decides what each block's backward recomputes, under an
+  activation memory budget (0 = recompute all it can, as full checkpointing; 0.5 for *selective* or half the blocks;
+  1 = none). It sees every random op (LoRA dropout, drop path) and never recomputes one, which checkpoint wrappers
+  around or inside compiled blocks cannot do ("A different number of tensors was saved during the original forward
+  and recomputation" on InternVL2-8B LoRA with torch 2.x; "does not support RNG ops in recompute regions").
 - **FSDP2**: several ranks: ``fully_shard`` on each block, then the root; one rank: one unit over the trainable
   parameters, kept gathered, and frozen parameters left out of FSDP in their stored dtype (no copies of frozen
   weights: a LoRA run holds the base model once).
@@ -113,6 +115,12 @@ def apply_activation_checkpointing(module: nn.Module, blocks: list[nn.Module], m
     return out
 
 
+def memory_budget(mode: float | str) -> float:
+    """The compiler's activation memory budget for a :func:`parse_grad_checkpoint` mode (the share of activations
+    kept: 0.0 recomputes all it can, 1.0 none)."""
+    return 0.5 if mode == "selective" else 1.0 - mode
+
+
 def compile_enabled(setting: str, device: torch.device) -> bool:
     """``--torch_compile``: "True", "False", or "auto" (on for CUDA devices)."""
     if setting == "auto":
@@ -136,10 +144,15 @@ def parallelize(module: nn.Module, blocks: list[nn.Module], *, world_size: int, 
     Returns:
         The blocks as they now sit in the model (wrapped where checkpointed).
     """
-    blocks = apply_activation_checkpointing(module, blocks, grad_checkpoint)
     if compile:
+        import torch._functorch.config as functorch_config
+
+        # the partitioner of every compiled block's forward + backward reads it when the block first runs
+        functorch_config.activation_memory_budget = memory_budget(grad_checkpoint)
         for block in blocks:
             block.compile(dynamic=True)
+    else:
+        blocks = apply_activation_checkpointing(module, blocks, grad_checkpoint)
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     # FSDP2 cannot shard 0-d parameters (e.g. InternVL's logit_scale): they stay replicated, and their gradients
     # are averaged over ranks by a hook instead
