@@ -62,7 +62,13 @@ class TrainArgs:
     dry_run: bool = option(False, "load model and data, print the plan and memory estimate, then exit")
 
 
-REPORT_SINKS = ("tensorboard", "wandb", "mlflow", "none")
+# Reference TrainingArguments flags every training command accepts and ignores (the recipes add their own).
+IGNORED_FLAGS = {
+    "--deepspeed": "ZeRO is replaced by FSDP2 sharding",
+    "--do_train": "always true",
+    "--tf32": "enabled on GPUs that support it",
+    "--remove_unused_columns": "not applicable",
+}
 
 
 @dataclass
@@ -78,7 +84,9 @@ class RunConfig:
 
 
 def build_arg_parser(parser: argparse.ArgumentParser, sections: dict, ignored_flags: dict[str, str]) -> argparse.ArgumentParser:
-    """Add ``--config``, one flag per field of each section, and the accepted-but-ignored reference flags."""
+    """Add ``--config``, one flag per field of each section, and the accepted-but-ignored reference flags (the
+    trainer's :data:`IGNORED_FLAGS` and the recipe's ``ignored_flags``)."""
+    ignored_flags = {**IGNORED_FLAGS, **ignored_flags}
     parser.add_argument("--config", default=None, help="YAML file with model:, data:, train: sections (or flat keys)")
     for name, cls in sections.items():
         add_dataclass_flags(parser.add_argument_group(f"{name} options"), cls, section=name)

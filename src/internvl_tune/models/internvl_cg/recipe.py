@@ -32,13 +32,10 @@ VIT_LORA = r"vision_model\.encoder\.layers\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2
 QLLAMA_LORA = r"qllama\.model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|down_proj|up_proj))"
 FEATURE_KEYS = ("pixel_values", "negative_input_ids", "negative_attention_mask", "positive_input_ids",
                 "positive_attention_mask", "summarize_input_ids", "summarize_attention_mask")
-# Reference flags accepted and ignored (listed in --help).
+# Reference flags of retrieval fine-tuning accepted and ignored (listed in --help; the trainer's own are in
+# train/config.py).
 IGNORED_FLAGS = {
-    "--deepspeed": "ZeRO is replaced by FSDP2 sharding",
     "--evaluation_strategy": "evaluate checkpoints with `internvl-tune eval retrieval`",
-    "--do_train": "always true",
-    "--tf32": "enabled on GPUs that support it",
-    "--remove_unused_columns": "not applicable",
     "--optim": "always torch AdamW (the reference scripts pass adamw_torch)",
     "--pad_to_max_length": "captions are always padded to --max_seq_length (the reference scripts pass True)",
     "--dataloader_pin_memory": "memory is pinned when training on GPUs",

@@ -26,14 +26,11 @@ from internvl_tune.models.common import varlen_attention
 from internvl_tune.models.internvl_chat.loss import weighted_lm_loss_sum
 from internvl_tune.options import option
 
-# Reference flags we accept and ignore because our loop decides them itself (listed in --help).
+# Reference flags of InternVL2 fine-tuning we accept and ignore (listed in --help; the trainer's own are in
+# train/config.py).
 IGNORED_FLAGS = {
-    "--deepspeed": "ZeRO is replaced by FSDP2 sharding",
     "--evaluation_strategy": "validation runs when --eval_meta_path is set",
-    "--do_train": "always true",
-    "--tf32": "enabled on GPUs that support it",
     "--use_fast_tokenizer": "fast tokenizers are always used",
-    "--remove_unused_columns": "not applicable",
     "--use_data_resampling": "not supported yet",
 }
 
