@@ -26,12 +26,9 @@ def sections() -> dict:
 
 def register(subparsers, name: str, help_text: str) -> None:
     from internvl_tune.models.internvl_chat.recipe import IGNORED_FLAGS
-    from internvl_tune.train.config import build_arg_parser
+    from internvl_tune.train.config import add_training_command
 
-    parser = subparsers.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-    build_arg_parser(parser, sections(), IGNORED_FLAGS)
-    parser.set_defaults(func=run)
+    add_training_command(subparsers, name, help_text, EPILOG, sections(), IGNORED_FLAGS, run)
 
 
 def run(args: argparse.Namespace) -> int:

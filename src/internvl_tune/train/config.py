@@ -96,6 +96,16 @@ def build_arg_parser(parser: argparse.ArgumentParser, sections: dict, ignored_fl
     return parser
 
 
+def add_training_command(subparsers, name: str, help_text: str, epilog: str, sections: dict,
+                         ignored_flags: dict[str, str], func) -> argparse.ArgumentParser:
+    """The sub-command ``name`` of a training CLI: its run-config flags (:func:`build_arg_parser`), running ``func``."""
+    parser = subparsers.add_parser(name, help=help_text, description=help_text, epilog=epilog,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    build_arg_parser(parser, sections, ignored_flags)
+    parser.set_defaults(func=func)
+    return parser
+
+
 def _coerce(sections: dict, section: str, key: str, value, where: str):
     cls = sections[section]
     if key not in {f.name for f in dataclasses.fields(cls)}:
