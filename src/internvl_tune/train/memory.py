@@ -76,6 +76,7 @@ def estimate_training_memory(
     loss_chunk: int = 2048,
     vocab: int = 0,
     lora_dropout_width: int = 0,
+    vision: dict | None = None,
 ) -> MemoryEstimate:
     """Estimate the peak memory of one rank for a decoder-style VLM training step.
 
@@ -91,6 +92,8 @@ def estimate_training_memory(
         compute_bytes: bytes of the compute dtype (2 for bf16).
         loss_chunk, vocab: rows of fp32 logits alive at once in the chunked loss, and the vocabulary size.
         lora_dropout_width: per LLM layer, the summed input widths of the linears whose LoRA has dropout (0: none).
+        vision: the ViT's ``hidden``, ``ffn``, ``num_layers`` and ``tokens`` per micro-batch when any of it trains
+            (a frozen ViT runs without autograd and keeps no activations).
     """
     gib = 2**30
     states = 0
@@ -105,12 +108,19 @@ def estimate_training_memory(
     else:  # one rank keeps compute copies of the trainable parameters; frozen ones are used as stored
         gathered = sum(p.numel() for p in model.parameters() if p.requires_grad) * compute_bytes
     t = tokens_per_micro_batch
-    kept = (A_HIDDEN * hidden + A_FFN * ffn) * (COMPILED_ACTIVATIONS if compiled else 1.0) * t
-    kept += LORA_DROPOUT_BYTES * lora_dropout_width * t
-    if grad_checkpoint == "selective":
-        acts = (A_SEL_HIDDEN * hidden + A_SEL_FFN * ffn) * t * num_layers + kept
-    else:
-        checkpointed = round(grad_checkpoint * num_layers)
-        acts = A_CKPT * hidden * t * checkpointed + kept * (num_layers - checkpointed) + (kept if checkpointed else 0)
+    acts = _activations(hidden, ffn, num_layers, t, grad_checkpoint, compiled, LORA_DROPOUT_BYTES * lora_dropout_width)
+    if vision is not None:
+        acts += _activations(vision["hidden"], vision["ffn"], vision["num_layers"], vision["tokens"], grad_checkpoint,
+                             compiled, 0.0)
     logits = 3 * 4 * min(loss_chunk, t) * vocab  # fp32 logits, their softmax and gradient
     return MemoryEstimate(states / gib, gathered / gib, acts / gib, logits / gib)
+
+
+def _activations(hidden: int, ffn: int, num_layers: int, tokens: int, grad_checkpoint: float | str, compiled: bool,
+                 extra_per_token: float) -> float:
+    """Bytes of activations a stack of ``num_layers`` blocks keeps for the backward (see the module docstring)."""
+    kept = ((A_HIDDEN * hidden + A_FFN * ffn) * (COMPILED_ACTIVATIONS if compiled else 1.0) + extra_per_token) * tokens
+    if grad_checkpoint == "selective":
+        return (A_SEL_HIDDEN * hidden + A_SEL_FFN * ffn) * tokens * num_layers + kept
+    checkpointed = round(grad_checkpoint * num_layers)
+    return A_CKPT * hidden * tokens * checkpointed + kept * (num_layers - checkpointed) + (kept if checkpointed else 0)

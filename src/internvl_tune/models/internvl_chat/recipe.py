@@ -212,12 +212,21 @@ class ChatRecipe:
         linears when their dropout keeps copies of the inputs."""
         from internvl_tune.models.common.lora import lora_modules
 
-        text = self.chat.model.config.text_config
-        layer = self.chat.model.model.language_model.layers[0]
+        model = self.chat.model
+        text, vit = model.config.text_config, model.config.vision_config
+        layer = model.model.language_model.layers[0]
         dropout_width = sum(m.in_features for _, m in lora_modules(layer)) if self.args.lora_dropout > 0 else 0
+        vision = None
+        if any(p.requires_grad for p in model.model.vision_tower.parameters()):
+            d = self.data
+            tiles = d.num_images_expected if d.use_packed_ds else \
+                per_device_batch * (d.max_dynamic_patch + int(d.use_thumbnail)) if d.dynamic_image_size else per_device_batch
+            side = d.force_image_size // self.chat.patch_size
+            vision = dict(hidden=vit.hidden_size, ffn=vit.intermediate_size, num_layers=vit.num_hidden_layers,
+                          tokens=tiles * (side * side + 1))
         return dict(tokens_per_micro_batch=self.tokens_per_micro_batch(per_device_batch), hidden=text.hidden_size,
                     ffn=text.intermediate_size, num_layers=text.num_hidden_layers, vocab=text.vocab_size,
-                    lora_dropout_width=dropout_width)
+                    lora_dropout_width=dropout_width, vision=vision)
 
     def describe(self) -> list[str]:
         """The recipe's lines of the run plan: model, template and tiling."""
