@@ -141,7 +141,8 @@ class Trainer:
         self.resumed_from = self.checkpointer.resolve(resume)
         if self.resumed_from is not None:
             state = self.checkpointer.load(self.resumed_from, self.optimizer)
-            self.step, self.bad_steps, self.seen = state["step"], state["bad_steps"], state["work_seen"]
+            seen = state.get("work_seen", state.get(f"{recipe.unit}_seen", 0))  # (the older name of the counter)
+            self.step, self.bad_steps, self.seen = state["step"], state["bad_steps"], seen
         elif info.is_main:
             (self.output_dir / TEXT_LOG).unlink(missing_ok=True)
         self.metrics = MetricsLogger(self.output_dir, enabled=info.is_main, sinks=self.sinks,
