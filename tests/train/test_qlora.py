@@ -71,3 +71,13 @@ def test_qlora_trains_and_exports_the_adapter_and_a_bf16_merge(tiny_1b, tmp_path
     on_merge, on_4bit = (merged - plain).flatten(), (_logits(trained, ids) - quantized).flatten()
     assert on_merge.abs().max() > 0.1
     assert torch.corrcoef(torch.stack([on_merge, on_4bit]))[0, 1] > 0.9
+
+
+def test_the_gpu_check_script_runs_on_a_tiny_shape(tmp_path):
+    from internvl_tune.cli import main
+
+    out = tmp_path / "qlora.json"
+    assert main(["bench", "qlora", "--shape", "tiny", "--device", "cpu", "--steps", "1", "--packed_tokens", "512",
+                 "--out", str(out)]) == 0
+    row = json.loads(out.read_text())
+    assert len(row["losses"]) == 1 and row["estimate_gib"] > 0 and row["trainable"] > 0
