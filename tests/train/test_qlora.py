@@ -34,6 +34,19 @@ def test_only_the_llm_linears_are_quantized_and_survive_moves(tiny_1b):
         assert (p.dtype == torch.uint8 and p.quant_state is not None) if is_weight else p.dtype == torch.float32, name
 
 
+def test_gradients_flow_through_4bit_layers_after_a_validation_pass(tiny_1b):
+    from internvl_tune.models.internvl_chat.lora import add_lora
+
+    chat = load_pretrained(tiny_1b, load_in_4bit=True)
+    add_lora(chat, llm_rank=4, lora_dropout=0.0)
+    ids = torch.randint(0, 1000, (1, 12))
+    _logits(chat, ids)  # eval mode, no grad: bitsandbytes would repack CPU weights for inference here
+    chat.model.train()
+    chat.model(input_ids=ids).logits.sum().backward()
+    grads = [p.grad for n, p in chat.model.named_parameters() if "lora_B" in n]  # lora_A's are 0 while B is 0
+    assert len(grads) == 14 and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
 def test_4bit_bytes_are_counted_as_bitsandbytes_stores_them(tiny_1b):
     for shape in [(64, 64), (37, 1000), (896, 4864)]:
         weight = bnb.nn.Params4bit(torch.randn(shape), quant_type="nf4", compress_statistics=True).to("cpu")

@@ -70,6 +70,9 @@ def to_4bit_linears(module: nn.Module, compute_dtype: torch.dtype) -> list[str]:
         new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None,
                                 compute_dtype=compute_dtype, compress_statistics=True, quant_type=QUANT_TYPE,
                                 quant_storage=torch.uint8, device="meta")
+        # bitsandbytes repacks CPU weights for inference at the first no-grad forward in eval mode (a validation
+        # pass); training after it loses the input gradients (bitsandbytes 0.50, CPUs with AVX512-BF16)
+        new.support_avx512bf16_for_cpu = False
         setattr(module.get_submodule(parent), child, new)
     return names
 
