@@ -22,6 +22,10 @@ LLMS = {
                            num_key_value_heads=8, intermediate_size=14336, vocab_size=92553, rope_theta=1e6),
     "internlm2-20b": dict(model_type="llama", hidden_size=6144, num_hidden_layers=48, num_attention_heads=48,
                           num_key_value_heads=8, intermediate_size=16384, vocab_size=92553, rope_theta=1e6),
+    "yi-34b": dict(model_type="llama", hidden_size=7168, num_hidden_layers=60, num_attention_heads=56,
+                   num_key_value_heads=8, intermediate_size=20480, vocab_size=64000, rope_theta=5e6),
+    "llama3-70b": dict(model_type="llama", hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
+                       num_key_value_heads=8, intermediate_size=28672, vocab_size=128265, rope_theta=5e5),
 }
 
 VIT_TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -36,6 +40,8 @@ SHAPES = {
     "internvl2-4b": (VIT_300M, "phi3-mini"),
     "internvl2-8b": (VIT_300M, "internlm2.5-7b"),
     "internvl2-26b": (VIT_6B, "internlm2-20b"),
+    "internvl2-40b": (VIT_6B, "yi-34b"),
+    "internvl2-76b": (VIT_6B, "llama3-70b"),
 }
 
 

@@ -14,6 +14,9 @@ SCRIPTS = {
     "smoke": ("internvl_tune.bench.gpu_smoke",
               "the training CLIs with tiny checkpoints, torch.compile on and off: losses must agree"),
     "plot": ("internvl_tune.bench.plot", "redraw throughput.png from the bench_*.json files of a folder"),
+    "qlora": ("internvl_tune.bench.qlora_check",
+              "QLoRA (4-bit LLM + LoRA) steps on a random-weight shape: peak memory against the estimate (CUDA; "
+              "the estimate alone anywhere)"),
 }
 NEEDS_CUDA = {"train", "eval", "e2e"}
 
@@ -23,6 +26,7 @@ EPILOG = """examples:
   internvl-tune bench eval --parts caption --out eval.json
   internvl-tune bench smoke --out /tmp/smoke
   internvl-tune bench plot docs/perf
+  internvl-tune bench qlora --shape internvl2-76b --steps 6      (needs bitsandbytes)
 
 Results recorded so far, with the commands that produced them: docs/performance.md."""
 

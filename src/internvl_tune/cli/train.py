@@ -9,6 +9,8 @@ EPILOG = """examples:
       --output_dir work_dirs/my_run --use_llm_lora 16 --bf16 True
   torchrun --nproc_per_node 8 -m internvl_tune.cli train --config my_run.yaml --per_device_train_batch_size 2
   internvl-tune train --config my_run.yaml --resume_from_checkpoint auto
+  internvl-tune train --model_name_or_path ./pretrained/InternVL2-40B --meta_path my_meta.json --bf16 True \\
+      --use_llm_lora 16 --load_in_4bit True        (QLoRA on one GPU; needs bitsandbytes)
 
 The template, tile size and tiling settings default to the checkpoint's config.json; flags override them.
 Booleans take an optional value: --freeze_backbone, --freeze_backbone True and --freeze_backbone False all work.
@@ -24,11 +26,28 @@ def sections() -> dict:
     return {"model": ModelArgs, "data": DataConfig, "train": TrainArgs}
 
 
+# other fine-tuning tools' spellings of --load_in_4bit (LLaMA-Factory, ms-swift), accepted as hidden aliases
+QUANT_BIT_ALIASES = ("--quantization_bit", "--quant_bits")
+
+
+def four_bits(text: str) -> bool:
+    """The value of ``--quantization_bit`` / ``--quant_bits``: 4 is ``--load_in_4bit True``, 0 or none False."""
+    value = str(text).strip().lower()
+    if value in ("0", "none"):
+        return False
+    if value != "4":
+        raise argparse.ArgumentTypeError(f"{text!r}: only 4-bit base weights are supported (--load_in_4bit True)")
+    return True
+
+
 def register(subparsers, name: str, help_text: str) -> None:
     from internvl_tune.models.internvl_chat.recipe import IGNORED_FLAGS
     from internvl_tune.train.config import add_training_command
 
-    add_training_command(subparsers, name, help_text, EPILOG, sections(), IGNORED_FLAGS, run)
+    parser = add_training_command(subparsers, name, help_text, EPILOG, sections(), IGNORED_FLAGS, run)
+    for alias in QUANT_BIT_ALIASES:
+        parser.add_argument(alias, type=four_bits, dest="model.load_in_4bit", default=argparse.SUPPRESS,
+                            help=argparse.SUPPRESS)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,7 +5,7 @@ to measured peaks on an H100 (see docs/performance.md for the measurements behin
 
 Per rank, with ``W`` ranks (FSDP2 shards model states evenly):
 
-- frozen parameters: their stored bytes / W (bf16 on GPUs)
+- frozen parameters: their stored bytes / W (bf16 on GPUs; 4-bit NF4 weights about 0.52 bytes with their scales)
 - trainable parameters: fp32 master (4 B) + fp32 gradient (4 B) + AdamW moments (8 B), all / W
 - gathered parameters: several ranks: the largest blocks held unsharded in the compute dtype while they run;
   one rank: a compute-dtype copy of every trainable parameter (``dist/parallelize.py``)
@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import nn
+
+from internvl_tune.models.common.quantize import stored_bytes
 
 # bytes per token per unit of width, fitted on measurements (bf16 activations)
 A_CKPT = 2.0
@@ -81,7 +83,7 @@ def estimate_training_memory(
     """Estimate the peak memory of one rank for a decoder-style VLM training step.
 
     Args:
-        model: the model with ``requires_grad`` already set (frozen parts counted at their stored dtype).
+        model: the model with ``requires_grad`` already set (frozen parts counted as stored: ``stored_bytes``).
         blocks: the FSDP units below the root (vision blocks and LLM layers).
         world_size: ranks sharing the model states.
         tokens_per_micro_batch: LLM tokens in one micro-batch (rows x sequence length, or the packing budget).
@@ -98,7 +100,7 @@ def estimate_training_memory(
     gib = 2**30
     states = 0
     for p in model.parameters():
-        states += (16 if p.requires_grad else p.element_size()) * p.numel()
+        states += 16 * p.numel() if p.requires_grad else stored_bytes(p)
     states /= world_size
     if world_size > 1:  # one block at a time is gathered (two: the next one is prefetched)
         biggest = max((_block_bytes(b, compute_bytes) for b in blocks), default=0)

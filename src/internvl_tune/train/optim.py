@@ -7,6 +7,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from internvl_tune.models.common.quantize import num_weights
+
 
 def no_weight_decay(name: str, param: torch.Tensor) -> bool:
     """Biases and 1-D tensors (norm weights, layer scales) get no weight decay, as in the reference."""
@@ -56,9 +58,9 @@ def build_adamw(groups: list[dict], betas: tuple[float, float], eps: float) -> t
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
+    """(trainable, total) parameter counts (a 4-bit weight counts once, though two share a byte)."""
     total = trainable = 0
     for p in model.parameters():
-        total += p.numel()
+        total += num_weights(p)
         trainable += p.numel() if p.requires_grad else 0
     return trainable, total

@@ -53,8 +53,9 @@ class Recipe(Protocol):
     unit: str  # what throughput counts: "tokens" or "samples"
     grad_checkpoint: str  # the family's --grad_checkpoint value
 
-    def build_module(self, dtype: torch.dtype, weights: bool = True) -> nn.Module:
-        """The training module (``forward(batch) -> {"loss": ...}``, ``blocks()``), trainable flags applied."""
+    def build_module(self, dtype: torch.dtype, weights: bool = True, device: torch.device | str = "cpu") -> nn.Module:
+        """The training module (``forward(batch) -> {"loss": ...}``, ``blocks()``), trainable flags applied; on the
+        CPU, or where it may load straight onto the run's ``device`` (4-bit weights are quantized there)."""
 
     def build_data(self, seed: int, rank: int, world_size: int, per_device_batch: int, grad_accum: int) -> tuple:
         """``(train_set, val_set or None, collate, sampler)``."""
@@ -105,7 +106,7 @@ class Trainer:
         # the shards (one full copy in host memory for the whole job, not one per rank).
         sharded = info.world_size > 1
         torch.manual_seed(t.seed)  # the same LoRA initialisation on every rank and for any world size
-        module = recipe.build_module(load_dtype, weights=not sharded)
+        module = recipe.build_module(load_dtype, weights=not sharded, device=info.device)
         _fp32_masters(module)
         self.trainable, self.total_params = count_parameters(module)
         if self.trainable == 0:

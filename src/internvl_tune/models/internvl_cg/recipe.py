@@ -187,8 +187,9 @@ class RetrievalRecipe:
         return load_internvl_cg(m.model_name_or_path, dtype=dtype, force_image_size=self.data.force_image_size,
                                 drop_path_rate=m.drop_path_rate, weights=weights)
 
-    def build_module(self, dtype: torch.dtype, weights: bool = True) -> RetrievalTrainModule:
-        """The training module from the checkpoint, trainable flags and LoRA applied."""
+    def build_module(self, dtype: torch.dtype, weights: bool = True, device="cpu") -> RetrievalTrainModule:
+        """The training module from the checkpoint, trainable flags and LoRA applied, on the CPU (whatever
+        ``device``: the trainer moves it)."""
         m = self.args
         self.load_dtype = dtype
         model = self._load(dtype, weights)

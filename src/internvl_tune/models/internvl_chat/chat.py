@@ -16,6 +16,7 @@ from internvl_tune.constants import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, IMG_EN
 from internvl_tune.data.batching import image_layout
 from internvl_tune.errors import CheckpointError, UserError
 from internvl_tune.models.common.drop_path import add_drop_path
+from internvl_tune.models.common.quantize import check_4bit_device, to_4bit_linears
 from internvl_tune.models.internvl_chat import config as cfg
 from internvl_tune.models.internvl_chat.key_map import LayoutSpec
 from internvl_tune.models.internvl_chat.loading import build_empty_model, load_weights
@@ -239,7 +240,7 @@ def _resize_for_new_tokens(model, tokenizer, added: int) -> None:
 
 
 def load_pretrained(path, dtype: torch.dtype | None = torch.float32, device="cpu", attn_implementation: str = "sdpa",
-                    weights: bool = True, **overrides) -> InternVLChat:
+                    weights: bool = True, load_in_4bit: bool = False, **overrides) -> InternVLChat:
     """Load an InternVL2 checkpoint in the original or the transformers-native layout, strictly.
 
     Args:
@@ -249,6 +250,8 @@ def load_pretrained(path, dtype: torch.dtype | None = torch.float32, device="cpu
         attn_implementation: ``sdpa`` or ``eager`` (``flash_attention_2`` where installed).
         weights: False builds the structure only: parameters stay on the meta device (in ``dtype``), buffers are
             real; for ranks that receive their weights from rank 0 (``dist.parallelize.materialize_from_rank0``).
+        load_in_4bit: every linear layer of the LLM (not the ViT, projector, embeddings or LM head) holds NF4 weights,
+            quantized on ``device`` as they are read and computed in ``dtype`` (``models.common.quantize``; QLoRA).
         **overrides: InternVLChatConfig settings to replace (``select_layer``, ``ps_version``, ``template``,
             ``dynamic_image_size``, ``use_thumbnail``, ``min_dynamic_patch``, ``max_dynamic_patch``,
             ``force_image_size``, ``downsample_ratio``, ``drop_path_rate`` of the ViT); None values are ignored.
@@ -268,7 +271,12 @@ def load_pretrained(path, dtype: torch.dtype | None = torch.float32, device="cpu
     tokenizer = load_tokenizer(path, "llama" if family == "phi3" else family)
     vocab = original["llm_config"]["vocab_size"]
     native = cfg.native_config(original, tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN), attn_implementation)
+    if load_in_4bit and weights:
+        check_4bit_device(device)  # before reading any weight
     model = build_empty_model(native)
+    if load_in_4bit:
+        to_4bit_linears(model.model.language_model, compute_dtype=dtype)
+        model.is_loaded_in_4bit = True  # peft then wraps these layers with its 4-bit LoRA layers
     spec = LayoutSpec.from_original(original) if layout == "original" else None
     if weights:
         load_weights(model, path, layout, spec, dtype, device)

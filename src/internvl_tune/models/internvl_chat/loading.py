@@ -2,7 +2,8 @@
 
 The model is built with its parameters on the meta device; checkpoint tensors are then read one at a time
 (safetensors shards through their index, or legacy ``.bin`` files through ``torch.load(weights_only=True)``),
-converted to native keys, cast and moved to the target device. Peak memory is one model plus one tensor, so a 76B
+converted to native keys, cast and moved to the target device (or quantized there, for layers that
+``models.common.quantize.to_4bit_linears`` made 4-bit). Peak memory is one model plus one tensor, so a 76B
 checkpoint never needs twice its size in RAM. Loading is strict: every checkpoint tensor must land on a parameter of
 the same shape and every parameter must be filled, otherwise one CheckpointError lists all offenders.
 """
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from internvl_tune.errors import CheckpointError
+from internvl_tune.models.common.quantize import is_4bit, quantize_as
 from internvl_tune.models.common.weights import iter_file_tensors, weight_files
 from internvl_tune.models.internvl_chat.key_map import LayoutSpec, convert_original_tensor, normalize_native_key
 
@@ -60,8 +62,8 @@ def load_weights(
         path: checkpoint directory.
         layout: ``original`` or ``native`` (which key names the files use).
         spec: shape facts for the original layout (None for native).
-        dtype: parameter dtype after loading (checkpoint tensors are cast).
-        device: where the parameters go.
+        dtype: parameter dtype after loading (checkpoint tensors are cast; 4-bit layers quantize the cast tensor).
+        device: where the parameters go (and where 4-bit weights are quantized).
     """
     expected = dict(model.named_parameters())
     filled: set[str] = set()
@@ -87,8 +89,11 @@ def load_weights(
                 continue
             module_name, _, leaf = name.rpartition(".")
             module = model.get_submodule(module_name)
-            data = value.to(device=device, dtype=dtype, copy=True).contiguous()
-            module._parameters[leaf] = nn.Parameter(data, requires_grad=param.requires_grad)
+            if is_4bit(param):  # quantized as it is read: the unquantized weights are never all in memory
+                module._parameters[leaf] = quantize_as(param, value.to(dtype=dtype), device)
+            else:
+                data = value.to(device=device, dtype=dtype, copy=True).contiguous()
+                module._parameters[leaf] = nn.Parameter(data, requires_grad=param.requires_grad)
             filled.add(name)
     missing = sorted(set(expected) - filled)
     if unexpected or missing or misshaped or bad_dtype or duplicated:

@@ -23,6 +23,7 @@ from internvl_tune.data.batching import ChatBatch
 from internvl_tune.data.config import DataConfig
 from internvl_tune.errors import UserError
 from internvl_tune.models.common import varlen_attention
+from internvl_tune.models.common.quantize import require_bitsandbytes
 from internvl_tune.models.internvl_chat.loss import weighted_lm_loss_sum
 from internvl_tune.options import option
 
@@ -63,11 +64,15 @@ class ModelArgs:
     drop_path_rate: float = option(0.0, "stochastic depth for the ViT (linear over layers, as the reference)")
     ps_version: str = option("v2", "pixel-shuffle version", ("v1", "v2"))
     merge_lora: bool = option(True, "for LoRA runs, also write the merged model as the final output")
+    load_in_4bit: bool = option(False, "QLoRA: hold the LLM's linear layers in 4 bits (bitsandbytes NF4, double "
+                                       "quantization, bf16 compute) on one GPU; needs --use_llm_lora or --freeze_llm. "
+                                       "The merged model is the bf16 checkpoint plus the adapter")
 
 
 def _set(module: nn.Module, trainable: bool) -> None:
     for p in module.parameters():
-        p.requires_grad_(trainable)
+        if p.is_floating_point():  # 4-bit weights (uint8) never train
+            p.requires_grad_(trainable)
 
 
 def apply_trainable_flags(chat, args: ModelArgs) -> dict[str, int]:
@@ -148,24 +153,38 @@ class ChatRecipe:
             raise UserError("--model_name_or_path is required (a checkpoint directory such as ./pretrained/InternVL2-1B)")
         if not data.meta_path:
             raise UserError("--meta_path is required (a meta JSON naming your JSONL datasets)")
+        if model.load_in_4bit:
+            require_bitsandbytes()
+            if not (model.use_llm_lora or model.freeze_llm):
+                raise UserError("--load_in_4bit keeps the LLM's linear layers frozen in 4 bits: add --use_llm_lora R "
+                                "(QLoRA) or --freeze_llm True")
         self.args, self.data = model, data
         self.chat = None
         self.trainable_parts: dict[str, int] = {}
 
-    def _load_chat(self, dtype: torch.dtype, weights: bool):
+    def _load_chat(self, dtype: torch.dtype, weights: bool, device="cpu", load_in_4bit: bool = False):
         from internvl_tune.models.internvl_chat.chat import load_pretrained
 
         m = self.args
-        return load_pretrained(m.model_name_or_path, dtype=dtype, device="cpu", weights=weights,
-                               select_layer=m.vision_select_layer, ps_version=m.ps_version,
-                               drop_path_rate=m.drop_path_rate)
+        return load_pretrained(m.model_name_or_path, dtype=dtype, device=device, weights=weights,
+                               load_in_4bit=load_in_4bit, select_layer=m.vision_select_layer,
+                               ps_version=m.ps_version, drop_path_rate=m.drop_path_rate)
 
-    def build_module(self, dtype: torch.dtype, weights: bool = True) -> ChatTrainModule:
+    def build_module(self, dtype: torch.dtype, weights: bool = True, device="cpu") -> ChatTrainModule:
         """The training module from the checkpoint (``weights=False``: its structure on the meta device), with the
-        trainable flags and LoRA adapters applied. The data settings are resolved against the checkpoint here."""
+        trainable flags and LoRA adapters applied. The data settings are resolved against the checkpoint here.
+
+        The model loads on the CPU; with ``--load_in_4bit`` it loads straight onto ``device``, quantizing there.
+        """
         from internvl_tune.models.internvl_chat.config import data_defaults
 
-        chat = self._load_chat(dtype, weights)
+        quantized = self.args.load_in_4bit
+        if quantized and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            raise UserError(f"--load_in_4bit trains in one process on one GPU; this run has "
+                            f"{torch.distributed.get_world_size()} ranks, and their 4-bit weights cannot be sharded: "
+                            "launch without torchrun (or with --nproc_per_node 1), or drop --load_in_4bit to shard "
+                            "the bf16 model over the ranks")
+        chat = self._load_chat(dtype, weights, device if quantized else "cpu", quantized)
         self.trainable_parts = apply_trainable_flags(chat, self.args)
         if self.chat is None:  # the first build is the trained one (a second, on rank 0, only sources weights)
             self.data = self.data.resolve(data_defaults(chat.original_config), self.args.model_name_or_path)
@@ -236,7 +255,8 @@ class ChatRecipe:
         tiles = (f"dynamic tiles {d.min_dynamic_patch}-{d.max_dynamic_patch}"
                  + (" + thumbnail" if d.use_thumbnail else "") if d.dynamic_image_size else "one tile per image")
         parts = ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in self.trainable_parts.items())
-        return [f"model: {self.args.model_name_or_path} ({chat.family}), template {template}, "
+        quantized = ", LLM linear layers in 4 bits (NF4)" if self.args.load_in_4bit else ""
+        return [f"model: {self.args.model_name_or_path} ({chat.family}){quantized}, template {template}, "
                 f"{d.force_image_size} px tiles x {d.num_image_token} tokens, {tiles}; trainable: {parts}"]
 
     def export(self, state: dict[str, torch.Tensor], output_dir: Path) -> None:
@@ -245,18 +265,29 @@ class ChatRecipe:
         ``state`` is the gathered state dict of the training module; it is assigned into a fresh structure of the
         base model with the same trainable flags (built on the meta device: the checkpoint is not read again), so
         the exported files never depend on how training was sharded. Runs on rank 0 only.
+
+        With ``--load_in_4bit`` only the trained tensors of ``state`` are used: folding LoRA into 4-bit weights
+        would be lossy, so the final model is the base checkpoint, read again in bf16, with the adapter merged
+        into it (the adapter alone needs no base weights).
         """
         from internvl_tune.models.internvl_chat.lora import has_lora, merge_lora, save_adapter
 
-        chat = self._load_chat(torch.float32, weights=False)
-        apply_trainable_flags(chat, self.args)
+        m = self.args
+        quantized = m.load_in_4bit
+        base_needed = quantized and (m.merge_lora or not (m.use_llm_lora or m.use_backbone_lora))
+        chat = self._load_chat(torch.bfloat16 if quantized else torch.float32, weights=base_needed)
+        apply_trainable_flags(chat, m)
         own = {k.removeprefix("model."): v.float() if v.is_floating_point() else v for k, v in state.items()}
-        chat.model.load_state_dict(own, strict=True, assign=True)
+        if quantized:  # the frozen weights in `state` are 4-bit: they come from the checkpoint instead
+            own = {name: own[name] for name, p in chat.model.named_parameters() if p.requires_grad}
+        chat.model.load_state_dict(own, strict=not quantized, assign=True)
         if has_lora(chat):
-            save_adapter(chat, output_dir / "adapter", base=self.args.model_name_or_path)
-            if self.args.merge_lora:
+            save_adapter(chat, output_dir / "adapter", base=m.model_name_or_path)
+            if m.merge_lora:
                 merge_lora(chat)
         if not has_lora(chat):
+            if quantized:
+                chat.model.to(torch.bfloat16)  # the trained tensors too: one dtype in the files
             _save_into(chat, output_dir)
 
 
