@@ -18,10 +18,11 @@ Precedence: command-line flags > --config YAML > defaults. The resolved config i
 def sections() -> dict:
     """The run-config sections of chat fine-tuning."""
     from internvl_tune.data.config import DataConfig
+    from internvl_tune.models.internvl_chat.preference_loss import PreferenceArgs
     from internvl_tune.models.internvl_chat.recipe import ModelArgs
     from internvl_tune.train.config import TrainArgs
 
-    return {"model": ModelArgs, "data": DataConfig, "train": TrainArgs}
+    return {"model": ModelArgs, "data": DataConfig, "train": TrainArgs, "preference": PreferenceArgs}
 
 
 def register(subparsers, name: str, help_text: str) -> None:
@@ -34,11 +35,22 @@ def register(subparsers, name: str, help_text: str) -> None:
     parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def recipe(cfg):
+    """The chat recipe of ``cfg``: supervised (``--objective sft``) or preference tuning (dpo, mpo)."""
     from internvl_tune.models.internvl_chat.recipe import ChatRecipe
+
+    if cfg.preference.resolve().objective == "sft":
+        return ChatRecipe(cfg.model, cfg.data)
+    from internvl_tune.dist import all_reduce_sum
+    from internvl_tune.models.internvl_chat.preference import PreferenceRecipe
+
+    return PreferenceRecipe(cfg.model, cfg.data, cfg.preference, all_reduce_sum)
+
+
+def run(args: argparse.Namespace) -> int:
     from internvl_tune.train.config import load_config
     from internvl_tune.train.trainer import run as run_trainer
 
     cfg = load_config(args, sections())
-    result = run_trainer(ChatRecipe(cfg.model, cfg.data), cfg)
+    result = run_trainer(recipe(cfg), cfg)
     return 0 if result.steps > 0 or not result.interrupted else 1

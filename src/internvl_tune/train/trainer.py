@@ -142,6 +142,8 @@ class Trainer:
         if self.resumed_from is not None:
             state = self.checkpointer.load(self.resumed_from, self.optimizer)
             self.step, self.bad_steps, self.seen = state["step"], state["bad_steps"], state["work_seen"]
+            if "module" in state:  # run state the module keeps besides its tensors (e.g. a running mean)
+                module.load_run_state(state["module"])
         elif info.is_main:
             (self.output_dir / TEXT_LOG).unlink(missing_ok=True)
         self.metrics = MetricsLogger(self.output_dir, enabled=info.is_main, sinks=self.sinks,
@@ -238,6 +240,8 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         state = {"bad_steps": self.bad_steps, "work_seen": self.seen, "config": self.cfg.to_dict()}
+        if hasattr(self.module, "run_state"):
+            state["module"] = self.module.run_state()
         path = self.checkpointer.save(self.step, self.optimizer, state)
         self.metrics.flush()
         self._restart_window()
