@@ -64,6 +64,14 @@ def resolve_path(root: str, rel: str, allow_outside_root: bool, where: str | Non
     return path
 
 
+def conversation_messages(item: dict, template, where: str | None = None):
+    """``parse_conversations`` of a supervised line; a preference line (no ``conversations``) gets its own error."""
+    if "conversations" not in item and "chosen" in item:
+        raise DataError("a preference line (question / chosen / rejected) in a supervised dataset", where,
+                        "train and check preference data with --objective dpo or --objective mpo")
+    return parse_conversations(item.get("conversations"), template, where)
+
+
 def first_human(messages: list[tuple[str, str]]) -> int:
     """Index of the first human turn, where a missing ``<image>`` / ``<video>`` placeholder is prepended."""
     return next((k for k, (role, _) in enumerate(messages) if role == HUMAN), 0)
@@ -174,7 +182,7 @@ class SupervisedDataset(Dataset):
 
     def messages(self, item: dict, where: str) -> tuple[str | None, list[tuple[str, str]]]:
         """The system message (None: the template's) and the turns of a line."""
-        system, messages, _ = parse_conversations(item.get("conversations"), self.template, where)
+        system, messages, _ = conversation_messages(item, self.template, where)
         return system, messages
 
     def _encode(self, messages, system, counts: list[int], where: str, text_only: bool = False) -> Encoded:
