@@ -1,4 +1,5 @@
-"""``internvl-tune train``: InternVL2 chat fine-tuning with the reference's flag names."""
+"""``internvl-tune train``: InternVL2 chat fine-tuning (supervised, or DPO / MPO preference tuning) with the reference's
+flag names."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ EPILOG = """examples:
       --output_dir work_dirs/my_run --use_llm_lora 16 --bf16 True
   torchrun --nproc_per_node 8 -m internvl_tune.cli train --config my_run.yaml --per_device_train_batch_size 2
   internvl-tune train --config my_run.yaml --resume_from_checkpoint auto
+  internvl-tune train --objective mpo --model_name_or_path ./pretrained/InternVL2_5-8B --meta_path MMPR-v1.1/meta.json \
+      --output_dir work_dirs/mpo --learning_rate 1e-6   (preference pairs: question / chosen / rejected)
 
 The template, tile size and tiling settings default to the checkpoint's config.json; flags override them.
 Booleans take an optional value: --freeze_backbone, --freeze_backbone True and --freeze_backbone False all work.

@@ -8,8 +8,7 @@ The reference model is the model training starts from, frozen, and never a secon
 - **Full (or partial) fine-tuning**: a frozen copy of the whole model, built from the same checkpoint in the stored
   dtype, registered as the ``reference`` child: its blocks are sharded like the policy's on several ranks, it has no
   gradients, master weights or optimizer state, and the memory estimate counts it. Checkpoints leave it out (it is
-  the base checkpoint) and the export drops it. The reference keeps a second copy in memory, as here, but also runs
-  its ViT on a second copy of every image (see below).
+  the base checkpoint) and the export drops it. (The reference loads this second copy for LoRA runs too.)
 
 Each micro-batch runs the reference (no grad), then the policy, on the same rows: chosen and rejected answers of a
 pair, padded or packed, sharing one computation of the pair's image features (the reference repeats the pixels
