@@ -21,18 +21,21 @@ TERMS = ("loss", "sigmoid_loss", "bco_pair_loss", "nll_loss", "rewards/chosen", 
          "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm")
 
 
-def _run(model, out, **train):
+LORA = dict(use_llm_lora=4, freeze_mlp=True)
+
+
+def _run(model, out, model_flags=LORA, **train):
+    """An in-process MPO run on the preference sample (LoRA by default)."""
     from internvl_tune.dist import all_reduce_sum
     from internvl_tune.models.internvl_chat.preference import PreferenceRecipe
     from internvl_tune.train.trainer import run
 
     cfg = RunConfig(
-        model=ModelArgs(model_name_or_path=str(model), grad_checkpoint="False", use_llm_lora=4, freeze_backbone=True,
-                        freeze_mlp=True),
+        model=ModelArgs(model_name_or_path=str(model), grad_checkpoint="False", freeze_backbone=True, **model_flags),
         data=DataConfig(meta_path=str(META), conv_style="Hermes-2", force_image_size=56, dynamic_image_size=True,
                         max_dynamic_patch=2),
-        train=TrainArgs(output_dir=str(out), max_steps=4, save_steps=2, per_device_train_batch_size=2,
-                        learning_rate=2e-3, dataloader_num_workers=0, report_to="none", seed=0, **train),
+        train=TrainArgs(**{"output_dir": str(out), "max_steps": 4, "save_steps": 2, "per_device_train_batch_size": 2,
+                           "learning_rate": 2e-3, "dataloader_num_workers": 0, "report_to": "none", "seed": 0, **train}),
         preference=PreferenceArgs(objective="mpo"),
     )
     return run(PreferenceRecipe(cfg.model, cfg.data, cfg.preference, all_reduce_sum), cfg)
@@ -51,6 +54,27 @@ def test_resume_repeats_every_term_bit_for_bit(tiny_1b, tmp_path):
     shutil.rmtree(out / "checkpoint-4")
     _run(tiny_1b, out, resume_from_checkpoint=str(out / "checkpoint-2"))
     assert _rows(out) == reference  # the bco_pair reward shift came back with the checkpoint too
+
+
+def _three_steps(model, out, model_flags) -> dict[int, tuple]:
+    world = int(os.environ["WORLD_SIZE"])
+    _run(model, out, model_flags, max_steps=3, per_device_train_batch_size=2 // world, device="cpu")
+    return _rows(Path(out))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_flags", [{}, {**LORA, "lora_dropout": 0.0}], ids=["frozen-copy", "lora"])
+def test_two_gloo_processes_match_one_process(tiny_1b, tmp_path, model_flags):
+    # the reward shift and the per-pair normalisation are global: 2 ranks x 1 pair = 1 rank x 2 pairs (without
+    # dropout, whose masks differ per rank); the copy's blocks are sharded and filled from rank 0 like the policy's
+    from train_helpers import spawn
+
+    one = spawn(1, _three_steps, str(tiny_1b), str(tmp_path / "one"), model_flags)
+    two = spawn(2, _three_steps, str(tiny_1b), str(tmp_path / "two"), model_flags)
+    assert one.keys() == two.keys() == {1, 2, 3} and one[3][TERMS.index("rewards/margins")] != 0.0
+    for step in one:
+        for name, a, b in zip(TERMS, one[step], two[step]):
+            assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (step, name, a, b)
 
 
 def _cli(model, out, *extra) -> list[str]:
