@@ -84,13 +84,14 @@ def _cli(model, out, *extra) -> list[str]:
             "False", "--freeze_backbone", "--freeze_mlp", "--use_llm_lora", "4", "--learning_rate", "2e-3", *extra]
 
 
-def test_cli_dpo_with_packing_logs_the_terms_grouped_and_exports_the_adapter(tiny_1b, tmp_path):
+def test_cli_dpo_with_packing_and_validation_logs_the_terms_grouped_and_exports_the_adapter(tiny_1b, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(_cli(tiny_1b, out, "--objective", "dpo", "--use_packed_ds", "--max_packed_tokens", "600",
-                               "--max_steps", "3", "--report_to", "tensorboard"),
+                               "--max_steps", "3", "--report_to", "tensorboard", "--eval_meta_path", str(META),
+                               "--eval_steps", "3"),
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = " ".join((out / "train.log").read_text().split())
@@ -99,6 +100,8 @@ def test_cli_dpo_with_packing_logs_the_terms_grouped_and_exports_the_adapter(tin
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
     assert len(rows) == 3 and all(0.0 <= r["rewards/accuracies"] <= 1.0 for r in rows)
     assert "nll_loss" not in rows[0] and rows[0]["sigmoid_loss"] == rows[0]["loss"]
+    evals = [r["eval_loss"] for r in read_jsonl(out / "metrics.jsonl") if "eval_loss" in r]
+    assert len(evals) == 1 and 0.0 < evals[0] < 1.0  # the mean DPO loss over the 6 pairs
     tags = EventAccumulator(str(out / "tensorboard")).Reload().Tags()["scalars"]
     assert {"train/loss", "train/sigmoid_loss", "train/rewards/chosen", "train/rewards/margins",
             "train/logps/rejected"} <= set(tags)

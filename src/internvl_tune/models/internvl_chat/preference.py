@@ -103,7 +103,7 @@ class PreferenceRecipe(ChatRecipe):
         self.preference = preference.resolve()
         self.name = self.preference.objective
         self.all_reduce_sum = all_reduce_sum
-        self.reference_params = 0
+        self.reference_params, self.reference_dtype = 0, None
 
     def _training_module(self, chat, dtype: torch.dtype, weights: bool) -> PreferenceTrainModule:
         from internvl_tune.models.internvl_chat.lora import has_lora
@@ -121,6 +121,7 @@ class PreferenceRecipe(ChatRecipe):
             reference = self._load_chat(dtype, weights)
             reference.model.requires_grad_(False)
             self.reference_params = sum(p.numel() for p in reference.model.parameters())
+            self.reference_dtype = str(dtype).removeprefix("torch.")
         return PreferenceTrainModule(chat, self.preference, self.all_reduce_sum, reference)
 
     def _data_classes(self) -> tuple[type, type]:
@@ -132,8 +133,8 @@ class PreferenceRecipe(ChatRecipe):
         """The chat plan lines, the objective with its weights, and how the reference model is held."""
         if self.reference_params:
             held = (f"a frozen copy of {self.args.model_name_or_path} ({self.reference_params / 1e6:.2f}M parameters "
-                    f"in the load dtype, no gradients or optimizer state; counted in the memory estimate's model "
-                    f"states)")
+                    f"in {self.reference_dtype}, no gradients or optimizer state; counted in the memory estimate's "
+                    f"model states)")
         else:
             held = "the model with its LoRA adapters disabled (no second copy)"
         return super().describe() + [f"objective {self.preference.describe()}; reference model: {held}"]
