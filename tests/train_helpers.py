@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 def run_chat(cfg):
     """``internvl-tune train`` in-process: the chat recipe under the one trainer."""
@@ -18,3 +20,31 @@ def run_retrieval(cfg):
     from internvl_tune.train.trainer import run
 
     return run(RetrievalRecipe(cfg.model, cfg.data, gather_with_grad), cfg)
+
+
+def spawn(world: int, fn, *args):
+    """``fn(*args)`` in ``world`` CPU processes of one gloo group (a free port, one thread each); rank 0's result.
+
+    ``fn`` must be importable by name (a module-level function), as the processes are spawned.
+    """
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    q = mp.get_context("spawn").Queue()
+    mp.start_processes(_worker, args=(world, port, q, fn, args), nprocs=world, start_method="spawn")
+    return q.get(timeout=30)
+
+
+def _worker(rank: int, world: int, port: int, q, fn, args) -> None:
+    import torch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    result = fn(*args)
+    if rank == 0:
+        q.put(result)

@@ -3,7 +3,8 @@
     python examples/sample/make_sample.py
 
 Writes the photos (resized, some cropped tall or wide so tiling sees many aspect ratios), short H.264 videos made
-from them with PyAV, the chat JSONL files of the four sample kinds with their meta JSON, and the same photos as a
+from them with PyAV, the chat JSONL files of the four sample kinds with their meta JSON, a preference JSONL (DPO /
+MPO) with its own meta JSON, and the same photos as a
 mini retrieval / caption set in the COCO-Karpathy, Flickr30K and NoCaps layouts (copies of images/ under the names
 those layouts use; git stores identical files once). Captions and answers are our own. Output is deterministic.
 """
@@ -382,6 +383,32 @@ def write_meta(out: Path, counts: dict[str, int]) -> None:
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
+def preference_files(out: Path) -> None:
+    """``preference.jsonl`` (DPO / MPO lines: question, chosen, rejected) over the photos, and its meta JSON."""
+    rows = [
+        {"image": "astronaut.jpg", "question": "<image>\nWhat colour is the astronaut's suit? Explain briefly.",
+         "chosen": "The astronaut wears a flight suit that is clearly orange, with mission patches on it. "
+                   "Final answer: orange.",
+         "rejected": "Space suits are usually white, so the suit is white. Final answer: white."},
+        {"image": "chelsea.jpg", "question": "What animal is in the picture?",
+         "chosen": "It is a tabby cat looking at the camera.", "rejected": "It is a small dog lying on a sofa."},
+        {"image": "coffee.jpg", "question": "<image>\n杯子里装的是什么？",
+         "chosen": "杯子里是一杯浓缩咖啡，放在红色的碟子上。", "rejected": "杯子里是一杯绿茶。"},
+        {"image": ["rocket.jpg", "astronaut.jpg"],
+         "question": "<image>\n<image>\nWhich image shows a rocket, the first or the second?",
+         "chosen": "The first image shows a rocket on its launch pad and the second an astronaut. "
+                   "Final answer: the first.",
+         "rejected": "The rocket is in the second image. Final answer: the second."},
+        {"question": "What is 12 + 30? Think step by step.",
+         "chosen": "12 + 30 = 42. Final answer: 42.", "rejected": "12 + 30 = 32. Final answer: 32."},
+        {"question": "法国的首都是哪里？", "chosen": "法国的首都是巴黎。", "rejected": "法国的首都是里昂。"},
+    ]
+    jsonl(out / "preference.jsonl", rows)
+    meta = {"sample_preference": {"root": "images/", "annotation": "preference.jsonl", "data_augment": False,
+                                  "repeat_time": 1, "length": len(rows)}}
+    (out / "preference_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
 def link(target: Path, link_path: Path) -> None:
     """Copy a photo into a dataset layout (a copy, not a symlink, so any checkout works; git stores it once)."""
     link_path.parent.mkdir(parents=True, exist_ok=True)
@@ -461,6 +488,7 @@ def main(out: Path = HERE) -> None:
     for file, photo, motion, frames, size in VIDEOS:
         write_video(out / "videos" / file, out / "images" / f"{photo}.jpg", motion, frames, size)
     write_meta(out, chat_files(out, sizes))
+    preference_files(out)
     retrieval_sets(out, sizes)
     total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and not p.is_symlink())
     print(f"wrote {out} ({total / 1e6:.2f} MB)")

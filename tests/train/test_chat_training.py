@@ -93,29 +93,17 @@ def test_freeze_and_lora_flags_train_exactly_the_intended_parameters(tiny_1b, fl
     assert wanted and names == wanted
 
 
-def _spawn_worker(rank, world, port, model, meta, out, q, extra):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+def _three_steps(model, meta, out, extra) -> list[float]:
     from train_helpers import run_chat as run
 
-    result = run(_cfg(model, meta, out, per_device_train_batch_size=4 // world, max_steps=3, device="cpu", **extra))
-    if rank == 0:
-        q.put(result.losses)
+    world = int(os.environ["WORLD_SIZE"])
+    return run(_cfg(model, meta, out, per_device_train_batch_size=4 // world, max_steps=3, device="cpu", **extra)).losses
 
 
 def _spawn(world, model, meta, out, **extra):
-    import socket
+    from train_helpers import spawn
 
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    q = mp.get_context("spawn").Queue()
-    mp.start_processes(_spawn_worker, args=(world, port, str(model), str(meta), str(out), q, extra), nprocs=world,
-                       start_method="spawn")
-    return q.get(timeout=30)
+    return spawn(world, _three_steps, str(model), str(meta), str(out), extra)
 
 
 @pytest.mark.slow

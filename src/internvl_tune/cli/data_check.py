@@ -10,6 +10,7 @@ import dataclasses
 from internvl_tune.cli.flags import add_bool_flag
 from internvl_tune.constants import IGNORE_INDEX, IMG_CONTEXT_TOKEN
 from internvl_tune.data.config import DataConfig
+from internvl_tune.models.internvl_chat.preference_loss import PreferenceArgs
 
 # training-only settings that change nothing a check looks at
 NOT_CHECKED = {"meta_path", "eval_meta_path", "use_packed_ds", "max_packed_tokens", "num_images_expected",
@@ -26,6 +27,7 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--tokenizer", help="tokenizer directory, if not the checkpoint's")
     group = p.add_argument_group("data settings (as for training; the checkpoint's when not given)")
     add_dataclass_flags(group, DataConfig, skip=NOT_CHECKED)
+    add_dataclass_flags(group, PreferenceArgs, skip={f.name for f in dataclasses.fields(PreferenceArgs)} - {"objective"})
     p.add_argument("--max_errors", type=int, default=50, help="list at most this many problems (default: 50)")
     add_bool_flag(p, "strict", False, "warnings count as errors too (default: False)")
     p.add_argument("--show", type=int, default=0, metavar="N",
@@ -70,7 +72,8 @@ def run(args) -> int:
                 bar.update(task, total=total)
             bar.advance(task, n)
 
-        report = check_meta(args.meta, cfg, tokenizer, progress=advance, show=args.show if tokenizer else 0)
+        report = check_meta(args.meta, cfg, tokenizer, progress=advance, show=args.show if tokenizer else 0,
+                            preference=args.objective != "sft")
     _print_summary(console, report, cfg, tokenizer, args)
     failing = report.problems if args.strict else report.errors
     return 1 if failing else 0
@@ -128,12 +131,19 @@ def _print_summary(console, report, cfg, tokenizer, args) -> None:
 
 
 def _show_sample(console, prepared, tok) -> None:
-    """Print one sample's tokens: image runs collapsed, supervised text in green."""
+    """Print one sample's tokens (a preference pair: chosen, then rejected)."""
+    rows = getattr(prepared.encoded, "rows", None)
+    for side, row in zip(("chosen, ", "rejected, "), rows) if rows else [("", prepared.encoded)]:
+        _show_row(console, prepared, row, tok, side)
+
+
+def _show_row(console, prepared, row, tok, side: str) -> None:
+    """Print one token row: image runs collapsed, supervised text in green."""
     from rich.markup import escape
 
-    ids, labels = prepared.encoded.input_ids.tolist(), prepared.encoded.labels.tolist()
+    ids, labels = row.input_ids.tolist(), row.labels.tolist()
     tiles = [len(t) for t in prepared.tiles]
-    console.rule(f"{prepared.sample_id} ({prepared.kind}, tiles {tiles}, {len(ids)} tokens)")
+    console.rule(f"{prepared.sample_id} ({side}{prepared.kind}, tiles {tiles}, {len(ids)} tokens)")
     out, i = [], 0
     context = tok.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
     while i < len(ids):

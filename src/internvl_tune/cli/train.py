@@ -1,4 +1,5 @@
-"""``internvl-tune train``: InternVL2 chat fine-tuning with the reference's flag names."""
+"""``internvl-tune train``: InternVL2 chat fine-tuning (supervised, or DPO / MPO preference tuning) with the reference's
+flag names."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ EPILOG = """examples:
   internvl-tune train --config my_run.yaml --resume_from_checkpoint auto
   internvl-tune train --model_name_or_path ./pretrained/InternVL2-40B --meta_path my_meta.json --bf16 True \\
       --use_llm_lora 16 --load_in_4bit True        (QLoRA on one GPU; needs bitsandbytes)
+  internvl-tune train --objective mpo --model_name_or_path ./pretrained/InternVL2_5-8B --meta_path MMPR-v1.1/meta.json \
+      --output_dir work_dirs/mpo --learning_rate 1e-6   (preference pairs: question / chosen / rejected)
 
 The template, tile size and tiling settings default to the checkpoint's config.json; flags override them.
 Booleans take an optional value: --freeze_backbone, --freeze_backbone True and --freeze_backbone False all work.
@@ -20,10 +23,11 @@ Precedence: command-line flags > --config YAML > defaults. The resolved config i
 def sections() -> dict:
     """The run-config sections of chat fine-tuning."""
     from internvl_tune.data.config import DataConfig
+    from internvl_tune.models.internvl_chat.preference_loss import PreferenceArgs
     from internvl_tune.models.internvl_chat.recipe import ModelArgs
     from internvl_tune.train.config import TrainArgs
 
-    return {"model": ModelArgs, "data": DataConfig, "train": TrainArgs}
+    return {"model": ModelArgs, "data": DataConfig, "train": TrainArgs, "preference": PreferenceArgs}
 
 
 # other fine-tuning tools' spellings of --load_in_4bit (LLaMA-Factory, ms-swift), accepted as hidden aliases
@@ -50,11 +54,22 @@ def register(subparsers, name: str, help_text: str) -> None:
                             help=argparse.SUPPRESS)
 
 
-def run(args: argparse.Namespace) -> int:
+def recipe(cfg):
+    """The chat recipe of ``cfg``: supervised (``--objective sft``) or preference tuning (dpo, mpo)."""
     from internvl_tune.models.internvl_chat.recipe import ChatRecipe
+
+    if cfg.preference.resolve().objective == "sft":
+        return ChatRecipe(cfg.model, cfg.data)
+    from internvl_tune.dist import all_reduce_sum
+    from internvl_tune.models.internvl_chat.preference import PreferenceRecipe
+
+    return PreferenceRecipe(cfg.model, cfg.data, cfg.preference, all_reduce_sum)
+
+
+def run(args: argparse.Namespace) -> int:
     from internvl_tune.train.config import load_config
     from internvl_tune.train.trainer import run as run_trainer
 
     cfg = load_config(args, sections())
-    result = run_trainer(ChatRecipe(cfg.model, cfg.data), cfg)
+    result = run_trainer(recipe(cfg), cfg)
     return 0 if result.steps > 0 or not result.interrupted else 1

@@ -344,19 +344,29 @@ class ChatCollator:
     loss_reduction: str = "token"
 
     def __call__(self, samples: list[dict]) -> ChatBatch:
-        rows = pack_rows(samples) if self.packed else pad_rows(samples, self.pad_token_id)
+        fields = self.fields(samples, samples, list(range(len(samples))))
+        return ChatBatch(**fields, weight=float(fields["loss_weight"].sum()))
+
+    def fields(self, rows: list[dict], samples: list[dict], owners: list[int]) -> dict:
+        """The fields of a batch (all but ``weight``) whose token rows (``input_ids``, ``labels``) are ``rows`` and
+        whose tiles are those of ``samples``: row ``i`` shows the tiles of ``samples[owners[i]]``, so rows may share
+        one image's features (a preference pair's chosen and rejected answers)."""
+        tokens = pack_rows(rows) if self.packed else pad_rows(rows, self.pad_token_id)
         image_flags = torch.cat([s["image_flags"] for s in samples])
-        loss = supervised_positions(rows["labels"], rows["sample_index"], self.loss_reduction)
+        starts = torch.tensor([0] + [len(s["image_flags"]) for s in samples]).cumsum(0).tolist()
+        row_tiles = torch.cat([torch.arange(starts[j], starts[j + 1]) for j in owners])  # tiles in row order
+        layout = image_layout(tokens["input_ids"], image_flags[row_tiles], self.img_context_token_id,
+                              self.num_image_token)
+        layout["image_tiles"] = row_tiles[layout["image_tiles"]]
         packed = {}
         if self.packed:
-            cu, longest = cu_seqlens_from_positions(rows["position_ids"])
+            cu, longest = cu_seqlens_from_positions(tokens["position_ids"])
             packed = {"cu_seq_lens": cu, "max_length": longest}
-        mask = rows.pop("attention_mask", None)
-        return ChatBatch(
-            **rows, attention_mask=mask, **packed, **loss,
+        mask = tokens.pop("attention_mask", None)
+        return dict(
+            **tokens, attention_mask=mask, **packed, **layout,
+            **supervised_positions(tokens["labels"], tokens["sample_index"], self.loss_reduction),
             pixel_values=torch.cat([s["pixel_values"] for s in samples]), image_flags=image_flags,
-            **image_layout(rows["input_ids"], image_flags, self.img_context_token_id, self.num_image_token),
             sample_ids=[s.get("sample_id", "") for s in samples],
-            weight=float(loss["loss_weight"].sum()),
-            num_tokens=int(mask.sum()) if mask is not None else rows["input_ids"].numel(),
+            num_tokens=int(mask.sum()) if mask is not None else tokens["input_ids"].numel(),
         )

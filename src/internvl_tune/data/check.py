@@ -14,10 +14,11 @@ from PIL import Image
 
 from internvl_tune.constants import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from internvl_tune.data.config import DataConfig
-from internvl_tune.data.dataset import SupervisedDataset, resolve_path
+from internvl_tune.data.dataset import SupervisedDataset, conversation_messages, resolve_path
 from internvl_tune.data.images import load_image, num_tiles
 from internvl_tune.data.meta import DatasetSpec, JsonlIndex, read_meta, sample_kind
-from internvl_tune.data.preprocess import parse_conversations, tokenizer_info
+from internvl_tune.data.preference import PreferenceDataset, preference_fields
+from internvl_tune.data.preprocess import tokenizer_info
 from internvl_tune.data.templates import GPT, HUMAN, get_template
 from internvl_tune.data.video import load_video_frames
 from internvl_tune.errors import DataError
@@ -106,6 +107,7 @@ def check_meta(
     tokenizer=None,
     progress=None,
     show: int = 0,
+    preference: bool = False,
 ) -> CheckReport:
     """Check every dataset, line, image and video of ``meta_path``.
 
@@ -115,6 +117,7 @@ def check_meta(
         tokenizer: when given, every sample is also tokenized: lengths, truncation, supervised tokens.
         progress: optional callable(advance: int, total: int | None) for a progress bar.
         show: render this many samples into ``report.shown`` (needs a tokenizer).
+        preference: the lines are preference pairs (``question``, ``chosen``, ``rejected``; ``data/preference.py``).
     """
     report = CheckReport()
     try:
@@ -138,13 +141,15 @@ def check_meta(
     usable = [(s, ix) for s, ix in zip(specs, indexes) if ix is not None]
     dataset = None
     if tokenizer is not None and usable:
-        dataset = SupervisedDataset([s for s, _ in usable], tokenizer, cfg, is_train=False, strict=True)
+        kind = PreferenceDataset if preference else SupervisedDataset
+        dataset = kind([s for s, _ in usable], tokenizer, cfg, is_train=False, strict=True)
     for k, (spec, index) in enumerate(usable):
-        _check_dataset(report, spec, index, template, cfg, dataset, k, progress, show)
+        _check_dataset(report, spec, index, template, cfg, dataset, k, progress, show, preference)
     return report
 
 
-def _check_dataset(report, spec: DatasetSpec, index: JsonlIndex, template, cfg, dataset, k: int, progress, show: int):
+def _check_dataset(report, spec: DatasetSpec, index: JsonlIndex, template, cfg, dataset, k: int, progress, show: int,
+                   preference: bool):
     n_lines = len(index)
     report.lines[spec.name] = n_lines
     if spec.length is not None and spec.length != n_lines:
@@ -162,7 +167,7 @@ def _check_dataset(report, spec: DatasetSpec, index: JsonlIndex, template, cfg, 
     start = int(dataset.starts[k]) if dataset is not None else 0
     for line in range(checked):
         where = f"{spec.annotation}:{index.line_number(line)}"
-        problems = _check_line(report, spec, index, line, where, template, cfg, repeats[line])
+        problems = _check_line(report, spec, index, line, where, template, cfg, repeats[line], preference)
         if not problems and dataset is not None:
             problems = _check_tokens(report, dataset, start + line, repeats[line], show)
         report.problems.extend(problems)
@@ -170,12 +175,22 @@ def _check_dataset(report, spec: DatasetSpec, index: JsonlIndex, template, cfg, 
             progress(1, None)
 
 
-def _check_line(report, spec, index, line, where, template, cfg, repeats: int) -> list[Problem]:
+def _messages(item: dict, template, where: str, preference: bool) -> tuple[list[tuple[str, str]], list[str]]:
+    """The turns of a line (a preference line: the question and both answers) and the warnings about them."""
+    if not preference:
+        _, messages, warnings = conversation_messages(item, template, where)
+        return messages, warnings
+    question, chosen, rejected = preference_fields(item, template, where)
+    same = ["`chosen` and `rejected` are the same text, so the pair teaches no preference"] if chosen == rejected else []
+    return [(HUMAN, question), (GPT, chosen), (GPT, rejected)], same
+
+
+def _check_line(report, spec, index, line, where, template, cfg, repeats: int, preference: bool) -> list[Problem]:
     """Structural and file checks of one line; records kind counts and tiles."""
     try:
         item = index.read(line)
         kind = sample_kind(item, where)
-        _, messages, warnings = parse_conversations(item.get("conversations"), template, where)
+        messages, warnings = _messages(item, template, where, preference)
     except DataError as exc:
         return [Problem(exc.where, _message(exc), exc.fix)]
     report.samples[(spec.name, kind)] += repeats
@@ -235,10 +250,10 @@ def _check_tokens(report, dataset: SupervisedDataset, index: int, repeats: int, 
         prepared = dataset.prepare(index)
     except DataError as exc:
         return [Problem(exc.where, _message(exc), exc.fix)]
-    n = len(prepared.encoded.input_ids)
-    report.token_lengths.append((n, repeats))
-    report.tokens_per_epoch += n * repeats
-    report.supervised_tokens += prepared.encoded.num_supervised * repeats
+    for row in getattr(prepared.encoded, "rows", (prepared.encoded,)):  # a preference pair has two token rows
+        report.token_lengths.append((len(row.input_ids), repeats))
+        report.tokens_per_epoch += len(row.input_ids) * repeats
+        report.supervised_tokens += row.num_supervised * repeats
     if len(report.shown) < show and prepared.kind not in {p.kind for p in report.shown}:  # one of each kind
         report.shown.append(prepared)
     return [Problem(prepared.where, note, "raise --max_seq_length or shorten the sample", error=False)

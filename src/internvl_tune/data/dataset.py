@@ -34,7 +34,7 @@ from internvl_tune.data.images import (
     num_tiles,
     tiles_to_tensor,
 )
-from internvl_tune.data.lengths import estimate_lines
+from internvl_tune.data.lengths import conversation_texts, estimate_lines
 from internvl_tune.data.meta import DatasetSpec, JsonlIndex, read_meta, sample_kind
 from internvl_tune.data.preprocess import Encoded, build_conversation_ids, parse_conversations, tokenizer_info
 from internvl_tune.data.templates import HUMAN, get_template
@@ -62,6 +62,14 @@ def resolve_path(root: str, rel: str, allow_outside_root: bool, where: str | Non
             raise DataError(f"path {rel!r} points outside the dataset root {root!r}{link}", where,
                             "make it relative to `root`, or pass --allow_outside_root")
     return path
+
+
+def conversation_messages(item: dict, template, where: str | None = None):
+    """``parse_conversations`` of a supervised line; a preference line (no ``conversations``) gets its own error."""
+    if "conversations" not in item and "chosen" in item:
+        raise DataError("a preference line (question / chosen / rejected) in a supervised dataset", where,
+                        "train and check preference data with --objective dpo or --objective mpo")
+    return parse_conversations(item.get("conversations"), template, where)
 
 
 def first_human(messages: list[tuple[str, str]]) -> int:
@@ -105,6 +113,9 @@ class SupervisedDataset(Dataset):
         seed: base seed of every per-sample random choice.
         strict: raise on a broken sample instead of replacing it with the next one.
     """
+
+    rows_per_sample = 1  # token rows a sample becomes (a preference pair: 2), for the length estimates
+    line_texts = staticmethod(conversation_texts)  # the texts of a line whose tokens the length estimate counts
 
     def __init__(self, meta_or_specs, tokenizer, cfg: DataConfig, is_train: bool = True, seed: int = 0, strict: bool = False):
         if isinstance(meta_or_specs, (str, os.PathLike)):
@@ -161,13 +172,18 @@ class SupervisedDataset(Dataset):
         sample_id = f"{spec.name}:{index.line_number(line)}"
         item = index.read(line)
         kind = sample_kind(item, where)
-        system, messages, _ = parse_conversations(item.get("conversations"), self.template, where)
+        system, messages = self.messages(item, where)
         rng = self.rng(i)
         augment = self.is_train and spec.data_augment
         max_patch = spec.max_dynamic_patch or self.cfg.max_dynamic_patch
         builder = {"text": self._text, "image": self._image, "multi_image": self._multi_image, "video": self._video}[kind]
         tiles, encoded, notes = builder(item, messages, system, spec, max_patch, rng, where)
         return Prepared(sample_id, where, kind, encoded, tiles, augment, notes)
+
+    def messages(self, item: dict, where: str) -> tuple[str | None, list[tuple[str, str]]]:
+        """The system message (None: the template's) and the turns of a line."""
+        system, messages, _ = conversation_messages(item, self.template, where)
+        return system, messages
 
     def _encode(self, messages, system, counts: list[int], where: str, text_only: bool = False) -> Encoded:
         return build_conversation_ids(messages, self.tokenizer, self.template, counts, system, text_only, where)
@@ -290,12 +306,14 @@ class SupervisedDataset(Dataset):
         for note in p.notes:
             self.stats[note.split(" ")[0]] += 1
         return {
-            "input_ids": p.encoded.input_ids,
-            "labels": p.encoded.labels,
+            **self._token_fields(p.encoded),
             "pixel_values": pixel_values,
             "image_flags": torch.full((len(pixel_values),), flag, dtype=torch.long),
             "sample_id": p.sample_id,
         }
+
+    def _token_fields(self, encoded: Encoded) -> dict:
+        return {"input_ids": encoded.input_ids, "labels": encoded.labels}
 
     def __getitem__(self, i: int) -> dict:
         """Sample ``i``; a broken one is replaced by the next sample (counted, logged), as the reference replaces it."""
@@ -345,7 +363,8 @@ class SupervisedDataset(Dataset):
                 continue
             used = min(size, n_lines)  # a fraction keeps a prefix; repeats reuse the same lines
             est = estimate_lines(index, range(used), self.tokenizer, self.template, self.cfg,
-                                 spec.max_dynamic_patch or self.cfg.max_dynamic_patch)
+                                 spec.max_dynamic_patch or self.cfg.max_dynamic_patch, self.line_texts,
+                                 self.rows_per_sample)
             for s in range(size):
                 length, kind, n_tiles = est[spec.line_of(s, n_lines)]
                 lengths.append(length)

@@ -52,8 +52,21 @@ def _image_tiles(item: dict, kind: str, cfg, max_patch: int) -> int:
     return sum(tiles(w, h, budget) for w, h in zip(widths, heights))
 
 
-def estimate_lines(index, lines, tokenizer, template: Template, cfg, max_patch: int) -> dict[int, tuple[int, str, int]]:
-    """``{line: (estimated tokens, kind, tiles)}`` for the given usable-line numbers of a JsonlIndex."""
+def conversation_texts(item: dict) -> list[str]:
+    """The message texts of a supervised line (a DataError without ``conversations``)."""
+    turns = item.get("conversations")
+    if not isinstance(turns, list):
+        raise DataError("no conversations")
+    return [t.get("value", "") for t in turns if isinstance(t, dict) and isinstance(t.get("value"), str)]
+
+
+def estimate_lines(index, lines, tokenizer, template: Template, cfg, max_patch: int, texts=conversation_texts,
+                   rows: int = 1) -> dict[int, tuple[int, str, int]]:
+    """``{line: (estimated tokens, kind, tiles)}`` for the given usable-line numbers of a JsonlIndex.
+
+    ``texts(item)`` gives the messages of a line; ``rows`` is the number of token rows a line becomes (each repeats
+    the template's fixed tokens and the image tokens; the tiles are counted once).
+    """
     fixed, per_turn = _template_overhead(tokenizer, template)
     out: dict[int, tuple[int, str, int]] = {}
     pending: list[tuple[int, str, int, int, str]] = []  # (line, kind, tiles, non-text tokens, text)
@@ -63,17 +76,14 @@ def estimate_lines(index, lines, tokenizer, template: Template, cfg, max_patch: 
             return
         ids = tokenizer([p[4] for p in pending], add_special_tokens=False).input_ids
         for (line, kind, n_tiles, extra, _), toks in zip(pending, ids):
-            out[line] = (min(cfg.max_seq_length, len(toks) + extra), kind, n_tiles)
+            out[line] = (min(rows * cfg.max_seq_length, len(toks) + extra), kind, n_tiles)
         pending.clear()
 
     for line in lines:
         try:
             item = index.read(line)
             kind = sample_kind(item)
-            turns = item.get("conversations")
-            if not isinstance(turns, list):
-                raise DataError("no conversations")
-            values = [t.get("value", "") for t in turns if isinstance(t, dict) and isinstance(t.get("value"), str)]
+            values = texts(item)
         except DataError:
             out[line] = (1, "invalid", 1)
             continue
@@ -87,9 +97,9 @@ def estimate_lines(index, lines, tokenizer, template: Template, cfg, max_patch: 
             n_images = 1 if kind == "image" else len(item["image"])
             image_tokens = n_tiles * cfg.num_image_token + 2 * n_images
         if isinstance(item.get("length"), int) and not isinstance(item.get("length"), bool):
-            out[line] = (min(cfg.max_seq_length, item["length"]), kind, n_tiles)
+            out[line] = (min(rows * cfg.max_seq_length, item["length"]), kind, n_tiles)
             continue
-        pending.append((line, kind, n_tiles, fixed + per_turn * len(values) + image_tokens, "\n".join(values)))
+        pending.append((line, kind, n_tiles, rows * (fixed + image_tokens) + per_turn * len(values), "\n".join(values)))
         if len(pending) >= _CHUNK:
             flush()
     flush()

@@ -61,6 +61,18 @@ class Encoded:
         return Encoded(self.input_ids[:max_len], self.labels[:max_len], self.image_end, self.mismatch)
 
 
+def check_text(value, field: str, template: Template, where: str | None = None) -> None:
+    """A message text must be a non-empty string without the template's or the images' reserved tokens."""
+    if not isinstance(value, str):
+        raise DataError(f"{field} must be a string, got {type(value).__name__}", where, "write the text as a JSON string")
+    if not (value.strip() if template.strip_values else value):
+        raise DataError(f"{field} is empty", where, "write the message or remove the turn")
+    for special in template.special_texts + (IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN):
+        if special in value:
+            raise DataError(f"{field} contains the reserved token {special}", where,
+                            "remove it: the template and the image expansion insert these tokens themselves")
+
+
 def parse_conversations(conversations, template: Template, where: str | None = None) -> tuple[str | None, list[tuple[str, str]], list[str]]:
     """Validate a JSONL ``conversations`` list for ``template``.
 
@@ -83,8 +95,7 @@ def parse_conversations(conversations, template: Template, where: str | None = N
             raise DataError(f"{field} must be an object with keys \"from\" and \"value\"", where,
                             'write {"from": "human", "value": "..."} (the reference reads "value", not "text")')
         role, value = turn["from"], turn["value"]
-        if not isinstance(value, str):
-            raise DataError(f"{field}.value must be a string, got {type(value).__name__}", where, "write the text as a JSON string")
+        check_text(value, f"{field}.value", template, where)
         if role == SYSTEM:
             if not template.system_turn:
                 raise DataError(f"{field}.from is \"system\", which the {template.name} template does not support", where,
@@ -96,12 +107,6 @@ def parse_conversations(conversations, template: Template, where: str | None = N
         if role not in (HUMAN, GPT):
             raise DataError(f"{field}.from is {role!r}; expected \"human\" or \"gpt\"", where,
                             'use "human" for the user and "gpt" for the assistant' + (' ("system" may come first)' if template.system_turn else ""))
-        if not (value.strip() if template.strip_values else value):
-            raise DataError(f"{field}.value is empty", where, "write the message or remove the turn")
-        for special in template.special_texts + (IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN):
-            if special in value:
-                raise DataError(f"{field}.value contains the reserved token {special}", where,
-                                "remove it: the template and the image expansion insert these tokens themselves")
         messages.append((role, value))
     if template.alternating:
         if messages and messages[0][0] == GPT:

@@ -73,14 +73,16 @@ IGNORED_FLAGS = {
 
 @dataclass
 class RunConfig:
-    """The resolved configuration of one run: the recipe's ``model`` and ``data`` sections and :class:`TrainArgs`."""
+    """The resolved configuration of one run: the recipe's ``model`` and ``data`` sections, :class:`TrainArgs`, and
+    the sections only some recipes have (``preference``)."""
 
     model: Any
     data: Any
     train: TrainArgs = field(default_factory=TrainArgs)
+    preference: Any = None
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
 def build_arg_parser(parser: argparse.ArgumentParser, sections: dict, ignored_flags: dict[str, str]) -> argparse.ArgumentParser:

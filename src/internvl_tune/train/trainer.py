@@ -144,6 +144,8 @@ class Trainer:
             state = self.checkpointer.load(self.resumed_from, self.optimizer)
             seen = state.get("work_seen", state.get(f"{recipe.unit}_seen", 0))  # (the older name of the counter)
             self.step, self.bad_steps, self.seen = state["step"], state["bad_steps"], seen
+            if "module" in state:  # run state the module keeps besides its tensors (e.g. a running mean)
+                module.load_run_state(state["module"])
         elif info.is_main:
             (self.output_dir / TEXT_LOG).unlink(missing_ok=True)
         self.metrics = MetricsLogger(self.output_dir, enabled=info.is_main, sinks=self.sinks,
@@ -248,6 +250,8 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         state = {"bad_steps": self.bad_steps, "work_seen": self.seen, "config": self.cfg.to_dict()}
+        if hasattr(self.module, "run_state"):
+            state["module"] = self.module.run_state()
         path = self.checkpointer.save(self.step, self.optimizer, state)
         self.metrics.flush()
         self._restart_window()

@@ -1,4 +1,5 @@
-"""Next-token loss over supervised positions only, with the reference's per-token weights, chunked over rows.
+"""Next-token loss over supervised positions only, with the reference's per-token weights, chunked over rows; and
+per-sample sums of the answer tokens' log-probabilities (the preference losses' input).
 
 The positions, targets and weights come from the batch (``data/batching.py``: ``supervised_positions``).
 
@@ -14,10 +15,25 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
-def _weighted_ce_sum(hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
-                     vocab: int) -> torch.Tensor:
+def _token_ce(hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor, vocab: int) -> torch.Tensor:
     logits = (hidden @ head.t())[:, :vocab].float()
-    return (F.cross_entropy(logits, targets, reduction="none") * weights).sum()
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
+def _chunked_ce(hidden: torch.Tensor, head_weight: torch.Tensor, index: torch.Tensor, targets: torch.Tensor,
+                chunk: int):
+    """Yield ``(rows, cross-entropy of those rows)`` of the supervised positions, ``chunk`` rows at a time."""
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)  # backward: index_add, no host sync
+    vocab = head_weight.shape[0]
+    # Vocabularies such as 92553 or 151674 give logits rows that are not 16-byte aligned, and cuBLAS then falls
+    # back to slow kernels; padding the head to a multiple of 64 rows keeps the fast ones (the pad is sliced off).
+    head = F.pad(head_weight, (0, 0, 0, -vocab % 64))
+    for start in range(0, h.shape[0], chunk):
+        sl = slice(start, start + chunk)
+        if torch.is_grad_enabled():
+            yield sl, checkpoint(_token_ce, h[sl], head, targets[sl], vocab, use_reentrant=False)
+        else:
+            yield sl, _token_ce(h[sl], head, targets[sl], vocab)
 
 
 def weighted_lm_loss_sum(
@@ -36,19 +52,35 @@ def weighted_lm_loss_sum(
         index, targets, weights: a batch's ``loss_index`` / ``loss_target`` / ``loss_weight``.
         chunk: rows of logits computed at once.
     """
-    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)  # backward: index_add, no host sync
-    vocab = head_weight.shape[0]
-    # Vocabularies such as 92553 or 151674 give logits rows that are not 16-byte aligned, and cuBLAS then falls
-    # back to slow kernels; padding the head to a multiple of 64 rows keeps the fast ones (the pad is sliced off).
-    head = F.pad(head_weight, (0, 0, 0, -vocab % 64))
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, h.shape[0], chunk):
-        sl = slice(start, start + chunk)
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_weighted_ce_sum, h[sl], head, targets[sl], weights[sl], vocab,
-                                       use_reentrant=False)
-        else:
-            total = total + _weighted_ce_sum(h[sl], head, targets[sl], weights[sl], vocab)
-    if h.shape[0] == 0:  # keep the graph connected so every rank runs the same backward
+    for sl, ce in _chunked_ce(hidden, head_weight, index, targets, chunk):
+        total = total + (ce * weights[sl]).sum()
+    if index.shape[0] == 0:  # keep the graph connected so every rank runs the same backward
         total = total + 0.0 * hidden.sum()
     return total
+
+
+def sample_log_prob_sums(
+    hidden: torch.Tensor,
+    head_weight: torch.Tensor,
+    index: torch.Tensor,
+    targets: torch.Tensor,
+    samples: torch.Tensor,
+    num_samples: int,
+    chunk: int = 2048,
+) -> torch.Tensor:
+    """Per sample, the sum of the log-probabilities of its supervised tokens: ``[num_samples]`` fp32.
+
+    The preference losses' ``log pi(answer | prompt)``; computed in chunks like :func:`weighted_lm_loss_sum`, so the
+    full logits never exist.
+
+    Args:
+        hidden, head_weight, index, targets, chunk: as for :func:`weighted_lm_loss_sum`.
+        samples: [N] the sample of each supervised position (a batch's ``loss_sample``), in ``[0, num_samples)``.
+    """
+    sums = hidden.new_zeros((num_samples,), dtype=torch.float32)
+    for sl, ce in _chunked_ce(hidden, head_weight, index, targets, chunk):
+        sums = sums.index_add(0, samples[sl], -ce)
+    if index.shape[0] == 0:
+        sums = sums + 0.0 * hidden.sum()
+    return sums

@@ -33,6 +33,7 @@ IGNORED_FLAGS = {
     "--evaluation_strategy": "validation runs when --eval_meta_path is set",
     "--use_fast_tokenizer": "fast tokenizers are always used",
     "--use_data_resampling": "not supported yet",
+    "--use_liger": "torch.compile fuses the same kernels (norms, RoPE, SwiGLU)",
 }
 
 
@@ -129,6 +130,12 @@ class ChatTrainModule(nn.Module):
     def forward(self, batch: ChatBatch) -> dict[str, torch.Tensor]:
         """``{"loss": sum of weight x cross-entropy}`` over the batch's supervised tokens (the step divides by the
         weight of the whole global batch)."""
+        loss = weighted_lm_loss_sum(self.hidden_states(batch), self.model.lm_head.weight, batch.loss_index,
+                                    batch.loss_target, batch.loss_weight)
+        return {"loss": loss}
+
+    def hidden_states(self, batch: ChatBatch) -> torch.Tensor:
+        """The LLM's last hidden states [B, L, H] of the batch, image features in place."""
         embeds = self.chat.embed_inputs(batch.input_ids, batch.pixel_values,
                                         layout={"image_tiles": batch.image_tiles,
                                                 "image_positions": batch.image_positions})
@@ -138,9 +145,7 @@ class ChatTrainModule(nn.Module):
             packed = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
         out = self.model.model.language_model(inputs_embeds=embeds, attention_mask=batch.attention_mask,
                                               position_ids=batch.position_ids, use_cache=False, **packed)
-        loss = weighted_lm_loss_sum(out.last_hidden_state, self.model.lm_head.weight, batch.loss_index,
-                                    batch.loss_target, batch.loss_weight)
-        return {"loss": loss}
+        return out.last_hidden_state
 
 
 class ChatRecipe:
@@ -189,6 +194,9 @@ class ChatRecipe:
         if self.chat is None:  # the first build is the trained one (a second, on rank 0, only sources weights)
             self.data = self.data.resolve(data_defaults(chat.original_config), self.args.model_name_or_path)
             self.chat = chat
+        return self._training_module(chat, dtype, weights)
+
+    def _training_module(self, chat, dtype: torch.dtype, weights: bool) -> nn.Module:
         return ChatTrainModule(chat)
 
     @property
@@ -201,16 +209,14 @@ class ChatRecipe:
 
     def build_data(self, seed: int, rank: int, world_size: int, per_device_batch: int, grad_accum: int):
         """``(train_set, val_set or None, collate, sampler)``."""
-        from internvl_tune.data.batching import ChatCollator, GlobalBatchSampler, PackedBatchSampler
-        from internvl_tune.data.dataset import SupervisedDataset
+        from internvl_tune.data.batching import GlobalBatchSampler, PackedBatchSampler
 
         d, chat = self.data, self.chat
-        train = SupervisedDataset(d.meta_path, chat.tokenizer, d, is_train=True, seed=seed)
-        val = SupervisedDataset(d.eval_meta_path, chat.tokenizer, d, is_train=False, seed=seed) if d.eval_meta_path \
-            else None
+        dataset, collator = self._data_classes()
+        train = dataset(d.meta_path, chat.tokenizer, d, is_train=True, seed=seed)
+        val = dataset(d.eval_meta_path, chat.tokenizer, d, is_train=False, seed=seed) if d.eval_meta_path else None
         pad_id = chat.tokenizer.pad_token_id if chat.tokenizer.pad_token_id is not None else 0
-        collate = ChatCollator(d.use_packed_ds, pad_id, chat.img_context_token_id, chat.num_image_token,
-                               d.loss_reduction)
+        collate = collator(d.use_packed_ds, pad_id, chat.img_context_token_id, chat.num_image_token, d.loss_reduction)
         self.lengths = train.lengths
         if d.use_packed_ds:
             sampler = PackedBatchSampler(train.lengths, d.max_packed_tokens, world_size, rank, grad_accum, seed,
@@ -219,6 +225,13 @@ class ChatRecipe:
             sampler = GlobalBatchSampler(train.lengths, per_device_batch, world_size, rank, grad_accum, seed,
                                          d.group_by_length)
         return train, val, collate, sampler
+
+    def _data_classes(self) -> tuple[type, type]:
+        """The dataset and collator classes of this recipe's samples."""
+        from internvl_tune.data.batching import ChatCollator
+        from internvl_tune.data.dataset import SupervisedDataset
+
+        return SupervisedDataset, ChatCollator
 
     def tokens_per_micro_batch(self, per_device_batch: int) -> int:
         """LLM tokens of the largest micro-batch: the packing budget, or the longest sample times the batch size."""
