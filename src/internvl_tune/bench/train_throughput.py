@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                 from internvl_tune.bench.ours import run_ours
 
                 row = run_ours(args.shape, samples, device, args.warmup, args.packed_tokens, compile="compile" in opts,
-                               grad_checkpoint=next((o[5:] or "True" for o in opts if o.startswith("ckpt")), "False"),
+                               grad_checkpoint=next((o[4:] or "True" for o in opts if o.startswith("ckpt")), "False"),
                                lora_rank=lora, steps=args.steps,
                                profile="profile" in opts)
         except Exception as exc:  # one failing variant must not cost the others' numbers
