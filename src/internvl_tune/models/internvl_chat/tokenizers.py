@@ -86,7 +86,7 @@ def load_tokenizer(path: str | Path, family: str | None = None, model_max_length
         raise CheckpointError(f"unknown tokenizer family {family!r}; expected one of {', '.join(FAMILIES)}")
     logging.getLogger("transformers.tokenization_utils_tokenizers").addFilter(_NOT_MISTRAL)
     # The reference loads every tokenizer with add_eos_token=False: prompts never get an automatic end token.
-    kwargs = {} if model_max_length is None else {"model_max_length": model_max_length}
+    kwargs: dict = {} if model_max_length is None else {"model_max_length": model_max_length}
     try:
         if family == "qwen2":
             from transformers import Qwen2Tokenizer
@@ -103,7 +103,12 @@ def load_tokenizer(path: str | Path, family: str | None = None, model_max_length
             config_file = path / "tokenizer_config.json"
             name = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
             cls = getattr(transformers, name if name in _CLASS_TO_FAMILY else "AutoTokenizer")
-            tokenizer = cls.from_pretrained(str(path), add_eos_token=False, **kwargs)
+            # Only the sentencepiece Llama classes had add_eos_token under the reference's transformers 4.37; a
+            # tokenizer.json-only tokenizer (Llama-3) kept its post-processor, BOS included. Passing the flag to
+            # PreTrainedTokenizerFast would rebuild that post-processor without BOS.
+            if name in ("LlamaTokenizer", "LlamaTokenizerFast"):
+                kwargs["add_eos_token"] = False
+            tokenizer = cls.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: cannot load the {family} tokenizer: {exc}") from exc
     add_internvl_tokens(tokenizer)
