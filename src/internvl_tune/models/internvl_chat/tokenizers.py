@@ -1,13 +1,14 @@
-"""Tokenizers of the InternVL2 LLM families, loaded without remote code.
+"""Tokenizers of the InternVL LLM families, loaded without remote code.
 
 Families and the files their checkpoints ship:
 
-| family    | sizes         | files                                              | class we load with                 |
-|-----------|---------------|----------------------------------------------------|------------------------------------|
-| qwen2     | 1B            | vocab.json, merges.txt (+ tokenizer.json)           | transformers ``Qwen2Tokenizer``     |
-| internlm2 | 2B, 8B, 26B   | tokenizer.model (sentencepiece)                     | our ``InternLM2Tokenizer``          |
-| phi3      | 4B            | tokenizer.model (+ tokenizer.json)                  | transformers ``LlamaTokenizer``     |
-| llama     | 40B, 76B      | tokenizer.model (Yi) or tokenizer.json (Llama-3)    | transformers ``AutoTokenizer``      |
+| family    | files                                              | class we load with                 |
+|-----------|----------------------------------------------------|------------------------------------|
+| qwen2     | vocab.json, merges.txt (+ tokenizer.json)           | transformers ``Qwen2Tokenizer``     |
+| internlm2 | tokenizer.model (sentencepiece)                     | our ``InternLM2Tokenizer``          |
+| internlm3 | tokenizer.model (sentencepiece)                     | our ``InternLM3Tokenizer``          |
+| phi3      | tokenizer.model (+ tokenizer.json)                  | transformers ``LlamaTokenizer``     |
+| llama     | tokenizer.model (Yi) or tokenizer.json (Llama-3)    | transformers ``AutoTokenizer``      |
 
 After loading, the nine InternVL tokens (``<img>`` ... ``</box>``) are added as special tokens in the reference order,
 so checkpoints that already carry them keep their ids and fresh LLMs get the same new ids the reference gives them.
@@ -28,11 +29,12 @@ _CLASS_TO_FAMILY = {
     "Qwen2TokenizerFast": "qwen2",
     "InternLM2Tokenizer": "internlm2",
     "InternLM2TokenizerFast": "internlm2",
+    "InternLM3Tokenizer": "internlm3",
     "LlamaTokenizer": "llama",
     "LlamaTokenizerFast": "llama",
     "PreTrainedTokenizerFast": "llama",
 }
-FAMILIES = ("qwen2", "internlm2", "phi3", "llama")
+FAMILIES = ("qwen2", "internlm2", "internlm3", "phi3", "llama")
 
 
 def tokenizer_family(path: str | Path) -> str:
@@ -74,7 +76,7 @@ def load_tokenizer(path: str | Path, family: str | None = None, model_max_length
 
     Args:
         path: checkpoint directory holding the tokenizer files.
-        family: ``qwen2``, ``internlm2``, ``phi3`` or ``llama``; guessed from the files when None.
+        family: one of ``FAMILIES``; guessed from the files when None.
         model_max_length: overrides the saved maximum length (the reference sets it to ``max_seq_length``).
 
     Returns:
@@ -92,10 +94,11 @@ def load_tokenizer(path: str | Path, family: str | None = None, model_max_length
             from transformers import Qwen2Tokenizer
 
             tokenizer = Qwen2Tokenizer.from_pretrained(str(path), **kwargs)
-        elif family == "internlm2":
-            from internvl_tune.models.internvl_chat.internlm2_tokenizer import InternLM2Tokenizer
+        elif family in ("internlm2", "internlm3"):
+            from internvl_tune.models.internvl_chat import internlm2_tokenizer
 
-            tokenizer = InternLM2Tokenizer.from_pretrained(str(path), add_eos_token=False, **kwargs)
+            cls = internlm2_tokenizer.InternLM2Tokenizer if family == "internlm2" else internlm2_tokenizer.InternLM3Tokenizer
+            tokenizer = cls.from_pretrained(str(path), add_eos_token=False, **kwargs)
         else:
             import transformers
 
