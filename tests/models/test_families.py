@@ -189,3 +189,8 @@ def test_full_and_lora_fine_tuning_with_the_checkpoint_template(like, tiny_dirs,
     load_adapter(adapted, tmp_path / "lora" / "adapter")
     torch.testing.assert_close(chat_logits(trained, ids, pixel_values), chat_logits(adapted, ids, pixel_values), atol=1e-5,
                                rtol=0)  # the exported merge is the base with the adapter
+
+
+def test_the_docs_table_lists_every_release():
+    table = (Path(__file__).resolve().parents[2] / "docs" / "checkpoints.md").read_text()
+    assert [like for like in [*RELEASES, *NATIVE_RELEASES] if f"(`{like}`)" not in table] == []
