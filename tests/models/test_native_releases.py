@@ -66,3 +66,12 @@ def test_transformers_4x_rope_keys_of_a_native_config_are_kept():
                                 "intermediate_size": 64}}
     llm = cfg.original_from_native(native, template="internvl2_5")["llm_config"]
     assert llm["rope_theta"] == 1e6 and llm["rope_scaling"] == {"factor": 2.0, "type": "dynamic"}
+
+
+@pytest.mark.parametrize("like", ["internvl2-4b", "internvl2-40b", "internvl2_5-8b"])
+def test_our_native_save_without_its_sidecar_keeps_the_template(like, tiny_dirs, tmp_path):
+    """The chat template a native save writes renders the prompts of the template it was written for."""
+    chat = load_pretrained(tiny_dirs(like))
+    out = chat.save_pretrained(tmp_path / "native", layout="native")
+    (out / cfg.SIDECAR).unlink()
+    assert cfg.native_template(out) == chat.template

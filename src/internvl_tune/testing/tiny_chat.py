@@ -168,6 +168,9 @@ def _llm_config(release: Release, vocab_size: int, special_ids: dict) -> dict:
                     auto_map={"AutoConfig": "configuration_internlm2.InternLM2Config",
                               "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
                               "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"})
+        if release.series != _V2:  # InternLM2.5's config as InternVL2.5 ships it
+            base.update(pretraining_tp=1, rms_norm_eps=1e-5)
+            base["auto_map"]["AutoModelForSequenceClassification"] = "modeling_internlm2.InternLM2ForSequenceClassification"
     elif family == "phi3":
         half = 64 // 4 // 2
         base.update(model_type="phi3", rope_theta=10000.0, original_max_position_embeddings=256,
