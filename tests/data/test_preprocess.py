@@ -223,3 +223,44 @@ def test_missing_placeholder_and_wrong_template_tokenizer(qwen2, tokenizers):
         build_conversation_ids(messages, qwen2, t, [256], where="f.jsonl:3")
     with pytest.raises(DataError, match="conv_style"):  # Qwen2 has no <|user|> special token
         build_conversation_ids(messages, qwen2, get_template("phi3-chat"), [], text_only=True)
+
+
+# A word-level tokenizer whose id of a token is its index here, so that a sample's ids and labels can be written down
+# by hand. Words split at spaces; "\n" is a token of its own.
+WORDS = ["<s>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "\n", "system", "user", "assistant",
+         SYSTEM_INTERNVL2_5, "Describe", "it.", "A", "cat.", "Why?", "It", "purrs.", "<unk>"]
+
+
+def word_tokenizer(bos: bool):
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex("\n"), "isolated"),
+                                                 pre_tokenizers.Split(" ", "removed")])
+    tok.add_special_tokens(WORDS[:6])
+    if bos:  # InternLM2 / InternLM3 style: BOS in front of every encoded text
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>" if bos else None)
+
+
+@pytest.mark.parametrize("bos", [False, True], ids=["qwen2-style", "internlm-style"])
+def test_internvl2_5_ids_and_labels_derived_by_hand(bos):
+    """preprocess_internvl2_5 of the reference: every turn is ``<|im_start|>role\\n ... <|im_end|>\\n``; an answer's
+    tokens and its <|im_end|> are supervised, its header and the trailing newline are not; a BOS-adding tokenizer
+    gives one masked BOS in front; images expand in human turns."""
+    t = get_template("internvl2_5")
+    system, messages, _ = parse_conversations(conv("<image>\nDescribe it.", "A cat.", "Why?", "It purrs."), t)
+    enc = build_conversation_ids(messages, word_tokenizer(bos), t, [3], system)
+    s, e, nl, ctx = 1, 2, 6, 5  # <|im_start|>, <|im_end|>, "\n", <IMG_CONTEXT>
+    ids = ([0] if bos else []) + [
+        s, 7, nl, 10, e, nl,  # <|im_start|>system\n{system message}<|im_end|>\n
+        s, 8, nl, 3, ctx, ctx, ctx, 4, nl, 11, 12, e, nl,  # <|im_start|>user\n<img>ctx x3</img>\nDescribe it.<|im_end|>\n
+        s, 9, nl, 13, 14, e, nl,  # <|im_start|>assistant\nA cat.<|im_end|>\n
+        s, 8, nl, 15, e, nl,  # <|im_start|>user\nWhy?<|im_end|>\n
+        s, 9, nl, 16, 17, e, nl,  # <|im_start|>assistant\nIt purrs.<|im_end|>\n
+    ]
+    x = IGNORE_INDEX
+    labels = ([x] if bos else []) + [x] * 6 + [x] * 13 + [x, x, x, 13, 14, e, x] + [x] * 6 + [x, x, x, 16, 17, e, x]
+    assert enc.input_ids.tolist() == ids
+    assert enc.labels.tolist() == labels

@@ -6,7 +6,7 @@ a stand-in for timm's DropPath is written to a temp dir (it is only used with dr
     pip install --target /tmp/refdeps einops
     PYTHONPATH=/tmp/refdeps python tests/models/reference_fidelity.py /path/to/InternVL/internvl_chat
 
-For every release size it writes a tiny checkpoint in the original layout, loads it into the reference model
+For every release it writes a tiny checkpoint in the original layout, loads it into the reference model
 (``load_state_dict(strict)``: proves our key names and shapes are the reference's) and into ours (eager and SDPA),
 and prints the largest logit difference (fp32, CPU) and whether 8 greedy tokens agree (reference: full forward per
 step without cache; ours: ``generate`` with the KV cache).
@@ -19,9 +19,12 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors.torch import load_file
+
+from internvl_tune.testing.tiny_chat import RELEASES
 
 _DROP_PATH_STANDIN = '''
 import torch
@@ -39,7 +42,8 @@ class DropPath(nn.Module):
         keep = torch.rand(x.shape[0], *([1] * (x.ndim - 1)), device=x.device) >= self.p
         return x * keep / (1 - self.p)
 '''
-LIKES = ["internvl2-1b", "internvl2-2b", "internvl2-4b", "internvl2-8b", "internvl2-26b", "internvl2-40b", "internvl2-76b"]
+# Every release the reference's InternVLChatModel can build (it has no InternLM3, so not InternVL3-9B).
+LIKES = [like for like, release in RELEASES.items() if release.family != "internlm3"]
 VARIANTS = {"default": {}, "select_layer=-2": {"select_layer": -2}, "ps_version=v1": {"ps_version": "v1"}, "long-prompt": {}}
 # Which sizes get the extra variants (all get "default"); the long prompt passes Phi-3's original rope window.
 EXTRA = {"select_layer=-2": ("internvl2-1b", "internvl2-26b"), "ps_version=v1": ("internvl2-1b", "internvl2-26b"),
@@ -53,6 +57,10 @@ def _import_reference(ref_root: str, scratch: Path):
     (shim / "__init__.py").write_text("")
     (shim / "layers.py").write_text(_DROP_PATH_STANDIN)
     sys.path[:0] = [str(scratch), ref_root]
+    try:
+        import transformers.modeling_attn_mask_utils  # noqa: F401
+    except ImportError:  # gone in transformers 5.24; only the reference's Phi-3 imports it (InternVL2-4B cannot run)
+        sys.modules["transformers.modeling_attn_mask_utils"] = SimpleNamespace(_prepare_4d_causal_attention_mask=None)
     from internvl.model.internvl_chat.configuration_internvl_chat import InternVLChatConfig
     from internvl.model.internvl_chat.modeling_internvl_chat import InternVLChatModel
 

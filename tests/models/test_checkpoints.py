@@ -6,28 +6,19 @@ import json
 
 import pytest
 import torch
+from chat_helpers import chat_logits, image_inputs
 
 from internvl_tune.models.internvl_chat import load_pretrained
 from internvl_tune.models.internvl_chat.loading import iter_tensors
 from internvl_tune.models.internvl_chat.saving import PROCESSOR_FILES
 
-# The 1B case carries the real 151,655-token Qwen2 vocabulary, so its three saves and loads take ~15 s.
-LIKES = [pytest.param("internvl2-1b", marks=pytest.mark.slow), "internvl2-2b", "internvl2-4b", "internvl2-26b", "internvl2-40b", "internvl2-76b"]
-INTERNLM2 = ("internvl2-2b", "internvl2-26b")  # their native save adds a tokenizer.json that transformers can load
+# The Qwen cases carry the real 151k-token vocabulary, so their three saves and loads take ~15 s.
+LIKES = [pytest.param("internvl2-1b", marks=pytest.mark.slow), "internvl2-2b", "internvl2-4b", "internvl2-26b",
+         "internvl2-40b", "internvl2-76b", "internvl2_5-8b", "internvl3-9b",
+         pytest.param("internvl3-38b", marks=pytest.mark.slow)]
+# InternLM2 / InternLM3: their native save adds a tokenizer.json that transformers can load
+SENTENCEPIECE = ("internvl2-2b", "internvl2-26b", "internvl2_5-8b", "internvl3-9b")
 
-
-def _inputs(chat, tiles=2, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    pixel_values = torch.randn(tiles, 3, chat.image_size, chat.image_size, generator=gen)
-    prompt = "<img>" + "<IMG_CONTEXT>" * (chat.num_image_token * tiles) + "</img>\nWhat is in the picture?"
-    ids = chat.tokenizer(prompt, return_tensors="pt").input_ids
-    return ids, pixel_values
-
-
-def _logits(chat, ids, pixel_values):
-    with torch.no_grad():
-        embeds = chat.embed_inputs(ids, pixel_values, torch.ones(pixel_values.shape[0], dtype=torch.long))
-        return chat.model(inputs_embeds=embeds).logits
 
 
 def _all_tensors(path):
@@ -39,11 +30,11 @@ def test_load_forward_generate_and_round_trip(like, tiny_dirs, tmp_path):
     src = tiny_dirs(like)
     chat = load_pretrained(src)
     assert chat.num_image_token == 4 and chat.image_size == 56
-    ids, pixel_values = _inputs(chat)
-    logits = _logits(chat, ids, pixel_values)
-    assert logits.shape == (1, ids.shape[1], len(chat.tokenizer)) and torch.isfinite(logits).all()
+    ids, pixel_values = image_inputs(chat, tiles=2)
+    out = chat_logits(chat, ids, pixel_values)
+    assert out.shape == (1, ids.shape[1], len(chat.tokenizer)) and torch.isfinite(out).all()
     # The image really reaches the LLM: other pixels give other logits.
-    assert not torch.allclose(logits, _logits(chat, ids, pixel_values.flip(-1)))
+    assert not torch.allclose(out, chat_logits(chat, ids, pixel_values.flip(-1)))
     answer = chat.chat(pixel_values=pixel_values, question="Describe the image.", max_new_tokens=5)
     assert isinstance(answer, str)
 
@@ -56,11 +47,11 @@ def test_load_forward_generate_and_round_trip(like, tiny_dirs, tmp_path):
     original_cfg = json.loads((src / "config.json").read_text())
     assert json.loads((back_dir / "config.json").read_text()) == original_cfg
     aux = lambda d: {p.name for p in d.iterdir() if "safetensors" not in p.name}  # noqa: E731 (shard counts may differ)
-    assert aux(back_dir) == aux(src) | set(PROCESSOR_FILES) | ({"tokenizer.json"} if like in INTERNLM2 else set())
+    assert aux(back_dir) == aux(src) | set(PROCESSOR_FILES) | ({"tokenizer.json"} if like in SENTENCEPIECE else set())
 
     native = load_pretrained(native_dir)
     assert native.family == chat.family and native.template == chat.template
-    torch.testing.assert_close(_logits(native, ids, pixel_values), logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(chat_logits(native, ids, pixel_values), out, atol=1e-5, rtol=0)
 
 
 def test_native_loads_with_plain_transformers(tiny_dirs, tmp_path):
@@ -69,16 +60,16 @@ def test_native_loads_with_plain_transformers(tiny_dirs, tmp_path):
     chat = load_pretrained(tiny_dirs("internvl2-2b"))
     native_dir = chat.save_pretrained(tmp_path / "native", layout="native")
     plain = AutoModelForImageTextToText.from_pretrained(native_dir, dtype=torch.float32).eval()
-    ids, pixel_values = _inputs(chat, tiles=1)
+    ids, pixel_values = image_inputs(chat, tiles=1)
     with torch.no_grad():
         out = plain(input_ids=ids, pixel_values=pixel_values).logits
-    torch.testing.assert_close(out, _logits(chat, ids, pixel_values), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out, chat_logits(chat, ids, pixel_values), atol=1e-5, rtol=0)
 
 
 def test_greedy_generation_matches_across_layouts(tiny_dirs, tmp_path):
     chat = load_pretrained(tiny_dirs("internvl2-26b"))
     native = load_pretrained(chat.save_pretrained(tmp_path / "n", layout="native"))
-    ids, pixel_values = _inputs(chat, tiles=1)
+    ids, pixel_values = image_inputs(chat, tiles=1)
     a = chat.generate(ids, pixel_values, max_new_tokens=8, do_sample=False, eos_token_id=None)
     b = native.generate(ids, pixel_values, max_new_tokens=8, do_sample=False, eos_token_id=None)
     assert a.shape == (1, 8) and torch.equal(a, b)
@@ -86,7 +77,7 @@ def test_greedy_generation_matches_across_layouts(tiny_dirs, tmp_path):
 
 def test_batch_chat_left_pads_and_matches_single(tiny_dirs):
     chat = load_pretrained(tiny_dirs("internvl2-1b"))
-    _, pixel_values = _inputs(chat, tiles=2)
+    _, pixel_values = image_inputs(chat, tiles=2)
     questions = ["Hi?", "Describe this picture in a few words, please."]
     batched = chat.batch_chat(pixel_values, questions, [1, 1], max_new_tokens=6)
     single = [chat.chat(pixel_values=pixel_values[i : i + 1], question=q, max_new_tokens=6) for i, q in enumerate(questions)]
@@ -95,7 +86,7 @@ def test_batch_chat_left_pads_and_matches_single(tiny_dirs):
 
 def test_pixel_shuffle_v1_is_the_transpose_of_v2(tiny_dirs):
     chat = load_pretrained(tiny_dirs("internvl2-1b"))
-    _, pixel_values = _inputs(chat, tiles=1)
+    _, pixel_values = image_inputs(chat, tiles=1)
     with torch.no_grad():
         v2 = chat.extract_features(pixel_values)
         chat.ps_version = "v1"
@@ -112,7 +103,7 @@ def test_drop_path_rate_acts_in_training_only(tiny_dirs):
     layers = chat.model.model.vision_tower.encoder.layer
     assert [layer.drop_prob for layer in layers] == [0.0, 0.5]
     assert chat.original_config["vision_config"]["drop_path_rate"] == 0.5
-    _, pixel_values = _inputs(chat, tiles=8)
+    _, pixel_values = image_inputs(chat, tiles=8)
     with torch.no_grad():
         torch.testing.assert_close(chat.extract_features(pixel_values), plain.extract_features(pixel_values))
         chat.model.train()

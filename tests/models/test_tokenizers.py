@@ -72,3 +72,17 @@ def test_no_mistral_regex_warning_for_qwen2(tmp_path, capfd):
     (tmp_path / "config.json").write_text(json.dumps({"transformers_version": "4.37.2"}))
     load_tokenizer(tmp_path)
     assert "fix_mistral_regex" not in capfd.readouterr().err
+
+
+def test_llama3_keeps_its_begin_of_text(tiny_dirs):
+    """A tokenizer.json-only Llama-3 tokenizer encodes as its own post-processor says (BOS first), as the reference's
+    transformers 4.37 and AutoTokenizer on the folder do."""
+    from tokenizers import Tokenizer
+
+    path = tiny_dirs("internvl2-76b")
+    backend = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tokenizer = load_tokenizer(path)
+    bos = tokenizer.convert_tokens_to_ids("<|begin_of_text|>")
+    for text in TEXTS + ["<|im_start|>user\nhi<|im_end|>"]:
+        ids = tokenizer(text).input_ids
+        assert ids == backend.encode(text).ids and ids[0] == bos, text

@@ -7,7 +7,7 @@ BATCH_SIZE=${BATCH_SIZE:-16}
 PER_DEVICE_BATCH_SIZE=${PER_DEVICE_BATCH_SIZE:-2}
 MODEL=${MODEL:-./pretrained/InternVL2-40B}
 OUTPUT_DIR=${OUTPUT_DIR:-work_dirs/internvl_chat_v2_0/internvl2_40b_hermes2_yi_34b_dynamic_res_2nd_finetune_lora}
-. "$(dirname "$0")/_launch.sh"
+. "$(dirname "$0")/../../internvl_chat_launch.sh"
 
 launch --conv_style "Hermes-2" --drop_path_rate 0.0 --freeze_llm True --freeze_mlp True --use_llm_lora 16 \
   --learning_rate 2e-5 --weight_decay 0.05 "$@"

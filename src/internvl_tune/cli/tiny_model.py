@@ -1,4 +1,4 @@
-"""``internvl-tune tiny-model --like internvl2-1b --out DIR``: a tiny random checkpoint with a release's exact layout."""
+"""``internvl-tune tiny-model --like internvl3-8b --out DIR``: a tiny random checkpoint with a release's layout."""
 
 from __future__ import annotations
 
@@ -8,27 +8,29 @@ from internvl_tune.cli.flags import add_flag
 
 EPILOG = """examples:
   internvl-tune tiny-model --like internvl2-1b --out ./pretrained/tiny-InternVL2-1B
-  internvl-tune tiny-model --like internvl2-26b --out /tmp/tiny26b --image_size 28
+  internvl-tune tiny-model --like internvl2_5-8b --out /tmp/tiny2_5-8b
+  internvl-tune tiny-model --like internvl3-38b --out /tmp/tiny3-38b --image_size 28
+  internvl-tune tiny-model --like internvl3-1b-hf --out /tmp/tiny3-1b-hf   (transformers' native "-hf" layout)
   internvl-tune tiny-model --like internvl-14b --out /tmp/tiny-InternVL-14B-224px   (InternVL-C/G layout)
 
-The files (config.json keys, safetensors key names, tokenizer files) match the named release; widths and depths are
-tiny and the weights random, so it is for smoke tests of a pipeline, not for answers. internvl2-1b carries the real
-Qwen2 tokenizer; the other families get a small tokenizer trained on the spot in their file format."""
+The files (config.json keys, safetensors key names, tokenizer files) follow the named release; widths and depths are
+tiny and the weights random, so it is for smoke tests of a pipeline, not for answers. The Qwen2 / Qwen2.5 ones carry
+the real Qwen tokenizer; the other LLMs get a small tokenizer trained on the spot in their file format."""
 
 
 INTERNVL_14B = "internvl-14b"  # InternVL-14B-224px: InternViT-6B + QLLaMA (InternVL-C/G)
 
 
 def register(subparsers, name: str, help_text: str) -> None:
-    from internvl_tune.testing.tiny_chat import SIZES
+    from internvl_tune.testing.tiny_chat import NATIVE_RELEASES, RELEASES
 
     parser = subparsers.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--like", required=True, choices=sorted(SIZES) + [INTERNVL_14B], help="which release to imitate")
+    parser.add_argument("--like", required=True, choices=[*RELEASES, *NATIVE_RELEASES, INTERNVL_14B], help="which release to imitate")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     add_flag(parser, "--image_size", "--image-size", type=int, default=None,
-             help="tile size (default 56 for InternVL2, a multiple of 28; 28 for internvl-14b)")
+             help="tile size (default 56 for InternVL2 / 2.5 / 3, a multiple of 28; 28 for internvl-14b)")
     parser.set_defaults(func=run)
 
 

@@ -162,7 +162,7 @@ class _TokenizerInfo:
             if len(self.encode(tokenizer, text)) != 1:
                 raise DataError(f"the tokenizer has no special token {text}, which the {template.name} template needs",
                                 fix="pick the --conv_style of your model's LLM (InternLM2: internlm2-chat, Qwen2/Yi/Llama-3: "
-                                    "Hermes-2, Phi-3: phi3-chat, InternVL2.5: internvl2_5)")
+                                    "Hermes-2, Phi-3: phi3-chat, InternVL2.5 / InternVL3: internvl2_5)")
         self.checked.add(template.name)
 
     def token_ids(self, tokenizer, tokens: tuple[str, ...]) -> list[int]:

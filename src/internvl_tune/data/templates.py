@@ -10,7 +10,7 @@ whole string, and each answer's tokens are known without searching.
 | `internlm2-chat` | InternVL2-2B/8B/26B (InternLM2)         | `<|im_start|>user\\n` / `<|im_start|>assistant\\n`       | `<|im_end|>`       |
 | `Hermes-2`       | InternVL2-1B (Qwen2), 40B, 76B          | same as internlm2-chat                                 | `<|im_end|>`       |
 | `phi3-chat`      | InternVL2-4B (Phi-3)                    | `<|user|>\\n` / `<|assistant|>\\n`                       | `<|end|>`          |
-| `internvl2_5`    | InternVL2.5 models                      | same as internlm2-chat                                 | `<|im_end|>\\n`     |
+| `internvl2_5`    | InternVL2.5, InternVL3 (all LLMs)       | same as internlm2-chat                                 | `<|im_end|>\\n`     |
 | `plain`          | base LLMs without a chat format         | none                                                   | `\\n`              |
 """
 

@@ -1,33 +1,85 @@
-"""Tiny random InternVL2 checkpoints with the exact on-disk layout of each released size.
+"""Tiny random InternVL checkpoints (InternVL2, InternVL2.5, InternVL3) with the on-disk layout of each release.
 
 Each one has the original ``config.json`` keys of its model (InternVLChatModel, nested ``vision_config`` and
 ``llm_config``), bf16 safetensors with the original key names (sharded with an index like the multi-GB releases) and the
-tokenizer files its LLM family ships. Widths and depths are tiny, so tests and demos run in seconds. Qwen2 (1B) gets
-the real tokenizer; the others get a small tokenizer trained at run time in the family's file format.
+tokenizer files its LLM ships. Widths and depths are tiny, so tests and demos run in seconds. The Qwen2 / Qwen2.5 ones
+get the real tokenizer; the others get a small tokenizer trained at run time in the LLM's file format.
+``RELEASES`` is the one table of what each release is made of; ``NATIVE_RELEASES`` names the transformers "-hf"
+conversions, written in transformers' native layout.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from internvl_tune.constants import SPECIAL_TOKENS
+from internvl_tune.constants import IMAGENET_MEAN, IMAGENET_STD, SPECIAL_TOKENS
 from internvl_tune.errors import UserError
 from internvl_tune.models.internvl_chat import config as cfg
 from internvl_tune.testing.tokenizers import write_qwen2_tokenizer
 
-# like -> (LLM family, conversation template, InternViT kind, tokenizer style)
-SIZES = {
-    "internvl2-1b": ("qwen2", "Hermes-2", "300m", "qwen2"),
-    "internvl2-2b": ("internlm2", "internlm2-chat", "300m", "internlm2"),
-    "internvl2-4b": ("phi3", "phi3-chat", "300m", "phi3"),
-    "internvl2-8b": ("internlm2", "internlm2-chat", "300m", "internlm2"),
-    "internvl2-26b": ("internlm2", "internlm2-chat", "6b", "internlm2"),
-    "internvl2-40b": ("llama", "Hermes-2", "6b", "yi"),
-    "internvl2-76b": ("llama", "Hermes-2", "6b", "llama3"),
+
+@dataclass(frozen=True)
+class Release:
+    """What a released checkpoint is made of.
+
+    Attributes:
+        llm: the LLM it was built on.
+        family: its ``llm_config`` family (``cfg.FAMILY_BY_ARCH``).
+        tokenizer: the tokenizer files it ships: ``qwen2``, ``qwen2.5``, ``internlm2``, ``internlm3``, ``phi3``, ``yi``
+            or ``llama3``.
+        vision: the InternViT release (the 6B ones have RMSNorm, qk-norm and no qkv bias).
+        template: ``config.json`` ``template``.
+        series: ``internvl2``, ``internvl2_5`` or ``internvl3``: which config keys the series writes.
+    """
+
+    llm: str
+    family: str
+    tokenizer: str
+    vision: str
+    template: str
+    series: str
+
+
+VIT_300M, VIT_300M_V2_5 = "InternViT-300M-448px", "InternViT-300M-448px-V2_5"
+VIT_6B, VIT_6B_V2_5 = "InternViT-6B-448px-V1-5", "InternViT-6B-448px-V2_5"
+_V2, _V25, _V3 = "internvl2", "internvl2_5", "internvl3"
+RELEASES = {
+    "internvl2-1b": Release("Qwen2-0.5B-Instruct", "qwen2", "qwen2", VIT_300M, "Hermes-2", _V2),
+    "internvl2-2b": Release("internlm2-chat-1_8b", "internlm2", "internlm2", VIT_300M, "internlm2-chat", _V2),
+    "internvl2-4b": Release("Phi-3-mini-128k-instruct", "phi3", "phi3", VIT_300M, "phi3-chat", _V2),
+    "internvl2-8b": Release("internlm2_5-7b-chat", "internlm2", "internlm2", VIT_300M, "internlm2-chat", _V2),
+    "internvl2-26b": Release("internlm2-chat-20b", "internlm2", "internlm2", VIT_6B, "internlm2-chat", _V2),
+    "internvl2-40b": Release("Nous-Hermes-2-Yi-34B", "llama", "yi", VIT_6B, "Hermes-2", _V2),
+    "internvl2-76b": Release("Hermes-2-Theta-Llama-3-70B", "llama", "llama3", VIT_6B, "Hermes-2", _V2),
+    "internvl2_5-1b": Release("Qwen2.5-0.5B-Instruct", "qwen2", "qwen2.5", VIT_300M_V2_5, "internvl2_5", _V25),
+    "internvl2_5-2b": Release("internlm2_5-1_8b-chat", "internlm2", "internlm2", VIT_300M_V2_5, "internvl2_5", _V25),
+    "internvl2_5-4b": Release("Qwen2.5-3B-Instruct", "qwen2", "qwen2.5", VIT_300M_V2_5, "internvl2_5", _V25),
+    "internvl2_5-8b": Release("internlm2_5-7b-chat", "internlm2", "internlm2", VIT_300M_V2_5, "internvl2_5", _V25),
+    "internvl2_5-26b": Release("internlm2_5-20b-chat", "internlm2", "internlm2", VIT_6B_V2_5, "internvl2_5", _V25),
+    "internvl2_5-38b": Release("Qwen2.5-32B-Instruct", "qwen2", "qwen2.5", VIT_6B_V2_5, "internvl2_5", _V25),
+    "internvl2_5-78b": Release("Qwen2.5-72B-Instruct", "qwen2", "qwen2.5", VIT_6B_V2_5, "internvl2_5", _V25),
+    "internvl3-1b": Release("Qwen2.5-0.5B", "qwen2", "qwen2.5", VIT_300M_V2_5, "internvl2_5", _V3),
+    "internvl3-2b": Release("Qwen2.5-1.5B", "qwen2", "qwen2.5", VIT_300M_V2_5, "internvl2_5", _V3),
+    "internvl3-8b": Release("Qwen2.5-7B", "qwen2", "qwen2.5", VIT_300M_V2_5, "internvl2_5", _V3),
+    "internvl3-9b": Release("internlm3-8b-instruct", "internlm3", "internlm3", VIT_300M_V2_5, "internvl2_5", _V3),
+    "internvl3-14b": Release("Qwen2.5-14B", "qwen2", "qwen2.5", VIT_300M_V2_5, "internvl2_5", _V3),
+    "internvl3-38b": Release("Qwen2.5-32B", "qwen2", "qwen2.5", VIT_6B_V2_5, "internvl2_5", _V3),
+    "internvl3-78b": Release("Qwen2.5-72B", "qwen2", "qwen2.5", VIT_6B_V2_5, "internvl2_5", _V3),
+}
+# transformers' native ("-hf") conversions: like -> the original release it converts.
+NATIVE_RELEASES = {"internvl3-1b-hf": "internvl3-1b"}
+# The InternVL3 vision configs carry the (switched off) mixture-of-experts settings of InternViT's code.
+_VIT_MOE_KEYS = {
+    "capacity_factor": 1.2, "eval_capacity_factor": 1.4, "laux_allreduce": "all_nodes", "moe_coeff_ratio": 0.5,
+    "moe_intermediate_size": 768, "moe_output_scale": 4.0, "noisy_gate_policy": "RSample_before", "num_experts": 8,
+    "num_routed_experts": 4, "num_shared_experts": 4, "shared_expert_intermediate_size": 3072, "use_moe": False,
+    "use_residual": True, "use_rts": False, "use_weighted_residual": False,
 }
 INTERNLM2_CHAT_TOKENS = ["<|plugin|>", "<|interpreter|>", "<|action_end|>", "<|action_start|>", "<|im_end|>", "<|im_start|>"]
 PHI3_ADDED = ["<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>",
@@ -46,10 +98,12 @@ Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 256 448 2024. Boxes: [[12, 34, 56, 78]] and (
 """
 
 
-def _vision_config(kind: str, image_size: int) -> dict:
+def _vision_config(release: Release, image_size: int) -> dict:
     """InternViT-300M (LayerNorm, qkv bias) or InternViT-6B (RMSNorm, qk-norm, no qkv bias), tiny."""
-    large = kind == "6b"
+    large = "6B" in release.vision
+    scaled = large or release.series == _V3  # layer-scale init 0.1 (InternViT-6B, and InternVL3's 300M)
     return {
+        **(_VIT_MOE_KEYS if release.series == _V3 else {}),
         "architectures": ["InternVisionModel"],
         "attention_dropout": 0.0,
         "drop_path_rate": 0.0,
@@ -57,8 +111,8 @@ def _vision_config(kind: str, image_size: int) -> dict:
         "hidden_act": "gelu",
         "hidden_size": 32,
         "image_size": image_size,
-        "initializer_factor": 0.1 if large else 1.0,
-        "initializer_range": 1e-10 if large else 0.02,
+        "initializer_factor": 0.1 if scaled else 1.0,
+        "initializer_range": 1e-10 if scaled else 0.02,
         "intermediate_size": 64,
         "layer_norm_eps": 1e-6,
         "model_type": "intern_vit_6b",
@@ -73,8 +127,9 @@ def _vision_config(kind: str, image_size: int) -> dict:
     }
 
 
-def _llm_config(family: str, vocab_size: int, special_ids: dict) -> dict:
-    """A tiny LLM config with the keys (and rope style) of the family's released config."""
+def _llm_config(release: Release, vocab_size: int, special_ids: dict) -> dict:
+    """A tiny LLM config with the keys (and rope style) of the release's LLM config."""
+    family = release.family
     base = {
         "architectures": [cfg.ARCH_BY_FAMILY[family]],
         "hidden_act": "silu",
@@ -92,15 +147,30 @@ def _llm_config(family: str, vocab_size: int, special_ids: dict) -> dict:
         "vocab_size": vocab_size,
         **special_ids,
     }
-    if family == "qwen2":
+    if release.tokenizer == "qwen2":
         base.update(model_type="qwen2", rope_theta=1000000.0, sliding_window=4096, use_sliding_window=False,
                     max_window_layers=2, attention_dropout=0.0, rope_scaling=None)
+    elif family == "qwen2":  # Qwen2.5, with InternVL's dynamic rope scaling written in both spellings
+        base.update(model_type="qwen2", rope_theta=1000000.0, sliding_window=32768, use_sliding_window=False,
+                    max_window_layers=70, attention_dropout=0.0,
+                    rope_scaling={"factor": 2.0, "rope_type": "dynamic", "type": "dynamic"})
+        if release.series == _V3:
+            base["moe_config"] = None
+    elif family == "internlm3":  # head_dim is its own key: here not hidden_size / heads, to exercise it
+        base.update(model_type="internlm3", bias=False, qkv_bias=False, head_dim=24, rope_theta=50000000,
+                    rms_norm_eps=1e-5, attention_dropout=0.0, rope_scaling={"factor": 6.0, "rope_type": "dynamic"},
+                    auto_map={"AutoConfig": "configuration_internlm3.InternLM3Config",
+                              "AutoModel": "modeling_internlm3.InternLM3Model",
+                              "AutoModelForCausalLM": "modeling_internlm3.InternLM3ForCausalLM"})
     elif family == "internlm2":
         base.update(model_type="internlm2", bias=False, rope_theta=1000000.0, attn_implementation="eager",
                     rope_scaling={"type": "dynamic", "factor": 2.0},
                     auto_map={"AutoConfig": "configuration_internlm2.InternLM2Config",
                               "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
                               "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"})
+        if release.series != _V2:  # InternLM2.5's config as InternVL2.5 ships it
+            base.update(pretraining_tp=1, rms_norm_eps=1e-5)
+            base["auto_map"]["AutoModelForSequenceClassification"] = "modeling_internlm2.InternLM2ForSequenceClassification"
     elif family == "phi3":
         half = 64 // 4 // 2
         base.update(model_type="phi3", rope_theta=10000.0, original_max_position_embeddings=256,
@@ -117,27 +187,28 @@ def _llm_config(family: str, vocab_size: int, special_ids: dict) -> dict:
 
 def tiny_original_config(like: str, vocab_size: int, special_ids: dict, image_size: int = 56) -> dict:
     """The original InternVLChatConfig dict of a tiny ``like`` model."""
-    family, template, vit, _ = SIZES[like]
-    return {
+    release = RELEASES[like]
+    extra = {"image_fold": None} if release.series == _V3 else {}
+    return {**extra,
         "architectures": ["InternVLChatModel"],
         "auto_map": dict(cfg.ORIGINAL_AUTO_MAP),
         "downsample_ratio": 0.5,
         "dynamic_image_size": True,
         "force_image_size": image_size,
-        "llm_config": _llm_config(family, vocab_size, special_ids),
+        "llm_config": _llm_config(release, vocab_size, special_ids),
         "max_dynamic_patch": 12,
         "min_dynamic_patch": 1,
         "model_type": "internvl_chat",
         "pad2square": False,
         "ps_version": "v2",
         "select_layer": -1,
-        "template": template,
+        "template": release.template,
         "tie_word_embeddings": False,
         "torch_dtype": "bfloat16",
         "use_backbone_lora": 0,
         "use_llm_lora": 0,
         "use_thumbnail": True,
-        "vision_config": _vision_config(vit, image_size),
+        "vision_config": _vision_config(release, image_size),
     }
 
 
@@ -163,10 +234,12 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _write_spm_tokenizer(out: Path, style: str) -> tuple[int, dict]:
-    """tokenizer.model + tokenizer_config.json of an InternLM2 / Phi-3 / Yi checkpoint; returns (vocab, special ids)."""
+    """tokenizer.model + tokenizer_config.json of an InternLM2 / InternLM3 / Phi-3 / Yi checkpoint; returns (vocab,
+    special ids)."""
     import sentencepiece as spm
 
-    in_model = {"internlm2": INTERNLM2_CHAT_TOKENS, "yi": ["<|im_start|>", "<|im_end|>"], "phi3": []}[style]
+    in_model = {"internlm2": INTERNLM2_CHAT_TOKENS, "internlm3": INTERNLM2_CHAT_TOKENS,
+                "yi": ["<|im_start|>", "<|im_end|>"], "phi3": []}[style]
     proto = _train_sentencepiece(in_model)
     (out / "tokenizer.model").write_bytes(proto)
     sp = spm.SentencePieceProcessor(model_proto=proto)
@@ -178,10 +251,14 @@ def _write_spm_tokenizer(out: Path, style: str) -> tuple[int, dict]:
                     for i, t in enumerate(above)})
     config = {"added_tokens_decoder": decoder, "bos_token": "<s>", "clean_up_tokenization_spaces": False,
               "unk_token": "<unk>", "model_max_length": 8192, "add_bos_token": True, "add_eos_token": False}
-    if style == "internlm2":
-        config.update(tokenizer_class="InternLM2Tokenizer", eos_token="</s>", pad_token="</s>",
+    if style in ("internlm2", "internlm3"):
+        name = "InternLM2Tokenizer" if style == "internlm2" else "InternLM3Tokenizer"
+        config.update(tokenizer_class=name, eos_token="</s>", pad_token="</s>",
                       additional_special_tokens=INTERNLM2_CHAT_TOKENS[::-1] + list(SPECIAL_TOKENS),
-                      auto_map={"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer", None]})
+                      auto_map={"AutoTokenizer": [f"tokenization_{style}.{name}", None]})
+        if style == "internlm3":  # its remote class's own settings
+            config.update(add_prefix_space=False, spaces_between_special_tokens=False, sp_model_kwargs={},
+                          use_default_system_prompt=False)
         ids = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
     elif style == "phi3":
         config.update(tokenizer_class="LlamaTokenizer", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
@@ -228,9 +305,9 @@ def _write_llama3_tokenizer(out: Path) -> tuple[int, dict]:
 
 def write_tiny_tokenizer(style: str, out: Path) -> tuple[int, dict]:
     """Write the tokenizer files of ``style``; returns (vocab size incl. InternVL tokens, LLM special ids)."""
-    if style == "qwen2":
-        write_qwen2_tokenizer(out)
-        return 151655, {"bos_token_id": 151643, "eos_token_id": 151645}
+    if style in ("qwen2", "qwen2.5"):
+        write_qwen2_tokenizer(out, version=style)
+        return 151655 if style == "qwen2" else 151674, {"bos_token_id": 151643, "eos_token_id": 151645}
     if style == "llama3":
         return _write_llama3_tokenizer(out)
     return _write_spm_tokenizer(out, style)
@@ -250,11 +327,69 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
                 param.copy_(0.05 * noise)
 
 
+# The chat template of the InternVL "-hf" releases: internvl2_5 turns (each ending "<|im_end|>\n") with no default
+# system message; an image item is the processor's <IMG_CONTEXT> placeholder.
+HF_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' ~ m['role'] ~ '\\n' }}{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}{{ '<IMG_CONTEXT>\\n' }}"
+    "{% elif c['type'] == 'video' %}{{ '<video>\\n' }}{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def _write_native_release(like: str, out: Path, seed: int, image_size: int) -> None:
+    """A "-hf" release written the way transformers' InternVL converter writes one: its ``InternVLConfig`` (the
+    original llm_config as ``Qwen2Config``, InternViT keys renamed) and weights through ``save_pretrained``, Qwen's
+    tokenizer with the InternVL tokens and image-token names added and the chat template set, a
+    ``GotOcr2ImageProcessor`` and the ``InternVLProcessor`` config. The LM head stays a tensor of its own, as in the
+    releases' weight files."""
+    from transformers import (
+        GotOcr2ImageProcessor,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLVisionConfig,
+        Qwen2Config,
+        Qwen2Tokenizer,
+    )
+
+    source = NATIVE_RELEASES[like]
+    with tempfile.TemporaryDirectory() as base:  # the LLM's own tokenizer files, before InternVL's additions
+        write_qwen2_tokenizer(base, with_internvl_tokens=False, version=RELEASES[source].tokenizer)
+        tokenizer = Qwen2Tokenizer.from_pretrained(base, extra_special_tokens={
+            "start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>"})
+    tokenizer.add_tokens(list(SPECIAL_TOKENS), special_tokens=True)
+    tokenizer.model_max_length = 8192
+    tokenizer.chat_template = HF_CHAT_TEMPLATE
+    tokenizer.save_pretrained(str(out))
+
+    original = tiny_original_config(source, len(tokenizer), {"bos_token_id": 151643, "eos_token_id": 151645}, image_size)
+    dropped = set(_VIT_MOE_KEYS) | {"auto_map", "moe_config", "drop_path_rate", "use_flash_attn", "model_type",
+                                    "architectures"}
+    text = {k: v for k, v in original["llm_config"].items() if k not in dropped} | {"use_cache": True}
+    vision = {k: v for k, v in original["vision_config"].items() if k not in dropped}
+    vision.update(use_qk_norm=vision.pop("qk_normalization"), attention_bias=vision.pop("qkv_bias"),
+                  use_absolute_position_embeddings=True)
+    tokens_per_tile = cfg.num_image_token(original)
+    config = InternVLConfig(text_config=Qwen2Config(**text), vision_config=InternVLVisionConfig(**vision),
+                            image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+                            image_seq_length=tokens_per_tile, tie_word_embeddings=False)
+    config.architectures = ["InternVLForConditionalGeneration"]
+    model = InternVLForConditionalGeneration(config)
+    randomize_(model, seed)
+    model.to(torch.bfloat16).save_pretrained(str(out))
+    GotOcr2ImageProcessor(do_resize=True, size={"height": image_size, "width": image_size}, do_rescale=True,
+                          rescale_factor=1 / 255, do_normalize=True, image_mean=list(IMAGENET_MEAN),
+                          image_std=list(IMAGENET_STD), do_convert_rgb=True).save_pretrained(str(out))
+    _write_json(out / "processor_config.json", {"image_seq_length": tokens_per_tile,
+                                                "processor_class": "InternVLProcessor"})
+
+
 def write_tiny_checkpoint(like: str, out_dir: str | Path, seed: int = 0, image_size: int = 56) -> Path:
-    """Write a tiny random ``like`` checkpoint (original layout, bf16) into ``out_dir`` and return its path.
+    """Write a tiny random ``like`` checkpoint (bf16) into ``out_dir`` and return its path.
 
     Args:
-        like: one of ``internvl2-1b``, ``-2b``, ``-4b``, ``-8b``, ``-26b``, ``-40b``, ``-76b``.
+        like: a name of ``RELEASES`` (original layout) or ``NATIVE_RELEASES`` (transformers' native layout).
         out_dir: target directory (created; must not hold another checkpoint).
         seed: seed of the random weights.
         image_size: tile size; 56 with patch 14 gives 4 image tokens per tile, 28 gives 1.
@@ -262,19 +397,21 @@ def write_tiny_checkpoint(like: str, out_dir: str | Path, seed: int = 0, image_s
     from internvl_tune.models.internvl_chat.loading import build_empty_model
     from internvl_tune.models.internvl_chat.saving import write_original_checkpoint
 
-    if like not in SIZES:
-        raise UserError(f"unknown --like {like!r}; choose one of {', '.join(SIZES)}")
+    if like not in RELEASES and like not in NATIVE_RELEASES:
+        raise UserError(f"unknown --like {like!r}; choose one of {', '.join([*RELEASES, *NATIVE_RELEASES])}")
     if image_size % 28:
         raise UserError(f"image_size must be a multiple of 28 (patch 14, pixel shuffle 0.5), got {image_size}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    family, _, _, style = SIZES[like]
-    vocab_size, special_ids = write_tiny_tokenizer(style, out)
+    if like in NATIVE_RELEASES:
+        _write_native_release(like, out, seed, image_size)
+        return out
+    vocab_size, special_ids = write_tiny_tokenizer(RELEASES[like].tokenizer, out)
     original = tiny_original_config(like, vocab_size, special_ids, image_size)
     native = cfg.native_config(original, image_token_id=0)
     model = build_empty_model(native).to_empty(device="cpu")
     randomize_(model, seed)
-    shards = 1 if like == "internvl2-1b" else 2  # the 1B release is one file; larger ones are sharded
+    shards = 1 if like.endswith("-1b") else 2  # the 1B releases are one file; larger ones are sharded
     write_original_checkpoint(out, model.to(torch.bfloat16).state_dict(), original, num_shards=shards)
     _write_json(out / "generation_config.json", {"_from_model_config": True, **special_ids})
     return out

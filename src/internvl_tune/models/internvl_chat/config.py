@@ -1,10 +1,11 @@
-"""InternVL2 configs: the original ``InternVLChatConfig`` JSON <-> transformers' native ``InternVLConfig``.
+"""InternVL chat configs (InternVL2, 2.5, 3): the original ``InternVLChatConfig`` JSON <-> transformers' ``InternVLConfig``.
 
 The original ``config.json`` (``model_type: internvl_chat``) nests ``vision_config`` (InternViT) and ``llm_config``
-(Qwen2 / InternLM2 / Phi-3 / Llama, picked by ``llm_config.architectures[0]``) and carries chat settings the native
-config has no field for (``template``, ``ps_version``, dynamic tiling). We keep that dict as the source of truth and
-derive the native config from it; a native save stores it beside the weights (``internvl_chat_config.json``) so a
-round trip gives the original config back.
+(Qwen2 / InternLM2 / InternLM3 / Phi-3 / Llama, picked by ``llm_config.architectures[0]``) and carries chat settings
+the native config has no field for (``template``, ``ps_version``, dynamic tiling). We keep that dict as the source of
+truth and derive the native config from it; a native save stores it beside the weights (``internvl_chat_config.json``)
+so a round trip gives the original config back. A native checkpoint without it (a transformers "-hf" release) gets
+an original config rebuilt from the native one, its template read from the checkpoint's chat template.
 """
 
 from __future__ import annotations
@@ -17,15 +18,21 @@ from internvl_tune.data.config import CheckpointDefaults
 from internvl_tune.errors import CheckpointError
 
 FAMILY_BY_ARCH = {
-    "Qwen2ForCausalLM": "qwen2",
-    "InternLM2ForCausalLM": "internlm2",
+    "Qwen2ForCausalLM": "qwen2",  # Qwen2 and Qwen2.5
+    "InternLM2ForCausalLM": "internlm2",  # InternLM2 and InternLM2.5
+    "InternLM3ForCausalLM": "internlm3",
     "Phi3ForCausalLM": "phi3",
-    "LlamaForCausalLM": "llama",
+    "LlamaForCausalLM": "llama",  # Yi, Llama-3
 }
 ARCH_BY_FAMILY = {family: arch for arch, family in FAMILY_BY_ARCH.items()}
-# Native text model type of each family: InternLM2 is a Llama with fused, re-arranged weights.
-NATIVE_TEXT_TYPE = {"qwen2": "qwen2", "internlm2": "llama", "phi3": "phi3", "llama": "llama"}
+# Native text model type of each family: InternLM2 is a Llama with fused, re-arranged weights; InternLM3 is a Llama
+# with Llama's key names whose q/k/v biases (`qkv_bias`) and o_proj + MLP biases (`bias`) are switched apart.
+NATIVE_TEXT_TYPE = {"qwen2": "qwen2", "internlm2": "llama", "internlm3": "llama", "phi3": "phi3", "llama": "llama"}
 SIDECAR = "internvl_chat_config.json"
+# Where transformers keeps a checkpoint's chat template: (file, JSON key or None for the raw Jinja file), in the order
+# looked at (today's file, then the processor's older places, then the tokenizer's).
+CHAT_TEMPLATE_FILES = (("chat_template.jinja", None), ("chat_template.json", "chat_template"),
+                       ("processor_config.json", "chat_template"), ("tokenizer_config.json", "chat_template"))
 ORIGINAL_AUTO_MAP = {
     "AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
     "AutoModel": "modeling_internvl_chat.InternVLChatModel",
@@ -57,6 +64,7 @@ _EXTRA_TEXT_KEYS = {
     "llama": ("attention_bias", "mlp_bias", "head_dim"),
     "phi3": ("original_max_position_embeddings", "sliding_window", "resid_pdrop", "embd_pdrop"),
     "internlm2": (),
+    "internlm3": ("head_dim",),
 }
 
 
@@ -85,7 +93,7 @@ def detect_layout(config: dict, where: str = "config.json") -> str:
 
 
 def family_of(original: dict, where: str = "config.json") -> str:
-    """LLM family (``qwen2``, ``internlm2``, ``phi3``, ``llama``) from ``llm_config.architectures``."""
+    """LLM family (``qwen2``, ``internlm2``, ``internlm3``, ``phi3``, ``llama``) from ``llm_config.architectures``."""
     archs = original.get("llm_config", {}).get("architectures") or [None]
     if archs[0] not in FAMILY_BY_ARCH:
         raise CheckpointError(
@@ -127,14 +135,67 @@ def data_defaults(original: dict) -> CheckpointDefaults:
 
 def read_original_config(path: Path) -> tuple[str, dict]:
     """``(layout, original InternVLChatConfig dict)`` of a checkpoint directory (native checkpoints: from the stored
-    sidecar, or rebuilt from the native config)."""
+    sidecar, or rebuilt from the native config with the template its chat template renders)."""
     raw = read_json(path / "config.json")
     layout = detect_layout(raw, str(path / "config.json"))
     if layout == "original":
         return layout, raw
     if (path / SIDECAR).is_file():
         return layout, read_json(path / SIDECAR)
-    return layout, original_from_native(raw)
+    return layout, original_from_native(raw, template=native_template(path))
+
+
+def chat_template_of(path: Path) -> tuple[Path, str] | None:
+    """``(file, Jinja text)`` of the chat template a checkpoint directory ships, or None (``CHAT_TEMPLATE_FILES``)."""
+    for name, key in CHAT_TEMPLATE_FILES:
+        file = path / name
+        if not file.is_file():
+            continue
+        if key is None:
+            return file, file.read_text(encoding="utf-8")
+        value = read_json(file).get(key)
+        if isinstance(value, list):  # named templates: [{"name": ..., "template": ...}]
+            value = next((t.get("template") for t in value if t.get("name") == "default"), None)
+        if value:
+            return file, value
+    return None
+
+
+def template_of_chat_template(jinja: str) -> tuple[str | None, str]:
+    """``(name, rendering)``: the conversation template whose prompt the Jinja chat template renders for a system +
+    user + assistant probe (name None when none does). ``internlm2-chat`` and ``Hermes-2`` render alike (they differ
+    only in training-time BOS handling, which the tokenizer decides here); ``Hermes-2`` is reported."""
+    from jinja2 import TemplateError
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from internvl_tune.data.templates import GPT, HUMAN, TEMPLATES
+
+    probe = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}]
+    try:
+        rendered = render_jinja_template([probe], chat_template=jinja)[0][0]
+    except TemplateError as exc:
+        return None, f"(error: {exc})"
+    names = [name for name, t in TEMPLATES.items() if t.prompt([(HUMAN, "U"), (GPT, "A")], "S") == rendered]
+    return ("Hermes-2" if "Hermes-2" in names else next(iter(names), None)), rendered
+
+
+def native_template(path: Path) -> str:
+    """The conversation template of a native checkpoint without the sidecar, from its chat template."""
+    from internvl_tune.data.templates import TEMPLATES
+
+    found = chat_template_of(path)
+    if found is None:
+        files = ", ".join(name for name, _ in CHAT_TEMPLATE_FILES)
+        raise CheckpointError(f"{path}: a native checkpoint without {SIDECAR} and without a chat template (looked in "
+                              f"{files}), so its conversation template is unknown — copy in the chat template files "
+                              "of its release")
+    file, jinja = found
+    name, rendered = template_of_chat_template(jinja)
+    if name is None:
+        raise CheckpointError(f"{file}: the chat template renders a system + user + assistant turn as {rendered!r}, "
+                              f"which is none of the conversation templates here ({', '.join(TEMPLATES)}) — fine-tune "
+                              "from the original-layout release of this model instead")
+    return name
 
 
 def checkpoint_data_defaults(path) -> CheckpointDefaults:
@@ -172,15 +233,29 @@ def native_text_config(original: dict, where: str = "config.json") -> dict:
     text["model_type"] = NATIVE_TEXT_TYPE[family]
     text["rope_parameters"] = _rope_parameters(llm, family, where)
     text["tie_word_embeddings"] = False
+    if llm.get("moe_config"):
+        raise CheckpointError(f"{where}: field llm_config.moe_config is set: mixture-of-experts LLMs are not supported "
+                              "(dense checkpoints only)")
     if family == "internlm2":
         # InternLM2's `bias` switches the biases of wqkv and wo, i.e. Llama's attention_bias.
         text.update(attention_bias=bool(llm.get("bias", True)), mlp_bias=False)
+    elif family == "internlm3":
+        qkv_bias, bias = bool(llm.get("qkv_bias", False)), bool(llm.get("bias", False))
+        if qkv_bias != bias:  # Llama's attention_bias covers q/k/v and o_proj alike
+            raise CheckpointError(
+                f"{where}: llm_config.qkv_bias = {qkv_bias} and llm_config.bias = {bias}: an InternLM3 with biases on "
+                "q/k/v but not on o_proj (or the reverse) has no transformers equivalent; only equal values load "
+                "(internlm3-8b-instruct: both false)")
+        text.update(attention_bias=qkv_bias, mlp_bias=bias)
     return text
 
 
-def native_vision_config(original: dict) -> dict:
+def native_vision_config(original: dict, where: str = "config.json") -> dict:
     """The native InternVLVisionConfig kwargs for the original InternViT ``vision_config``."""
     vis = original["vision_config"]
+    if vis.get("use_moe"):
+        raise CheckpointError(f"{where}: field vision_config.use_moe is true: InternViT with mixture-of-experts MLPs "
+                              "is not supported (dense checkpoints only)")
     return {
         "hidden_size": vis.get("hidden_size", 3200),
         "num_hidden_layers": vis.get("num_hidden_layers", 48),
@@ -210,7 +285,7 @@ def native_config(original: dict, image_token_id: int, attn_implementation: str 
 
     select_layer = chat_setting(original, "select_layer")
     config = InternVLConfig(
-        vision_config=native_vision_config(original),
+        vision_config=native_vision_config(original, where),
         text_config=native_text_config(original, where),
         image_token_id=image_token_id,
         image_seq_length=num_image_token(original),
@@ -225,13 +300,27 @@ def native_config(original: dict, image_token_id: int, attn_implementation: str 
     return config
 
 
-def original_from_native(native: dict, family: str | None = None) -> dict:
-    """Rebuild an original InternVLChatConfig dict from a native config dict that has no stored original."""
+def _native_rope(text: dict) -> dict:
+    """``rope_parameters`` of a native text config: as transformers 5 writes it, or from the ``rope_theta`` +
+    ``rope_scaling`` that transformers 4.x wrote (e.g. in the InternVL "-hf" releases)."""
+    if text.get("rope_parameters"):
+        return text["rope_parameters"]
+    scaling = dict(text.get("rope_scaling") or {})
+    kind = scaling.pop("type", "default")  # the older name; "rope_type" wins where both are given
+    kind = scaling.pop("rope_type", kind)
+    return {**scaling, "rope_type": kind, "rope_theta": text.get("rope_theta", 10000.0)}
+
+
+def original_from_native(native: dict, family: str | None = None, template: str | None = None) -> dict:
+    """Rebuild an original InternVLChatConfig dict from a native config dict that has no stored original.
+
+    ``template`` is the conversation template (native configs have no such field; see :func:`native_template`).
+    """
     text, vis = native["text_config"], native["vision_config"]
     family = family or {"qwen2": "qwen2", "phi3": "phi3", "llama": "llama"}.get(text.get("model_type"))
     if family is None:
         raise CheckpointError(f"native text model_type {text.get('model_type')!r} has no InternVL2 original layout")
-    rope = text.get("rope_parameters") or {"rope_type": "default", "rope_theta": text.get("rope_theta", 10000.0)}
+    rope = _native_rope(text)
     llm = {k: text[k] for k in _TEXT_KEYS + _EXTRA_TEXT_KEYS[family] if k in text}
     llm["architectures"] = [ARCH_BY_FAMILY[family]]
     llm["model_type"] = family
@@ -281,7 +370,7 @@ def original_from_native(native: dict, family: str | None = None) -> dict:
         "downsample_ratio": native.get("downsample_ratio", 0.5),
         "force_image_size": vision["image_size"],
         "ps_version": "v2",
-        "template": {"qwen2": "Hermes-2", "phi3": "phi3-chat", "llama": "Hermes-2"}.get(family),
+        "template": template,
         "tie_word_embeddings": False,
     }
 

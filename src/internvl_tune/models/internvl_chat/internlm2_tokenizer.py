@@ -1,15 +1,19 @@
-"""InternLM2's sentencepiece tokenizer (InternVL2-2B / 8B / 26B), without remote code.
+"""InternLM2's and InternLM3's sentencepiece tokenizers (InternVL2-2B / 8B / 26B, InternVL2.5-2B / 8B / 26B,
+InternVL3-9B), without remote code.
 
-The checkpoints ship ``tokenizer.model`` plus a ``tokenizer_config.json`` naming a remote-code class. Encoding is
-plain sentencepiece on the text between added tokens, with ``<s>`` (BOS) in front and no ``</s>`` unless
-``add_eos_token``; decoding joins sentencepiece pieces, keeps the boundary spaces around special tokens the way the
-InternLM2 class does, and applies transformers' standard clean-up. Tests compare ids and text with the reference.
+The checkpoints ship ``tokenizer.model`` plus a ``tokenizer_config.json`` naming a remote-code class. Both encode the
+same way: plain sentencepiece on the text between added tokens, with ``<s>`` (BOS) in front and no ``</s>`` unless
+``add_eos_token``. Decoding joins sentencepiece pieces; InternLM2 puts a space before each run of special tokens and
+applies transformers' standard clean-up (tests compare ids and text with the reference), InternLM3 does neither and
+drops the dummy-prefix space of the first piece when ``add_prefix_space`` (its remote class's rules, read from public
+code; not run against it here).
 """
 
 from __future__ import annotations
 
 from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
+_UNDERLINE = "\u2581"  # sentencepiece's word-start mark (the dummy prefix)
 # transformers' classic clean-up of tokenization spaces (what `clean_up_tokenization` did in 4.x).
 _CLEAN_UP = [(" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
              (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")]
@@ -118,3 +122,32 @@ class InternLM2Tokenizer(SentencePieceBackend):
         text = (" " if spaces_between_special_tokens else "").join(parts)
         clean = self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces
         return _clean_up(text) if clean else text
+
+
+class InternLM3Tokenizer(InternLM2Tokenizer):
+    """InternLM3's tokenizer (InternVL3-9B): InternLM2's encoding, InternLM3's decoding rules (see the module doc)."""
+
+    def __init__(self, vocab_file, add_prefix_space=True, spaces_for_interleaved_special_tokens=False, **kwargs):
+        self.add_prefix_space = add_prefix_space
+        self.spaces_for_interleaved_special_tokens = spaces_for_interleaved_special_tokens
+        super().__init__(vocab_file, **kwargs)
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        """Pieces -> text: sentencepiece decodes the runs between special tokens, which are kept verbatim."""
+        tokens = list(tokens)
+        if tokens and self.add_prefix_space and tokens[0].startswith(_UNDERLINE):
+            tokens[0] = tokens[0][1:]
+        specials, spaced = set(self.all_special_tokens), self.spaces_for_interleaved_special_tokens
+        out, run, prev_special = "", [], False
+        for i, token in enumerate(tokens):
+            if token in specials:
+                if spaced and not prev_special and i:
+                    out += " "
+                out += self.sp_model.decode(run) + token
+                prev_special, run = True, []
+            else:
+                if spaced and prev_special and i == 1 and self.add_prefix_space and not token.startswith(_UNDERLINE):
+                    out += " "
+                run.append(token)
+                prev_special = False
+        return out + self.sp_model.decode(run)

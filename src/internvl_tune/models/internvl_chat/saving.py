@@ -114,9 +114,9 @@ def chat_template(template_name: str, system_message: str | None = None) -> str:
     return render + system + turns
 
 
-def _internlm2_tokenizer_json(out: Path, tokenizer) -> None:
-    """``tokenizer.json`` that encodes like ``InternLM2Tokenizer`` (sentencepiece on each chunk between added tokens,
-    BOS in front), so that transformers' own ``AutoTokenizer`` can load an InternLM2 checkpoint."""
+def _sentencepiece_tokenizer_json(out: Path, tokenizer) -> None:
+    """``tokenizer.json`` that encodes like ``InternLM2Tokenizer`` / ``InternLM3Tokenizer`` (sentencepiece on each
+    chunk between added tokens, BOS in front), so that transformers' own ``AutoTokenizer`` can load the checkpoint."""
     from tokenizers import AddedToken, processors
     from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
 
@@ -142,7 +142,7 @@ def write_processor_files(out: Path, chat) -> None:
     ``preprocessor_config.json`` (``GotOcr2ImageProcessor``: tile size, dynamic tiling with min / max tiles and the
     thumbnail, ImageNet mean / std, bicubic resize), ``video_preprocessor_config.json`` (``InternVLVideoProcessor``,
     needs torchvision), ``processor_config.json`` (``InternVLProcessor``, tokens per tile), ``chat_template.jinja``,
-    and the InternVL image tokens named in ``tokenizer_config.json`` (InternLM2: a ``tokenizer.json`` too).
+    and the InternVL image tokens named in ``tokenizer_config.json`` (InternLM2 / InternLM3: a ``tokenizer.json`` too).
     """
     tiles = chat.image_processor
     pixels = {
@@ -162,8 +162,8 @@ def write_processor_files(out: Path, chat) -> None:
     # never in a prompt the processor is given (images are <IMG_CONTEXT> placeholders there), so no text has videos.
     config.update(start_image_token=IMG_START_TOKEN, end_image_token=IMG_END_TOKEN,
                   context_image_token=IMG_CONTEXT_TOKEN, video_token=IMG_START_TOKEN, processor_class=PROCESSOR_CLASS)
-    if chat.family == "internlm2":
-        _internlm2_tokenizer_json(out, chat.tokenizer)
+    if chat.family in ("internlm2", "internlm3"):  # remote-code tokenizer classes
+        _sentencepiece_tokenizer_json(out, chat.tokenizer)
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
         config.pop("auto_map", None)  # the remote-code class; tokenizer.json needs none
     _write_json(out / "tokenizer_config.json", config)

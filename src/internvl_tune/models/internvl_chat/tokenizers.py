@@ -1,13 +1,14 @@
-"""Tokenizers of the InternVL2 LLM families, loaded without remote code.
+"""Tokenizers of the InternVL LLM families, loaded without remote code.
 
 Families and the files their checkpoints ship:
 
-| family    | sizes         | files                                              | class we load with                 |
-|-----------|---------------|----------------------------------------------------|------------------------------------|
-| qwen2     | 1B            | vocab.json, merges.txt (+ tokenizer.json)           | transformers ``Qwen2Tokenizer``     |
-| internlm2 | 2B, 8B, 26B   | tokenizer.model (sentencepiece)                     | our ``InternLM2Tokenizer``          |
-| phi3      | 4B            | tokenizer.model (+ tokenizer.json)                  | transformers ``LlamaTokenizer``     |
-| llama     | 40B, 76B      | tokenizer.model (Yi) or tokenizer.json (Llama-3)    | transformers ``AutoTokenizer``      |
+| family    | files                                              | class we load with                 |
+|-----------|----------------------------------------------------|------------------------------------|
+| qwen2     | vocab.json, merges.txt (+ tokenizer.json)           | transformers ``Qwen2Tokenizer``     |
+| internlm2 | tokenizer.model (sentencepiece)                     | our ``InternLM2Tokenizer``          |
+| internlm3 | tokenizer.model (sentencepiece)                     | our ``InternLM3Tokenizer``          |
+| phi3      | tokenizer.model (+ tokenizer.json)                  | transformers ``LlamaTokenizer``     |
+| llama     | tokenizer.model (Yi) or tokenizer.json (Llama-3)    | transformers ``AutoTokenizer``      |
 
 After loading, the nine InternVL tokens (``<img>`` ... ``</box>``) are added as special tokens in the reference order,
 so checkpoints that already carry them keep their ids and fresh LLMs get the same new ids the reference gives them.
@@ -28,11 +29,12 @@ _CLASS_TO_FAMILY = {
     "Qwen2TokenizerFast": "qwen2",
     "InternLM2Tokenizer": "internlm2",
     "InternLM2TokenizerFast": "internlm2",
+    "InternLM3Tokenizer": "internlm3",
     "LlamaTokenizer": "llama",
     "LlamaTokenizerFast": "llama",
     "PreTrainedTokenizerFast": "llama",
 }
-FAMILIES = ("qwen2", "internlm2", "phi3", "llama")
+FAMILIES = ("qwen2", "internlm2", "internlm3", "phi3", "llama")
 
 
 def tokenizer_family(path: str | Path) -> str:
@@ -74,7 +76,7 @@ def load_tokenizer(path: str | Path, family: str | None = None, model_max_length
 
     Args:
         path: checkpoint directory holding the tokenizer files.
-        family: ``qwen2``, ``internlm2``, ``phi3`` or ``llama``; guessed from the files when None.
+        family: one of ``FAMILIES``; guessed from the files when None.
         model_max_length: overrides the saved maximum length (the reference sets it to ``max_seq_length``).
 
     Returns:
@@ -86,16 +88,17 @@ def load_tokenizer(path: str | Path, family: str | None = None, model_max_length
         raise CheckpointError(f"unknown tokenizer family {family!r}; expected one of {', '.join(FAMILIES)}")
     logging.getLogger("transformers.tokenization_utils_tokenizers").addFilter(_NOT_MISTRAL)
     # The reference loads every tokenizer with add_eos_token=False: prompts never get an automatic end token.
-    kwargs = {} if model_max_length is None else {"model_max_length": model_max_length}
+    kwargs: dict = {} if model_max_length is None else {"model_max_length": model_max_length}
     try:
         if family == "qwen2":
             from transformers import Qwen2Tokenizer
 
             tokenizer = Qwen2Tokenizer.from_pretrained(str(path), **kwargs)
-        elif family == "internlm2":
-            from internvl_tune.models.internvl_chat.internlm2_tokenizer import InternLM2Tokenizer
+        elif family in ("internlm2", "internlm3"):
+            from internvl_tune.models.internvl_chat import internlm2_tokenizer
 
-            tokenizer = InternLM2Tokenizer.from_pretrained(str(path), add_eos_token=False, **kwargs)
+            cls = internlm2_tokenizer.InternLM2Tokenizer if family == "internlm2" else internlm2_tokenizer.InternLM3Tokenizer
+            tokenizer = cls.from_pretrained(str(path), add_eos_token=False, **kwargs)
         else:
             import transformers
 
@@ -103,7 +106,12 @@ def load_tokenizer(path: str | Path, family: str | None = None, model_max_length
             config_file = path / "tokenizer_config.json"
             name = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
             cls = getattr(transformers, name if name in _CLASS_TO_FAMILY else "AutoTokenizer")
-            tokenizer = cls.from_pretrained(str(path), add_eos_token=False, **kwargs)
+            # Only the sentencepiece Llama classes had add_eos_token under the reference's transformers 4.37; a
+            # tokenizer.json-only tokenizer (Llama-3) kept its post-processor, BOS included. Passing the flag to
+            # PreTrainedTokenizerFast would rebuild that post-processor without BOS.
+            if name in ("LlamaTokenizer", "LlamaTokenizerFast"):
+                kwargs["add_eos_token"] = False
+            tokenizer = cls.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: cannot load the {family} tokenizer: {exc}") from exc
     add_internvl_tokens(tokenizer)

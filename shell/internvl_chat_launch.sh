@@ -1,11 +1,13 @@
-# Shared launcher for the InternVL2 2nd-finetune scripts in this folder (sourced, not run).
+# Shared launcher for the InternVL chat 2nd-finetune scripts in shell/internvl2.0/2nd_finetune and
+# shell/internvl2.5/2nd_finetune (sourced, not run).
 #
-# The calling script sets MODEL, OUTPUT_DIR and the GPUS / BATCH_SIZE / PER_DEVICE_BATCH_SIZE defaults, then calls
-# `launch <model-specific flags> "$@"`. Environment (same names as the reference):
+# The calling script sets MODEL, OUTPUT_DIR and the GPUS / BATCH_SIZE / PER_DEVICE_BATCH_SIZE (and MAX_SEQ_LENGTH)
+# defaults, then calls `launch <model-specific flags> "$@"`. Environment (same names as the reference):
 #   GPUS                    total GPUs (processes)              BATCH_SIZE           global batch
 #   PER_DEVICE_BATCH_SIZE   samples per GPU per micro-step      MASTER_PORT          rendezvous port (34229)
+#   MAX_SEQ_LENGTH          tokens per sample (4096, InternVL2's; the InternVL2.5 scripts set 8192)
 #   PARTITION               set it to launch through Slurm srun (multi-node; LAUNCHER=pytorch forces torchrun,
-#                           e.g. to smoke-test the 40B/76B full scripts on one machine); GPUS_PER_NODE, CPUS_PER_TASK,
+#                           e.g. to smoke-test the largest full scripts on one machine); GPUS_PER_NODE, CPUS_PER_TASK,
 #                           QUOTA_TYPE (passed only when set: plain Slurm has no --quotatype) and SRUN_ARGS
 #   META_PATH               meta JSON (default: shell/data/internvl_1_2_finetune_custom.json, the bundled sample)
 # Extra arguments to the script are passed to `internvl-tune train` as they are (e.g. --max_steps 10).
@@ -13,6 +15,7 @@
 
 META_PATH=${META_PATH:-./shell/data/internvl_1_2_finetune_custom.json}
 MASTER_PORT=${MASTER_PORT:-34229}
+MAX_SEQ_LENGTH=${MAX_SEQ_LENGTH:-4096}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 CPUS_PER_TASK=${CPUS_PER_TASK:-10}
 PYTHON=${PYTHON:-python3}
@@ -45,7 +48,7 @@ launch() {
     --warmup_ratio 0.03 \
     --lr_scheduler_type cosine \
     --logging_steps 1 \
-    --max_seq_length 4096 \
+    --max_seq_length "$MAX_SEQ_LENGTH" \
     --grad_checkpoint True \
     --group_by_length True \
     --dynamic_image_size True \
