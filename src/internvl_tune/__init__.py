@@ -3,7 +3,10 @@
 Library layers (``data``, ``models``, ``eval``) never import the application layers (``train``, ``cli``).
 """
 
+from internvl_tune.noise import quiet
+
 __version__ = "0.1.0"
+quiet()  # two known-wrong third-party warnings (see noise.py)
 
 
 def load_pretrained(path, **kwargs):

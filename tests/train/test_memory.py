@@ -51,3 +51,57 @@ def test_several_ranks_shard_the_states(world):
     many = estimate_training_memory(model, blocks, world_size=world, grad_checkpoint=1.0, tokens_per_micro_batch=1,
                                     hidden=8, ffn=8, num_layers=1)
     assert many.model_states == pytest.approx(one.model_states / world)
+
+
+# Peaks measured on one H200 (2026-12-03, docs/performance.md): InternVL2-8B shape, LoRA r16 (dropout 0.05) on the
+# LLM, frozen ViT, compiled, 8192-token packed rows; and InternVL2-1B full fine-tuning, compiled, no checkpointing.
+MEASURED_GIB = [("internvl2-8b", 16, "True", 21.69), ("internvl2-8b", 16, "selective", 39.3),
+                ("internvl2-8b", 16, "0.5", 39.3), ("internvl2-8b", 16, "False", 72.23),
+                ("internvl2-1b", 0, "False", 20.0)]
+
+
+@pytest.fixture(scope="module")
+def meta_models():
+    """Real-shape models on the meta device (no memory), LoRA applied as the benchmark applied it."""
+    from types import SimpleNamespace
+
+    from transformers import InternVLForConditionalGeneration
+
+    from internvl_tune.bench.shapes import native_config
+    from internvl_tune.models.internvl_chat.chat import InternVLChat
+    from internvl_tune.models.internvl_chat.config import original_from_native
+    from internvl_tune.models.internvl_chat.lora import add_lora
+
+    def build(shape, lora):
+        cfg = native_config(shape)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            with torch.device("meta"):
+                model = InternVLForConditionalGeneration(cfg)
+        finally:
+            torch.set_default_dtype(default)
+        model.model.vision_tower.requires_grad_(False)
+        tokenizer = SimpleNamespace(convert_tokens_to_ids=lambda token: cfg.image_token_id, pad_token_id=0)
+        chat = InternVLChat(model, tokenizer, original_from_native(cfg.to_dict()))
+        if lora:
+            model.requires_grad_(False)
+            add_lora(chat, llm_rank=lora)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        return chat
+
+    return {(shape, lora): build(shape, lora) for shape, lora in {(s, r) for s, r, _, _ in MEASURED_GIB}}
+
+
+@pytest.mark.parametrize("shape, lora, mode, peak", MEASURED_GIB)
+def test_estimate_within_15_percent_of_the_measured_peaks(meta_models, shape, lora, mode, peak):
+    from internvl_tune.dist.parallelize import parse_grad_checkpoint
+    from internvl_tune.models.internvl_chat.recipe import memory_shape
+
+    chat = meta_models[(shape, lora)]
+    dims = memory_shape(chat, 8192, lora_dropout=0.05 if lora else 0.0, tiles_per_micro_batch=64)
+    est = estimate_training_memory(chat.model, [], world_size=1, grad_checkpoint=parse_grad_checkpoint(mode),
+                                   compiled=True, **dims)
+    assert abs(est.total / peak - 1) <= 0.15, est.describe()

@@ -16,7 +16,7 @@ from internvl_tune.dist.parallelize import parallelize, parse_grad_checkpoint
 from internvl_tune.models.common import varlen_attention
 from internvl_tune.models.internvl_chat.chat import InternVLChat
 from internvl_tune.models.internvl_chat.config import original_from_native
-from internvl_tune.models.internvl_chat.recipe import ChatTrainModule
+from internvl_tune.models.internvl_chat.recipe import ChatTrainModule, memory_shape
 from internvl_tune.train.memory import estimate_training_memory
 from internvl_tune.train.optim import build_adamw, build_param_groups
 from internvl_tune.train.schedule import LRSchedule
@@ -68,11 +68,8 @@ def run_ours(shape: str, samples, device, warmup: int, packed_tokens: int, compi
     mode = parse_grad_checkpoint(grad_checkpoint)
     blocks = parallelize(module, module.blocks(), world_size=1, param_dtype=torch.bfloat16, grad_checkpoint=mode,
                          compile=compile)
-    tcfg = chat.model.config.text_config
-    estimate = estimate_training_memory(
-        module, blocks, world_size=1, tokens_per_micro_batch=packed_tokens,
-        hidden=tcfg.hidden_size, ffn=tcfg.intermediate_size, num_layers=tcfg.num_hidden_layers,
-        grad_checkpoint=mode, compiled=compile, vocab=tcfg.vocab_size)
+    shape = memory_shape(chat, packed_tokens, lora_dropout=0.05 if lora_rank else 0.0, tiles_per_micro_batch=64)
+    estimate = estimate_training_memory(module, blocks, world_size=1, grad_checkpoint=mode, compiled=compile, **shape)
     groups = build_param_groups(module.named_parameters(), 1e-5, 0.0)
     optimizer = build_adamw(groups, (0.9, 0.999), 1e-8)
     stepper = StepRunner(module, optimizer, LRSchedule("constant", 0, 10**6), info, 1.0)

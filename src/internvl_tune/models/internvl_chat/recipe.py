@@ -240,25 +240,11 @@ class ChatRecipe:
         return per_device_batch * max(self.lengths)
 
     def memory_shape(self, per_device_batch: int) -> dict:
-        """The LLM shape the memory estimate needs (``train/memory.py``), with the input widths of one layer's LoRA
-        linears when their dropout keeps copies of the inputs."""
-        from internvl_tune.models.common.lora import lora_modules
-
-        model = self.chat.model
-        text, vit = model.config.text_config, model.config.vision_config
-        layer = model.model.language_model.layers[0]
-        dropout_width = sum(m.in_features for _, m in lora_modules(layer)) if self.args.lora_dropout > 0 else 0
-        vision = None
-        if any(p.requires_grad for p in model.model.vision_tower.parameters()):
-            d = self.data
-            tiles = d.num_images_expected if d.use_packed_ds else \
-                per_device_batch * (d.max_dynamic_patch + int(d.use_thumbnail)) if d.dynamic_image_size else per_device_batch
-            side = d.force_image_size // self.chat.patch_size
-            vision = dict(hidden=vit.hidden_size, ffn=vit.intermediate_size, num_layers=vit.num_hidden_layers,
-                          tokens=tiles * (side * side + 1))
-        return dict(tokens_per_micro_batch=self.tokens_per_micro_batch(per_device_batch), hidden=text.hidden_size,
-                    ffn=text.intermediate_size, num_layers=text.num_hidden_layers, vocab=text.vocab_size,
-                    lora_dropout_width=dropout_width, vision=vision)
+        """The shape the memory estimate needs (``train/memory.py``)."""
+        d = self.data
+        tiles = d.num_images_expected if d.use_packed_ds else \
+            per_device_batch * (d.max_dynamic_patch + int(d.use_thumbnail)) if d.dynamic_image_size else per_device_batch
+        return memory_shape(self.chat, self.tokens_per_micro_batch(per_device_batch), self.args.lora_dropout, tiles)
 
     def describe(self) -> list[str]:
         """The recipe's lines of the run plan: model, template and tiling."""
@@ -302,6 +288,25 @@ class ChatRecipe:
             if quantized:
                 chat.model.to(torch.bfloat16)  # the trained tensors too: one dtype in the files
             _save_into(chat, output_dir)
+
+
+def memory_shape(chat, tokens_per_micro_batch: int, lora_dropout: float, tiles_per_micro_batch: int) -> dict:
+    """The LLM shape for ``train.memory.estimate_training_memory``: widths and depth, the input widths of one layer's
+    LoRA linears when their dropout keeps copies of the inputs, and the ViT's shape and tokens when it trains."""
+    from internvl_tune.models.common.lora import lora_modules
+
+    model = chat.model
+    text, vit = model.config.text_config, model.config.vision_config
+    layer = model.model.language_model.layers[0]
+    dropout_width = sum(m.in_features for _, m in lora_modules(layer)) if lora_dropout > 0 else 0
+    vision = None
+    if any(p.requires_grad for p in model.model.vision_tower.parameters()):
+        side = chat.image_size // chat.patch_size
+        vision = dict(hidden=vit.hidden_size, ffn=vit.intermediate_size, num_layers=vit.num_hidden_layers,
+                      tokens=tiles_per_micro_batch * (side * side + 1))
+    return dict(tokens_per_micro_batch=tokens_per_micro_batch, hidden=text.hidden_size, ffn=text.intermediate_size,
+                num_layers=text.num_hidden_layers, vocab=text.vocab_size, lora_dropout_width=dropout_width,
+                vision=vision)
 
 
 def _save_into(chat, output_dir: Path) -> None:

@@ -17,7 +17,6 @@ so checkpoints that already carry them keep their ids and fresh LLMs get the sam
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 from internvl_tune.constants import SPECIAL_TOKENS
@@ -55,17 +54,6 @@ def tokenizer_family(path: str | Path) -> str:
     )
 
 
-class _NotMistral(logging.Filter):
-    """Drops transformers' "incorrect regex pattern ... fix_mistral_regex" warning: it guesses from config.json that a
-    tokenizer might be Mistral's, which an InternVL2 tokenizer never is."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "fix_mistral_regex" not in record.getMessage()
-
-
-_NOT_MISTRAL = _NotMistral()
-
-
 def add_internvl_tokens(tokenizer) -> int:
     """Add the nine InternVL special tokens like the reference does; returns how many were new."""
     return tokenizer.add_tokens(list(SPECIAL_TOKENS), special_tokens=True)
@@ -86,7 +74,6 @@ def load_tokenizer(path: str | Path, family: str | None = None, model_max_length
     family = family or tokenizer_family(path)
     if family not in FAMILIES:
         raise CheckpointError(f"unknown tokenizer family {family!r}; expected one of {', '.join(FAMILIES)}")
-    logging.getLogger("transformers.tokenization_utils_tokenizers").addFilter(_NOT_MISTRAL)
     # The reference loads every tokenizer with add_eos_token=False: prompts never get an automatic end token.
     kwargs: dict = {} if model_max_length is None else {"model_max_length": model_max_length}
     try:
