@@ -23,7 +23,10 @@ def plot(folder: Path) -> Path:
     rows = []
     for path in sorted(folder.glob("bench_*.json")):
         rows += json.loads(path.read_text())
-    labels = [f"{r['shape'].replace('internvl2-', '').upper()}  {r['variant']}" for r in rows]
+    devices = sorted({r.get("device", "GPU") for r in rows})
+    short = {d: d.replace("NVIDIA ", "").split()[0] for d in devices}  # "NVIDIA H100 80GB HBM3" -> "H100"
+    labels = [f"{r['shape'].replace('internvl2-', '').upper()}  {r['variant']}"
+              + (f"  [{short[r.get('device', 'GPU')]}]" if len(devices) > 1 else "") for r in rows]
     values = [r["tokens_per_s"] for r in rows]
     colors = ["#999999" if r["variant"].startswith("plain") else "#1f77b4" for r in rows]
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.2), dpi=110)
@@ -35,8 +38,7 @@ def plot(folder: Path) -> Path:
     ax.invert_yaxis()
     ax.set_xlabel("training tokens/s on one GPU (grey: plain transformers loop)")
     ax.set_xlim(0, max(values) * 1.45)
-    device = rows[0].get("device", "GPU") if rows else "GPU"
-    ax.set_title(f"InternVL2 fine-tuning throughput, {device}", fontsize=10)
+    ax.set_title(f"InternVL2 fine-tuning throughput, {', '.join(devices) or 'GPU'}", fontsize=10)
     fig.tight_layout()
     out = folder / "throughput.png"
     fig.savefig(out)
