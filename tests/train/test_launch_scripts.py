@@ -43,3 +43,12 @@ def test_a_failing_run_returns_its_exit_status(tmp_path):
                            "--device", "cpu"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "not a directory" in proc.stdout
+
+
+@pytest.mark.parametrize("script", sorted((REPO / "shell").rglob("*.sh")), ids=lambda p: str(p.relative_to(REPO)))
+def test_every_sourced_file_exists(script):
+    """A script that sources a moved or renamed helper fails at its first line on the user's cluster."""
+    import re
+
+    for target in re.findall(r'^\s*\. "\$\(dirname "\$0"\)/([^"]+)"', script.read_text(), flags=re.M):
+        assert (script.parent / target).is_file(), f"{script.relative_to(REPO)} sources missing {target}"

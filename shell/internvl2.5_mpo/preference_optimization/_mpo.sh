@@ -1,11 +1,11 @@
 # Shared part of the MPO (mixed preference optimization) scripts (sourced, not run): the 2nd-finetune launcher
-# (shell/internvl2.0/2nd_finetune/_launch.sh: GPUS, BATCH_SIZE, PER_DEVICE_BATCH_SIZE, PARTITION, LAUNCHER,
+# (shell/internvl_chat_launch.sh: GPUS, BATCH_SIZE, PER_DEVICE_BATCH_SIZE, PARTITION, LAUNCHER,
 # META_PATH, MASTER_PORT ...) with the hyper-parameters every reference MPO script shares. The calling script sets
 # MODEL, OUTPUT_DIR, META_PATH and the GPU defaults, then calls `launch_mpo <model-specific flags> "$@"`.
 # The reference also passes --deepspeed (FSDP2 shards here), --use_liger and --evaluation_strategy: accepted and
 # ignored by `internvl-tune train`, so they are left out.
 
-. "$(dirname "$0")/../../internvl2.0/2nd_finetune/_launch.sh"
+. "$(dirname "$0")/../../internvl_chat_launch.sh"
 
 launch_mpo() {
   launch \
