@@ -19,6 +19,15 @@ def test_our_training_path_runs_on_packed_synthetic_samples():
     assert 0 <= row["padding_waste"] < 1 and row["estimate_gib"] > 0
 
 
+def test_e2e_loader_only_times_the_trainers_loader_on_jpegs(tmp_path):
+    out = tmp_path / "e2e.json"
+    assert main(["bench", "e2e", "--out", str(tmp_path), "--shape", "tiny", "--loader_only", "--workers", "0",
+                 "--samples", "8", "--steps", "2", "--packed_tokens", "2048", "--json", str(out)]) == 0
+    row = json.loads(out.read_text())
+    assert row["packed_rows"] == 2 and row["loader_tokens_per_s"] > 0 and row["loader_samples_per_s"] > 0
+    assert len(list((tmp_path / "data").glob("*.jpg"))) == 8
+
+
 def test_flop_formula_counts_trained_frozen_and_attention_terms():
     base = train_flops(10, True, 0, 0, 100, 0, 1, 4, [100])
     assert base == 6 * 10 * 100 + 3 * 2 * 100 * 100 * 4

@@ -7,6 +7,10 @@ samples, runs ``internvl-tune train`` on it (packed rows, compiled, frozen ViT, 
 on the same shape, and reports both throughputs and the share of step time the trainer waited for data.
 
 Run on a GPU box: ``internvl-tune bench e2e --out /tmp/e2e --steps 40 --workers 8``.
+
+``--loader_only`` runs no model (any machine, no GPU): it times the training run's data loader alone on the same
+files and reports the tokens/s that ``--workers`` workers produce on this machine's CPUs, the rate a GPU step must
+not outrun.
 """
 
 from __future__ import annotations
@@ -83,8 +87,40 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=10, help="logged steps left out of the average (compilation)")
     parser.add_argument("--workers", type=int, default=8, help="data-loader workers of the training run")
     parser.add_argument("--packed_tokens", type=int, default=8192, help="token budget of a packed row")
+    parser.add_argument("--loader_only", action="store_true",
+                        help="time the data loader alone (no model, no GPU): tokens/s produced by --workers workers")
     parser.add_argument("--json", default=None, help="write the results here")
     return parser
+
+
+def loader_rate(checkpoint: Path, meta: Path, workers: int, packed_tokens: int, batches: int) -> dict:
+    """Tokens/s and samples/s that the training run's data loader produces with ``workers`` workers.
+
+    The recipe and loader are the trainer's (``ChatRecipe.build_data``, ``train.runtime.make_loader``) with the
+    training run's data flags; the model is built on the meta device (only its tokenizer and config are read). The
+    first packed row is left out of the timing (worker start-up).
+    """
+    import time
+
+    from internvl_tune.data.config import DataConfig
+    from internvl_tune.models.internvl_chat.recipe import ChatRecipe, ModelArgs
+    from internvl_tune.train.runtime import make_loader
+
+    recipe = ChatRecipe(ModelArgs(model_name_or_path=str(checkpoint), freeze_backbone=True),
+                        DataConfig(meta_path=str(meta), use_packed_ds=True, max_packed_tokens=packed_tokens,
+                                   max_seq_length=16384, num_images_expected=64))
+    recipe.build_module(torch.bfloat16, weights=False)
+    train, _, collate, sampler = recipe.build_data(0, 0, 1, 1, 1)
+    micro = [mb for _, micros in sampler.epoch_steps(0, 0) for mb in micros][: batches + 1]
+    loader = iter(make_loader(train, micro, collate, workers))
+    next(loader)
+    start, tokens, samples = time.perf_counter(), 0, 0
+    for batch in loader:
+        tokens += batch.num_tokens
+        samples += int(batch.cu_seq_lens.numel()) - 1
+    seconds = time.perf_counter() - start
+    return {"workers": workers, "packed_rows": len(micro) - 1, "loader_tokens_per_s": tokens / seconds,
+            "loader_samples_per_s": samples / seconds}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,6 +132,17 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     ckpt = write_checkpoint(args.shape, out / "checkpoint")
     meta = write_dataset(out / "data", args.samples)
+    if args.loader_only:
+        import os
+
+        result = {"shape": args.shape, **loader_rate(ckpt, meta, args.workers, args.packed_tokens, args.steps),
+                  "cpus": os.cpu_count()}
+        print(json.dumps(result), flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"\ndata loader alone: {result['loader_tokens_per_s']:.0f} tokens/s, "
+              f"{result['loader_samples_per_s']:.1f} samples/s with {args.workers} workers ({os.cpu_count()} CPUs)")
+        return 0
     run = out / "run"
     code = cli(["train", "--model_name_or_path", str(ckpt), "--meta_path", str(meta), "--output_dir", str(run),
                 "--overwrite_output_dir", "True", "--bf16", "True", "--freeze_backbone", "True",

@@ -48,8 +48,8 @@ def run(args: argparse.Namespace) -> int:
     from internvl_tune.errors import UserError
 
     module, _ = SCRIPTS[args.script]
-    if args.script in NEEDS_CUDA and "--help" not in args.args and "-h" not in args.args \
-            and not torch.cuda.is_available():
+    cpu_ok = {"--help", "-h", "--loader_only"}  # (bench e2e --loader_only times the data loader alone)
+    if args.script in NEEDS_CUDA and not cpu_ok.intersection(args.args) and not torch.cuda.is_available():
         raise UserError(f"`bench {args.script}` measures GPU speed and needs a CUDA device; none is visible here "
                         f"(`bench smoke` runs on the CPU too)")
     return importlib.import_module(module).main(args.args)
