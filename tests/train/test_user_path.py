@@ -186,3 +186,34 @@ def test_ctrl_c_under_tee_still_writes_the_stop_checkpoint(tiny_1b, tmp_path, su
         time.sleep(0.2)
     assert "stopped by signal" in (out / "train.log").read_text()
     assert list(out.glob("checkpoint-*/trainer_state.json")), "Ctrl-C under tee must still leave the stop checkpoint"
+
+
+class _DeviceTimeline:
+    """A stand-in for CUDA events: each mark is one second after the previous one on the device's timeline, however
+    late the host reads it back."""
+
+    def __init__(self, device):
+        self.now = 0
+
+    def mark(self):
+        self.now += 1
+        return self.now
+
+    def seconds(self, start, end) -> float:
+        time.sleep(0.05)  # the host reads late: a host clock would disagree with the device's
+        return float(end - start)
+
+
+def test_throughput_of_every_step_comes_from_the_device_timeline(tiny_1b, tmp_path, subset_meta, monkeypatch):
+    """Issue 14.5: the last step of a run was logged 30x faster than the others (the host clock at read-back)."""
+    import internvl_tune.train.step as step_module
+
+    monkeypatch.setattr(step_module, "StepClock", _DeviceTimeline)
+    out = tmp_path / "run"
+    run_chat(_cfg(tiny_1b, subset_meta(tmp_path, 3), out, max_steps=3, save_steps=0, eval_steps=2))
+    rows = [r for r in read_jsonl(out / "metrics.jsonl") if "tokens_per_s" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3]  # step 3 follows a validation pass
+    # each step spans one device second, so its tokens/s is its token count: they add up to every token seen
+    seen = json.loads((out / "train_results.json").read_text())["tokens_seen"]
+    assert sum(r["tokens_per_s"] for r in rows) == pytest.approx(seen)
+    assert all(r["tokens_per_s"] == int(r["tokens_per_s"]) for r in rows)
