@@ -105,3 +105,36 @@ def test_estimate_within_15_percent_of_the_measured_peaks(meta_models, shape, lo
     est = estimate_training_memory(chat.model, [], world_size=1, grad_checkpoint=parse_grad_checkpoint(mode),
                                    compiled=True, **dims)
     assert abs(est.total / peak - 1) <= 0.15, est.describe()
+
+
+def test_auto_takes_the_fewest_checkpointed_blocks_that_fit_with_headroom():
+    from internvl_tune.train.memory import AUTO_MARGIN, choose_grad_checkpoint
+
+    def estimate(fraction):
+        return _estimate(fraction, compiled=True)
+
+    no_ckpt, all_ckpt = estimate(0.0).total, estimate(1.0).total
+    assert choose_grad_checkpoint(estimate, no_ckpt * AUTO_MARGIN + 0.01)[0] == 0.0  # a big card: no recompute
+    half = estimate(0.5).total * AUTO_MARGIN
+    fraction, chosen = choose_grad_checkpoint(estimate, half + 0.01)
+    assert 0.0 < fraction <= 0.5 and chosen.total * AUTO_MARGIN <= half + 0.01
+    assert choose_grad_checkpoint(estimate, all_ckpt)[0] == 1.0  # nothing fits with headroom: every block
+    assert choose_grad_checkpoint(estimate, 0.1)[0] == 1.0
+
+
+def test_auto_on_a_gpu_asks_for_its_free_memory(monkeypatch):
+    """The trainer's side of ``auto``, without a GPU: free + held memory is what the choice may use."""
+    from types import SimpleNamespace
+
+    from internvl_tune.train.trainer import Trainer
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (30 * GIB, 80 * GIB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 10 * GIB)
+    need = {0.0: 60.0, 0.25: 45.0, 0.5: 36.0, 0.75: 30.0, 1.0: 20.0}  # GiB by checkpointed fraction
+    fake = SimpleNamespace(info=SimpleNamespace(device=torch.device("cuda")),
+                           memory_estimate=lambda mode: SimpleNamespace(total=need[mode]))
+    mode, note = Trainer._resolve_grad_checkpoint(fake, "auto")
+    assert mode == 0.75 and "40.0 GiB available" in note  # 36 x 1.15 > 40 >= 30 x 1.15
+    assert Trainer._resolve_grad_checkpoint(fake, 0.5) == (0.5, "")
+    cpu = SimpleNamespace(info=SimpleNamespace(device=torch.device("cpu")), memory_estimate=fake.memory_estimate)
+    assert Trainer._resolve_grad_checkpoint(cpu, "auto")[0] == 1.0

@@ -132,6 +132,8 @@ def test_settings_default_to_the_checkpoint(tiny_1b, tmp_path, subset_meta, caps
     assert "pass --force_image_size 56" in capsys.readouterr().err
     assert main([*common, "--conv_style", "internlm2-chat"]) == 0
     assert "the checkpoint says Hermes-2" in " ".join(capsys.readouterr().err.split())
+    assert main([*common, "--grad_checkpoint", "auto"]) == 0  # on a CPU there is no GPU memory to fit
+    assert "activation checkpointing auto: every block" in " ".join(capsys.readouterr().err.split())
 
 
 @pytest.mark.parametrize("sinks, message", [("tensorbord", "unknown sink tensorbord"),

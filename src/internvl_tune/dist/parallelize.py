@@ -40,12 +40,15 @@ def clean_name(name: str) -> str:
 
 
 def parse_grad_checkpoint(value) -> float | str:
-    """``--grad_checkpoint``: True/False, a fraction in (0, 1] of the blocks, or ``selective``.
+    """``--grad_checkpoint``: True/False, a fraction in (0, 1] of the blocks, ``selective`` or ``auto``.
 
     Returns:
-        ``"selective"`` or the fraction of blocks to checkpoint (1.0 = all, 0.0 = none).
+        ``"selective"``, ``"auto"`` (the trainer picks a fraction: ``train.memory.choose_grad_checkpoint``) or the
+        fraction of blocks to checkpoint (1.0 = all, 0.0 = none).
     """
     text = str(value).strip().lower()
+    if text == "auto":
+        return "auto"
     if text in ("true", "yes", "1", "on", "full"):
         return 1.0
     if text in ("false", "no", "0", "off", "none"):
@@ -57,8 +60,8 @@ def parse_grad_checkpoint(value) -> float | str:
     except ValueError:
         fraction = -1.0
     if not 0.0 <= fraction <= 1.0:
-        raise UserError(f"--grad_checkpoint {value!r}: use True, False, a fraction between 0 and 1 (e.g. 0.5), or "
-                        "selective")
+        raise UserError(f"--grad_checkpoint {value!r}: use True, False, a fraction between 0 and 1 (e.g. 0.5), "
+                        "selective or auto")
     return fraction
 
 

@@ -20,6 +20,7 @@ Per rank, with ``W`` ranks (FSDP2 shards model states evenly):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
@@ -43,6 +44,10 @@ LORA_DROPOUT_BYTES = 3.0  # a bf16 copy and a bool mask of the input, per adapte
 # 2026-12-03: 21.7 / 39.3 / 72.2 GiB at b = 0 / 0.5 / 1)
 BUDGET_CURVE = 1.5
 WORKSPACE_GIB = 1.0  # CUDA context-independent allocator slack, cuBLAS workspaces
+# --grad_checkpoint auto: the fractions of checkpointed blocks it tries, fastest first, and the headroom it keeps
+# above an estimate (every measured peak lies within 15 % of its estimate: tests/train/test_memory.py)
+AUTO_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
+AUTO_MARGIN = 1.15
 
 
 @dataclass
@@ -135,3 +140,21 @@ def _activations(hidden: int, ffn: int, num_layers: int, tokens: int, grad_check
         return (A_SEL_HIDDEN * hidden + A_SEL_FFN * ffn) * tokens * num_layers + kept
     checkpointed = round(grad_checkpoint * num_layers)
     return A_CKPT * hidden * tokens * checkpointed + kept * (num_layers - checkpointed) + (kept if checkpointed else 0)
+
+
+def choose_grad_checkpoint(estimate: Callable[[float], MemoryEstimate], available_gib: float
+                           ) -> tuple[float, MemoryEstimate]:
+    """``--grad_checkpoint auto``: the fewest checkpointed blocks whose estimate, plus 15 %, fits ``available_gib``.
+
+    Args:
+        estimate: the run's estimate for a fraction of checkpointed blocks (``estimate_training_memory``).
+        available_gib: the GPU memory this rank may use (the smallest over ranks).
+
+    Returns:
+        ``(fraction, its estimate)``; every block checkpointed when no fraction fits.
+    """
+    for fraction in AUTO_FRACTIONS:
+        chosen = estimate(fraction)
+        if chosen.total * AUTO_MARGIN <= available_gib:
+            return fraction, chosen
+    return 1.0, chosen

@@ -34,7 +34,7 @@ from internvl_tune.dist.parallelize import (
 from internvl_tune.errors import UserError
 from internvl_tune.train.checkpoint import Checkpointer
 from internvl_tune.train.config import RunConfig, save_config
-from internvl_tune.train.memory import estimate_training_memory
+from internvl_tune.train.memory import choose_grad_checkpoint, estimate_training_memory
 from internvl_tune.train.metrics import MetricsLogger, parse_report_to
 from internvl_tune.train.optim import build_adamw, build_param_groups, count_parameters
 from internvl_tune.train.progress import StepProgress
@@ -113,10 +113,15 @@ class Trainer:
             raise UserError("no parameter is trainable: check the freeze / unfreeze / LoRA flags")
         if not sharded:
             module.to(info.device)
-        self.grad_checkpoint = parse_grad_checkpoint(recipe.grad_checkpoint)
+        self.module = module
         self.compiled = compile_enabled(t.torch_compile, info.device)
-        self.blocks = parallelize(module, module.blocks(), world_size=info.world_size, param_dtype=self.compute_dtype,
-                                  grad_checkpoint=self.grad_checkpoint, compile=self.compiled)
+        # the data first: the memory estimate (and so --grad_checkpoint auto) needs the samples' lengths
+        self.train_set, self.val_set, self.collate, self.sampler = recipe.build_data(
+            t.seed, info.rank, info.world_size, t.per_device_train_batch_size, t.gradient_accumulation_steps)
+        self.grad_checkpoint, self.grad_checkpoint_note = self._resolve_grad_checkpoint(
+            parse_grad_checkpoint(recipe.grad_checkpoint))
+        parallelize(module, module.blocks(), world_size=info.world_size, param_dtype=self.compute_dtype,
+                    grad_checkpoint=self.grad_checkpoint, compile=self.compiled)
         if sharded:
             full = {}
             if info.is_main:
@@ -126,10 +131,7 @@ class Trainer:
                 full = source.state_dict()
             materialize_from_rank0(module, full, info.device, info.is_main)
             del full
-        self.module = module
 
-        self.train_set, self.val_set, self.collate, self.sampler = recipe.build_data(
-            t.seed, info.rank, info.world_size, t.per_device_train_batch_size, t.gradient_accumulation_steps)
         steps_per_epoch = self.sampler.steps_per_epoch
         self.total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.num_train_epochs * steps_per_epoch))
         self.groups = build_param_groups(((clean_name(n), p) for n, p in module.named_parameters()),
@@ -301,14 +303,37 @@ class Trainer:
         barrier()
         return self.output_dir
 
-    def memory_estimate(self):
-        """Peak GPU memory per rank predicted for this run (``train/memory.py``), or None for recipes without one."""
+    def memory_estimate(self, grad_checkpoint: float | str | None = None):
+        """Peak GPU memory per rank predicted for this run (``train/memory.py``), or None for recipes without one.
+
+        ``grad_checkpoint``: the estimate for another checkpointing mode than the run's.
+        """
         shape = self.recipe.memory_shape(self.cfg.train.per_device_train_batch_size)
         if shape is None:
             return None
-        return estimate_training_memory(self.module, self.blocks, world_size=self.info.world_size,
-                                        grad_checkpoint=self.grad_checkpoint, compiled=self.compiled,
+        mode = self.grad_checkpoint if grad_checkpoint is None else grad_checkpoint
+        return estimate_training_memory(self.module, self.module.blocks(), world_size=self.info.world_size,
+                                        grad_checkpoint=mode, compiled=self.compiled,
                                         compute_bytes=2 if self.compute_dtype is not None else 4, **shape)
+
+    def _resolve_grad_checkpoint(self, mode: float | str) -> tuple[float | str, str]:
+        """``(mode, plan note)``: ``auto`` becomes the fraction of checkpointed blocks that fits this GPU."""
+        if mode != "auto":
+            return mode, ""
+        device = self.info.device
+        if device.type != "cuda":
+            return 1.0, "auto: every block (no GPU memory to fit)"
+        if self.memory_estimate(1.0) is None:
+            return 1.0, "auto: every block (this model has no memory estimate)"
+        free, _ = torch.cuda.mem_get_info(device)
+        available = (free + torch.cuda.memory_reserved(device)) / 2**30  # what this process holds counts as usable
+        if torch.distributed.is_initialized():  # one mode on every rank: the smallest GPU decides
+            smallest = torch.tensor(available, device=device)
+            torch.distributed.all_reduce(smallest, op=torch.distributed.ReduceOp.MIN)
+            available = smallest.item()
+        fraction, estimate = choose_grad_checkpoint(self.memory_estimate, available)
+        return fraction, (f"auto: {fraction:g} of the blocks (estimate {estimate.total:.1f} GiB, +15 % fits "
+                          f"{available:.1f} GiB available)")
 
     def plan_lines(self) -> list[str]:
         t, info, s = self.cfg.train, self.info, self.sampler
@@ -320,7 +345,7 @@ class Trainer:
             f"{t.gradient_accumulation_steps} accum), {s.steps_per_epoch} steps/epoch, {self.total_steps} steps"
             + (f", packed rows ({s.padding_waste():.1%} padding)" if hasattr(s, "padding_waste") else ""),
             f"device: {info.device} x {info.world_size}, compute dtype {self.compute_dtype or torch.float32}, "
-            f"activation checkpointing {self.recipe.grad_checkpoint}, torch.compile {'on' if self.compiled else 'off'}, "
+            f"activation checkpointing {self.grad_checkpoint_note or self.recipe.grad_checkpoint}, torch.compile {'on' if self.compiled else 'off'}, "
             f"output: {self.output_dir}",
         ]
         estimate = self.memory_estimate()

@@ -65,7 +65,8 @@ class RetrievalModelArgs:
                                                  "variable QLLAMA_LAYER_DECAY_RATE)")
     drop_path_rate: float = option(0.0, "ViT stochastic depth (linear over layers)")
     grad_checkpoint: str = option("True", "activation checkpointing of the ViT and QLLaMA layers: True (all; always "
-                                          "on in the reference), False, a fraction such as 0.5, or selective")
+                                          "on in the reference), False, a fraction such as 0.5, selective, or auto (all "
+                                          "of them: this model has no memory estimate)")
 
 
 def _set(module: nn.Module, trainable: bool) -> None:

@@ -60,8 +60,9 @@ class ModelArgs:
     unfreeze_lm_head: bool = option(False, "train the LM head even when the LLM is frozen or LoRA-wrapped")
     grad_checkpoint: str = option("True", "activation checkpointing: True (every ViT and LLM block), False, a "
                                           "fraction such as 0.5 (that share of the blocks: less recompute for more "
-                                          "memory), or selective (every block, keeping matmul and attention "
-                                          "outputs: most of the speed for part of the memory)")
+                                          "memory), selective (every block, keeping matmul and attention "
+                                          "outputs: most of the speed for part of the memory), or auto (the fewest "
+                                          "checkpointed blocks whose memory estimate + 15 %% fits the GPU)")
     drop_path_rate: float = option(0.0, "stochastic depth for the ViT (linear over layers, as the reference)")
     ps_version: str = option("v2", "pixel-shuffle version", ("v1", "v2"))
     merge_lora: bool = option(True, "for LoRA runs, also write the merged model as the final output")
