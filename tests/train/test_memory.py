@@ -130,8 +130,11 @@ def test_auto_on_a_gpu_asks_for_its_free_memory(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (30 * GIB, 80 * GIB))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 10 * GIB)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)  # one process, whatever ran before
     need = {0.0: 60.0, 0.25: 45.0, 0.5: 36.0, 0.75: 30.0, 1.0: 20.0}  # GiB by checkpointed fraction
     fake = SimpleNamespace(info=SimpleNamespace(device=torch.device("cuda")),
+                           recipe=SimpleNamespace(memory_shape=lambda per_device_batch: {}),
+                           cfg=SimpleNamespace(train=SimpleNamespace(per_device_train_batch_size=1)),
                            memory_estimate=lambda mode: SimpleNamespace(total=need[mode]))
     mode, note = Trainer._resolve_grad_checkpoint(fake, "auto")
     assert mode == 0.75 and "40.0 GiB available" in note  # 36 x 1.15 > 40 >= 30 x 1.15

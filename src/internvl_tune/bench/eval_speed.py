@@ -88,14 +88,13 @@ def bench_head_finetune(model, batch: int, steps: int, device) -> dict:
     from internvl_tune.dist import init_distributed
     from internvl_tune.dist.parallelize import parallelize
     from internvl_tune.models.internvl_cg.recipe import RetrievalTrainModule
+    from internvl_tune.train.optim import fp32_master_weights
 
     init_distributed("cuda")
     model.requires_grad_(False)
     for p in (model.text_projection, model.qllama.lm_head.weight, model.qllama.model.embed_tokens.weight):
         p.requires_grad_(True)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
+    fp32_master_weights(model)
     step_module = RetrievalTrainModule(model, gather_fn=lambda x: x).train()
     parallelize(step_module, step_module.blocks(), world_size=1, param_dtype=torch.bfloat16, grad_checkpoint=1.0)
     opt = torch.optim.AdamW([p for p in step_module.parameters() if p.requires_grad], lr=1e-6, fused=True)

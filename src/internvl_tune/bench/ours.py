@@ -18,7 +18,7 @@ from internvl_tune.models.internvl_chat.chat import InternVLChat
 from internvl_tune.models.internvl_chat.config import original_from_native
 from internvl_tune.models.internvl_chat.recipe import ChatTrainModule, memory_shape
 from internvl_tune.train.memory import estimate_training_memory
-from internvl_tune.train.optim import build_adamw, build_param_groups
+from internvl_tune.train.optim import build_adamw, build_param_groups, fp32_master_weights
 from internvl_tune.train.schedule import LRSchedule
 from internvl_tune.train.step import StepRunner
 
@@ -61,9 +61,7 @@ def run_ours(shape: str, samples, device, warmup: int, packed_tokens: int, compi
 
         chat.model.requires_grad_(False)
         add_lora(chat, llm_rank=lora_rank)
-    for p in chat.model.parameters():  # fp32 master weights for what trains
-        if p.requires_grad:
-            p.data = p.data.float()
+    fp32_master_weights(chat.model)
     module = ChatTrainModule(chat)
     mode = parse_grad_checkpoint(grad_checkpoint)
     blocks = parallelize(module, module.blocks(), world_size=1, param_dtype=torch.bfloat16, grad_checkpoint=mode,

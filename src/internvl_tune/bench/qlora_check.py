@@ -36,6 +36,7 @@ def build_chat(shape: str, device: torch.device, lora_rank: int, lora_dropout: f
     from internvl_tune.models.internvl_chat.config import original_from_native
     from internvl_tune.models.internvl_chat.loading import build_empty_model
     from internvl_tune.models.internvl_chat.lora import add_lora
+    from internvl_tune.train.optim import fp32_master_weights
 
     cfg = native_config(shape)
     model = build_empty_model(cfg).to(torch.bfloat16)  # still on the meta device
@@ -57,24 +58,17 @@ def build_chat(shape: str, device: torch.device, lora_rank: int, lora_dropout: f
     chat = InternVLChat(model, tokenizer, original_from_native(cfg.to_dict()))
     chat.model.requires_grad_(False)
     add_lora(chat, llm_rank=lora_rank, lora_dropout=lora_dropout)
-    for p in chat.model.parameters():  # fp32 master weights for what trains
-        if p.requires_grad:
-            p.data = p.data.float()
+    fp32_master_weights(chat.model)
     return chat
 
 
 def estimate(module, blocks, chat, packed_tokens: int, lora_dropout: float):
-    """The trainer's memory estimate for this run (bf16 compute, every block checkpointed, eager)."""
-    from internvl_tune.models.common.lora import lora_modules
+    """The trainer's memory estimate for this run (bf16 compute, every block checkpointed, eager; frozen ViT)."""
+    from internvl_tune.models.internvl_chat.recipe import memory_shape
     from internvl_tune.train.memory import estimate_training_memory
 
-    text = chat.model.config.text_config
-    layer = chat.model.model.language_model.layers[0]
-    width = sum(m.in_features for _, m in lora_modules(layer)) if lora_dropout > 0 else 0
-    return estimate_training_memory(module, blocks, world_size=1, tokens_per_micro_batch=packed_tokens,
-                                    hidden=text.hidden_size, ffn=text.intermediate_size,
-                                    num_layers=text.num_hidden_layers, grad_checkpoint=1.0, vocab=text.vocab_size,
-                                    lora_dropout_width=width)
+    shape = memory_shape(chat, packed_tokens, lora_dropout, tiles_per_micro_batch=0)
+    return estimate_training_memory(module, blocks, world_size=1, grad_checkpoint=1.0, **shape)
 
 
 def run(shape: str, device: torch.device, steps: int, packed_tokens: int, lora_rank: int,

@@ -10,6 +10,13 @@ from torch import nn
 from internvl_tune.models.common.quantize import num_weights
 
 
+def fp32_master_weights(module: nn.Module) -> None:
+    """Trainable parameters become fp32 (the master weights of mixed precision); frozen ones keep their dtype."""
+    for p in module.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
 def no_weight_decay(name: str, param: torch.Tensor) -> bool:
     """Biases and 1-D tensors (norm weights, layer scales) get no weight decay, as in the reference."""
     return param.ndim <= 1 or name.endswith(".bias")

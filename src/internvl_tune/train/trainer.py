@@ -5,9 +5,10 @@ Launch: ``internvl-tune train ...`` / ``internvl-tune retrieval-train ...`` (one
 (``models/internvl_chat/recipe.py``, ``models/internvl_cg/recipe.py``), which satisfies :class:`Recipe`.
 
 Set-up order: process group -> output dir -> the training module from the recipe (on several ranks: its structure on
-the meta device) -> fp32 master copies of what trains -> ``dist.parallelize`` (activation checkpointing, compile,
-FSDP2) -> on several ranks rank 0 reads the checkpoint and broadcasts it into the shards -> data -> optimizer,
-schedule, checkpoints, metrics -> resume.
+the meta device) -> fp32 master copies of what trains -> data (the memory estimate needs its lengths) -> the
+checkpointing mode (``auto`` resolved from the estimate) -> ``dist.parallelize`` (activation checkpointing, compile,
+FSDP2) -> on several ranks rank 0 reads the checkpoint and broadcasts it into the shards -> optimizer, schedule,
+checkpoints, metrics -> resume.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from internvl_tune.train.checkpoint import Checkpointer
 from internvl_tune.train.config import RunConfig, save_config
 from internvl_tune.train.memory import choose_grad_checkpoint, estimate_training_memory
 from internvl_tune.train.metrics import MetricsLogger, parse_report_to
-from internvl_tune.train.optim import build_adamw, build_param_groups, count_parameters
+from internvl_tune.train.optim import build_adamw, build_param_groups, count_parameters, fp32_master_weights
 from internvl_tune.train.progress import StepProgress
 from internvl_tune.train.runtime import StopFlag, make_loader, memory_gib, prepare_output_dir
 from internvl_tune.train.schedule import LRSchedule, warmup_steps_for
@@ -83,13 +84,6 @@ class TrainResult:
     interrupted: bool = False
 
 
-def _fp32_masters(module: nn.Module) -> None:
-    """Trainable parameters become fp32 (the master weights of mixed precision); frozen ones keep their dtype."""
-    for p in module.parameters():
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()
-
-
 class Trainer:
     """Holds the state of one run; :meth:`train` is the loop."""
 
@@ -107,7 +101,7 @@ class Trainer:
         sharded = info.world_size > 1
         torch.manual_seed(t.seed)  # the same LoRA initialisation on every rank and for any world size
         module = recipe.build_module(load_dtype, weights=not sharded, device=info.device)
-        _fp32_masters(module)
+        fp32_master_weights(module)
         self.trainable, self.total_params = count_parameters(module)
         if self.trainable == 0:
             raise UserError("no parameter is trainable: check the freeze / unfreeze / LoRA flags")
@@ -127,7 +121,7 @@ class Trainer:
             if info.is_main:
                 torch.manual_seed(t.seed)
                 source = recipe.build_module(load_dtype)
-                _fp32_masters(source)
+                fp32_master_weights(source)
                 full = source.state_dict()
             materialize_from_rank0(module, full, info.device, info.is_main)
             del full
@@ -323,7 +317,7 @@ class Trainer:
         device = self.info.device
         if device.type != "cuda":
             return 1.0, "auto: every block (no GPU memory to fit)"
-        if self.memory_estimate(1.0) is None:
+        if self.recipe.memory_shape(self.cfg.train.per_device_train_batch_size) is None:
             return 1.0, "auto: every block (this model has no memory estimate)"
         free, _ = torch.cuda.mem_get_info(device)
         available = (free + torch.cuda.memory_reserved(device)) / 2**30  # what this process holds counts as usable
