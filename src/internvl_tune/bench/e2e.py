@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -83,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="working directory: checkpoint, images, the training run")
     parser.add_argument("--shape", default="internvl2-1b", help="model shape (the real tokenizer exists for 1B)")
     parser.add_argument("--samples", type=int, default=256, help="JPEG samples in the dataset")
-    parser.add_argument("--steps", type=int, default=40, help="optimizer steps of the training run")
+    parser.add_argument("--steps", type=int, default=40,
+                        help="optimizer steps of the training run (--loader_only: packed rows timed)")
     parser.add_argument("--warmup", type=int, default=10, help="logged steps left out of the average (compilation)")
     parser.add_argument("--workers", type=int, default=8, help="data-loader workers of the training run")
     parser.add_argument("--packed_tokens", type=int, default=8192, help="token budget of a packed row")
@@ -93,22 +95,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def loader_rate(checkpoint: Path, meta: Path, workers: int, packed_tokens: int, batches: int) -> dict:
-    """Tokens/s and samples/s that the training run's data loader produces with ``workers`` workers.
+def train_argv(args: argparse.Namespace, checkpoint: Path, meta: Path, run: Path) -> list[str]:
+    """The ``internvl-tune train`` command of the end-to-end run (packed rows, compiled, frozen ViT)."""
+    return ["train", "--model_name_or_path", str(checkpoint), "--meta_path", str(meta), "--output_dir", str(run),
+            "--overwrite_output_dir", "True", "--bf16", "True", "--freeze_backbone", "True",
+            "--use_packed_ds", "True", "--max_packed_tokens", str(args.packed_tokens), "--max_seq_length", "16384",
+            "--num_images_expected", "64", "--max_steps", str(args.steps), "--logging_steps", "1",
+            "--save_strategy", "no", "--report_to", "none", "--grad_checkpoint", "False",
+            "--torch_compile", "True", "--dataloader_num_workers", str(args.workers), "--learning_rate", "1e-5"]
 
-    The recipe and loader are the trainer's (``ChatRecipe.build_data``, ``train.runtime.make_loader``) with the
-    training run's data flags; the model is built on the meta device (only its tokenizer and config are read). The
-    first packed row is left out of the timing (worker start-up).
+
+def loader_rate(argv: list[str], workers: int, batches: int) -> dict:
+    """Tokens/s and samples/s that the data loader of the training command ``argv`` produces with ``workers``.
+
+    The recipe and loader are the trainer's (``ChatRecipe.build_data``, ``train.runtime.make_loader``), configured
+    by the same flags; the model is built on the meta device (only its tokenizer and config are read). The first
+    packed row is left out of the timing (worker start-up).
     """
     import time
 
-    from internvl_tune.data.config import DataConfig
-    from internvl_tune.models.internvl_chat.recipe import ChatRecipe, ModelArgs
+    from internvl_tune.cli import build_parser
+    from internvl_tune.cli.train import recipe as chat_recipe
+    from internvl_tune.cli.train import sections
+    from internvl_tune.train.config import load_config
     from internvl_tune.train.runtime import make_loader
 
-    recipe = ChatRecipe(ModelArgs(model_name_or_path=str(checkpoint), freeze_backbone=True),
-                        DataConfig(meta_path=str(meta), use_packed_ds=True, max_packed_tokens=packed_tokens,
-                                   max_seq_length=16384, num_images_expected=64))
+    recipe = chat_recipe(load_config(build_parser(argv).parse_args(argv), sections()))
     recipe.build_module(torch.bfloat16, weights=False)
     train, _, collate, sampler = recipe.build_data(0, 0, 1, 1, 1)
     micro = [mb for _, micros in sampler.epoch_steps(0, 0) for mb in micros][: batches + 1]
@@ -132,24 +144,17 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     ckpt = write_checkpoint(args.shape, out / "checkpoint")
     meta = write_dataset(out / "data", args.samples)
+    run = out / "run"
+    argv = train_argv(args, ckpt, meta, run)
     if args.loader_only:
-        import os
-
-        result = {"shape": args.shape, **loader_rate(ckpt, meta, args.workers, args.packed_tokens, args.steps),
-                  "cpus": os.cpu_count()}
+        result = {"shape": args.shape, **loader_rate(argv, args.workers, args.steps), "cpus": os.cpu_count()}
         print(json.dumps(result), flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2))
         print(f"\ndata loader alone: {result['loader_tokens_per_s']:.0f} tokens/s, "
               f"{result['loader_samples_per_s']:.1f} samples/s with {args.workers} workers ({os.cpu_count()} CPUs)")
         return 0
-    run = out / "run"
-    code = cli(["train", "--model_name_or_path", str(ckpt), "--meta_path", str(meta), "--output_dir", str(run),
-                "--overwrite_output_dir", "True", "--bf16", "True", "--freeze_backbone", "True",
-                "--use_packed_ds", "True", "--max_packed_tokens", str(args.packed_tokens), "--max_seq_length", "16384",
-                "--num_images_expected", "64", "--max_steps", str(args.steps), "--logging_steps", "1",
-                "--save_strategy", "no", "--report_to", "none", "--grad_checkpoint", "False",
-                "--torch_compile", "True", "--dataloader_num_workers", str(args.workers), "--learning_rate", "1e-5"])
+    code = cli(argv)
     if code != 0:
         return code
     rows = [r for r in read_jsonl(run / "metrics.jsonl") if "tokens_per_s" in r][args.warmup:]
