@@ -42,6 +42,13 @@ def test_bench_train_without_a_gpu_is_a_readable_error(capsys):
     assert "needs a CUDA device" in capsys.readouterr().err
 
 
+def test_bench_e2e_without_a_gpu_points_to_loader_only(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    assert main(["bench", "e2e", "--out", str(tmp_path / "e2e")]) == 2
+    assert "--loader_only" in capsys.readouterr().err and not (tmp_path / "e2e").exists()  # nothing written first
+
+
 def test_bench_plot_help_and_folder(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         main(["bench", "plot", "--help"])

@@ -27,6 +27,7 @@ from PIL import Image
 
 from internvl_tune.bench.common import synthetic_samples
 from internvl_tune.cli.flags import description
+from internvl_tune.errors import UserError
 
 WORDS = ("the a cat dog sits on table red blue green small large photo shows image of with near under and man "
          "woman car tree sky water boat street light window house book cup coffee plate food").split()
@@ -141,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     from internvl_tune.train.metrics import read_jsonl
 
     args = build_parser().parse_args(argv)
+    if not args.loader_only and not torch.cuda.is_available():
+        raise UserError("`bench e2e` measures GPU speed and needs a CUDA device; none is visible here (--loader_only "
+                        "times the data loader alone, on any machine)")
     out = Path(args.out)
     ckpt = write_checkpoint(args.shape, out / "checkpoint")
     meta = write_dataset(out / "data", args.samples)

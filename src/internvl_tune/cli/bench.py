@@ -10,7 +10,8 @@ SCRIPTS = {
     "eval": ("internvl_tune.bench.eval_speed",
              "InternVL-14B retrieval embedding, head fine-tune and batched captioning speed (CUDA)"),
     "e2e": ("internvl_tune.bench.e2e",
-            "internvl-tune train on real JPEG files against the benchmark harness, same shape (CUDA)"),
+            "internvl-tune train on real JPEG files against the benchmark harness, same shape (CUDA; "
+            "its data loader alone anywhere: see `bench e2e --help`)"),
     "smoke": ("internvl_tune.bench.gpu_smoke",
               "the training CLIs with tiny checkpoints, torch.compile on and off: losses must agree"),
     "plot": ("internvl_tune.bench.plot", "redraw throughput.png from the bench_*.json files of a folder"),
@@ -18,7 +19,7 @@ SCRIPTS = {
               "QLoRA (4-bit LLM + LoRA) steps on a random-weight shape: peak memory against the estimate (CUDA; "
               "the estimate alone anywhere)"),
 }
-NEEDS_CUDA = {"train", "eval", "e2e"}
+NEEDS_CUDA = {"train", "eval"}  # (e2e and qlora check their own modes)
 
 EPILOG = """examples:
   internvl-tune bench train --shape internvl2-2b --variants plain,ours+compile --out bench_2b.json
@@ -48,8 +49,8 @@ def run(args: argparse.Namespace) -> int:
     from internvl_tune.errors import UserError
 
     module, _ = SCRIPTS[args.script]
-    cpu_ok = {"--help", "-h", "--loader_only"}  # (bench e2e --loader_only times the data loader alone)
-    if args.script in NEEDS_CUDA and not cpu_ok.intersection(args.args) and not torch.cuda.is_available():
+    if args.script in NEEDS_CUDA and "--help" not in args.args and "-h" not in args.args \
+            and not torch.cuda.is_available():
         raise UserError(f"`bench {args.script}` measures GPU speed and needs a CUDA device; none is visible here "
                         f"(`bench smoke` runs on the CPU too)")
     return importlib.import_module(module).main(args.args)
