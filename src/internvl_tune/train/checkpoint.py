@@ -9,9 +9,9 @@ Layout of ``<output_dir>/checkpoint-<step>/``::
 Tensors are named after the optimizer's parameter names (``param.<name>``, ``optim.<name>.<moment>``), the names of
 the checkpoint without wrapper prefixes, so what a checkpoint holds never depends on module identities, wrappers
 or whether FSDP currently has a parameter gathered. Frozen parameters are not stored: they come back from the base
-checkpoint (``trainer_state.json`` names it, so :func:`read_trainable_params` can rebuild the trained model). Each rank writes its own local shard
-(``DTensor.to_local()``), so saving is parallel and needs no gather; resuming needs the same world size (a clear
-error says so). A checkpoint is written into ``checkpoint-<step>.partial`` and renamed only after every rank has
+checkpoint (``trainer_state.json`` names it, so :func:`read_trainable_params` can rebuild the trained model). Each
+rank writes its own local shard (``DTensor.to_local()``), so saving is parallel and needs no gather; resuming needs
+the same world size (a clear error says so). A checkpoint is written into ``checkpoint-<step>.partial`` and renamed only after every rank has
 finished and fsynced, so a crash or a full disk can never leave a half-written checkpoint that looks complete.
 """
 
@@ -67,7 +67,7 @@ class Checkpointer:
         self.keep = keep
 
     def _file(self, rank: int) -> str:
-        return f"rank{rank:05d}-of-{self.info.world_size:05d}.safetensors"
+        return rank_file(rank, self.info.world_size)
 
     def save(self, step: int, optimizer: torch.optim.Optimizer, state: dict) -> Path:
         """Write ``checkpoint-<step>`` atomically; every rank must call this. Returns the final path."""
@@ -136,6 +136,11 @@ class Checkpointer:
         return state
 
 
+def rank_file(rank: int, world_size: int) -> str:
+    """The file name of one rank's part of a checkpoint."""
+    return f"rank{rank:05d}-of-{world_size:05d}.safetensors"
+
+
 def _named_params(optimizer: torch.optim.Optimizer):
     """``(name, parameter, group)`` of every parameter the optimizer updates (``build_param_groups`` names them)."""
     for group in optimizer.param_groups:
@@ -199,7 +204,7 @@ def read_trainable_params(path: str | Path) -> tuple[dict, dict[str, list[torch.
     world = state["world_size"]
     parts: dict[str, list[torch.Tensor]] = {}
     for rank in range(world):
-        file = path / f"rank{rank:05d}-of-{world:05d}.safetensors"
+        file = path / rank_file(rank, world)
         if not file.is_file():
             raise UserError(f"{file} is missing: the checkpoint is incomplete")
         for key, value in load_file(str(file)).items():
