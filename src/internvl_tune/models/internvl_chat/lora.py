@@ -183,7 +183,7 @@ def add_lora(chat, llm_rank: int = 0, vision_rank: int = 0, lora_alpha: float | 
     wrapped = ([inner.language_model, chat.model.lm_head] if llm_rank else []) + ([inner.vision_tower] if vision_rank else [])
     frozen = {id(p) for part in wrapped for p in part.parameters()}
     for name, p in chat.model.named_parameters():
-        if not _is_lora(name) and id(p) not in frozen:
+        if not is_lora_name(name) and id(p) not in frozen:
             p.requires_grad_(flags[id(p)])
 
 
@@ -210,7 +210,8 @@ def merge_lora(chat) -> None:
 
 
 # ------------------------------------------------------------------------------------------ trained modules
-def _is_lora(name: str) -> bool:
+def is_lora_name(name: str) -> bool:
+    """True for the parameters (and state-dict keys) of LoRA matrices: a name part starting with ``lora_``."""
     return any(part.startswith("lora_") for part in name.split("."))
 
 
@@ -228,7 +229,7 @@ def trained_modules(model) -> list[str]:
     """
     total, trained, owners = Counter(), Counter(), set()
     for name, p in model.named_parameters():
-        if _is_lora(name):
+        if is_lora_name(name):
             continue
         parts = _plain(name).split(".")
         for i in range(1, len(parts)):
@@ -249,7 +250,7 @@ def _plain_state(module) -> dict[str, torch.Tensor]:
     """Parameters of ``module`` under their names without LoRA, each LoRA update folded into its base weight."""
     from peft.tuners.lora import LoraLayer
 
-    state = {_plain(n): p.detach() for n, p in module.named_parameters() if not _is_lora(n)}
+    state = {_plain(n): p.detach() for n, p in module.named_parameters() if not is_lora_name(n)}
     for name, layer in module.named_modules():
         if isinstance(layer, LoraLayer):
             key = f"{name}.weight" if name else "weight"
@@ -397,12 +398,12 @@ def read_adapter(path) -> Adapter:
         raise CheckpointError(f"{adapter_dir}: {ADAPTER_INFO} is missing, so internvl-tune did not write this adapter — "
                               "load a plain peft adapter with peft.PeftModel.from_pretrained(load_pretrained(BASE).model, "
                               "ADAPTER_DIR)")
-    trained = {k: v for k, v in weights.items() if not _is_lora(k)}
+    trained = {k: v for k, v in weights.items() if not is_lora_name(k)}
     stray = sorted(k for k in trained if not inside(k, modules_to_save))
     if stray:
         raise CheckpointError(f"{adapter_dir / ADAPTER_WEIGHTS}: tensors {stray[:5]} are neither LoRA weights nor part "
                               f"of modules_to_save in {ADAPTER_CONFIG} — the two files do not belong together")
-    lora = {k: v for k, v in weights.items() if _is_lora(k)}
+    lora = {k: v for k, v in weights.items() if is_lora_name(k)}
     modules = {k.rsplit(".lora_", 1)[0] for k in lora}
     unpaired = sorted(f"{m}.lora_{x}.weight" for m in modules for x in "AB" if f"{m}.lora_{x}.weight" not in lora)
     if unpaired:
@@ -438,7 +439,7 @@ def apply_adapter(chat, adapter: Adapter, where: str = "the adapter") -> None:
     else:
         chat.lora_config = adapter.settings
     params = dict(chat.model.named_parameters())
-    own = {n.replace(f".{ADAPTER_NAME}.", "."): n for n in params if _is_lora(n)}
+    own = {n.replace(f".{ADAPTER_NAME}.", "."): n for n in params if is_lora_name(n)}
     if set(adapter.lora) != set(own) or set(adapter.trained) != expected:
         missing = sorted(set(own) - set(adapter.lora))
         extra = sorted((set(adapter.lora) - set(own)) | (set(adapter.trained) - expected))

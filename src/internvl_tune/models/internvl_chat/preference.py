@@ -90,8 +90,9 @@ class PreferenceTrainModule(ChatTrainModule):
 
 
 def _trained_outside_lora(chat) -> list[str]:
-    names = [n for n, p in chat.model.named_parameters() if p.requires_grad]
-    return [n for n in names if not any(part.startswith("lora_") for part in n.split("."))]
+    from internvl_tune.models.internvl_chat.lora import is_lora_name
+
+    return [n for n, p in chat.model.named_parameters() if p.requires_grad and not is_lora_name(n)]
 
 
 class PreferenceRecipe(ChatRecipe):
