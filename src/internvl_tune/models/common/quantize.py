@@ -83,6 +83,13 @@ def is_4bit(param: torch.Tensor) -> bool:
     return bnb is not None and isinstance(param, bnb.nn.Params4bit)
 
 
+def set_trainable(module: nn.Module, trainable: bool) -> None:
+    """Set ``requires_grad`` of every parameter of ``module``; 4-bit weights (packed in uint8) never train."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            p.requires_grad_(trainable)
+
+
 def quantize_as(empty: torch.Tensor, value: torch.Tensor, device: torch.device | str) -> nn.Parameter:
     """The 4-bit parameter holding ``value``, quantized on ``device`` with the settings of the meta parameter
     ``empty`` (the layer it belongs to learns its quantization state)."""

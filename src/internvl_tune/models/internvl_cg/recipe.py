@@ -23,6 +23,7 @@ from torch import nn
 
 from internvl_tune.data.retrieval import RetrievalBatch, RetrievalDataArgs
 from internvl_tune.errors import UserError
+from internvl_tune.models.common.quantize import set_trainable
 from internvl_tune.models.internvl_cg.loss import retrieval_loss
 from internvl_tune.options import option
 
@@ -69,11 +70,6 @@ class RetrievalModelArgs:
                                           "of them: this model has no memory estimate)")
 
 
-def _set(module: nn.Module, trainable: bool) -> None:
-    for p in module.parameters():
-        p.requires_grad_(trainable)
-
-
 def add_lora(model: nn.Module, backbone_rank: int, qllama_rank: int) -> None:
     """LoRA (dropout 0.05) on the ViT and/or QLLaMA linears, as the reference wraps them with peft.
 
@@ -110,13 +106,13 @@ def apply_trainable_flags(model: nn.Module, args: RetrievalModelArgs) -> dict[st
     Returns:
         Trainable parameter counts per part, for the run log.
     """
-    _set(model, True)
+    set_trainable(model, True)
     if args.freeze_model:
-        _set(model, False)
+        set_trainable(model, False)
     if args.freeze_vision_model:
-        _set(model.vision_model, False)
+        set_trainable(model.vision_model, False)
     if args.freeze_qllama:
-        _set(model.qllama, False)
+        set_trainable(model.qllama, False)
     add_lora(model, args.use_backbone_lora, args.use_qllama_lora)
     if args.unfreeze_crossattn:
         for name, p in model.qllama.named_parameters():

@@ -23,7 +23,7 @@ from internvl_tune.data.batching import ChatBatch
 from internvl_tune.data.config import DataConfig
 from internvl_tune.errors import UserError
 from internvl_tune.models.common import varlen_attention
-from internvl_tune.models.common.quantize import require_bitsandbytes
+from internvl_tune.models.common.quantize import require_bitsandbytes, set_trainable
 from internvl_tune.models.internvl_chat.loss import weighted_lm_loss_sum
 from internvl_tune.options import option
 
@@ -71,12 +71,6 @@ class ModelArgs:
                                        "The merged model is the bf16 checkpoint plus the adapter")
 
 
-def _set(module: nn.Module, trainable: bool) -> None:
-    for p in module.parameters():
-        if p.is_floating_point():  # 4-bit weights (uint8) never train
-            p.requires_grad_(trainable)
-
-
 def apply_trainable_flags(chat, args: ModelArgs) -> dict[str, int]:
     """Freeze / unfreeze / LoRA-wrap ``chat.model`` per ``args``, in the reference's order (``unfreeze_lm_head`` last,
     so it really takes effect): freeze_backbone -> freeze_llm -> LoRA -> freeze_mlp -> unfreeze_vit_layers ->
@@ -90,24 +84,24 @@ def apply_trainable_flags(chat, args: ModelArgs) -> dict[str, int]:
     model = chat.model
     vision, projector = model.model.vision_tower, model.model.multi_modal_projector
     llm, lm_head = model.model.language_model, model.lm_head
-    _set(model, True)
+    set_trainable(model, True)
     if args.freeze_backbone:
-        _set(vision, False)
+        set_trainable(vision, False)
     if args.freeze_llm:
-        _set(llm, False)
-        _set(lm_head, False)
+        set_trainable(llm, False)
+        set_trainable(lm_head, False)
     if args.use_backbone_lora or args.use_llm_lora:
         targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()] \
             if args.lora_target_modules else None
         add_lora(chat, llm_rank=args.use_llm_lora, vision_rank=args.use_backbone_lora, lora_alpha=args.lora_alpha,
                  lora_dropout=args.lora_dropout, llm_target_modules=targets)
     if args.freeze_mlp:
-        _set(projector, False)
+        set_trainable(projector, False)
     if args.unfreeze_vit_layers:
         for layer in vision.encoder.layer[args.unfreeze_vit_layers :]:
-            _set(layer, True)
+            set_trainable(layer, True)
     if args.unfreeze_lm_head:
-        _set(lm_head, True)
+        set_trainable(lm_head, True)
     return {
         name: sum(p.numel() for p in part.parameters() if p.requires_grad)
         for name, part in (("vision", vision), ("projector", projector), ("llm", llm), ("lm_head", lm_head))
