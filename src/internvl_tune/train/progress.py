@@ -78,9 +78,7 @@ class StepProgress:
         try:
             write()
         except (BrokenPipeError, OSError):
-            self.enabled = False
-            if self.bar is not None:
-                self.bar = None
+            self.enabled, self.bar = False, None
 
     def _to_log(self, text: str) -> None:
         if self.log is not None:
