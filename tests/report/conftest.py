@@ -2,32 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-
-SAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sample"
-
-
-def sample_meta(tmp_path: Path, lines: int) -> Path:
-    """The bundled meta JSON over the first ``lines`` lines of each of its four JSONL files (absolute paths)."""
-    meta = json.loads((SAMPLE / "meta.json").read_text())
-    for name, spec in meta.items():
-        src = SAMPLE / spec["annotation"]
-        dst = tmp_path / f"{name}.jsonl"
-        dst.write_text("\n".join(src.read_text().splitlines()[:lines]) + "\n")
-        spec.update(root=str(SAMPLE / spec["root"]), annotation=str(dst), repeat_time=1, length=lines)
-    path = tmp_path / "meta.json"
-    path.write_text(json.dumps(meta))
-    return path
+from sample_meta import sample_meta, tiny_chat_model
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from internvl_tune.testing.tiny_chat import write_tiny_checkpoint
-
-    return write_tiny_checkpoint("internvl2-1b", tmp_path_factory.mktemp("tiny") / "InternVL2-1B", image_size=56)
+    return tiny_chat_model(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="session")

@@ -126,7 +126,7 @@ def _summary(run: Run) -> str:
         [f"{unit}/s (whole run)", r.get(f"{unit}_per_s")],
         ["runtime", f"{r['train_runtime_s'] / 60:.1f} min" if r.get("train_runtime_s") is not None else None],
         ["peak GPU memory: estimated / measured (GiB)", _pair(estimate, r.get("peak_memory_gib", run.last("memory_gib")))
-         if (r.get("peak_memory_gib") or run.last("memory_gib")) else f"{_pair(estimate, None)} / not measured (no GPU)"],
+         if (r.get("peak_memory_gib") or run.last("memory_gib")) else f"{estimate or '-'} / not measured (no GPU)"],
         ["skipped steps (non-finite)", r.get("skipped_steps", run.last("skipped_steps"))],
     ]
     return table(["", ""], rows).replace("<thead><tr><th></th><th></th></tr></thead>", "")

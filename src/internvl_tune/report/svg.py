@@ -12,7 +12,7 @@ from html import escape
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 WIDTH, HEIGHT = 600, 300
-LEFT, RIGHT, TOP, BOTTOM = 64, 16, 40, 44
+LEFT, RIGHT, TOP, BOTTOM = 64, 28, 40, 44
 
 
 @dataclass
@@ -107,19 +107,18 @@ def line_chart(series: list[Series], title: str, y_label: str = "", x_label: str
 
 
 def _epoch_axis(epochs: list[tuple[float, float]], px) -> list[str]:
-    """Epoch ticks along the top edge: where each whole (or half, for short runs) epoch is reached."""
-    last = max(e for _, e in epochs)
+    """Epoch ticks along the top edge, where each whole epoch (half or quarter, for short runs) is reached; the
+    epoch grows linearly with the step, at the rate of the last logged point."""
+    step_at, last = max(epochs)
     if last <= 0:
         return []
-    step = 1.0 if last >= 2 else 0.5 if last >= 1 else 0.25
-    out, mark = [], step
-    ordered = sorted(epochs)
-    while mark <= last + 1e-9:
-        x = next((s for s, e in ordered if e >= mark - 1e-9), None)
-        if x is not None:
-            out.append(f'<line x1="{px(x):.1f}" x2="{px(x):.1f}" y1="{TOP - 4}" y2="{TOP}" class="axis"/>'
-                       f'<text x="{px(x):.1f}" y="{TOP - 7}" class="etick">epoch {mark:g}</text>')
-        mark += step
+    per_epoch = step_at / last
+    every = 1.0 if last >= 2 else 0.5 if last >= 1 else 0.25
+    out = []
+    for k in range(1, int(last / every + 1e-9) + 1):
+        x = px(k * every * per_epoch)
+        out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{TOP - 4}" y2="{TOP}" class="axis"/>'
+                   f'<text x="{x:.1f}" y="{TOP - 7}" class="etick">epoch {k * every:g}</text>')
     return out
 
 

@@ -376,7 +376,9 @@ class Trainer:
     def plan_lines(self) -> list[str]:
         t, info, s = self.cfg.train, self.info, self.sampler
         unit = "packs" if hasattr(s, "padding_waste") else "samples"
-        lines = [f"command: {shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])}"] + self.recipe.describe() + [
+        program = Path(sys.argv[0]).name
+        program = "python -m internvl_tune.cli" if program == "__main__.py" else program
+        lines = [f"command: {program} {shlex.join(sys.argv[1:])}"] + self.recipe.describe() + [
             f"parameters: {self.trainable / 1e6:.2f}M of {self.total_params / 1e6:.2f}M trainable",
             f"data: {len(self.train_set)} samples, global batch {s.global_batch} {unit} "
             f"({s.global_batch // (info.world_size * t.gradient_accumulation_steps)} x {info.world_size} ranks x "
