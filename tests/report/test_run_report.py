@@ -59,3 +59,27 @@ def test_report_command_rebuilds_and_compares(tiny_run, tmp_path, capsys):
 def test_report_of_a_folder_that_is_no_run(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "not a training run's output directory" in capsys.readouterr().err
+
+
+def test_png_plots_titles_epoch_axis_and_throughput(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from internvl_tune.train.metrics import write_plots
+
+    seen = {}
+    save = matplotlib.figure.Figure.savefig
+
+    def record(fig, path, *args, **kwargs):
+        top = [a for a in fig.axes[0].child_axes if a.get_xlabel() == "epoch"]
+        seen[str(path).split("/")[-1].removesuffix(".tmp.png")] = (
+            fig.axes[0].get_title(), [round(t, 6) for t in top[0].get_xticks()] if top else None)
+        return save(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
+    rows = [{"step": s, "epoch": s / 8, "loss": 2.0 / s, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 1000.0 + s,
+             "memory_gib": 3.5} for s in range(1, 17)]
+    written = write_plots(rows, tmp_path, "my-run")
+    assert [p.name for p in written] == ["loss.png", "lr.png", "grad_norm.png", "throughput.png"]
+    assert seen["loss.png"][0] == "my-run: loss" and seen["throughput.png"][0] == "my-run: throughput and memory"
+    assert {0.5, 1.0, 1.5, 2.0} <= set(seen["loss.png"][1])  # 8 steps per epoch: epochs along the top
+    assert write_plots([{"step": 1, "loss": 1.0}], tmp_path / "..", "x")[0].name == "loss.png"
