@@ -37,6 +37,11 @@ def _answer_cell(row: dict) -> str:
     return f"<td>{text}</td>"
 
 
+def _prediction(text: str) -> str:
+    """An answer; an empty one says so (the model ended its turn at once)."""
+    return escape(text) if text.strip() else '<span class="muted">(empty: the model ended its turn at once)</span>'
+
+
 def _scores_cell(scores: dict | None) -> str:
     if not scores:
         return '<td class="muted">-</td>'
@@ -67,10 +72,10 @@ def predictions_section(rows: list[dict], title: str) -> str:
             good = "good" if sort_key(row) >= 0.5 else "bad"
             cells = [cell(f"{row.get('id', '')} ({row.get('kind', '')})"),
                      f"<td>{thumbnails(row.get('images') or [])}</td>", cell(row.get("prompt", "")),
-                     _answer_cell(row), f'<td class="{good}">{escape(row.get("prediction", ""))}</td>',
+                     _answer_cell(row), f'<td class="{good}">{_prediction(row.get("prediction", ""))}</td>',
                      _scores_cell(row.get("scores"))]
             if compare:
-                cells += [cell(row.get("base_prediction")), _scores_cell(row.get("base_scores"))]
+                cells += [f"<td>{_prediction(row.get('base_prediction', ''))}</td>", _scores_cell(row.get("base_scores"))]
             body.append(cells)
         parts.append(f"<h3>{escape(name)}</h3>" + table(headers, body, raw=True).replace("<table>", '<table class="pred">', 1))
     return "\n".join(parts)
