@@ -41,8 +41,8 @@ class GenerationSettings:
     def kwargs(self, tokenizer, template, lockstep: bool = False) -> dict:
         """Keyword arguments of ``generate``: stop at the template's end of turn, pad with the tokenizer's pad.
 
-        ``lockstep``: every call decodes exactly ``max_new_tokens`` tokens (the answers are cut at their end token
-        afterwards), so processes of a sharded model run the same number of forward passes.
+        ``lockstep``: processes of a sharded model keep stepping until every process's answers have ended
+        (transformers' ``synced_gpus``), so all run the same number of forward passes; the answers are unchanged.
         """
         stops = stop_token_ids(tokenizer, template)
         args = {"max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams, "eos_token_id": stops,
@@ -51,7 +51,7 @@ class GenerationSettings:
         if self.temperature > 0:
             args.update(temperature=self.temperature, top_p=self.top_p)
         if lockstep:
-            args["min_new_tokens"] = self.max_new_tokens
+            args["synced_gpus"] = True
         return args
 
 
@@ -124,7 +124,7 @@ def generate_answers(chat, dataset, indices: Sequence[int], settings: Generation
         rank, world_size: this process's shard (``shard_range``); ``gather`` concatenates per-rank lists in rank
             order on every rank (required when ``world_size > 1``).
         lockstep: processes share one sharded model (training under FSDP): every process makes the same number of
-            calls of ``max_new_tokens`` steps each.
+            calls, and each call steps until the answers of every process have ended.
     """
     from torch.utils.data import DataLoader
 
