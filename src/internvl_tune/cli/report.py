@@ -21,7 +21,7 @@ def register(subparsers, name: str, help_text: str) -> None:
     p = subparsers.add_parser(name, help=help_text, description=description(__doc__),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUN_DIR",
-                   help="training run output directories (or the --out_dir of `eval chat`)")
+                   help="training run output directories (or the output folder of `eval chat`)")
     add_flag(p, "--out", default=None, help="the HTML file to write (default: RUN_DIR/report.html for one run, "
                                             "./compare.html for several)")
     p.set_defaults(func=run)
