@@ -113,3 +113,12 @@ def test_errors(tiny_model, capsys):
     assert "--meta_path" in capsys.readouterr().err
     assert main(["eval", "chat", "--model", str(tiny_model), "--datasets", "nosuch"]) == 2
     assert "unknown chat benchmark 'nosuch'" in capsys.readouterr().err
+
+
+def test_each_line_is_asked_once(chat_and_data):
+    from internvl_tune.eval.chat.samples import GenerationDataset
+
+    chat, dataset = chat_and_data
+    full = GenerationDataset(SAMPLE / "meta.json", chat.tokenizer, dataset.cfg)
+    # the sample's files hold 6 + 14 + 4 + 4 lines; multi-image has repeat_time 2, which training uses (32 samples)
+    assert len(full) == 28 and full.sizes == [6, 14, 4, 4]

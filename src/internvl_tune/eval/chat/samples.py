@@ -14,8 +14,9 @@ frames) as in training, and what remains is kept whole (generation has no label 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from internvl_tune.constants import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
@@ -37,22 +38,27 @@ class Prompt:
     image_end: int
     references: list[str]
     question: str
-    mismatch: bool = False
-    labels: torch.Tensor | None = field(default=None, repr=False)
 
 
 class GenerationDataset(SupervisedDataset):
     """Sample dicts for generation: ``input_ids`` (the prompt), ``pixel_values``, ``image_flags``, ``sample_id``,
     ``references``, ``question``, ``kind``, ``dataset`` and ``media`` (the image or video files, for reports).
 
+    Every line is asked once: ``repeat_time`` above 1 is ignored (a fraction still keeps that share of the lines).
+
     Args:
         meta_or_specs, tokenizer, cfg, seed: as for ``SupervisedDataset`` (always the evaluation transform).
         instructions: ``{dataset name: text}`` appended to the question of VQA-format lines (a benchmark's
             answer-format instruction, e.g. "Answer the question using a single word or phrase.").
+        strict: a broken line stops with its ``file:line`` (``eval chat``); otherwise the next line replaces it
+            (``--eval_generate``: a bad validation line must not end a training run).
     """
 
-    def __init__(self, meta_or_specs, tokenizer, cfg, seed: int = 0, instructions: dict[str, str] | None = None):
-        super().__init__(meta_or_specs, tokenizer, cfg, is_train=False, seed=seed, strict=True)
+    def __init__(self, meta_or_specs, tokenizer, cfg, seed: int = 0, instructions: dict[str, str] | None = None,
+                 strict: bool = True):
+        super().__init__(meta_or_specs, tokenizer, cfg, is_train=False, seed=seed, strict=strict)
+        self.sizes = [min(size, len(index)) for size, index in zip(self.sizes, self.indexes)]
+        self.starts = np.cumsum([0] + self.sizes)
         self.instructions = instructions or {}
         self._current = ""  # the dataset of the line being prepared (for its instruction)
 

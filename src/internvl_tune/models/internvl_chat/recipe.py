@@ -291,7 +291,8 @@ class ChatRecipe:
         from internvl_tune.eval.chat.samples import GenerationDataset
 
         if self._generation_set is None:
-            self._generation_set = GenerationDataset(self.data.eval_meta_path, self.chat.tokenizer, self.data)
+            self._generation_set = GenerationDataset(self.data.eval_meta_path, self.chat.tokenizer, self.data,
+                                                     strict=False)
         dataset = self._generation_set
         rows = generate_answers(self.chat, dataset, pick_samples(dataset, samples, spread=True),
                                 GenerationSettings(max_new_tokens), rank=rank, world_size=world_size, gather=gather,
