@@ -83,3 +83,12 @@ def test_png_plots_titles_epoch_axis_and_throughput(tmp_path, monkeypatch):
     assert seen["loss.png"][0] == "my-run: loss" and seen["throughput.png"][0] == "my-run: throughput and memory"
     assert {0.5, 1.0, 1.5, 2.0} <= set(seen["loss.png"][1])  # 8 steps per epoch: epochs along the top
     assert write_plots([{"step": 1, "loss": 1.0}], tmp_path / "..", "x")[0].name == "loss.png"
+
+
+def test_eval_generate_needs_a_validation_set(tiny_model, tmp_path, capsys):
+    from sample_meta import sample_meta
+
+    meta = sample_meta(tmp_path, 1)
+    assert main(["train", "--model_name_or_path", str(tiny_model), "--meta_path", str(meta), "--output_dir",
+                 str(tmp_path / "run"), "--eval_generate", "2", "--report_to", "none", "--device", "cpu"]) == 2
+    assert "add --eval_meta_path" in capsys.readouterr().err

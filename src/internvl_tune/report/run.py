@@ -19,7 +19,8 @@ from internvl_tune.report.svg import PALETTE, Series, line_chart
 from internvl_tune.train.metrics import read_jsonl, smooth
 
 REPORT = "report.html"
-PREDICTIONS_DIR = "eval_predictions"
+PREDICTIONS_DIR = "eval_predictions"  # the trainer writes --eval_generate's answers there: step-N.jsonl
+DATA_SUMMARY = "data_summary.json"  # the recipe's data_summary(), written by the trainer
 ESTIMATE = re.compile(r"estimated peak GPU memory per rank: ([\d.]+) GiB")
 # (title, y label, metrics keys) of each chart; a chart shows only the keys the run logged
 CHARTS = [
@@ -98,8 +99,8 @@ def read_run(path: str | Path) -> Run:
         run.results = json.loads((path / "train_results.json").read_text())
     if (path / "train.log").is_file():
         run.log = (path / "train.log").read_text(encoding="utf-8", errors="replace").splitlines()
-    if (path / "data_summary.json").is_file():
-        run.data = json.loads((path / "data_summary.json").read_text())
+    if (path / DATA_SUMMARY).is_file():
+        run.data = json.loads((path / DATA_SUMMARY).read_text())
     if (path / "skipped_samples.jsonl").is_file():
         run.skipped = read_jsonl(path / "skipped_samples.jsonl")
     for f in (path / PREDICTIONS_DIR).glob("step-*.jsonl"):

@@ -35,6 +35,7 @@ from internvl_tune.dist.parallelize import (
     reshard,
 )
 from internvl_tune.errors import UserError
+from internvl_tune.report.run import DATA_SUMMARY, PREDICTIONS_DIR
 from internvl_tune.train.checkpoint import Checkpointer
 from internvl_tune.train.config import RunConfig, save_config
 from internvl_tune.train.memory import choose_grad_checkpoint, estimate_training_memory
@@ -47,8 +48,6 @@ from internvl_tune.train.step import StepRunner
 
 TEXT_LOG = "train.log"
 RESULTS = "train_results.json"
-DATA_SUMMARY = "data_summary.json"
-PREDICTIONS_DIR = "eval_predictions"
 
 
 class Recipe(Protocol):
@@ -124,6 +123,9 @@ class Trainer:
         # the data first: the memory estimate (and so --grad_checkpoint auto) needs the samples' lengths
         self.train_set, self.val_set, self.collate, self.sampler = recipe.build_data(
             t.seed, info.rank, info.world_size, t.per_device_train_batch_size, t.gradient_accumulation_steps)
+        if t.eval_generate and self.val_set is None:
+            raise UserError(f"--eval_generate {t.eval_generate} answers validation samples at each evaluation: add "
+                            "--eval_meta_path VAL.json (a meta JSON of held-out samples)")
         self.grad_checkpoint, self.grad_checkpoint_note = self._resolve_grad_checkpoint(
             parse_grad_checkpoint(recipe.grad_checkpoint))
         parallelize(module, module.blocks(), world_size=info.world_size, param_dtype=self.compute_dtype,
@@ -162,9 +164,6 @@ class Trainer:
         if info.is_main:
             save_config(cfg, self.output_dir / "config.yaml")
             (self.output_dir / DATA_SUMMARY).write_text(json.dumps(recipe.data_summary(), ensure_ascii=False) + "\n")
-        if t.eval_generate and self.val_set is None:
-            raise UserError(f"--eval_generate {t.eval_generate} answers validation samples at each evaluation: add "
-                            "--eval_meta_path VAL.json (a meta JSON of held-out samples)")
         self.stepper = StepRunner(self.module, self.optimizer, self.schedule, info, t.max_grad_norm)
 
     # ------------------------------------------------------------------ the loop
