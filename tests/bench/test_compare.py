@@ -83,3 +83,32 @@ def test_answer_log_probs_sum_the_supervised_tokens():
     expected = [-torch.nn.functional.cross_entropy(logits[b, :-1], labels[b, 1:], ignore_index=IGNORE_INDEX,
                                                    reduction="sum") for b in range(2)]
     assert torch.allclose(answer_log_probs(logits, labels), torch.stack(expected))
+
+
+def test_each_loops_peak_leaves_out_the_other_loops_resident_memory(monkeypatch):
+    """The GPU accounting of MemoryWatch on a made-up allocator: A built, B built, A warmed, B warmed (so A's
+    warm-up happens while B's weights exist), then a round of A that allocates 5 more for a moment."""
+    from internvl_tune.bench.compare import MemoryWatch
+
+    gpu = {"now": 0, "peak": 0}
+
+    def allocate(n):
+        gpu["now"] += n
+        gpu["peak"] = max(gpu["peak"], gpu["now"])
+
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: gpu["now"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: gpu["peak"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: gpu.update(peak=gpu["now"]))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    a, b = MemoryWatch(torch.device("cuda")), MemoryWatch(torch.device("cuda"))
+    for watch, n in ((a, 10 * 2**30), (b, 20 * 2**30), (a, 3 * 2**30), (b, 4 * 2**30)):
+        with watch.holding():
+            allocate(n)
+    assert (a.resident, b.resident) == (13 * 2**30, 24 * 2**30)
+    a.begin()
+    allocate(5 * 2**30)
+    allocate(-5 * 2**30)
+    assert a.peak_gib() == 18.0  # its 13 resident + 5 for the step, not B's 24
+    b.begin()
+    allocate(2 * 2**30)
+    assert b.peak_gib() == 26.0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -55,25 +56,26 @@ class Loop(Protocol):
 class MemoryWatch:
     """A loop's own peak GPU memory while other loops stay resident in the same process.
 
-    ``resident`` is what the loop holds between its steps (weights, optimizer state), measured once it is warm;
-    during a repeat, everything allocated beyond it belongs to the other loops and is taken out of the peak.
+    ``resident`` is what the loop holds between its steps (weights, optimizer state): the memory its set-up and its
+    warm-up leave allocated, each wrapped in :meth:`holding` (loops are built and warmed one after the other, so
+    only their own allocations happen inside). During a repeat, everything allocated beyond it belongs to the other
+    loops and is taken out of the peak.
     """
 
     device: torch.device
-    start: int = 0
     resident: int = 0
     others: int = 0
-
-    def __post_init__(self):
-        self.start = self._allocated()
 
     def _allocated(self) -> int:
         return torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
 
-    def settled(self) -> None:
-        """Call when the loop is warm and idle: what it holds from now on is its resident memory."""
+    @contextmanager
+    def holding(self):
+        """What is allocated inside and still allocated after stays with this loop."""
+        before = self._allocated()
+        yield
         sync(self.device)
-        self.resident = self._allocated() - self.start
+        self.resident += self._allocated() - before
 
     def begin(self) -> None:
         if self.device.type == "cuda":

@@ -66,7 +66,7 @@ class StepLoop:
         stepper: a ``train.step.StepRunner`` over ``module``.
         make_batch: pack (tuple of sample indices) -> the collated batch.
         flops: pack -> model FLOPs of a step on it.
-        memory: started before the module was built (its resident memory counts the model).
+        memory: holding what building the module allocated (``MemoryWatch.holding``).
         estimate_gib: what ``internvl-tune train`` prints as its memory estimate for this run.
     """
 
@@ -105,8 +105,8 @@ class StepLoop:
 
     def warm(self, packs: list[list[int]]) -> None:
         self.prepare(packs)
-        self._steps(packs)
-        self.memory.settled()
+        with self.memory.holding():  # optimizer state, compiled graphs' constants
+            self._steps(packs)
 
     def prepare(self, packs: list[list[int]]) -> None:
         """Collate ``packs`` now, so that no timed repeat collates."""
@@ -187,16 +187,18 @@ def build_ours(shape: str, samples: list[SyntheticSample], device: torch.device,
     from internvl_tune.models.internvl_chat.recipe import ChatTrainModule
 
     memory = MemoryWatch(device)
-    chat = build_chat(shape, "sdpa", device)
-    counts = param_counts(chat.model)
-    if lora_rank:
-        from internvl_tune.models.internvl_chat.lora import add_lora
+    with memory.holding():
+        chat = build_chat(shape, "sdpa", device)
+        counts = param_counts(chat.model)
+        if lora_rank:
+            from internvl_tune.models.internvl_chat.lora import add_lora
 
-        chat.model.requires_grad_(False)
-        add_lora(chat, llm_rank=lora_rank)
-    module = ChatTrainModule(chat)
-    stepper, estimate, mode, note = prepare_step(module, chat, device, compile, parse_grad_checkpoint(grad_checkpoint),
-                                                 packed_tokens, 0.05 if lora_rank else 0.0)
+            chat.model.requires_grad_(False)
+            add_lora(chat, llm_rank=lora_rank)
+        module = ChatTrainModule(chat)
+        stepper, estimate, mode, note = prepare_step(module, chat, device, compile,
+                                                     parse_grad_checkpoint(grad_checkpoint), packed_tokens,
+                                                     0.05 if lora_rank else 0.0)
     cfg = chat.model.config
     data = {}
 

@@ -60,8 +60,8 @@ class BatchOneLoop:
         """Nothing to do: the samples' tensors are built once, when the loop is."""
 
     def warm(self, packs: list[list[int]]) -> None:
-        self._steps([p[0] for p in flatten(packs)][:WARM_SAMPLES])
-        self.memory.settled()
+        with self.memory.holding():  # the optimizer state
+            self._steps([p[0] for p in flatten(packs)][:WARM_SAMPLES])
 
     def run(self, packs: list[list[int]]) -> Repeat:
         return timed(self.device, lambda: self._steps([p[0] for p in flatten(packs)]), self.memory)
@@ -74,7 +74,8 @@ class PlainLoop(BatchOneLoop):
                  grad_checkpoint: bool = False):
         self.device, self.samples, self.lora = device, samples, bool(lora_rank)
         self.memory = MemoryWatch(device)
-        self.model, cfg, self.counts = plain_model(shape, device, lora_rank, grad_checkpoint)
+        with self.memory.holding():
+            self.model, cfg, self.counts = plain_model(shape, device, lora_rank, grad_checkpoint)
         self.text_config = cfg.text_config
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-5)
         self.data = [materialize(s, cfg.image_token_id, cfg.text_config.vocab_size, i) for i, s in enumerate(samples)]
@@ -119,7 +120,8 @@ class PlainDPOLoop(BatchOneLoop):
                  grad_checkpoint: bool = True, beta: float = 0.1, pad_token_id: int = 0):
         self.device, self.pair, self.beta, self.pad = device, pair, beta, pad_token_id
         self.memory = MemoryWatch(device)
-        self.model, _, _ = plain_model(shape, device, lora_rank, grad_checkpoint)
+        with self.memory.holding():
+            self.model, _, _ = plain_model(shape, device, lora_rank, grad_checkpoint)
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-5)
         self.name = f"plain transformers + peft DPO loop, LoRA r{lora_rank}" + (" + grad ckpt" if grad_checkpoint else "")
 

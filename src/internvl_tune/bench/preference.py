@@ -79,12 +79,13 @@ def build_ours_preference(objective: str, shape: str, pairs: list[SyntheticPair]
     from internvl_tune.models.internvl_chat.preference_loss import PreferenceArgs
 
     memory = MemoryWatch(device)
-    chat = build_chat(shape, "sdpa", device)
-    chat.model.requires_grad_(False)
-    add_lora(chat, llm_rank=lora_rank)
-    module = PreferenceTrainModule(chat, PreferenceArgs(objective=objective).resolve(), all_reduce_sum)
-    stepper, estimate, mode, _ = prepare_step(module, chat, device, compile, parse_grad_checkpoint(grad_checkpoint),
-                                              packed_tokens, 0.05)
+    with memory.holding():
+        chat = build_chat(shape, "sdpa", device)
+        chat.model.requires_grad_(False)
+        add_lora(chat, llm_rank=lora_rank)
+        module = PreferenceTrainModule(chat, PreferenceArgs(objective=objective).resolve(), all_reduce_sum)
+        stepper, estimate, mode, _ = prepare_step(module, chat, device, compile,
+                                                  parse_grad_checkpoint(grad_checkpoint), packed_tokens, 0.05)
     cfg = chat.model.config
     data = {} if data is None else data
 

@@ -40,6 +40,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from internvl_tune.cli.flags import add_bool_flag, description
 from internvl_tune.errors import UserError
@@ -179,13 +180,17 @@ def _finite(value):
 
 
 # ----------------------------------------------------------------------------------------------- part processes
-def worker(spec_path: str) -> int:
+def worker(spec_path: str) -> NoReturn:
     """The entry of a part's own process: run the part named by the spec file, writing its result file."""
     spec = json.loads(Path(spec_path).read_text())
     ctx = PartContext(spec["name"], spec["tiny"], Path(spec["work"]), spec["seconds"], spec["matmul_peak"],
                       write=lambda result: _atomic_json(Path(spec["result"]), result))
     run_part(spec["target"], ctx)
-    return 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # the result is written: leave now rather than risk a hang in shutdown handlers (process groups, loader
+    # workers); whatever this process started is stopped by the runner
+    os._exit(0)
 
 
 def _child_env() -> dict:
@@ -197,7 +202,7 @@ def _child_env() -> dict:
 
 
 def _kill(process: subprocess.Popen) -> None:
-    """Stop the part's process and everything it started (compile workers, data-loader workers)."""
+    """Stop the part's process and everything it started (compile workers, data-loader workers): its session."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(process.pid, sig)
@@ -205,7 +210,6 @@ def _kill(process: subprocess.Popen) -> None:
             return
         try:
             process.wait(timeout=5)
-            return
         except subprocess.TimeoutExpired:
             continue
 
@@ -227,8 +231,8 @@ def isolated(part: Part, seconds: float, tiny: bool, work: Path, logs: Path, mat
         try:
             code = process.wait(timeout=seconds)
         except subprocess.TimeoutExpired:
-            _kill(process)
             code = None
+        _kill(process)  # also what it left running when it exited
     result = json.loads(result_path.read_text()) if result_path.is_file() else \
         {"numbers": {}, "checks": [], "targets": [], "summary": ""}
     result["seconds"] = time.monotonic() - start
@@ -346,7 +350,7 @@ def select(names: str) -> list[Part]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.worker:
-        return worker(args.worker)
+        worker(args.worker)
     if not args.out:
         raise UserError("--out is required: the folder for verify.json, verify.md and the parts' logs")
     parts = select(args.parts)
