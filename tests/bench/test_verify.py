@@ -83,12 +83,14 @@ def test_a_failed_check_or_a_crash_exits_1_and_keeps_every_part(tmp_path, monkey
     parts = {p["name"]: p for p in _report(tmp_path)["parts"]}
     assert {k: p["status"] for k, p in parts.items()} == {"passing": "ok", "failing": "failed", "crashing": "error",
                                                           "skipping": "skipped"}
-    assert parts["passing"]["numbers"] == {"value": 1.5} and parts["passing"]["targets"][0]["met"] is False
+    assert parts["passing"]["numbers"] == {"value": 1.5}
+    assert parts["passing"]["targets"] == [{"name": "a goal that is missed", "met": None,  # tiny: says nothing
+                                            "detail": "0 < 1; tiny shapes on the CPU"}]
     assert parts["failing"]["numbers"] == {"value": None}  # NaN is written as null: verify.json stays strict JSON
     assert parts["crashing"]["numbers"] == {"before_the_crash": 3} and "illegal memory access" in parts["crashing"]["error"]
     assert parts["skipping"]["reason"] == "needs a package that is not installed"
     text = (tmp_path / "verify.md").read_text()
-    assert "FAILED (exit 1)" in text and "✘ loss finite" in text and "not met: a goal that is missed" in text
+    assert "FAILED (exit 1)" in text and "✘ loss finite" in text and "n/a: a goal that is missed" in text
 
 
 def test_a_missed_target_alone_exits_0(tmp_path, monkeypatch):
@@ -134,3 +136,37 @@ def test_unknown_parts_and_a_missing_gpu_are_readable_errors(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main(["bench", "verify", "--out", str(tmp_path)]) == 2
         assert "--tiny" in capsys.readouterr().err
+
+
+def test_a_scripts_run_is_one_table_entry(tmp_path, monkeypatch):
+    """The ready form for a bench script's run(args) -> dict (e.g. a GRPO bench): parsed by its own parser, its
+    losses checked, its numbers recorded; without a tiny form it is skipped on the CPU."""
+    script = "internvl_tune.bench.verify_parts:script"
+    monkeypatch.setattr(verify, "PARTS", [
+        Part("grpo", 30, script, "a script", {"run": "verify_fakes:run", "tiny_argv": ["--steps", "3"]}),
+        Part("grpo_bad", 30, script, "a script", {"run": "verify_fakes:run", "tiny_argv": ["--bad"]}),
+        Part("grpo_gpu_only", 30, script, "a script", {"run": "verify_fakes:run", "argv": ["--steps", "9"]}),
+    ])
+    assert main(["bench", "verify", "--tiny", "--out", str(tmp_path)]) == 1
+    parts = {p["name"]: p for p in _report(tmp_path)["parts"]}
+    assert parts["grpo"]["status"] == "ok" and parts["grpo"]["numbers"]["losses"] == [1.0, 0.5, pytest.approx(1 / 3)]
+    assert "tokens_per_s 1,234" in parts["grpo"]["summary"]
+    assert parts["grpo_bad"]["status"] == "failed"
+    assert parts["grpo_gpu_only"]["status"] == "skipped" and "no tiny form" in parts["grpo_gpu_only"]["reason"]
+
+
+def test_markdown_rows_show_checks_targets_and_why_a_part_stopped():
+    report = {"env": {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0+cu130", "commit": "abc"}, "budget_s": 540,
+              "seconds": 530.4, "exit_code": 1, "parts": [
+                  {"name": "lora8b", "status": "ok", "seconds": 120.2, "summary": "ours 9,581 tokens/s",
+                   "checks": [{"name": "peak <= estimate + 15 %", "ok": True, "detail": "21.7 GiB"}],
+                   "targets": [{"name": "MFU >= 45 %", "met": False, "detail": "39.7%"}]},
+                  {"name": "preference", "status": "timeout", "seconds": 130.0, "summary": "DPO 1 tokens/s",
+                   "reason": "stopped at its time limit of 130 s", "checks": [], "targets": []},
+                  {"name": "auto", "status": "skipped", "reason": "the overall budget is gone", "seconds": 0.0}]}
+    rows = verify.markdown(report).splitlines()
+    assert "| result | FAILED (exit 1) |" in rows and "| budget | 540 s, used 530 s |" in rows
+    assert "| lora8b | ok | 120 | ours 9,581 tokens/s | ✔ peak <= estimate + 15 % (21.7 GiB) | not met: MFU >= 45 % " \
+           "(39.7%) |" in rows
+    assert "| preference | timeout | 130 | DPO 1 tokens/s — stopped at its time limit of 130 s |  |  |" in rows
+    assert "| auto | skipped | 0 | the overall budget is gone |  |  |" in rows

@@ -35,3 +35,18 @@ def sleeping(ctx):
 def dying(ctx):
     ctx.record(started=True)
     os._exit(3)  # as a process killed by the kernel's OOM killer would vanish: no result status written
+
+
+def build_parser():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--bad", action="store_true")
+    return parser
+
+
+def run(args):
+    """A bench script's run(args) -> dict, as another helper's GRPO bench would be."""
+    losses = [1.0 / (i + 1) for i in range(args.steps)] + ([float("inf")] if args.bad else [])
+    return {"losses": losses, "tokens_per_s": 1234.5, "peak_gib": 10.0, "estimate_gib": 9.0}

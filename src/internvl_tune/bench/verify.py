@@ -13,11 +13,16 @@ Each part records its numbers as it goes, so a part stopped at its time limit ke
 ``--tiny`` runs the same parts on the CPU with tiny shapes in one process (the CI test); parts that need a GPU or
 a package that is missing are skipped with the reason.
 
-Adding a part is one entry in ``PARTS``: a name, a time budget, a function ``part(ctx: PartContext)`` named as
-``module:function``, and a line saying what it checks. The function records numbers with ``ctx.record``, correctness
-with ``ctx.check``, goals with ``ctx.target``, a one-line summary with ``ctx.summary``, and raises ``Skip`` when
-it cannot run here. ``ctx.tiny`` asks for the CPU shapes, ``ctx.device`` is the device, ``ctx.work`` a scratch folder
-and ``ctx.time_left()`` the seconds before its budget ends.
+Adding a part is one entry in ``PARTS``: a name, a time budget, a function ``part(ctx: PartContext, **options)``
+named as ``module:function``, a line saying what it checks, and the options. The function records numbers with
+``ctx.record``, correctness with ``ctx.check``, goals with ``ctx.target``, a one-line summary with ``ctx.summary``,
+and raises ``Skip`` when it cannot run here. ``ctx.tiny`` asks for the CPU shapes, ``ctx.device`` is the device,
+``ctx.work`` a scratch folder and ``ctx.time_left()`` the seconds before its budget ends. Two ready forms:
+
+- another shape for an existing part: ``Part("lora8b_35", 150, "internvl_tune.bench.verify_parts:lora8b", "...",
+  {"shape": "internvl3_5-8b"})`` (``lora8b``, ``full1b``, ``preference`` and ``auto`` take ``shape``);
+- a bench script's ``run(args) -> dict``: ``Part("grpo", 90, "internvl_tune.bench.verify_parts:script", "...",
+  {"run": "internvl_tune.bench.grpo:run", "argv": [...], "tiny_argv": [...]})`` (see ``verify_parts.script``).
 
 This module imports only the standard library at the top: a part's process starts fast, and the GPU is touched only
 by the parts' own processes.
@@ -51,12 +56,14 @@ DEFAULT_BUDGET_S = 540.0
 
 @dataclass(frozen=True)
 class Part:
-    """One entry of the verification: ``target`` is ``"module:function"``, called with a :class:`PartContext`."""
+    """One entry of the verification: ``target`` is ``"module:function"``, called with a :class:`PartContext` and
+    ``options`` as keyword arguments (JSON values: e.g. another ``shape``)."""
 
     name: str
     budget_s: float
     target: str
     what: str
+    options: dict | None = None
 
 
 PARTS: list[Part] = [
@@ -121,7 +128,10 @@ class PartContext:
         return bool(ok)
 
     def target(self, name: str, met: bool | None, detail: str = "") -> None:
-        """A goal (speed, memory): reported, never a failure. ``met`` None: not measurable here."""
+        """A goal (speed, memory): reported, never a failure. ``met`` None: not measurable here (nor on tiny shapes,
+        whose speed says nothing about the goal)."""
+        if self.tiny and met is not None:
+            met, detail = None, f"{detail}; tiny shapes on the CPU".lstrip("; ")
         self.result["targets"].append({"name": name, "met": met, "detail": detail})
         self._save()
 
@@ -145,16 +155,16 @@ def resolve(target: str):
     return getattr(importlib.import_module(module), name)
 
 
-def run_part(target: str, ctx: PartContext) -> dict:
+def run_part(target: str, ctx: PartContext, options: dict | None = None) -> dict:
     """Call the part; its result with ``status``: ok, failed (a check failed), skipped or error."""
     start = time.monotonic()
     try:
-        resolve(target)(ctx)
+        resolve(target)(ctx, **(options or {}))
         failed = [c["name"] for c in ctx.result["checks"] if not c["ok"]]
         ctx.result["status"] = "failed" if failed else "ok"
     except Skip as reason:
         ctx.result.update(status="skipped", reason=str(reason))
-    except Exception as exc:  # a crashing part must not cost the others' numbers
+    except (Exception, SystemExit) as exc:  # a crashing part must not cost the others' numbers
         ctx.result.update(status="error", error=f"{type(exc).__name__}: {str(exc)[:1000]}",
                           traceback=traceback.format_exc()[-4000:])
     ctx.result["seconds"] = time.monotonic() - start
@@ -185,7 +195,7 @@ def worker(spec_path: str) -> NoReturn:
     spec = json.loads(Path(spec_path).read_text())
     ctx = PartContext(spec["name"], spec["tiny"], Path(spec["work"]), spec["seconds"], spec["matmul_peak"],
                       write=lambda result: _atomic_json(Path(spec["result"]), result))
-    run_part(spec["target"], ctx)
+    run_part(spec["target"], ctx, spec["options"])
     sys.stdout.flush()
     sys.stderr.flush()
     # the result is written: leave now rather than risk a hang in shutdown handlers (process groups, loader
@@ -222,7 +232,7 @@ def isolated(part: Part, seconds: float, tiny: bool, work: Path, logs: Path, mat
     # the part winds down on its own a little before it would be stopped
     spec.write_text(json.dumps({"name": part.name, "target": part.target, "tiny": tiny, "work": str(work / part.name),
                                 "seconds": max(1.0, seconds * 0.9 - 5), "matmul_peak": matmul_peak,
-                                "result": str(result_path)}))
+                                "result": str(result_path), "options": part.options}))
     (work / part.name).mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     with open(logs / f"{part.name}.log", "w") as log:
@@ -236,9 +246,11 @@ def isolated(part: Part, seconds: float, tiny: bool, work: Path, logs: Path, mat
     result = json.loads(result_path.read_text()) if result_path.is_file() else \
         {"numbers": {}, "checks": [], "targets": [], "summary": ""}
     result["seconds"] = time.monotonic() - start
-    if code is None:
+    if code is None and "status" not in result:
         result.update(status="timeout", reason=f"stopped at its time limit of {seconds:.0f} s; numbers recorded "
                                                f"before that are kept")
+    elif code is None:  # it had finished (its own status stands) and then did not exit
+        pass
     elif "status" not in result or code != 0:
         tail = (logs / f"{part.name}.log").read_text(errors="replace")[-1500:]
         result.update(status="error", error=f"its process exited with code {code} before finishing "
@@ -389,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 ctx = PartContext(part.name, args.tiny, work / part.name, part.budget_s, matmul_peak)
                 (work / part.name).mkdir(parents=True, exist_ok=True)
-                result = run_part(part.target, ctx)
+                result = run_part(part.target, ctx, part.options)
             result = {"name": part.name, "budget_s": part.budget_s, **result}
             if part.name == "peak" and result.get("numbers", {}).get("tflops"):
                 matmul_peak = result["numbers"]["tflops"]

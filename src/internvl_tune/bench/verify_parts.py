@@ -149,17 +149,17 @@ def _ours_vs_plain(ctx: PartContext, shape: str, lora_rank: int, grad_checkpoint
     return o | x
 
 
-def lora8b(ctx: PartContext) -> None:
+def lora8b(ctx: PartContext, shape: str = "internvl2-8b") -> None:
     """InternVL2-8B LoRA r16 with activation checkpointing, compiled, against the plain transformers + peft loop."""
-    row = _ours_vs_plain(ctx, "internvl2-8b", lora_rank=16, grad_checkpoint="True", steps=2, rounds=3, profile=True)
+    row = _ours_vs_plain(ctx, shape, lora_rank=16, grad_checkpoint="True", steps=2, rounds=3, profile=True)
     target_at_least(ctx, "MFU >= 45 %", row["mfu"], 0.45, ".1%")
     target_at_most(ctx, "peak <= 24 GiB", row["peak_gib"], 24.0, ".1f")
     target_at_least(ctx, ">= 4x the plain loop (median)", row["x_plain"], 4.0, ".2f")
 
 
-def full1b(ctx: PartContext) -> None:
+def full1b(ctx: PartContext, shape: str = "internvl2-1b") -> None:
     """InternVL2-1B full fine-tuning (frozen ViT), compiled, against the plain transformers loop."""
-    row = _ours_vs_plain(ctx, "internvl2-1b", lora_rank=0, grad_checkpoint="False", steps=4, rounds=4, profile=False)
+    row = _ours_vs_plain(ctx, shape, lora_rank=0, grad_checkpoint="False", steps=4, rounds=4, profile=False)
     target_at_least(ctx, "MFU >= 40 %", row["mfu"], 0.40, ".1%")
     target_at_least(ctx, ">= 5x the plain loop (median)", row["x_plain"], 5.0, ".2f")
 
@@ -210,7 +210,7 @@ def qlora76b(ctx: PartContext) -> None:
                 f"{row['build_s']:.0f} s")
 
 
-def preference(ctx: PartContext) -> None:
+def preference(ctx: PartContext, shape: str = "internvl2-2b") -> None:
     """DPO and MPO (LoRA, the reference pass with adapters disabled) against the plain peft DPO loop."""
     from internvl_tune.bench.compare import alternate, ratio, schedule
     from internvl_tune.bench.ours import compiled_graphs
@@ -219,7 +219,7 @@ def preference(ctx: PartContext) -> None:
     from internvl_tune.data.preference import PreferenceCollator
 
     tiny = ctx.tiny
-    shape, rank, packed = ("tiny", 4, 1024) if tiny else ("internvl2-2b", 16, 8192)
+    shape, rank, packed = ("tiny", 4, 1024) if tiny else (shape, 16, 8192)
     pairs = synthetic_pairs(6, tiles=(1, 2), question=(8, 32), answer=(8, 32)) if tiny else synthetic_pairs(32)
     data: dict = {}
     dpo = build_ours_preference("dpo", shape, pairs, ctx.device, packed, compile=not tiny, lora_rank=rank, data=data)
@@ -281,7 +281,7 @@ def full14b(ctx: PartContext) -> None:
     target_at_most(ctx, "fits an 80 GB GPU in an 8-GPU run", row["full_estimate_gib_per_gpu_8_gpus"], 78.0, ".1f")
 
 
-def auto(ctx: PartContext) -> None:
+def auto(ctx: PartContext, shape: str = "internvl2-8b") -> None:
     """``--grad_checkpoint auto`` on InternVL2-8B LoRA r16: what it picks on this device, the estimate of that mode
     against the measured peak, and the speed."""
     from internvl_tune.bench.common import synthetic_samples
@@ -289,7 +289,7 @@ def auto(ctx: PartContext) -> None:
     from internvl_tune.bench.ours import build_ours, packs_of
 
     tiny = ctx.tiny
-    shape, rank, packed = ("tiny", 4, 512) if tiny else ("internvl2-8b", 16, 8192)
+    shape, rank, packed = ("tiny", 4, 512) if tiny else (shape, 16, 8192)
     samples = synthetic_samples(8, seed=0, tiles=(1, 2), text=(16, 64)) if tiny else synthetic_samples(32, seed=0)
     packs, _ = packs_of(samples, packed)
     peak = ctx.peak_tflops()
@@ -302,3 +302,27 @@ def auto(ctx: PartContext) -> None:
     check_finite(ctx, loop.name, [r.loss for r in stats[loop.name].repeats], loop.nonfinite)
     check_memory(ctx, loop.name, row["peak_gib"], loop.estimate_gib)
     ctx.summary(f"{loop.extra['auto']}; {_rate(row)} tokens/s, MFU {row['mfu']:.1%}{_memory(row, loop.estimate_gib)}")
+
+
+def script(ctx: PartContext, run: str, argv: list[str] | None = None, tiny_argv: list[str] | None = None) -> None:
+    """A bench script's ``run(args) -> dict`` as a part: ``args`` is what the script's ``build_parser()`` makes of
+    ``argv`` (``tiny_argv`` with ``--tiny``; without it the part is skipped on the CPU), or ``argv`` itself when the
+    script has no parser. The dict is recorded; its ``losses`` (or ``loss``) must be finite and its ``peak_gib`` within
+    ``estimate_gib`` + 15 % when it reports both."""
+    import importlib
+
+    if ctx.tiny and tiny_argv is None:
+        raise Skip(f"{run} has no tiny form (give the entry tiny_argv)")
+    module_name, _, name = run.partition(":")
+    module = importlib.import_module(module_name)
+    given = list(tiny_argv if ctx.tiny else argv or [])
+    args = module.build_parser().parse_args(given) if hasattr(module, "build_parser") else given
+    row = getattr(module, name)(args)
+    ctx.record(**row)
+    losses = row.get("losses", [row["loss"]] if "loss" in row else None)
+    if losses is not None:
+        check_finite(ctx, run, [float(x) for x in losses])
+    if "peak_gib" in row and "estimate_gib" in row:
+        check_memory(ctx, run, row["peak_gib"], row["estimate_gib"])
+    ctx.summary(", ".join(f"{k} {v:,.4g}" for k, v in row.items() if isinstance(v, (int, float))
+                          and not isinstance(v, bool))[:400])
