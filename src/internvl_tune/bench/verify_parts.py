@@ -199,7 +199,7 @@ def qlora76b(ctx: PartContext) -> None:
         raise Skip("bitsandbytes is not installed (pip install 'internvl-tune[qlora]')")
     from internvl_tune.bench.qlora_check import run
 
-    shape, steps, packed, rank = ("tiny", 2, 512, 4) if ctx.tiny else ("internvl2-76b", 4, 4096, 16)
+    shape, steps, packed, rank = ("tiny", 1, 512, 4) if ctx.tiny else ("internvl2-76b", 4, 4096, 16)
     row = run(shape, ctx.device, steps, packed, rank, 0.05)
     estimate = row.pop("estimate").total
     ctx.record(**row, estimate_gib=estimate)
