@@ -71,6 +71,10 @@ def test_a_real_cpu_step_has_all_three_phases():
         opt.step()
         opt.zero_grad()
 
-    s = profile_step(step, torch.device("cpu"))
+    s = profile_step(step, torch.device("cpu"), {"first": model[0]})
     assert all(s["phases"][p]["ms"] > 0 for p in ("forward", "backward", "optimizer"))
     assert s["phases"]["forward"]["by_kind_ms"]["matmul"] > 0 and s["phases"]["backward"]["by_kind_ms"]["matmul"] > 0
+    regions = s["forward_regions"]
+    assert set(regions) == {"first", "other"} and regions["first"] > 0  # the second Linear and the sum: other
+    assert sum(regions.values()) == pytest.approx(s["phases"]["forward"]["ms"])
+    assert not model[0]._forward_hooks and not model[0]._forward_pre_hooks  # the marks are removed

@@ -126,7 +126,9 @@ class StepLoop:
             self._read(self.stepper([batch], self.step))
             self.step += 1
 
-        return profile_step(step, self.device, forward_flops=forward_flops, backward_flops=backward_flops)
+        inner = self.module.model.model  # the transformers InternVLModel: ViT, projector, language model
+        marked = {"vision": inner.vision_tower, "language_model": inner.language_model}
+        return profile_step(step, self.device, marked, forward_flops=forward_flops, backward_flops=backward_flops)
 
 
 def prepare_step(module: nn.Module, chat: InternVLChat, device: torch.device, compile: bool, mode: float | str,

@@ -13,6 +13,10 @@ Where the step's device time goes, by **phase** and by **kind** of work:
 On a GPU the time is each kernel's own duration, credited to the CPU operator that launched it; on the CPU (tests)
 it is each ``aten::`` operator's self time. The top kernels by total time come with their phase and kind.
 
+``forward_regions`` splits the forward phase by the modules the caller names (``regions``: e.g. the frozen ViT and
+the language model; the rest is embeddings, the projector, the LM head with the loss, and clipping), marked by
+forward hooks on those modules (modules that run eagerly around their compiled blocks).
+
 ``recompute`` estimates how much backward matmul time is recomputation: the forward's matmul time per model FLOP,
 times the backward's FLOPs without any recomputation (``backward_flops``, from the caller), is what the backward's
 matmuls would take without it; the excess over that is put down to recomputation (an estimate: it assumes equal
@@ -25,8 +29,10 @@ import re
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
+from torch import nn
 
 from internvl_tune.bench.common import sync
 
@@ -42,6 +48,7 @@ KINDS = (  # first match wins: attention kernels may contain "gemm" or "cutlass"
 )
 BACKWARD_MARK = "autograd::engine::evaluate_function"
 OPTIMIZER_MARK = "Optimizer.step"
+REGION_MARK = "region::"
 
 
 def kind_of(name: str) -> str:
@@ -61,28 +68,61 @@ def phase_of(event) -> str:
     return "forward"
 
 
+def region_of(event) -> str:
+    """The innermost ``region::NAME`` range above ``event`` (:func:`regions`), or ``other``."""
+    parent = event
+    while parent is not None:
+        if parent.name.startswith(REGION_MARK):
+            return parent.name[len(REGION_MARK):]
+        parent = parent.cpu_parent
+    return "other"
+
+
+@contextmanager
+def regions(modules: dict[str, nn.Module]):
+    """Mark each forward of ``modules`` as a profiler range ``region::NAME`` (removed on exit)."""
+    from torch.autograd.profiler import record_function
+
+    handles, open_ranges = [], {}
+    for name, module in modules.items():
+        def enter(mod, args, name=name):
+            open_ranges[name] = record_function(REGION_MARK + name)
+            open_ranges[name].__enter__()
+
+        def leave(mod, args, out, name=name):
+            open_ranges.pop(name).__exit__(None, None, None)
+
+        handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _timed_work(events, cuda: bool):
-    """``(name, phase, microseconds)`` of every kernel (GPU) or ``aten::`` operator's self time (CPU)."""
+    """``(name, event, microseconds)`` of every kernel (GPU) or ``aten::`` operator's self time (CPU); ``event``: the
+    CPU event that launched it (or the operator)."""
     for event in events:
         if event.device_type != torch.autograd.DeviceType.CPU:
             continue
         if cuda:
-            if event.kernels:
-                phase = phase_of(event)
-                for kernel in event.kernels:
-                    yield kernel.name, phase, kernel.duration
+            for kernel in event.kernels:
+                yield kernel.name, event, kernel.duration
         elif event.name.startswith("aten::") and event.self_cpu_time_total > 0:
-            yield event.name, phase_of(event), event.self_cpu_time_total
+            yield event.name, event, event.self_cpu_time_total
 
 
 def summarize(events, cuda: bool, wall_s: float, forward_flops: float = 0.0, backward_flops: float = 0.0,
               top: int = 15) -> dict:
     """The summary of a profiled step's ``events`` (``prof.events()``); see the module docstring."""
-    by = defaultdict(float)
+    by, forward_regions = defaultdict(float), defaultdict(float)
     kernels = defaultdict(lambda: [0.0, 0, "", ""])
-    for name, phase, us in _timed_work(events, cuda):
-        kind = kind_of(name)
+    for name, event, us in _timed_work(events, cuda):
+        kind, phase = kind_of(name), phase_of(event)
         by[phase, kind] += us
+        if phase == "forward":
+            forward_regions[region_of(event)] += us / 1e3
         entry = kernels[name]
         entry[0] += us
         entry[1] += 1
@@ -101,6 +141,7 @@ def summarize(events, cuda: bool, wall_s: float, forward_flops: float = 0.0, bac
         "busy_ms": total / 1e3,
         "share_by_kind": {k: v / total for k, v in sorted(kinds_total.items(), key=lambda kv: -kv[1])},
         "phases": phases,
+        "forward_regions": dict(forward_regions),
         "top": [{"name": name[:120], "ms": ms / 1e3, "calls": calls, "phase": phase, "kind": kind}
                 for name, (ms, calls, phase, kind) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]],
     }
@@ -115,17 +156,19 @@ def summarize(events, cuda: bool, wall_s: float, forward_flops: float = 0.0, bac
     return out
 
 
-def profile_step(step: Callable[[], object], device: torch.device, **flops) -> dict:
+def profile_step(step: Callable[[], object], device: torch.device, marked: dict[str, nn.Module] | None = None,
+                 **flops) -> dict:
     """Run ``step()`` (a whole training step, its result read back) under the profiler; :func:`summarize` of it.
 
-    ``flops``: ``forward_flops`` and ``backward_flops`` for the recompute estimate.
+    ``marked``: modules whose forwards are reported as ``forward_regions``; ``flops``: ``forward_flops`` and
+    ``backward_flops`` for the recompute estimate.
     """
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sync(device)
-    with profile(activities=activities) as prof:
+    with regions(marked or {}), profile(activities=activities) as prof:
         start = time.perf_counter()
         step()
         sync(device)
@@ -139,6 +182,8 @@ def describe(summary: dict) -> str:
     text = (f"{summary['busy_ms']:.0f} ms of {summary['timed']} in a {summary['wall_ms']:.0f} ms step "
             f"(fwd {summary['phases']['forward']['ms']:.0f}, bwd {summary['phases']['backward']['ms']:.0f}, "
             f"optim {summary['phases']['optimizer']['ms']:.0f} ms): {shares}")
+    if summary.get("forward_regions"):
+        text += "; forward by region: " + ", ".join(f"{k} {v:.0f} ms" for k, v in summary["forward_regions"].items())
     if "recompute" in summary:
         text += f"; recompute ~{summary['recompute']['share_of_backward']:.0%} of the backward (matmul estimate)"
     return text
