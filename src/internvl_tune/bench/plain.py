@@ -31,8 +31,13 @@ def plain_model(shape: str, device: torch.device, lora_rank: int, grad_checkpoin
 
     cfg = native_config(shape, "sdpa")
     torch.manual_seed(0)
-    with device:
-        model = InternVLForConditionalGeneration(cfg).to(torch.bfloat16 if lora_rank else torch.float32)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16 if lora_rank else torch.float32)  # built in its dtype: no fp32 copy
+    try:
+        with device:
+            model = InternVLForConditionalGeneration(cfg)
+    finally:
+        torch.set_default_dtype(default)
     model.model.vision_tower.requires_grad_(False)
     counts = param_counts(model)
     if lora_rank:

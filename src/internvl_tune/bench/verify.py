@@ -68,16 +68,16 @@ class Part:
 
 PARTS: list[Part] = [
     Part("peak", 25, "internvl_tune.bench.verify_parts:peak", "bf16 matmul peak (the MFU denominator)"),
-    Part("smoke", 110, "internvl_tune.bench.verify_parts:smoke",
+    Part("smoke", 120, "internvl_tune.bench.verify_parts:smoke",
          "compiled = eager: the training CLIs on tiny checkpoints (packed; LoRA + checkpointing; dropout + drop path; "
          "retrieval head)"),
     Part("lora8b", 150, "internvl_tune.bench.verify_parts:lora8b",
          "InternVL2-8B LoRA r16 + checkpointing, compiled, vs the plain transformers + peft loop; a profiled step"),
     Part("full1b", 75, "internvl_tune.bench.verify_parts:full1b",
          "InternVL2-1B full fine-tuning, compiled, vs the plain transformers loop"),
-    Part("e2e", 80, "internvl_tune.bench.verify_parts:e2e",
+    Part("e2e", 100, "internvl_tune.bench.verify_parts:e2e",
          "internvl-tune train on JPEG files (InternVL2-1B, 8 workers) vs the harness"),
-    Part("qlora76b", 80, "internvl_tune.bench.verify_parts:qlora76b",
+    Part("qlora76b", 90, "internvl_tune.bench.verify_parts:qlora76b",
          "QLoRA InternVL2-76B on one GPU: peak memory vs the estimate"),
     Part("preference", 130, "internvl_tune.bench.verify_parts:preference",
          "DPO and MPO steps (InternVL2-2B LoRA r16, compiled) vs a plain transformers + peft DPO loop"),
