@@ -58,8 +58,8 @@ def test_schedule_cycles_through_the_packs_and_plain_steps_take_their_samples():
     assert flatten([[3, 4, 5], [0, 1]]) == [[3], [4], [5], [0], [1]]
 
 
-def test_spread_text():
-    assert Spread.of([3.0, 1.0, 2.0]).text(".1f") == "2.0 (1.0-3.0, n=3)"
+def test_spread_of_an_even_count_takes_the_middle_two():
+    assert Spread.of([4.0, 1.0, 2.0, 3.0]) == Spread(2.5, 1.0, 4.0, 4)
 
 
 def test_phase_flops_split_the_step_flops():

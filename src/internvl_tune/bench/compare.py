@@ -112,9 +112,6 @@ class Spread:
     def of(cls, values: list[float]) -> Spread:
         return cls(statistics.median(values), min(values), max(values), len(values))
 
-    def text(self, fmt: str = ",.0f") -> str:
-        return f"{self.median:{fmt}} ({self.min:{fmt}}-{self.max:{fmt}}, n={self.n})"
-
 
 @dataclass
 class LoopStats:
