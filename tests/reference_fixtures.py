@@ -46,6 +46,21 @@ def assert_close(actual: torch.Tensor, wanted: torch.Tensor, what: str) -> None:
     assert diff <= TOLERANCE, f"{what}: max |ours - reference| = {diff:.3g} > {TOLERANCE}"
 
 
+class RecordGradients(torch.optim.Optimizer):
+    """An optimizer whose step records the gradients it is given, by parameter name, and changes nothing (what the
+    training step hands the optimizer, read without a real update)."""
+
+    def __init__(self, named_parameters):
+        named = [(n, p) for n, p in named_parameters if p.requires_grad]
+        super().__init__([p for _, p in named], {"lr": 1.0})
+        self.names = {id(p): n for n, p in named}
+        self.grads: list[dict[str, torch.Tensor]] = []
+
+    def step(self, closure=None):
+        self.grads.append({self.names[id(p)]: p.grad.detach().clone() for group in self.param_groups
+                           for p in group["params"] if p.grad is not None})
+
+
 def until_eos(rows: list[list[int]], eos: int) -> list[list[int]]:
     """Generated rows cut after their first end token (what follows is padding, whose id is not part of fidelity)."""
     return [row[: row.index(eos) + 1] if eos in row else row for row in rows]

@@ -23,7 +23,7 @@ The reference was written for transformers 4.37, which it pins; run this with th
 
 Adding a model family is one entry in ``CHAT_FIXTURES`` (a ``RELEASES`` name of ``internvl_tune.testing.tiny_chat``;
 ``reference`` names the folder of the checkout whose ``internvl`` package builds it, when not ``internvl_chat``);
-``tests/models/test_reference_fixtures.py`` picks every fixture of the manifest up by itself.
+``tests/models/test_reference_chat.py`` picks every fixture of the manifest up by itself.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import importlib
 import json
 import math
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -322,8 +323,9 @@ def make_chat(name: str, fx: ChatFixture, out_root: Path, pixels: torch.Tensor) 
         labels = ids.clone()
         labels[:, : prompt_ids.shape[1]] = -100
         flags = torch.ones(CHAT_TILES, 1, dtype=torch.long)
+        out = ref(pixel_values=pixels, input_ids=ids, image_flags=flags, labels=labels, return_dict=True)
+        out.loss.backward()
         with torch.no_grad():
-            out = ref(pixel_values=pixels, input_ids=ids, image_flags=flags, labels=labels, return_dict=True)
             features = ref.extract_feature(pixels)
         positions = logit_positions(ids[0], labels[0], ref.img_context_token_id)
         entry = {"input_ids": ids[0].tolist(), "labels": labels[0].tolist(), "loss": out.loss.item(),
@@ -333,13 +335,38 @@ def make_chat(name: str, fx: ChatFixture, out_root: Path, pixels: torch.Tensor) 
         tensors[prefix + "logsumexp"] = out.logits[0].logsumexp(-1)
         tensors[prefix + "vision_features"] = features
         if variant == "default":
+            tensors.update({f"grad/{k}": v for k, v in gradients(ref, CHAT_GRADIENTS).items()})
+        if variant == "default":
             entry.update(_chat_generation(ref, tokenizer, pixels, prompt_ids, conversation))
             if fx.long_prompt:
                 entry["long"] = _long_prompt(ref, tokenizer, pixels, config, tensors)
         meta["variants"][variant] = entry
         del ref
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_root / f"{name}.safetensors"))
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(out_root / f"{name}.safetensors"))
     return meta
+
+
+# Whose gradients of the loss are kept: the projector, a ViT MLP, a fused (or first) attention input projection, the
+# last decoder MLP, the final norm and the LM head.
+CHAT_GRADIENTS = (r"mlp1\.[13]\.weight", r"vision_model\.encoder\.layers\.1\.mlp\.fc2\.weight",
+                  r"language_model\.model\.layers\.0\.(attention\.wqkv|self_attn\.(qkv|q)_proj)\.weight",
+                  r"language_model\.model\.layers\.1\.(mlp\.down_proj|feed_forward\.w2)\.weight",
+                  r"language_model\.model\.norm\.weight", r"language_model\.(lm_head|output)\.weight")
+CG_GRADIENTS = (r"text_projection", r"logit_scale", r"query_tokens", r"itm_head\.weight",
+                r"clip_projector2?\.cross_attn\.(q|proj)\.weight",
+                r"qllama\.model\.layers\.0\.cross_attn\.[kv]_proj\.weight",
+                r"qllama\.model\.layers\.1\.self_attn\.q_proj\.weight",
+                r"vision_model\.encoder\.layers\.1\.mlp\.fc2\.weight")
+
+
+def gradients(model: torch.nn.Module, patterns: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The gradients (after ``backward``) of the parameters whose full names match one of ``patterns``."""
+    found = {name: p.grad.detach().clone() for name, p in model.named_parameters()
+             if p.grad is not None and any(re.fullmatch(pattern, name) for pattern in patterns)}
+    for pattern in patterns:
+        if not any(re.fullmatch(pattern, name) for name in found):
+            raise RuntimeError(f"no gradient for {pattern}")
+    return found
 
 
 def logit_positions(ids: torch.Tensor, labels: torch.Tensor, image_token: int) -> list[int]:
@@ -481,11 +508,11 @@ def make_cg(name: str, fx: CGFixture, out_root: Path, pixels: torch.Tensor) -> d
             tensors[f"{mode}/logits_per_image"] = logits_per_image
             tensors[f"{mode}/logits_per_text"] = logits_per_text
         ref = InternVLModel.from_pretrained(str(ckpt), torch_dtype=torch.float32).eval()
-        tensors["embed_tokens"] = ref.qllama.model.embed_tokens.weight  # after the reference's tying
+        tensors["embed_tokens"] = ref.qllama.model.embed_tokens.weight.to(torch.bfloat16)  # tied, as loaded (bf16 files)
         meta["tied_lm_head"] = ref.qllama.lm_head.weight.data_ptr() == ref.qllama.model.embed_tokens.weight.data_ptr()
-        meta["training"] = _cg_training(ref, eos_tokenizer, pixels, tensors)
         meta["captions_generated"] = _cg_captions(ref, tokenizer, pixels)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_root / f"{name}.safetensors"))
+    meta["training"] = _cg_training(ref, eos_tokenizer, pixels, tensors)
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(out_root / f"{name}.safetensors"))
     return meta
 
 
@@ -502,7 +529,9 @@ def _cg_training(ref, tokenizer, pixels, tensors) -> dict:
               summarize_attention_mask=summ_mask, input_ids=pos, attention_mask=pos_mask, image_ids=image_ids,
               labels=pos)
     hook.remove()
-    tensors["training/itm_logits"] = itm[0]
+    tensors["training/itm_logits"] = itm[0].detach()
+    out.loss.backward()
+    tensors.update({f"training/grad/{k}": v for k, v in gradients(ref, CG_GRADIENTS).items()})
     return {"positive_input_ids": pos.tolist(), "positive_attention_mask": pos_mask.tolist(),
             "negative_input_ids": neg.tolist(), "negative_attention_mask": neg_mask.tolist(),
             "summarize_input_ids": summ.tolist(), "summarize_attention_mask": summ_mask.tolist(),

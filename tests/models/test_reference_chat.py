@@ -18,6 +18,7 @@ from reference_fixtures import TOLERANCE, assert_close, checkpoint, expected, in
 from internvl_tune.data.batching import ChatCollator
 from internvl_tune.models.internvl_chat import load_pretrained
 from internvl_tune.models.internvl_chat.chat import build_prompt
+from internvl_tune.models.internvl_chat.key_map import LayoutSpec, to_original
 from internvl_tune.models.internvl_chat.recipe import ChatTrainModule
 
 CHAT = names("chat")
@@ -63,22 +64,46 @@ def test_logits_and_vision_features_equal_the_reference(loaded, name, variant):
     assert_close(logits[case["logit_positions"]], tensors[f"{variant}/logits"], f"{name} {variant} logits")
 
 
+@pytest.fixture(scope="module")
+def training():
+    """``training(name)``: a fresh model of a fixture wrapped as the trainer's module (cached)."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = ChatTrainModule(load_pretrained(checkpoint(name)))
+        return cache[name]
+
+    return get
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("name", CHAT)
-def test_training_loss_equals_the_reference_loss(loaded, name, packed):
+def test_training_loss_and_gradients_equal_the_reference(training, name, packed):
     """Our training forward (ChatTrainModule, supervised positions from the collator) on the reference's labelled
-    conversation gives the loss the reference's ``forward(labels=...)`` returned."""
-    record, _ = expected(name)
+    conversation gives the loss its ``forward(labels=...)`` returned, and the gradients of the projector, a ViT MLP,
+    the first attention input projection (InternLM2's fused wqkv included), the last MLP, the final norm and the
+    LM head."""
+    record, tensors = expected(name)
     case = record["variants"]["default"]
-    chat = loaded(name)
+    module = training(name)
+    chat = module.chat
     sample = {"input_ids": torch.tensor(case["input_ids"]), "labels": torch.tensor(case["labels"]),
               "pixel_values": inputs()["chat_pixels"], "image_flags": torch.ones(record["tiles"], dtype=torch.long),
               "sample_id": "fixture:0"}
     collate = ChatCollator(packed, chat.tokenizer.pad_token_id or 0, chat.img_context_token_id, chat.num_image_token)
     batch = collate([sample])
-    with torch.no_grad():
-        loss = ChatTrainModule(chat)(batch)["loss"] / batch.weight
+    module.zero_grad(set_to_none=True)
+    loss = module(batch)["loss"] / batch.weight
     assert abs(loss.item() - case["loss"]) <= TOLERANCE, (loss.item(), case["loss"])
+    loss.backward()
+    native = {n: p.grad for n, p in chat.model.named_parameters() if p.grad is not None}
+    grads = to_original(native, LayoutSpec.from_original(chat.original_config))
+    wanted = {k.removeprefix("grad/"): v for k, v in tensors.items() if k.startswith("grad/")}
+    assert len(wanted) == 7
+    for key, value in wanted.items():
+        assert_close(grads[key], value, f"{name} gradient of {key}")
+    module.zero_grad(set_to_none=True)
 
 
 @pytest.mark.parametrize("name", CHAT)

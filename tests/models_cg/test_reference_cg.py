@@ -11,10 +11,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from reference_fixtures import TOLERANCE, assert_close, checkpoint, expected, inputs, names
+from reference_fixtures import TOLERANCE, RecordGradients, assert_close, checkpoint, expected, inputs, names
 
+from internvl_tune.data.retrieval import RetrievalBatch
+from internvl_tune.dist import DistInfo
 from internvl_tune.models.internvl_cg.loading import load_internvl_cg
-from internvl_tune.models.internvl_cg.loss import retrieval_loss
+from internvl_tune.models.internvl_cg.recipe import RetrievalTrainModule
+from internvl_tune.train.schedule import LRSchedule
+from internvl_tune.train.step import StepRunner
 
 CG = names("cg")
 
@@ -48,18 +52,29 @@ def test_embeddings_and_logits_equal_the_reference(fixture, mode):
     assert_close(logits.t(), tensors[f"{mode}/logits_per_text"], f"{name} InternVL-{mode} logits_per_text")
 
 
-def test_retrieval_training_losses_equal_the_reference(fixture):
-    """ITM logits, and loss / loss_itm / loss_itc of the reference's retrieval fine-tuning forward (its own loss code,
-    one process) on three pairs, two of them captions of one image (soft ITC targets)."""
-    name, model, record, tensors = fixture
-    batch = {k: torch.tensor(v) for k, v in record["training"].items() if k.endswith(("_ids", "_mask"))}
-    with torch.no_grad():
-        feats = model.retrieval_features(inputs()["cg_pixels"], **batch)
-        out = retrieval_loss(feats["itm_logits"], feats["image_itc"], feats["text_itc"], feats["backbone"],
-                             feats["logit_scale"], torch.tensor(record["image_ids"]))
-    assert_close(feats["itm_logits"], tensors["training/itm_logits"], f"{name} ITM logits")
+def test_a_training_step_gives_the_reference_losses_and_gradients(fixture):
+    """One optimizer step of retrieval fine-tuning (the training module and the step runner the trainer uses) on the
+    reference's batch of three pairs, two of them captions of one image (soft ITC targets): its ITM logits, loss,
+    loss_itm, loss_itc and the gradients reaching the heads, the queries, QLLaMA's cross-attention and the ViT are
+    those of the reference's own forward and loss code."""
+    name, _, record, tensors = fixture
+    model = load_internvl_cg(checkpoint(name), dtype="fp32")
+    batch = RetrievalBatch(pixel_values=inputs()["cg_pixels"], image_ids=torch.tensor(record["image_ids"]),
+                           **{k: torch.tensor(v) for k, v in record["training"].items() if k.endswith(("_ids", "_mask"))})
+    itm = []
+    model.itm_head.register_forward_hook(lambda module, args, out: itm.append(out.mean(dim=1).detach()))
+    module = RetrievalTrainModule(model, gather_fn=lambda x: x)
+    optimizer = RecordGradients(module.named_parameters())
+    result = StepRunner(module, optimizer, LRSchedule("constant", 0, 1), DistInfo(), max_grad_norm=0.0)([batch], 0)
+    result = result.result()
+    assert_close(itm[0], tensors["training/itm_logits"], f"{name} ITM logits")
     for key in ("loss", "loss_itm", "loss_itc"):
-        assert abs(out[key].item() - record["training"][key]) <= TOLERANCE, (key, out[key].item(), record["training"])
+        assert abs(result[key] - record["training"][key]) <= TOLERANCE, (key, result[key], record["training"][key])
+    grads = {name.removeprefix("model."): grad for name, grad in optimizer.grads[0].items()}
+    wanted = {k.removeprefix("training/grad/"): v for k, v in tensors.items() if k.startswith("training/grad/")}
+    assert len(wanted) >= 8
+    for key, value in wanted.items():
+        assert_close(grads[key], value, f"{name} gradient of {key}")
 
 
 @pytest.mark.parametrize("search", ["greedy", "beam3"])
