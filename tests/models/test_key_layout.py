@@ -73,18 +73,20 @@ def test_phi3_fused_layers_are_not_reordered(module, rows):
 
 
 def test_lora_on_q_k_v_becomes_one_fused_pair_in_the_original_layout(tmp_path):
-    """Per-projection LoRA pairs (rank 1) -> one pair on the fused linear: A = [A_q; A_k; A_v] (rank 3), B
-    block-diagonal with its rows in the fused order, each B scaled by its alpha / r (so the fused pair's scaling is 1)."""
-    a = {"q": [[1.0, 2.0]], "k": [[3.0, 4.0]], "v": [[5.0, 6.0]]}
+    """Per-projection LoRA pairs -> one pair on the fused linear: A = [A_q; A_k; A_v] (rank 3r), B block-diagonal
+    with its rows in the fused order, each B scaled by its alpha / r (so the fused pair's own scaling is 1).
+    LLM (InternLM2 wqkv): rank 1, alpha 2; ViT (qkv, width 2): rank 2, alpha 3."""
+    llm_a = {"q": [[1.0, 2.0]], "k": [[3.0, 4.0]], "v": [[5.0, 6.0]]}
     llm_b = {"q": [[1.0], [2.0], [3.0], [4.0]], "k": [[5.0], [6.0]], "v": [[7.0], [8.0]]}
-    vit_b = {"q": [[1.0], [2.0]], "k": [[3.0], [4.0]], "v": [[5.0], [6.0]]}
+    vit_a = {"q": [[1.0, 2.0], [3.0, 4.0]], "k": [[5.0, 6.0], [7.0, 8.0]], "v": [[9.0, 10.0], [11.0, 12.0]]}
+    vit_b = vit_a
     lora = {}
     for p in "qkv":
-        for module, b in ((f"model.language_model.layers.0.self_attn.{p}_proj", llm_b),
-                          (f"model.vision_tower.encoder.layer.0.attention.{p}_proj", vit_b)):
+        for module, a, b in ((f"model.language_model.layers.0.self_attn.{p}_proj", llm_a, llm_b),
+                             (f"model.vision_tower.encoder.layer.0.attention.{p}_proj", vit_a, vit_b)):
             lora[f"{module}.lora_A.weight"] = torch.tensor(a[p])
             lora[f"{module}.lora_B.weight"] = torch.tensor(b[p])
-    settings = LoraSettings(llm_rank=1, vision_rank=1, llm_alpha=2, vision_alpha=3, lora_dropout=0.0,
+    settings = LoraSettings(llm_rank=1, vision_rank=2, llm_alpha=2, vision_alpha=3, lora_dropout=0.0,
                             llm_target_modules=("q_proj", "k_proj", "v_proj"),
                             vision_target_modules=("q_proj", "k_proj", "v_proj"))
     facts = {"family": "internlm2", "llm_heads": 4, "llm_kv_heads": 2, "llm_head_dim": 1}
@@ -94,18 +96,21 @@ def test_lora_on_q_k_v_becomes_one_fused_pair_in_the_original_layout(tmp_path):
     out = load_file(str(tmp_path / "original" / "adapter_model.safetensors"))
     prefix = "base_model.model."
 
-    stacked = [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]
     wqkv = prefix + "language_model.model.layers.0.attention.wqkv"
-    assert out[f"{wqkv}.lora_A.weight"].tolist() == stacked
+    assert out[f"{wqkv}.lora_A.weight"].tolist() == [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]
     # wqkv rows q0 q1 k0 v0 q2 q3 k1 v1; column 0 belongs to A_q, 1 to A_k, 2 to A_v; alpha / r = 2
     assert out[f"{wqkv}.lora_B.weight"].tolist() == [
         [2.0, 0, 0], [4.0, 0, 0], [0, 10.0, 0], [0, 0, 14.0], [6.0, 0, 0], [8.0, 0, 0], [0, 12.0, 0], [0, 0, 16.0]]
 
     qkv = prefix + "vision_model.encoder.layers.0.attn.qkv"
-    assert out[f"{qkv}.lora_A.weight"].tolist() == stacked
-    # the ViT's qkv rows are [q | k | v]; alpha / r = 3
+    assert out[f"{qkv}.lora_A.weight"].tolist() == [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0], [9.0, 10.0],
+                                                     [11.0, 12.0]]
+    # the ViT's qkv rows are [q | k | v]; columns 0-1 belong to A_q, 2-3 to A_k, 4-5 to A_v; alpha / r = 1.5
     assert out[f"{qkv}.lora_B.weight"].tolist() == [
-        [3.0, 0, 0], [6.0, 0, 0], [0, 9.0, 0], [0, 12.0, 0], [0, 0, 15.0], [0, 0, 18.0]]
+        [1.5, 3.0, 0, 0, 0, 0], [4.5, 6.0, 0, 0, 0, 0], [0, 0, 7.5, 9.0, 0, 0], [0, 0, 10.5, 12.0, 0, 0],
+        [0, 0, 0, 0, 13.5, 15.0], [0, 0, 0, 0, 16.5, 18.0]]
 
     config = json.loads((tmp_path / "original" / "adapter_config.json").read_text())
-    assert config["r"] == config["lora_alpha"] == 3  # scaling 1 for a consumer that ignores the patterns
+    # scaling 1 everywhere, also for a consumer that ignores the patterns: lora_alpha = r, alpha pattern = rank pattern
+    assert config["lora_alpha"] == config["r"] and config["alpha_pattern"] == config["rank_pattern"]
+    assert sorted([config["r"], *config["rank_pattern"].values()]) == [3, 6]
