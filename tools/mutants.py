@@ -237,7 +237,8 @@ def main(argv=None) -> int:
             shutil.rmtree(scratch, ignore_errors=True)
     print("\n| mutant | planted bug | file | result | failing tests |\n|---|---|---|---|---|")
     for m, status, detail, _ in rows:
-        print(f"| {m.name} | {m.what} | {m.file.removeprefix('src/internvl_tune/')} | {status} | {detail} |")
+        cells = (m.name, m.what, m.file.removeprefix("src/internvl_tune/"), status, detail)
+        print("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return 0 if ok else 1
 
 
