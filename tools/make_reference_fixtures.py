@@ -55,6 +55,7 @@ GREEDY_TOKENS = 8
 QUESTION = "Describe the image in detail."
 ANSWER = "A cat sits on a wooden table next to a cup of coffee."
 BATCH_QUESTIONS = ["What is the color of the car?", "How many people are there?"]
+TEXT_QUESTION = "Please answer the question with a single word or phrase."
 
 
 @dataclass(frozen=True)
@@ -396,14 +397,16 @@ def _conversation(ref):
 
 
 def _chat_generation(ref, tokenizer, pixels, prompt_ids, conversation) -> dict:
-    """Greedy generation as the reference's ``chat`` (one question, both tiles) and ``batch_chat`` (two questions, one
-    tile each, left padding) run it; the token ids come from its ``generate`` with the same arguments."""
+    """Greedy generation as the reference's ``chat`` (one question, both tiles; and one without an image) and
+    ``batch_chat`` (two questions, one tile each, left padding) run it; the token ids come from its ``generate`` with
+    the same arguments."""
     from internvl.conversation import get_conv_template
 
     sep = get_conv_template(ref.template).sep.strip()
     eos = tokenizer.convert_tokens_to_ids(sep)
     args = dict(max_new_tokens=GREEDY_TOKENS, do_sample=False)
     response = ref.chat(tokenizer, pixels, QUESTION, dict(args))
+    text_response = ref.chat(tokenizer, None, TEXT_QUESTION, dict(args))  # no image: what `internvl-tune chat` runs
     gen = ref.generate(pixel_values=pixels, input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids),
                        eos_token_id=eos, output_scores=True, return_dict_in_generate=True, **args)
     responses = ref.batch_chat(tokenizer, pixels, BATCH_QUESTIONS, dict(args), num_patches_list=[1, 1])
@@ -416,7 +419,7 @@ def _chat_generation(ref, tokenizer, pixels, prompt_ids, conversation) -> dict:
             "greedy_margin": _margins(gen.scores), "chat_response": response,
             "batch_input_ids": batch.input_ids.tolist(), "batch_attention_mask": batch.attention_mask.tolist(),
             "batch_generated_ids": _new_tokens(batch_gen).tolist(), "batch_greedy_margin": _margins(batch_gen.scores),
-            "batch_chat_responses": responses}
+            "batch_chat_responses": responses, "text_question": TEXT_QUESTION, "text_response": text_response}
 
 
 def _long_prompt(ref, tokenizer, pixels, config, tensors) -> dict:

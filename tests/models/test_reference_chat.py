@@ -143,9 +143,12 @@ PROMPT_DIVERGENCES = {
 }
 
 
-@pytest.mark.parametrize("name", [
+SAME_PROMPTS = [
     pytest.param(n, marks=pytest.mark.xfail(reason=PROMPT_DIVERGENCES[expected(n)[0]["family"]], strict=True))
-    if expected(n)[0]["family"] in PROMPT_DIVERGENCES else n for n in CHAT])
+    if expected(n)[0]["family"] in PROMPT_DIVERGENCES else n for n in CHAT]
+
+
+@pytest.mark.parametrize("name", SAME_PROMPTS)
 def test_chat_and_batch_chat_give_the_reference_prompts_and_answers(name):
     """The public ``chat`` / ``batch_chat``: template, system message, image tokens and tokenizer make the
     reference's prompt tokens, and the decoded answers are the reference's strings."""
@@ -160,6 +163,16 @@ def test_chat_and_batch_chat_give_the_reference_prompts_and_answers(name):
     answers = chat.batch_chat(pixels, record["batch_questions"], [1, 1], max_new_tokens=8)
     assert seen["input_ids"] == case["batch_input_ids"] and seen["attention_mask"] == case["batch_attention_mask"]
     assert answers == case["batch_chat_responses"]
+
+
+@pytest.mark.parametrize("name", SAME_PROMPTS)
+def test_the_chat_command_prints_the_reference_answer(name, capsys):
+    """``internvl-tune chat CKPT QUESTION`` (no image) prints what the reference's ``chat`` answered."""
+    from internvl_tune.cli import main
+
+    case = expected(name)[0]["variants"]["default"]
+    assert main(["chat", str(checkpoint(name)), case["text_question"], "--max_new_tokens", "8", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == case["text_response"] + "\n"
 
 
 @pytest.mark.parametrize("name", [n for n in CHAT if "long" in expected(n)[0]["variants"]["default"]])
