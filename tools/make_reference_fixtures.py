@@ -3,8 +3,8 @@
 Each fixture is a checkpoint directory the reference code itself wrote (``save_pretrained`` of its own model class,
 so key names, shapes, config keys and tied weights are the reference's) plus what the reference computes from it on
 fixed inputs (its outputs, not ours: the tests load the same files with ``internvl_tune`` and compare, within
-``TOLERANCE``, in fp32 on the CPU). Nothing here imports ``internvl_tune``'s model code; only the tiny release configs
-(``internvl_tune.testing.tiny_chat``) and tokenizer-file writers are reused, as inputs.
+``TOLERANCE``, in fp32 on the CPU). Every stored number comes from the reference; ``internvl_tune`` only supplies
+inputs: the tiny release configs (``testing.tiny_chat``, ``testing.tiny_cg``) and tokenizer-file writers.
 
     tests/fixtures/reference/
       manifest.json            reference commit, library versions, tolerance, the fixtures and what made them
@@ -65,8 +65,8 @@ class ChatFixture:
     Attributes:
         like: the release it copies (``RELEASES`` of ``internvl_tune.testing.tiny_chat``: its config keys, LLM family,
             InternViT variant, template and tokenizer file format).
-        variants: extra settings the reference is also run with (``InternVLChatConfig`` keys), outputs stored under
-            ``NAME/``-prefixed tensor names; the weights are the same.
+        variants: ``{variant: InternVLChatConfig settings}`` the reference is also run with (same weights); their
+            outputs are stored under ``VARIANT/``-prefixed tensor names, the default's under ``default/``.
         long_prompt: also run a prompt longer than the LLM's ``original_max_position_embeddings`` (Phi-3's long RoPE).
         reference: the folder of the reference checkout that holds the ``internvl`` package building this model.
     """
@@ -94,7 +94,7 @@ CHAT_FIXTURES = {
 class CGFixture:
     """One InternVL-14B (InternVL-C / InternVL-G) fixture, built by ``internvl_g``'s retrieval fine-tuning model."""
 
-    num_query_token: int = 96  # the reference's decoder layers hard-code 96 (InternVL-14B's); see make_cg
+    num_query_token: int = 96  # the reference's decoder layers hard-code InternVL-14B's 96 queries
     reference: str = "internvl_g"
 
 
