@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install install-dev demo test lint clean java chromium
+.PHONY: install install-dev demo test lint mutants clean java chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ test: install-dev
 
 lint: install-dev
 	$(BIN)/ruff check src tests
+
+# Plant known bugs one at a time in a scratch copy and check that the tests catch each (tools/mutants.py).
+mutants: install-dev
+	$(BIN)/python tools/mutants.py
 
 clean:
 	rm -rf runs .pytest_cache .hypothesis
