@@ -2,8 +2,9 @@
 # (shell/internvl_chat_launch.sh: GPUS, BATCH_SIZE, PER_DEVICE_BATCH_SIZE, PARTITION, LAUNCHER,
 # META_PATH, MASTER_PORT ...) with the hyper-parameters every reference MPO script shares. The calling script sets
 # MODEL, OUTPUT_DIR, META_PATH and the GPU defaults, then calls `launch_mpo <model-specific flags> "$@"`.
-# The reference also passes --deepspeed (FSDP2 shards here), --use_liger and --evaluation_strategy: accepted and
-# ignored by `internvl-tune train`, so they are left out.
+# The reference also passes --deepspeed zero_stage3_config.json (ZeRO-3: FSDP2's default sharding here, so left out;
+# `internvl-tune train --deepspeed FILE` translates a file), --use_liger and --evaluation_strategy (accepted and
+# ignored by `internvl-tune train`, so left out).
 
 . "$(dirname "$0")/../../internvl_chat_launch.sh"
 

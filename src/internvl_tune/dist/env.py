@@ -58,12 +58,14 @@ def _slurm_env() -> None:
     os.environ.setdefault("MASTER_PORT", "29500")
 
 
-def init_distributed(device: str | None = None, timeout_minutes: int = 30) -> DistInfo:
+def init_distributed(device: str | None = None, timeout_minutes: int = 30, cpu_collectives: bool = False) -> DistInfo:
     """Initialise (once) the default process group and pick this rank's device.
 
     Args:
         device: "cuda", "cpu" or None (CUDA when available).
         timeout_minutes: collective timeout; long enough for a slow checkpoint save on another rank.
+        cpu_collectives: on GPUs, also a gloo backend for CPU tensors (FSDP2 CPU offload: the gradient norm of
+            offloaded gradients is all-reduced on the CPU).
 
     Returns:
         The :class:`DistInfo` of this process.
@@ -83,7 +85,7 @@ def init_distributed(device: str | None = None, timeout_minutes: int = 30) -> Di
     info = DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
     if not dist.is_initialized():
         dist.init_process_group(
-            backend=info.backend,
+            backend="cuda:nccl,cpu:gloo" if use_cuda and cpu_collectives else info.backend,
             init_method=None if launched else f"tcp://127.0.0.1:{_free_port()}",
             rank=rank,
             world_size=world_size,

@@ -14,7 +14,10 @@ as torchtitan's ``parallelize`` does per model. The model files never mention an
   and recomputation" on InternVL2-8B LoRA with torch 2.x; "does not support RNG ops in recompute regions").
 - **FSDP2**: several ranks: ``fully_shard`` on each block, then the root; one rank: one unit over the trainable
   parameters, kept gathered, and frozen parameters left out of FSDP in their stored dtype (no copies of frozen
-  weights: a LoRA run holds the base model once).
+  weights: a LoRA run holds the base model once). ``reshard_after_forward`` (ZeRO-3's choice, the default) frees a
+  block's gathered parameters after its forward; False keeps them until its backward (ZeRO-2's memory and traffic).
+  ``cpu_offload`` (FSDP2's ``CPUOffloadPolicy``) keeps the sharded parameters, their gradients and the optimizer
+  step on the CPU (``--deepspeed`` files with ``offload_optimizer`` / ``offload_param``: ``train/deepspeed.py``).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from internvl_tune.errors import UserError
 
@@ -132,7 +135,8 @@ def compile_enabled(setting: str, device: torch.device) -> bool:
 
 
 def parallelize(module: nn.Module, blocks: list[nn.Module], *, world_size: int, param_dtype: torch.dtype | None,
-                grad_checkpoint: float | str = 0.0, compile: bool = False) -> list[nn.Module]:
+                grad_checkpoint: float | str = 0.0, compile: bool = False, reshard_after_forward: bool = True,
+                cpu_offload: bool = False, pin_memory: bool = True) -> list[nn.Module]:
     """Apply activation checkpointing, compilation and FSDP2 to ``module`` in place.
 
     Args:
@@ -143,6 +147,11 @@ def parallelize(module: nn.Module, blocks: list[nn.Module], *, world_size: int, 
             dtype. Gradients are always reduced in fp32.
         grad_checkpoint: a :func:`parse_grad_checkpoint` value.
         compile: ``torch.compile`` every block.
+        reshard_after_forward: several ranks: free each block's gathered parameters after its forward (True) or
+            keep them until its backward (False).
+        cpu_offload: FSDP2's ``CPUOffloadPolicy``: sharded parameters, gradients and the optimizer step on the CPU
+            (the process group needs a CPU backend too: ``dist.init_distributed(cpu_collectives=True)``).
+        pin_memory: pin the offloaded tensors (faster copies; uses page-locked host memory).
 
     Returns:
         The blocks as they now sit in the model (wrapped where checkpointed).
@@ -160,13 +169,16 @@ def parallelize(module: nn.Module, blocks: list[nn.Module], *, world_size: int, 
     # FSDP2 cannot shard 0-d parameters (e.g. InternVL's logit_scale): they stay replicated, and their gradients
     # are averaged over ranks by a hook instead
     ignored = {p for p in module.parameters() if p.ndim == 0}
+    offload = CPUOffloadPolicy(pin_memory=pin_memory) if cpu_offload else OffloadPolicy()
     several = world_size > 1
     if several:
         for block in blocks:
-            fully_shard(block, mp_policy=policy, reshard_after_forward=True, ignored_params=ignored)
+            fully_shard(block, mp_policy=policy, reshard_after_forward=reshard_after_forward, ignored_params=ignored,
+                        offload_policy=offload)
     else:
         ignored |= {p for p in module.parameters() if not p.requires_grad}
-    fully_shard(module, mp_policy=policy, reshard_after_forward=several, ignored_params=ignored)
+    fully_shard(module, mp_policy=policy, reshard_after_forward=several and reshard_after_forward,
+                ignored_params=ignored, offload_policy=offload)
     if several:
         for p in ignored:
             if p.requires_grad:
@@ -189,20 +201,33 @@ def _average_over_ranks(grad: torch.Tensor, world_size: int) -> torch.Tensor:
     return grad / world_size
 
 
+def move_to_device(module: nn.Module, device: torch.device | str, keep_on_cpu: Callable[[torch.Tensor], bool]) -> None:
+    """``module.to(device)``, except for the parameters ``keep_on_cpu`` picks (CPU offload: FSDP2's shards).
+
+    The same per-tensor move as ``module.to`` (``nn.Module._apply``), so quantized parameters move as they would.
+    """
+    module._apply(lambda t: t if keep_on_cpu(t) else t.to(device))
+
+
 def materialize_from_rank0(module: nn.Module, full_state: dict[str, torch.Tensor], device: torch.device,
-                           is_main: bool) -> None:
+                           is_main: bool, cpu_offload: bool = False) -> None:
     """Give a module sharded on the meta device its weights: rank 0 holds them all, the others hold none.
 
-    Each rank allocates only its own shards on ``device``; rank 0 broadcasts ``full_state`` (the module's full state
-    dict, on its CPU) tensor by tensor, and every rank keeps its slice. So N ranks hold one full copy of the
-    checkpoint in host memory between them, not N. Buffers, built for real on every rank, keep their values.
+    Each rank allocates only its own shards on ``device`` (on the CPU with ``cpu_offload``: FSDP2 wants offloaded
+    shards there; parameters FSDP leaves alone and buffers still go to ``device``); rank 0 broadcasts ``full_state``
+    (the module's full state dict, on its CPU) tensor by tensor, and every rank keeps its slice. So N ranks hold one
+    full copy of the checkpoint in host memory between them, not N. Buffers, built for real on every rank, keep
+    their values.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.tensor import DTensor
 
     buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
-    module.to_empty(device=device)
+    module.to_empty(device="cpu" if cpu_offload else device)
     with torch.no_grad():
         for name, b in module.named_buffers():
             b.copy_(buffers[name])
+    if cpu_offload:  # only FSDP's shards (DTensors) stay on the CPU
+        move_to_device(module, device, keep_on_cpu=lambda p: isinstance(p, DTensor))
     set_model_state_dict(module, full_state if is_main else {},
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))

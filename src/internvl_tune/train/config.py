@@ -45,6 +45,10 @@ class TrainArgs:
     warmup_steps: int = option(0, "warm-up steps (overrides warmup_ratio when > 0)")
     lr_scheduler_type: str = option("cosine", "learning-rate schedule after warm-up", ("cosine", "linear", "constant"))
     max_grad_norm: float = option(1.0, "clip the global gradient norm (0 = off)")
+    deepspeed: str | None = option(None, "a DeepSpeed JSON config, translated onto FSDP2: ZeRO stage -> resharding, "
+                                         "CPU offload, bf16, clipping, batch sizes, AdamW and warm-up settings "
+                                         "(\"auto\" = the flag's value); keys that cannot be honoured are refused by "
+                                         "name (docs/training.md)")
     bf16: bool = option(False, "bf16 compute with fp32 master weights (GPU); on CPU the run stays in fp32")
     logging_steps: int = option(1, "log every N optimizer steps")
     save_steps: int = option(500, "checkpoint every N optimizer steps")
@@ -68,7 +72,6 @@ class TrainArgs:
 
 # Reference TrainingArguments flags every training command accepts and ignores (the recipes add their own).
 IGNORED_FLAGS = {
-    "--deepspeed": "ZeRO is replaced by FSDP2 sharding",
     "--do_train": "always true",
     "--tf32": "enabled on GPUs that support it",
     "--remove_unused_columns": "not applicable",
@@ -157,17 +160,25 @@ def load_config(args: argparse.Namespace, sections: dict, defaults: dict[str, di
         defaults: ``{section: {key: value}}`` placed just above the dataclass defaults.
     """
     values: dict[str, dict] = {name: {} for name in sections}
+    explicit: dict[str, dict] = {name: {} for name in sections}  # set by --config or a flag
     for section, items in (defaults or {}).items():
         for key, value in items.items():
             values[section][key] = _coerce(sections, section, key, value, "defaults")
     if getattr(args, "config", None):
         for section, items in _yaml_values(Path(args.config), sections).items():
-            values[section].update(items)
+            explicit[section].update(items)
     for dest, value in vars(args).items():
         if "." in dest and not dest.startswith("ignored."):
             section, key = dest.split(".", 1)
-            values[section][key] = value
-    return RunConfig(**{name: cls(**values[name]) for name, cls in sections.items()})
+            explicit[section][key] = value
+    for section, items in explicit.items():
+        values[section].update(items)
+    cfg = RunConfig(**{name: cls(**values[name]) for name, cls in sections.items()})
+    if getattr(cfg.train, "deepspeed", None):  # its values sit between the defaults and explicit settings
+        from internvl_tune.train.deepspeed import apply_deepspeed, world_size_from_env
+
+        cfg.train = apply_deepspeed(cfg.train, explicit["train"], world_size_from_env())
+    return cfg
 
 
 def save_config(cfg, path: Path) -> None:

@@ -7,7 +7,10 @@ Per rank, with ``W`` ranks (FSDP2 shards model states evenly):
 
 - frozen parameters: their stored bytes / W (bf16 on GPUs; 4-bit NF4 weights about 0.52 bytes with their scales)
 - trainable parameters: fp32 master (4 B) + fp32 gradient (4 B) + AdamW moments (8 B), all / W
-- gathered parameters: several ranks: the largest blocks held unsharded in the compute dtype while they run;
+- with CPU offload, FSDP2's shards live in host memory: no model states on the GPU (one rank: the frozen
+  parameters, which FSDP leaves alone, still count)
+- gathered parameters: several ranks: the largest blocks held unsharded in the compute dtype while they run (every
+  block, from its forward to its backward, when blocks are not resharded after their forward: ZeRO-1/2 configs);
   one rank: a compute-dtype copy of every trainable parameter (``dist/parallelize.py``)
 - activations, per LLM token and layer: a checkpointed layer keeps its input, ``a_ckpt * hidden`` bytes, and one
   layer at a time is recomputed with its full activations; an uncheckpointed layer keeps its full activations
@@ -90,6 +93,8 @@ def estimate_training_memory(
     vocab: int = 0,
     lora_dropout_width: int = 0,
     vision: dict | None = None,
+    reshard_after_forward: bool = True,
+    cpu_offload: bool = False,
 ) -> MemoryEstimate:
     """Estimate the peak memory of one rank for a decoder-style VLM training step.
 
@@ -107,17 +112,22 @@ def estimate_training_memory(
         lora_dropout_width: per LLM layer, the summed input widths of the linears whose LoRA has dropout (0: none).
         vision: the ViT's ``hidden``, ``ffn``, ``num_layers`` and ``tokens`` per micro-batch when any of it trains
             (a frozen ViT runs without autograd and keeps no activations).
+        reshard_after_forward: several ranks: blocks free their gathered parameters after their forward (False:
+            every block stays gathered until its backward).
+        cpu_offload: trainable parameters, gradients and optimizer state live in host memory.
     """
     gib = 2**30
     states = 0
     for p in model.parameters():
+        if cpu_offload and (p.requires_grad or world_size > 1):  # FSDP2 keeps its shards in host memory (one
+            continue                                              # rank: frozen parameters are not FSDP's)
         states += 16 * p.numel() if p.requires_grad else stored_bytes(p)
     states /= world_size
-    if world_size > 1:  # one block at a time is gathered (two: the next one is prefetched)
-        biggest = max((_block_bytes(b, compute_bytes) for b in blocks), default=0)
+    if world_size > 1:  # one block at a time is gathered (two: the next one is prefetched), or all of them
+        sizes = [_block_bytes(b, compute_bytes) for b in blocks]
         block_ids = {id(p) for b in blocks for p in b.parameters()}
         root = sum(p.numel() for p in model.parameters() if id(p) not in block_ids) * compute_bytes
-        gathered = root + 2 * biggest
+        gathered = root + (2 * max(sizes, default=0) if reshard_after_forward else sum(sizes))
     else:  # one rank keeps compute copies of the trainable parameters; frozen ones are used as stored
         gathered = sum(p.numel() for p in model.parameters() if p.requires_grad) * compute_bytes
     t = tokens_per_micro_batch

@@ -115,11 +115,14 @@ class StepRunner:
         limit = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, limit)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        grad_norm = grad_norm.to(device)  # (offloaded gradients: their norm was taken on the CPU)
         totals = all_reduce_sum(torch.cat([sums, torch.full((1,), work, dtype=torch.float64, device=device)]))
         terms = totals[:-1] / global_weight
         finite = torch.isfinite(terms[0]) & torch.isfinite(grad_norm)
         lr = self.schedule.apply(self.optimizer, step)
-        self.optimizer.found_inf = (~finite).float()  # read by the fused AdamW kernel (as GradScaler uses it)
+        # read by the fused AdamW kernel (as GradScaler uses it), on its parameters' device. Offloaded parameters
+        # step on the CPU: a blocking copy there (torch's own would be non-blocking, read before it lands)
+        self.optimizer.found_inf = (~finite).float().to(self.params[0].device)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         values = torch.cat([terms, grad_norm.double().reshape(1), finite.double().reshape(1), totals[-1:],

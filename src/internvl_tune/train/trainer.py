@@ -13,6 +13,7 @@ checkpoints, metrics -> resume.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shlex
@@ -30,6 +31,7 @@ from internvl_tune.dist.parallelize import (
     clean_name,
     compile_enabled,
     materialize_from_rank0,
+    move_to_device,
     parallelize,
     parse_grad_checkpoint,
     reshard,
@@ -38,6 +40,7 @@ from internvl_tune.errors import UserError
 from internvl_tune.report.run import DATA_SUMMARY, PREDICTIONS_DIR
 from internvl_tune.train.checkpoint import Checkpointer
 from internvl_tune.train.config import RunConfig, save_config
+from internvl_tune.train.deepspeed import translate as translate_deepspeed
 from internvl_tune.train.memory import choose_grad_checkpoint, estimate_training_memory
 from internvl_tune.train.metrics import MetricsLogger, parse_report_to
 from internvl_tune.train.optim import build_adamw, build_param_groups, count_parameters, fp32_master_weights
@@ -102,7 +105,12 @@ class Trainer:
         self.recipe, self.cfg = recipe, cfg
         t = cfg.train
         self.sinks = parse_report_to(t.report_to)  # an unknown sink fails before minutes of loading
-        self.info = info = init_distributed(t.device)
+        # --deepspeed: its flag values are in cfg.train already (train/config.py); here its sharding and offload
+        self.deepspeed = translate_deepspeed(t.deepspeed) if t.deepspeed else None
+        offload = self.deepspeed is not None and self.deepspeed.offload
+        self.info = info = init_distributed(t.device, cpu_collectives=offload)
+        if offload and info.device.type != "cuda":  # nothing to pin without a GPU
+            self.deepspeed = dataclasses.replace(self.deepspeed, pin_memory=False)
         self.output_dir, resume = prepare_output_dir(t, info)
         self.compute_dtype = torch.bfloat16 if (t.bf16 and info.device.type == "cuda") else None
         load_dtype = torch.bfloat16 if self.compute_dtype is not None else torch.float32
@@ -116,8 +124,8 @@ class Trainer:
         self.trainable, self.total_params = count_parameters(module)
         if self.trainable == 0:
             raise UserError("no parameter is trainable: check the freeze / unfreeze / LoRA flags")
-        if not sharded:
-            module.to(info.device)
+        if not sharded:  # (offloaded trainable parameters stay on the CPU, where FSDP2 keeps them)
+            move_to_device(module, info.device, keep_on_cpu=lambda p: offload and p.requires_grad)
         self.module = module
         self.compiled = compile_enabled(t.torch_compile, info.device)
         # the data first: the memory estimate (and so --grad_checkpoint auto) needs the samples' lengths
@@ -129,7 +137,7 @@ class Trainer:
         self.grad_checkpoint, self.grad_checkpoint_note = self._resolve_grad_checkpoint(
             parse_grad_checkpoint(recipe.grad_checkpoint))
         parallelize(module, module.blocks(), world_size=info.world_size, param_dtype=self.compute_dtype,
-                    grad_checkpoint=self.grad_checkpoint, compile=self.compiled)
+                    grad_checkpoint=self.grad_checkpoint, compile=self.compiled, **self._sharding())
         if sharded:
             full = {}
             if info.is_main:
@@ -137,7 +145,7 @@ class Trainer:
                 source = recipe.build_module(load_dtype)
                 fp32_master_weights(source)
                 full = source.state_dict()
-            materialize_from_rank0(module, full, info.device, info.is_main)
+            materialize_from_rank0(module, full, info.device, info.is_main, cpu_offload=offload)
             del full
 
         steps_per_epoch = self.sampler.steps_per_epoch
@@ -165,6 +173,14 @@ class Trainer:
             save_config(cfg, self.output_dir / "config.yaml")
             (self.output_dir / DATA_SUMMARY).write_text(json.dumps(recipe.data_summary(), ensure_ascii=False) + "\n")
         self.stepper = StepRunner(self.module, self.optimizer, self.schedule, info, t.max_grad_norm)
+
+    def _sharding(self) -> dict:
+        """FSDP2's resharding and offload settings (``parallelize``): a ``--deepspeed`` file's, or ZeRO-3's."""
+        ds = self.deepspeed
+        if ds is None:
+            return {"reshard_after_forward": True, "cpu_offload": False}
+        return {"reshard_after_forward": ds.reshard_after_forward, "cpu_offload": ds.offload,
+                "pin_memory": ds.pin_memory}
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> TrainResult:
@@ -349,9 +365,12 @@ class Trainer:
         if shape is None:
             return None
         mode = self.grad_checkpoint if grad_checkpoint is None else grad_checkpoint
+        sharding = self._sharding()
         return estimate_training_memory(self.module, self.module.blocks(), world_size=self.info.world_size,
                                         grad_checkpoint=mode, compiled=self.compiled,
-                                        compute_bytes=2 if self.compute_dtype is not None else 4, **shape)
+                                        compute_bytes=2 if self.compute_dtype is not None else 4,
+                                        reshard_after_forward=sharding["reshard_after_forward"],
+                                        cpu_offload=sharding["cpu_offload"], **shape)
 
     def _resolve_grad_checkpoint(self, mode: float | str) -> tuple[float | str, str]:
         """``(mode, plan note)``: ``auto`` becomes the fraction of checkpointed blocks that fits this GPU."""
@@ -387,6 +406,8 @@ class Trainer:
             f"activation checkpointing {self.grad_checkpoint_note or self.recipe.grad_checkpoint}, torch.compile {'on' if self.compiled else 'off'}, "
             f"output: {self.output_dir}",
         ]
+        if self.deepspeed is not None:
+            lines.append(self.deepspeed.plan_line(info.world_size))
         estimate = self.memory_estimate()
         if estimate is not None:
             lines.append(estimate.describe())
