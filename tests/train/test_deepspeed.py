@@ -159,3 +159,19 @@ def test_zero2_with_cpu_offload_on_two_ranks_trains_as_one_process(tmp_path, sub
     assert len(plain) == 2 and plain[0][1] > 0
     for (loss_a, norm_a), (loss_b, norm_b) in zip(plain, offloaded):
         assert abs(loss_a - loss_b) <= 1e-5 * loss_a and abs(norm_a - norm_b) <= 1e-5 * norm_a
+
+
+def test_the_memory_estimate_follows_resharding_and_offload():
+    from internvl_tune.train.memory import estimate_training_memory
+
+    blocks = [torch.nn.Linear(4, 4, bias=False) for _ in range(3)]  # 16 trainable weights each
+    model = torch.nn.Sequential(*blocks)
+    shape = dict(world_size=2, tokens_per_micro_batch=1, hidden=1, ffn=1, num_layers=1, grad_checkpoint=1.0)
+    gib = 2**30
+    zero3 = estimate_training_memory(model, blocks, **shape)
+    assert zero3.model_states * gib == 48 * 16 / 2  # fp32 master + gradient + 2 moments, over 2 ranks
+    assert zero3.gathered_params * gib == 2 * 16 * 2  # the biggest block and the prefetched next, in bf16
+    zero2 = estimate_training_memory(model, blocks, reshard_after_forward=False, **shape)
+    assert zero2.gathered_params * gib == 3 * 16 * 2  # every block, gathered until its backward
+    offloaded = estimate_training_memory(model, blocks, cpu_offload=True, **shape)
+    assert offloaded.model_states == 0 and offloaded.gathered_params == zero3.gathered_params
