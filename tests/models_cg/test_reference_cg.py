@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from reference_fixtures import TOLERANCE, RecordGradients, assert_close, checkpoint, expected, inputs, names
 
 from internvl_tune.data.retrieval import RetrievalBatch
@@ -44,12 +43,25 @@ def test_embeddings_and_logits_equal_the_reference(fixture, mode):
     with torch.no_grad():
         image = model.encode_image(pixels, f"InternVL-{mode}")
         words = model.encode_text(text)
+        # the reference's forward(image, text) of InternVL_C / InternVL_G; the short mode name works too
+        logits_per_image, logits_per_text = model(pixels, text, mode)
     assert_close(image, tensors[f"{mode}/image_embeds"], f"{name} InternVL-{mode} image embeddings")
     assert_close(words, tensors[f"{mode}/text_embeds"], f"{name} InternVL-{mode} text embeddings")
-    # the reference's forward: logit_scale.exp() x cosine similarities
-    logits = model.logit_scale.exp() * F.normalize(image, dim=-1) @ F.normalize(words, dim=-1).t()
-    assert_close(logits, tensors[f"{mode}/logits_per_image"], f"{name} InternVL-{mode} logits_per_image")
-    assert_close(logits.t(), tensors[f"{mode}/logits_per_text"], f"{name} InternVL-{mode} logits_per_text")
+    assert_close(logits_per_image, tensors[f"{mode}/logits_per_image"], f"{name} InternVL-{mode} logits_per_image")
+    assert_close(logits_per_text, tensors[f"{mode}/logits_per_text"], f"{name} InternVL-{mode} logits_per_text")
+
+
+def test_the_top_level_loader_and_the_mode_names(fixture):
+    import internvl_tune
+    from internvl_tune.errors import UserError
+
+    name, model, record, tensors = fixture
+    top = internvl_tune.load_internvl_cg(checkpoint(name), dtype="fp32")
+    pixels = inputs()["cg_pixels"]
+    with torch.no_grad():
+        assert torch.equal(top.encode_image(pixels, "internvl-g"), model.encode_image(pixels, "G"))
+    with pytest.raises(UserError, match="'InternVL-C' \\(or 'C'"):
+        model.encode_image(pixels, "InternVL-X")
 
 
 def test_a_training_step_gives_the_reference_losses_and_gradients(fixture):

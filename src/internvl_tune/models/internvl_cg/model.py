@@ -12,7 +12,9 @@ Parameters (their names are the state-dict keys of ``pretrained/InternVL-14B-224
     itm_head             Linear(H_text, 2)             image-text matching on the query outputs
 
 Modes: ``encode_image(x, "InternVL-C")`` = clip_projector(ViT); ``"InternVL-G"`` = the sum of the L2-normalised
-clip_projector(ViT) and clip_projector2(queries cross-attending to the ViT). ``encode_text`` is shared.
+clip_projector(ViT) and clip_projector2(queries cross-attending to the ViT). ``encode_text`` is shared. ``"C"`` and
+``"G"`` are accepted too. ``model(image, text, mode)`` returns ``(logits_per_image, logits_per_text)`` as the
+reference's ``InternVL_C`` / ``InternVL_G`` forward does.
 """
 
 from __future__ import annotations
@@ -23,11 +25,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from internvl_tune.errors import UserError
 from internvl_tune.models.internvl_cg.config import InternVLCGConfig
 from internvl_tune.models.internvl_cg.intern_vit import InternVisionModel
 from internvl_tune.models.internvl_cg.qllama import QLlamaForCausalLM, causal_padding_mask
 
 MODES = ("InternVL-C", "InternVL-G")
+
+
+def resolve_mode(mode: str) -> str:
+    """``"C"`` / ``"G"`` or ``"InternVL-C"`` / ``"InternVL-G"`` (any case) -> the full name."""
+    key = str(mode).strip().upper()
+    key = key[len("INTERNVL-"):] if key.startswith("INTERNVL-") else key
+    if key not in ("C", "G"):
+        raise UserError(f"mode {mode!r}: use 'InternVL-C' (or 'C': contrastive, the ViT's pooled features) or "
+                        "'InternVL-G' (or 'G': with QLLaMA's queries)")
+    return f"InternVL-{key}"
 
 
 class PoolingCrossAttention(nn.Module):
@@ -116,8 +129,7 @@ class InternVLModel(nn.Module):
     # ------------------------------------------------------------------ retrieval encoders
     def encode_image(self, pixel_values: torch.Tensor, mode: str = "InternVL-C") -> torch.Tensor:
         """Image embeddings ``[B, clip_embed_dim]`` (not normalised; G's is a sum of two unit vectors)."""
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        mode = resolve_mode(mode)
         image_embeds = self.vision_features(pixel_values)
         backbone = self.clip_projector(image_embeds)
         if mode == "InternVL-C":
@@ -134,6 +146,24 @@ class InternVLModel(nn.Module):
         hidden = self.text_hidden(input_ids, mask.long())
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), mask.sum(1) - 1]
         return last @ self.text_projection.to(last.dtype)
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor, mode: str = "InternVL-C"
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Contrastive logits, as the reference's ``InternVL_C`` / ``InternVL_G`` ``forward(image, text)``.
+
+        Args:
+            image: pixel values ``[B_img, 3, S, S]``.
+            text: token ids ``[B_txt, L]``, padded with 0 (the clip_benchmark tokenizer's padding).
+            mode: ``"InternVL-C"`` / ``"C"`` or ``"InternVL-G"`` / ``"G"``.
+
+        Returns:
+            ``(logits_per_image [B_img, B_txt], logits_per_text [B_txt, B_img])``: ``logit_scale.exp()`` times the
+            cosine similarities of the two embeddings.
+        """
+        image_features = F.normalize(self.encode_image(image, mode), dim=-1)
+        text_features = F.normalize(self.encode_text(text), dim=-1)
+        logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()
+        return logits_per_image, logits_per_image.t()
 
     # ------------------------------------------------------------------ retrieval training pieces
     def retrieval_attention_mask(self, text_mask: torch.Tensor, repeat_time: int, dtype: torch.dtype) -> torch.Tensor:
