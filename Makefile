@@ -1,12 +1,13 @@
 # Two set-up commands for a fresh machine (each installs what it needs):
 #   make demo   -> fine-tune a tiny InternVL2 on the bundled sample, on the CPU, end to end
 #   make test   -> the whole test suite (what CI runs)
+#   make test-newest -> the suite on the newest releases the dependency ranges allow (its own venv)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install install-dev demo test lint mutants clean java chromium
+.PHONY: install install-dev demo test test-newest lint mutants clean java chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +15,7 @@ $(BIN)/python:
 # torch first: on the dev/CI machines `torch==2.13.0` is the CPU wheel on disk; a GPU box keeps its own torch.
 $(STAMP)-core: pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e ".[eval]"
+	$(BIN)/pip install -e ".[eval,demo,video,plots,tensorboard]"
 	touch $@
 
 $(STAMP)-dev: pyproject.toml $(STAMP)-core
@@ -44,6 +45,15 @@ demo: install
 test: install-dev
 	$(BIN)/python -m pytest -n 2 --durations=15
 
+# What a user installing today gets: the newest torch, transformers, peft ... that pyproject.toml's ranges allow,
+# upgraded eagerly in a venv of their own (.venv-newest), then the suite without its slow tests. Run it when a
+# release of torch or transformers appears, before moving a range.
+test-newest: java
+	$(PYTHON) -m venv .venv-newest
+	.venv-newest/bin/pip install --upgrade --upgrade-strategy eager -e ".[dev]"
+	.venv-newest/bin/python -c "import torch, transformers, peft; print('torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)"
+	.venv-newest/bin/python -m pytest -n 2 -m "not slow"
+
 lint: install-dev
 	$(BIN)/ruff check src tests
 
@@ -52,4 +62,4 @@ mutants: install-dev
 	$(BIN)/python tools/mutants.py
 
 clean:
-	rm -rf runs .pytest_cache .hypothesis
+	rm -rf runs .pytest_cache .hypothesis .venv-newest

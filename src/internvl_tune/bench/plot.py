@@ -15,8 +15,9 @@ from internvl_tune.cli.flags import description
 
 def plot(folder: Path) -> Path:
     """Write ``throughput.png`` (tokens/s bars, MFU labels) from the ``bench_*.json`` files in ``folder``."""
-    import matplotlib
+    from internvl_tune.environment import require
 
+    matplotlib = require("matplotlib", "bench plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -11,6 +11,7 @@ import importlib
 import os
 import sys
 
+from internvl_tune.environment import check_torchvision
 from internvl_tune.errors import UserError
 
 # (command, module, one-line help). Groups ("data", "eval") hold sub-commands of their own.
@@ -71,6 +72,11 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``internvl-tune`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:  # before any command imports transformers, which imports a broken torchvision and fails unexplained
+        check_torchvision()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)

@@ -105,8 +105,10 @@ def run(args: argparse.Namespace) -> int:
     for what, path in (("run directory", run_dir), ("loss plot", run_dir / "loss.png"),
                        ("metrics", run_dir / "metrics.jsonl"), ("TensorBoard logs", run_dir / "tensorboard"),
                        ("LoRA adapter", run_dir / "adapter"), ("merged model", run_dir / "config.json")):
-        console.print(f"{what:>17}: {path}")
-    console.print(f"view the curves: tensorboard --logdir {run_dir / 'tensorboard'}")
+        if path.exists():  # (no plots without matplotlib, no TensorBoard logs without tensorboard)
+            console.print(f"{what:>17}: {path}")
+    if (run_dir / "tensorboard").exists():
+        console.print(f"view the curves: tensorboard --logdir {run_dir / 'tensorboard'}")
     console.rule("5. the run report (open it in a browser; it needs no network)")
     print(run_dir / "report.html")
     return 0

@@ -84,8 +84,9 @@ def load_video_frames(
                 frames.append(im.convert("RGB"))
         return frames, idx
 
-    import av
+    from internvl_tune.environment import require
 
+    av = require("av", f"{where or path}: reading a video file")
     try:
         with av.open(path) as container:
             stream = container.streams.video[0]

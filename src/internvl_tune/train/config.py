@@ -59,8 +59,9 @@ class TrainArgs:
                                    "over the set) and log their scores (exact match, ANLS, ...) beside the loss; the "
                                    "answers go to eval_predictions/step-N.jsonl (0 = off)")
     eval_generate_tokens: int = option(128, "most new tokens per answer of --eval_generate")
-    report_to: str = option("tensorboard", "metric sinks besides metrics.jsonl/csv and the PNG plots, comma-separated: "
-                                           "tensorboard, wandb, mlflow (each needs its package) or none")
+    report_to: str = option("auto", "metric sinks besides metrics.jsonl/csv and the PNG plots, comma-separated: "
+                                    "tensorboard, wandb, mlflow (each needs its package), all (every installed "
+                                    "one), none, or auto: tensorboard when installed")
     dataloader_num_workers: int = option(2, "data-loading worker processes per rank")
     torch_compile: str = option("auto", "torch.compile each ViT and LLM block once, with a symbolic sequence length "
                                         "(fused norms, RoPE and activations; about a minute at start): auto = on GPUs",

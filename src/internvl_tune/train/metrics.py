@@ -18,20 +18,31 @@ SINKS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # 
 
 
 def parse_report_to(value: str) -> list[str]:
-    """The sinks of ``--report_to`` (comma-separated); an unknown or uninstalled sink is a UserError, not ignored."""
-    import importlib.util
+    """The sinks of ``--report_to`` (comma-separated); an unknown or uninstalled sink is a UserError, not ignored.
+
+    ``auto`` (the default) is TensorBoard when it is installed (otherwise none, with one notice); ``all`` is every
+    installed sink, as the transformers Trainer reads it.
+    """
+    from internvl_tune.environment import available, install_hint, notice_missing
 
     names = [v.strip() for v in str(value).split(",") if v.strip()]
     if names in ([], ["none"]):
         return []
+    if names == ["all"]:
+        return [name for name, package in SINKS.items() if available(package)]
+    if names == ["auto"]:
+        if available("tensorboard"):
+            return ["tensorboard"]
+        notice_missing("tensorboard", "TensorBoard logs")
+        return []
     unknown = [n for n in names if n not in SINKS]
     if unknown or "none" in names:
         raise UserError(f"--report_to {value}: unknown sink {', '.join(unknown) or 'none (with others)'}; use a "
-                        f"comma-separated list of {', '.join(SINKS)}, or none")
+                        f"comma-separated list of {', '.join(SINKS)}, or all, auto or none")
     for name in names:
-        if importlib.util.find_spec(SINKS[name]) is None:
-            raise UserError(f"--report_to {name}: the {SINKS[name]} package is not installed; `pip install "
-                            f"{SINKS[name]}`, or drop it from --report_to")
+        if not available(SINKS[name]):
+            raise UserError(f"--report_to {name}: the {SINKS[name]} package is not installed; `"
+                            f"{install_hint(SINKS[name])}`, or drop it from --report_to")
     return names
 
 
@@ -208,6 +219,11 @@ def write_plots(rows: list[dict], out_dir: Path, run_name: str | None = None) ->
     along the top when the rows carry epochs."""
     import itertools
 
+    from internvl_tune.environment import available, notice_missing
+
+    if not available("matplotlib"):  # the plots only decorate a run: metrics.jsonl / csv and report.html remain
+        notice_missing("matplotlib", "the PNG plots (loss.png, ...)")
+        return []
     import matplotlib
 
     matplotlib.use("Agg")
