@@ -21,6 +21,7 @@ COMMANDS = [
     ("eval", None, "evaluate: chat answers on held-out data, caption (BLEU/METEOR/ROUGE-L/CIDEr) or retrieval (recall@k)"),
     ("data", None, "validate (check) or prepare datasets before spending GPU hours"),
     ("convert", "internvl_tune.cli.convert", "convert a checkpoint between the original and transformers-native layouts"),
+    ("export", "internvl_tune.cli.export", "check that a model folder is ready for vLLM, LMDeploy, SGLang and transformers"),
     ("merge-lora", "internvl_tune.cli.merge_lora", "merge a LoRA adapter into its base model"),
     ("tiny-model", "internvl_tune.cli.tiny_model", "write a tiny random checkpoint with the exact layout of a family"),
     ("chat", "internvl_tune.cli.chat", "chat with an InternVL2 checkpoint about images"),
