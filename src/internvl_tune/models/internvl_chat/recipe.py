@@ -253,8 +253,24 @@ class ChatRecipe:
                  + (" + thumbnail" if d.use_thumbnail else "") if d.dynamic_image_size else "one tile per image")
         parts = ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in self.trainable_parts.items())
         quantized = ", LLM linear layers in 4 bits (NF4)" if self.args.load_in_4bit else ""
-        return [f"model: {self.args.model_name_or_path} ({chat.family}){quantized}, template {template}, "
-                f"{d.force_image_size} px tiles x {d.num_image_token} tokens, {tiles}; trainable: {parts}"]
+        lines = [f"model: {self.args.model_name_or_path} ({chat.family}){quantized}, template {template}, "
+                 f"{d.force_image_size} px tiles x {d.num_image_token} tokens, {tiles}; trainable: {parts}"]
+        return lines + self._lora_note()
+
+    def _lora_note(self) -> list[str]:
+        """A plan line when LLM LoRA also trains whole parts (the reference's defaults train the ViT and projector
+        beside the adapters), since an adapter then holds those parts in full and vLLM's LoRA serving ignores them."""
+        a = self.args
+        parts = {"vision": "the ViT", "projector": "the projector (mlp1)", "lm_head": "the LM head"}
+        if a.use_backbone_lora:  # the ViT trains through its own adapters
+            del parts["vision"]
+        full = [label for key, label in parts.items() if self.trainable_parts.get(key)]
+        if not a.use_llm_lora or not full:
+            return []
+        return [f"note: besides the LLM's LoRA adapters, {', '.join(full)} train in full (the reference's defaults; "
+                "--freeze_backbone True --freeze_mlp True train the adapters alone). The adapter keeps them whole "
+                "(modules_to_save), which vLLM's LoRA serving ignores: serve the merged model (the run's output "
+                "folder, or `internvl-tune merge-lora`)"]
 
     def data_summary(self) -> dict:
         """The run report's data table (estimates, as ``data check`` prints them): samples per dataset and kind,
