@@ -188,3 +188,19 @@ def test_a_prompt_past_the_original_rope_window_equals_the_reference(loaded, nam
         logits = chat.model(inputs_embeds=chat.embed_inputs(ids, pixels)).logits[0]
     assert_close(logits.logsumexp(-1), tensors["long/logsumexp"], f"{name} long-prompt logsumexp")
     assert_close(logits[-8:], tensors["long/last_logits"], f"{name} long-prompt logits")
+
+
+@pytest.mark.parametrize("name", CHAT)
+def test_forward_with_labels_gives_the_reference_loss_and_logits(loaded, name):
+    """``InternVLChat.forward(pixel_values, input_ids, attention_mask, image_flags, labels, position_ids)``, the
+    reference's signature: its loss and logits are the ones the reference's own forward returned."""
+    record, tensors = expected(name)
+    case = record["variants"]["default"]
+    chat = loaded(name)
+    ids, labels = torch.tensor([case["input_ids"]]), torch.tensor([case["labels"]])
+    with torch.no_grad():
+        out = chat(inputs()["chat_pixels"], ids, attention_mask=torch.ones_like(ids),
+                   image_flags=torch.ones(record["tiles"], 1, dtype=torch.long), labels=labels,
+                   position_ids=torch.arange(ids.shape[1])[None])
+    assert abs(out.loss.item() - case["loss"]) <= TOLERANCE, (out.loss.item(), case["loss"])
+    assert_close(out.logits[0][case["logit_positions"]], tensors["default/logits"], f"{name} forward logits")

@@ -145,6 +145,47 @@ class InternVLChat:
         features = features.reshape(-1, features.shape[-1]).to(embeds.dtype)
         return flat.index_copy(0, layout["image_positions"].to(embeds.device), features).view_as(embeds)
 
+    def forward(self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None, image_flags: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, **llm_kwargs):
+        """The reference ``InternVLChatModel.forward``: logits, and the loss when ``labels`` are given.
+
+        Args:
+            pixel_values: [T, 3, S, S] every tile of the batch in order (the reference's collator concatenates
+                them), or None for text only.
+            input_ids: [B, L] prompts with ``<IMG_CONTEXT>`` x ``num_image_token`` per tile.
+            attention_mask: [B, L] 1 on tokens, 0 on padding.
+            image_flags: [T] or [T, 1]: 0 marks the dummy tile of a text-only sample (its features are dropped).
+            labels: [B, L] targets, -100 where no loss is taken; shifted inside, as transformers does.
+            position_ids: [B, L], optional.
+            llm_kwargs: passed to the language model (``use_cache``, ``output_hidden_states``, ...).
+
+        Returns:
+            transformers' ``CausalLMOutputWithPast``: ``loss`` (the mean cross-entropy over the supervised tokens
+            of the batch, the reference's ``CrossEntropyLoss()``; None without labels), ``logits`` [B, L, V] and
+            what the language model returns besides. Unlike the reference, a prompt whose image tokens do not match
+            the tiles is an error, not a loss silently multiplied by 0.
+        """
+        import torch.nn.functional as F
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        device = self.model.lm_head.weight.device
+        input_ids = input_ids.to(device)
+        if image_flags is not None:
+            image_flags = image_flags.reshape(-1)
+        embeds = self.embed_inputs(input_ids, pixel_values, image_flags)
+        out = self.model(inputs_embeds=embeds, attention_mask=None if attention_mask is None else attention_mask.to(device),
+                         position_ids=None if position_ids is None else position_ids.to(device), **llm_kwargs)
+        loss = None
+        if labels is not None:
+            logits = out.logits[:, :-1].float()
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(device),
+                                   ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=out.logits, past_key_values=out.past_key_values,
+                                      hidden_states=out.hidden_states, attentions=out.attentions)
+
+    __call__ = forward
+
     # --------------------------------------------------------------------------------------------- generation
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
