@@ -204,3 +204,27 @@ def test_forward_with_labels_gives_the_reference_loss_and_logits(loaded, name):
                    position_ids=torch.arange(ids.shape[1])[None])
     assert abs(out.loss.item() - case["loss"]) <= TOLERANCE, (out.loss.item(), case["loss"])
     assert_close(out.logits[0][case["logit_positions"]], tensors["default/logits"], f"{name} forward logits")
+
+
+@pytest.mark.parametrize("name", ["internvl2-1b", "internvl2-2b"])
+def test_a_checkpoint_without_tokenizer_files_loads_with_one_given(loaded, name, tmp_path):
+    """The reference's training checkpoints hold weights and config.json only: ``tokenizer=`` (the release's folder)
+    or ``img_context_token_id=`` (ids only) gives the model the fixture's full folder gives."""
+    import shutil
+
+    bare = tmp_path / "checkpoint-100"
+    bare.mkdir()
+    for file in ("config.json", "model.safetensors"):
+        shutil.copy(checkpoint(name) / file, bare / file)
+    record, tensors = expected(name)
+    case = record["variants"]["default"]
+    ids, pixels = torch.tensor([case["input_ids"]]), inputs()["chat_pixels"]
+    full = loaded(name)
+    with_folder = load_pretrained(bare, tokenizer=checkpoint(name))
+    ids_only = load_pretrained(bare, img_context_token_id=full.img_context_token_id)
+    assert ids_only.tokenizer is None and ids_only.img_context_token_id == full.img_context_token_id
+    with torch.no_grad():
+        for model in (with_folder, ids_only):
+            logits = model(pixels, ids).logits[0]
+            assert_close(logits[case["logit_positions"]], tensors["default/logits"], f"{name} without tokenizer files")
+    assert with_folder.chat(None, "Hi", max_new_tokens=2) == full.chat(None, "Hi", max_new_tokens=2)

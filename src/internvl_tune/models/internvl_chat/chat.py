@@ -77,7 +77,8 @@ class InternVLChat:
         source_dir: the checkpoint directory it was loaded from (its tokenizer files are copied on save).
     """
 
-    def __init__(self, model, tokenizer, original_config: dict, source_dir: Path | None = None, tokens_added: int = 0):
+    def __init__(self, model, tokenizer, original_config: dict, source_dir: Path | None = None, tokens_added: int = 0,
+                 img_context_token_id: int | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.original_config, self.source_dir, self.tokens_added = original_config, source_dir, tokens_added
         self.family = cfg.family_of(original_config)
@@ -89,7 +90,8 @@ class InternVLChat:
         self.image_size = cfg.image_size(original_config)
         self.patch_size = original_config["vision_config"].get("patch_size", 14)
         self.num_image_token = cfg.num_image_token(original_config)
-        self.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+        self.img_context_token_id = (tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN) if img_context_token_id is None
+                                     else img_context_token_id)
         self.image_processor = ImageProcessor(
             self.image_size, cfg.chat_setting(original_config, "dynamic_image_size"),
             cfg.chat_setting(original_config, "min_dynamic_patch"), cfg.chat_setting(original_config, "max_dynamic_patch"),
@@ -281,7 +283,8 @@ def _resize_for_new_tokens(model, tokenizer, added: int) -> None:
 
 
 def load_pretrained(path, dtype: torch.dtype | None = torch.float32, device="cpu", attn_implementation: str = "sdpa",
-                    weights: bool = True, load_in_4bit: bool = False, **overrides) -> InternVLChat:
+                    weights: bool = True, load_in_4bit: bool = False, tokenizer=None,
+                    img_context_token_id: int | None = None, **overrides) -> InternVLChat:
     """Load an InternVL2 checkpoint in the original or the transformers-native layout, strictly.
 
     Args:
@@ -293,6 +296,10 @@ def load_pretrained(path, dtype: torch.dtype | None = torch.float32, device="cpu
             real; for ranks that receive their weights from rank 0 (``dist.parallelize.materialize_from_rank0``).
         load_in_4bit: every linear layer of the LLM (not the ViT, projector, embeddings or LM head) holds NF4 weights,
             quantized on ``device`` as they are read and computed in ``dtype`` (``models.common.quantize``; QLoRA).
+        tokenizer: for a checkpoint saved without tokenizer files (the reference's training checkpoints): the
+            folder holding them (its release's), or a loaded tokenizer; the InternVL tokens are added when missing.
+        img_context_token_id: without any tokenizer: the id of ``<IMG_CONTEXT>``; the model then runs ``forward``
+            and ``embed_inputs`` on token ids (``chat`` and ``generate`` from text need a tokenizer).
         **overrides: InternVLChatConfig settings to replace (``select_layer``, ``ps_version``, ``template``,
             ``dynamic_image_size``, ``use_thumbnail``, ``min_dynamic_patch``, ``max_dynamic_patch``,
             ``force_image_size``, ``downsample_ratio``, ``drop_path_rate`` of the ViT); None values are ignored.
@@ -309,9 +316,10 @@ def load_pretrained(path, dtype: torch.dtype | None = torch.float32, device="cpu
     if overrides.get("drop_path_rate") is not None:
         original["vision_config"]["drop_path_rate"] = overrides["drop_path_rate"]
     family = cfg.family_of(original, str(path / "config.json"))
-    tokenizer = load_tokenizer(path, "llama" if family == "phi3" else family)
+    tokenizer = _tokenizer_for(path, "llama" if family == "phi3" else family, tokenizer, img_context_token_id)
     vocab = original["llm_config"]["vocab_size"]
-    native = cfg.native_config(original, tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN), attn_implementation)
+    context_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN) if tokenizer is not None else img_context_token_id
+    native = cfg.native_config(original, context_id, attn_implementation)
     if load_in_4bit and weights:
         check_4bit_device(device)  # before reading any weight
     model = build_empty_model(native)
@@ -327,8 +335,24 @@ def load_pretrained(path, dtype: torch.dtype | None = torch.float32, device="cpu
     model.eval()
     if original["vision_config"].get("drop_path_rate", 0.0) > 0:  # only acts in train mode
         add_drop_path(model.model.vision_tower.encoder.layer, original["vision_config"]["drop_path_rate"])
-    added = max(0, len(tokenizer) - vocab)
-    _resize_for_new_tokens(model, tokenizer, added)
+    added = 0 if tokenizer is None else max(0, len(tokenizer) - vocab)
     if added:
+        _resize_for_new_tokens(model, tokenizer, added)
         original = cfg.with_vocab_size(original, len(tokenizer))
-    return InternVLChat(model, tokenizer, original, source_dir=path, tokens_added=added)
+    return InternVLChat(model, tokenizer, original, source_dir=path, tokens_added=added,
+                        img_context_token_id=img_context_token_id if tokenizer is None else None)
+
+
+def _tokenizer_for(path: Path, family: str, tokenizer, img_context_token_id: int | None):
+    """The checkpoint's own tokenizer, or the one ``load_pretrained`` was given (a folder or an object), or None
+    when only ``img_context_token_id`` is."""
+    if tokenizer is None and img_context_token_id is not None:
+        return None
+    if tokenizer is None:
+        return load_tokenizer(path, family)
+    if isinstance(tokenizer, (str, Path)):
+        return load_tokenizer(tokenizer, family)
+    from internvl_tune.models.internvl_chat.tokenizers import add_internvl_tokens
+
+    add_internvl_tokens(tokenizer)
+    return tokenizer
