@@ -54,7 +54,7 @@ CORPUS = [
      ["`image` lists 2 image(s) but the human turns hold 1 <image>"]),
     ("placeholder_without_image", line(), "error", ["pure-text sample", "contains 1 placeholder"]),
     ("placeholder_in_answer", line(image="ok.jpg", conversations=turns(answer="see <image>")), "error", ["<image>"]),
-    ("missing_image", line(image="nope.jpg"), "error", ["image not found", "nope.jpg", "relative to the dataset `root`"]),
+    ("missing_image", line(image="nope.jpg"), "error", ["image not found: nope.jpg (looked for", "media/nope.jpg)", "relative to the dataset's root"]),
     ("zero_byte_image", line(image="zero.jpg"), "error", ["cannot decode image", "zero.jpg", "re-encode it"]),
     ("truncated_image", line(image="truncated.jpg"), "error", ["cannot decode image", "truncated.jpg"]),
     ("html_saved_as_jpg", line(image="not_an_image.jpg"), "error", ["cannot decode image", "not_an_image.jpg"]),
@@ -231,8 +231,8 @@ def test_data_check_takes_tile_size_and_template_from_the_checkpoint(token_corpu
     small = cli("data", "check", token_corpus / "meta.json", "--model_name_or_path", tiny_checkpoints["internvl2-2b"])
     released = cli("data", "check", token_corpus / "meta.json", "--model_name_or_path",
                    tiny_checkpoints["internvl2-2b-448"])
-    assert "4 tokens per tile" in small.out and "256 tokens per tile" in released.out
-    assert "template internlm2-chat" in small.out and "dynamic tiles on, up to 12" in small.out  # the config's
+    assert "56 px tiles x 4 tokens" in small.out and "448 px tiles x 256 tokens" in released.out
+    assert "template internlm2-chat" in small.out and "dynamic tiles 1-12 + thumbnail" in small.out  # the config's
     phi3 = cli("data", "check", token_corpus / "meta.json", "--model_name_or_path", tiny_checkpoints["internvl2-4b"])
     assert "template phi3-chat" in phi3.out
     wrong = cli("data", "check", token_corpus / "meta.json", "--model_name_or_path", tiny_checkpoints["internvl2-2b"],
@@ -249,11 +249,11 @@ def test_template_that_does_not_match_the_tokenizer(token_corpus, tiny_checkpoin
 
 
 def test_training_dataset_refuses_a_mismatched_template_at_start(token_corpus, tiny_checkpoints):
-    from internvl_tune.data.config import REFERENCE_DEFAULTS, DataConfig
+    from internvl_tune.data.config import RELEASE_DEFAULTS, DataConfig
     from internvl_tune.data.dataset import SupervisedDataset
     from internvl_tune.errors import DataError
     from internvl_tune.models.internvl_chat.tokenizers import load_tokenizer
 
     tok = load_tokenizer(tiny_checkpoints["internvl2-2b"])
     with pytest.raises(DataError, match="phi3-chat template needs"):
-        SupervisedDataset(token_corpus / "meta.json", tok, DataConfig(conv_style="phi3-chat").resolve(REFERENCE_DEFAULTS))
+        SupervisedDataset(token_corpus / "meta.json", tok, DataConfig(conv_style="phi3-chat").resolve(RELEASE_DEFAULTS))
