@@ -83,23 +83,42 @@ def test_a_meta_json_without_samples_stops_training_with_the_data_check_error(tm
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_a_bad_sample_gives_the_data_check_line_with_any_number_of_workers(tmp_path, cli, tiny_checkpoints, no_export,
-                                                                          case):
-    """Issue 20.6: with the default 2 workers the run used to end in "Caught DataError in DataLoader worker process"
-    and a traceback; now 0 and 2 workers and `data check` print the same line, and the run stops at once."""
+def test_a_bad_sample_stops_training_with_the_data_check_line(tmp_path, cli, tiny_checkpoints, no_export, case):
     ckpt = tiny_checkpoints["internvl2-2b"]
     meta = write_data(tmp_path, [GOOD, BAD[case], GOOD, GOOD])
     (expected,) = check_errors(cli, meta, ckpt)
     assert expected.startswith(f"{tmp_path / 'd.jsonl'}:2: ")
-    results = [train(cli, ckpt, meta, tmp_path / f"run{w}", "--dataloader_num_workers", w,
-                     "--per_device_train_batch_size", "4") for w in ("0", "2")]
-    for result in results:
-        assert result.code == 2 and error_line(result).startswith(f"error: {expected} [")
-        assert "--max_skipped_samples N" in result.err and "internvl-tune data check" in result.err
-    assert error_line(results[0]) == error_line(results[1])
-    record = json.loads((tmp_path / "run2" / "skipped_samples.jsonl").read_text())  # written down even so
+    result = train(cli, ckpt, meta, tmp_path / "run", "--dataloader_num_workers", "0", "--per_device_train_batch_size", "4")
+    assert result.code == 2 and error_line(result).startswith(f"error: {expected} [")
+    assert "--max_skipped_samples N" in result.err and "internvl-tune data check" in result.err
+    record = json.loads((tmp_path / "run" / "skipped_samples.jsonl").read_text())  # written down even so
     assert record["where"] == f"{tmp_path / 'd.jsonl'}:2" and record["sample_id"] == "d:2"
-    assert f"step 1: error: {expected}" in (tmp_path / "run2" / "train.log").read_text()
+    assert f"step 1: error: {expected}" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_data_loader_workers_give_the_same_line_as_no_workers(tmp_path, cli, tiny_checkpoints, no_export):
+    """Issue 20.6: with the default 2 workers the run used to end in "Caught DataError in DataLoader worker process
+    0", the worker's traceback and exit 2 after ten "skipping" lines. The 2-worker runs are real processes (the
+    console script), as a user starts them."""
+    import subprocess
+    import sys
+
+    ckpt = tiny_checkpoints["internvl2-2b"]
+    meta = write_data(tmp_path, [GOOD, BAD["missing_image"], GOOD, BAD["unknown_role"], GOOD, GOOD])
+    expected = check_errors(cli, meta, ckpt)
+    args = ["--model_name_or_path", ckpt, "--meta_path", meta, "--report_to", "none", "--save_strategy", "no",
+            "--group_by_length", "False", "--per_device_train_batch_size", "6", "--max_steps", "1"]
+    in_process = train(cli, ckpt, meta, tmp_path / "w0", "--dataloader_num_workers", "0",
+                       "--per_device_train_batch_size", "6", "--max_steps", "1")
+    runs = [subprocess.run([sys.executable, "-m", "internvl_tune.cli", "train", *map(str, args), "--output_dir",
+                            str(tmp_path / name), *extra], capture_output=True, text=True, timeout=600)
+            for name, extra in (("w2", []), ("w2_skip", ["--max_skipped_samples", "2"]))]
+    stopped, skipping = runs
+    assert stopped.returncode == 2 and "Traceback" not in stopped.stderr and "DataLoader worker" not in stopped.stderr
+    assert stopped.stderr.splitlines()[-1] == error_line(in_process) and error_line(in_process).split(" [")[0][7:] in expected
+    assert skipping.returncode == 0 and "Traceback" not in skipping.stderr
+    records = [json.loads(x) for x in (tmp_path / "w2_skip" / "skipped_samples.jsonl").read_text().splitlines()]
+    assert sorted(f"{r['where']}: {r['reason']} — {r['fix']}" for r in records) == sorted(expected)
 
 
 def test_skipped_samples_are_counted_listed_and_held_to_the_limit(tmp_path, cli, tiny_checkpoints, no_export):

@@ -107,7 +107,7 @@ def check_meta(
         try:
             indexes.append(JsonlIndex.of(spec))
         except DataError as exc:
-            report.problems.append(Problem(spec.where, f"dataset {spec.name!r}: {exc.message}", exc.fix))
+            report.problems.append(Problem(exc.where, exc.message, exc.fix))
             indexes.append(None)
     usable = [(s, ix) for s, ix in zip(specs, indexes) if ix is not None]
     try:

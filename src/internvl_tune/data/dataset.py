@@ -35,7 +35,7 @@ from internvl_tune.data.images import (
 from internvl_tune.data.lengths import conversation_texts, estimate_lines
 from internvl_tune.data.meta import DatasetSpec, JsonlIndex, read_meta, require_samples, sample_kind
 from internvl_tune.data.preprocess import Encoded, build_conversation_ids, parse_conversations, tokenizer_info
-from internvl_tune.data.rules import check_placeholders
+from internvl_tune.data.rules import check_rules
 from internvl_tune.data.templates import GPT, HUMAN, get_template
 from internvl_tune.data.video import load_video_frames
 from internvl_tune.errors import DataError, MediaError
@@ -238,7 +238,7 @@ class SupervisedDataset(Dataset):
         return Prepared(sample_id, where, kind, encoded, tiles, augment, notes)
 
     def parse(self, item: dict, where: str) -> Parsed:
-        """Every check of a line that needs no file: its kind, its turns and the placeholder rules (``rules.py``).
+        """Every check of a line that needs no file: its kind, its turns and the rules of ``rules.py``.
 
         ``data check`` calls this too, so what it reports as an error is exactly what training refuses.
         """
@@ -246,7 +246,7 @@ class SupervisedDataset(Dataset):
         system, messages, warnings = self.messages(item, where)
         human = [text for role, text in messages if role == HUMAN]
         gpt = [a for role, text in messages if role == GPT for a in (text if isinstance(text, tuple) else (text,))]
-        check_placeholders(kind, item, human, gpt, where)
+        check_rules(kind, item, human, gpt, where)
         return Parsed(item, kind, system, messages, warnings)
 
     def messages(self, item: dict, where: str) -> tuple[str | None, list[tuple[str, object]], list[str]]:
@@ -339,9 +339,7 @@ class SupervisedDataset(Dataset):
         if VIDEO_PLACEHOLDER not in messages[h][1]:
             messages[h] = (messages[h][0], VIDEO_PLACEHOLDER + "\n" + messages[h][1])
         path = media_path(spec, item["video"], cfg.allow_outside_root, where, "video")
-        clip = item.get("clip")
-        if clip is not None and not (isinstance(clip, list) and len(clip) == 2 and all(isinstance(c, (int, float)) for c in clip)):
-            raise DataError(f"`clip` must be [start_seconds, end_seconds], got {clip!r}", where, 'write "clip": [1.5, 8.0]')
+        clip = item.get("clip")  # its form is checked by parse (rules.py)
         if self.is_train:
             wanted, sample = int(rng.integers(cfg.min_num_frame, cfg.max_num_frame + 1)), "rand"
         else:

@@ -235,8 +235,12 @@ class JsonlIndex:
 
     @classmethod
     def of(cls, spec: DatasetSpec) -> JsonlIndex:
-        """The index of a dataset's annotation file (a missing file's error names every path tried)."""
-        return cls(spec.annotation, spec.annotation_tried)
+        """The index of a dataset's annotation file; an error names the dataset, its line in the meta JSON and, for
+        a missing file, every path tried."""
+        try:
+            return cls(spec.annotation, spec.annotation_tried)
+        except DataError as exc:
+            raise DataError(f"dataset {spec.name!r}: {exc.message}", spec.where, exc.fix) from None
 
     def __len__(self) -> int:
         return len(self.offsets)

@@ -1,10 +1,11 @@
-"""The placeholder rules of a sample: one table that training and ``data check`` both apply.
+"""The rules of a sample that nothing downstream would enforce: one table that training and ``data check`` both apply.
 
 A line whose ``<image>`` / ``<video>`` placeholders do not match its images would still tokenize (a surplus
-placeholder stays in the prompt as literal text), so nothing downstream would notice: these rules are the only
-guard, and :meth:`~internvl_tune.data.dataset.SupervisedDataset.parse` applies them for both. Each rule looks at the
-sample kind, the line and the texts of the human and gpt turns (a preference pair: the question, then both answers)
-and returns ``(what is wrong, how to fix it)`` or None.
+placeholder stays in the prompt as literal text), and a malformed ``clip`` would only fail once its video is
+decoded: these rules are the guard, and :meth:`~internvl_tune.data.dataset.SupervisedDataset.parse` applies them for
+both. Each rule looks at the sample kind, the line and the texts of the human and gpt turns (a preference pair: the
+question, then both answers) and returns ``(what is wrong, how to fix it)`` or None. (The kind itself and the turns
+are checked before, by ``meta.sample_kind`` and ``preprocess.parse_conversations``.)
 """
 
 from __future__ import annotations
@@ -85,13 +86,22 @@ def _video_placeholder_without_video(t: Turns) -> Problem:
     return None
 
 
+def _clip(t: Turns) -> Problem:
+    clip = t.item.get("clip")
+    if t.kind == "video" and clip is not None and not (
+            isinstance(clip, list) and len(clip) == 2
+            and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in clip) and 0 <= clip[0] < clip[1]):
+        return f"`clip` must be [start_seconds, end_seconds] with start < end, got {clip!r}", 'write "clip": [1.5, 8.0]'
+    return None
+
+
 # Applied in this order; the first problem found is the sample's error.
 RULES: tuple[Callable[[Turns], Problem], ...] = (
-    _in_answer, _text_without_media, _single_image, _image_list, _video, _video_placeholder_without_video,
+    _in_answer, _text_without_media, _single_image, _image_list, _video, _video_placeholder_without_video, _clip,
 )
 
 
-def check_placeholders(kind: str, item: dict, human: list[str], gpt: list[str], where: str | None = None) -> None:
+def check_rules(kind: str, item: dict, human: list[str], gpt: list[str], where: str | None = None) -> None:
     """Raise a DataError for the first of :data:`RULES` the sample breaks."""
     turns = Turns(kind, item, human, gpt)
     for rule in RULES:
