@@ -239,3 +239,57 @@ def test_one_counter_over_ranks_and_the_same_stop_on_every_rank(tmp_path, tiny_c
     assert {r["step"] for r in records} == {1}
     message = spawn(2, _ranks_train, ckpt, meta, tmp_path / "zero", "0")
     assert message.startswith(f"{tmp_path / 'd.jsonl'}:{first_step[0] + 1}: image not found: gone.jpg")
+
+
+def test_a_loader_item_survives_pinning():
+    """On GPUs the DataLoader pins what it yields (``pin_memory=True``, a path CPU runs never take): a ``Loaded`` must
+    come back a ``Loaded`` with its batch pinned (through the batch's own ``pin_memory``) and its records as they
+    were, also when it carries no batch."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    from internvl_tune.data.dataset import SkipRecord
+    from internvl_tune.train.runtime import Loaded
+
+    class Batch:
+        pinned = False
+
+        def pin_memory(self):
+            done = Batch()
+            done.pinned = True
+            return done
+
+    record = SkipRecord("d:3", "d.jsonl:3", "image not found: x.jpg", "check the path", True)
+    out = pin_memory(Loaded(Batch(), [record], 3))
+    assert type(out) is Loaded and out.batch.pinned and out.skipped == [record] and out.samples == 3
+    assert pin_memory(Loaded(None, [], 2, "no batch")) == Loaded(None, [], 2, "no batch")
+
+
+def test_a_resumed_list_keeps_the_records_up_to_its_step(tmp_path):
+    """Records of steps the resumed run redoes go (it meets them again), so does a line a crash cut in half; a fresh
+    run starts an empty list."""
+    from internvl_tune.dist import DistInfo
+    from internvl_tune.train.skips import SKIPPED_FILE, SkipLedger
+
+    lines = [json.dumps({"step": s, "sample_id": f"d:{s}"}) for s in (1, 2, 3)] + ['{"step": 4, "sample_']
+    (tmp_path / SKIPPED_FILE).write_text("\n".join(lines))
+    SkipLedger("5", tmp_path, DistInfo(), resume_step=2, state={"count": 2, "seen": 8})
+    assert (tmp_path / SKIPPED_FILE).read_text().splitlines() == lines[:2]
+    SkipLedger("5", tmp_path, DistInfo())
+    assert not (tmp_path / SKIPPED_FILE).exists()
+
+
+def test_the_training_log_names_the_root_used_when_two_exist(tmp_path, cli, tiny_checkpoints, no_export, monkeypatch):
+    """Issue 20.8: `"root": "images"` exists in the current directory and beside the meta file; the run uses the
+    current directory's and its plan says so, once, in train.log."""
+    data, work = tmp_path / "data", tmp_path / "work"
+    write_data(data, [GOOD, GOOD])
+    shutil.copytree(data / "images", work / "images")
+    (data / "meta.json").write_text(json.dumps({"d": {"root": "images", "annotation": "d.jsonl"}}))
+    monkeypatch.chdir(work)
+    result = train(cli, tiny_checkpoints["internvl2-2b"], data / "meta.json", tmp_path / "run", "--max_steps", "1",
+                   "--dataloader_num_workers", "0")
+    assert result.code == 0, result.err
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert log.count("exists both") == 1
+    assert (f"note: dataset 'd': root 'images' exists both in the current directory ({work / 'images'}) and beside "
+            f"the meta file ({data / 'images'}); using {work / 'images'}") in log

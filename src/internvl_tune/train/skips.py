@@ -168,8 +168,16 @@ class SkipLedger:
         if step is None or not self.path.exists():
             self.path.unlink(missing_ok=True)
             return
-        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
+        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines() if _step_of(line) <= step]
         partial = self.path.with_suffix(".jsonl.partial")
         partial.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         os.replace(partial, self.path)
+
+
+def _step_of(line: str) -> float:
+    """The step of a record line; a line torn by a crash (only ever the last, of a step after the checkpoint) sorts
+    after every step, so it is dropped with the steps the resumed run redoes."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf

@@ -16,10 +16,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
-import zlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/, when run as a script
+from reliability.reliability_media import png_claiming  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[3] / "examples" / "sample"
 GROUPS = ("trains", "error", "refused")
@@ -227,15 +229,6 @@ CASES = [
     Case("misspelled_key", "refused", "`anotation` misspelled", [img("ok.jpg")], ("unknown key(s) ['anotation']",),
          meta='{{"{name}": {{"root": "media", "anotation": "{name}.jsonl"}}}}'),
 ]
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A tiny PNG whose header claims ``width`` x ``height`` pixels (a decompression bomb to PIL)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
 
 
 def write_media(folder: Path) -> None:
