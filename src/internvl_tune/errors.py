@@ -10,6 +10,12 @@ class UserError(Exception):
     """
 
 
+def problem_line(message: str, where: str | None = None, fix: str | None = None) -> str:
+    """``where: message — fix``: how every data problem is printed (training, ``data check``, skip lists)."""
+    text = f"{where}: {message}" if where else message
+    return text + (f" — {fix}" if fix else "")
+
+
 class DataError(UserError):
     """A problem in a dataset file; ``where`` is ``file:line`` when known."""
 
@@ -17,10 +23,7 @@ class DataError(UserError):
         self.message = message
         self.where = where
         self.fix = fix
-        text = f"{where}: {message}" if where else message
-        if fix:
-            text += f" — {fix}"
-        super().__init__(text)
+        super().__init__(problem_line(message, where, fix))
 
 
 class CheckpointError(UserError):

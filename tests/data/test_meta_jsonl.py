@@ -168,3 +168,28 @@ def test_a_missing_annotation_names_every_path_tried(tmp_path, monkeypatch):
     with pytest.raises(DataError) as err:
         JsonlIndex.of(spec)
     assert f"annotation file not found: a.jsonl (looked for {work / 'a.jsonl'} and {data / 'a.jsonl'})" in str(err.value)
+
+
+def test_blank_lines_are_found_across_read_blocks(tmp_path, monkeypatch):
+    """Random files of objects, blank, whitespace-only and CRLF lines (a BOM sometimes), read in blocks of 1-9 bytes so
+    that lines and their first bytes straddle block borders: the index holds exactly the lines a plain split finds
+    non-blank."""
+    import random
+
+    import internvl_tune.data.meta as meta
+
+    rng = random.Random(0)
+    pieces = [b'{"a": 1}', b"", b"  ", b"\t", b" \r", b'{"a": 2}\r', b'  {"a": 3}', b"\r"]
+    for trial in range(40):
+        lines = [rng.choice(pieces) for _ in range(rng.randint(1, 12))]
+        text = (b"\xef\xbb\xbf" if trial % 3 == 0 else b"") + b"\n".join(lines) + (b"\n" if trial % 2 else b"")
+        path = tmp_path / f"{trial}.jsonl"
+        path.write_bytes(text)
+        parts = text.split(b"\n")
+        parts = parts[:-1] if text.endswith(b"\n") else parts
+        expected = [n + 1 for n, part in enumerate(parts)
+                    if (part[3:] if n == 0 and part.startswith(b"\xef\xbb\xbf") else part).strip(b" \t\r")]
+        for block in (1, 2, 3, 5, 9):
+            monkeypatch.setattr(meta, "_BLOCK", block)
+            index = JsonlIndex(str(path))
+            assert [index.line_number(i) for i in range(len(index))] == expected, (text, block)

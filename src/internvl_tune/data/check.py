@@ -20,7 +20,7 @@ from internvl_tune.data.preference import PreferenceDataset
 from internvl_tune.data.preprocess import tokenizer_info
 from internvl_tune.data.templates import get_template
 from internvl_tune.data.video import load_video_frames
-from internvl_tune.errors import DataError
+from internvl_tune.errors import DataError, problem_line
 
 _EXIF_ORIENTATION = 0x0112
 
@@ -33,8 +33,7 @@ class Problem:
     error: bool = True
 
     def __str__(self) -> str:
-        text = f"{self.where}: {self.message}" if self.where else self.message
-        return text + (f" — {self.fix}" if self.fix else "")
+        return problem_line(self.message, self.where, self.fix)
 
 
 @dataclass

@@ -38,7 +38,7 @@ from internvl_tune.data.preprocess import Encoded, build_conversation_ids, parse
 from internvl_tune.data.rules import check_rules
 from internvl_tune.data.templates import GPT, HUMAN, get_template
 from internvl_tune.data.video import load_video_frames
-from internvl_tune.errors import DataError, MediaError
+from internvl_tune.errors import DataError, MediaError, problem_line
 
 MAX_TRIES = 100  # a broken sample is replaced by the next usable one; this many unusable in a row stop the run
 
@@ -149,7 +149,7 @@ class SkipRecord:
         return cls(sample_id, exc.where or where, exc.message, exc.fix, isinstance(exc, MediaError))
 
     def __str__(self) -> str:
-        return f"{self.where}: {self.message}" + (f" — {self.fix}" if self.fix else "")
+        return problem_line(self.message, self.where, self.fix)
 
 
 class SupervisedDataset(Dataset):

@@ -288,36 +288,37 @@ def scan_line_starts(path: str) -> tuple[np.ndarray, np.ndarray | None]:
     """Offsets of the lines of ``path`` that are not blank and, if some are, their 1-based line numbers.
 
     A blank line holds nothing but spaces, tabs and a carriage return (a file's byte-order mark counts as nothing
-    too). Only lines whose first byte is one of those are looked at closely, so a file of ordinary lines costs one
-    vectorised pass.
+    too). The scan keeps each line's first byte as it goes; only lines that start with one of those bytes are read
+    again, so a file of ordinary lines costs one vectorised pass.
     """
     size = os.path.getsize(path)
     if size == 0:
         return np.zeros(0, dtype=np.int64), None
-    starts = [np.zeros(1, dtype=np.int64)]
+    starts, firsts = [np.zeros(1, dtype=np.int64)], []
     with open(path, "rb") as f:
-        pos = 0
+        pos, line_starts_here, last = 0, True, 10
         while True:
             block = f.read(_BLOCK)
             if not block:
                 break
-            newlines = np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == 10)
+            data = np.frombuffer(block, dtype=np.uint8)
+            newlines = np.flatnonzero(data == 10)
+            if line_starts_here:  # the previous block ended with a newline (or this is the first block)
+                firsts.append(data[:1])
+            firsts.append(data[newlines[newlines + 1 < len(data)] + 1])
+            line_starts_here = len(newlines) > 0 and newlines[-1] == len(data) - 1
             starts.append(newlines.astype(np.int64) + (pos + 1))
-            pos += len(block)
+            pos, last = pos + len(block), block[-1]
         starts = np.concatenate(starts)
         starts = starts[starts < size]  # a final newline does not start a line
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    try:
-        ends = np.append(starts[1:] - 1, size - 1 if mm[size - 1] == 10 else size)  # exclusive: the newline or EOF
+        firsts = np.concatenate(firsts)
+        ends = np.append(starts[1:] - 1, size - 1 if last == 10 else size)  # exclusive: the newline or EOF
         blank = ends == starts
-        first = np.frombuffer(mm, dtype=np.uint8)[starts[~blank]]
-        suspects = np.flatnonzero(~blank)[np.isin(first, np.frombuffer(_BLANK + _BOM[:1], dtype=np.uint8))]
-        del first  # (a numpy view would keep the map from closing)
+        suspects = np.flatnonzero(~blank & np.isin(firsts, np.frombuffer(_BLANK + _BOM[:1], dtype=np.uint8)))
         for i in suspects.tolist():
-            text = mm[int(starts[i]) : int(ends[i])]
+            f.seek(int(starts[i]))
+            text = f.read(int(ends[i] - starts[i]))
             blank[i] = not (text[3:] if i == 0 and text.startswith(_BOM) else text).strip(_BLANK)
-    finally:
-        mm.close()
     if not blank.any():
         return starts, None
     keep = ~blank
