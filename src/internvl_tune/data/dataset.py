@@ -117,12 +117,15 @@ class Prepared:
 
 @dataclass
 class Parsed:
-    """A line that passed every rule that needs no file: its kind, system message, turns and warnings."""
+    """A line that passed every rule that needs no file: its kind, system message, ``(role, text)`` turns and warnings.
+
+    A gpt turn's text may be several: a preference pair's ``(chosen, rejected)``, an evaluation line's references.
+    """
 
     item: dict
     kind: str
     system: str | None
-    messages: list[tuple[str, object]]  # (role, text); a preference pair's gpt text is (chosen, rejected)
+    messages: list[tuple[str, object]]
     warnings: list[str]
 
 
@@ -245,7 +248,7 @@ class SupervisedDataset(Dataset):
         kind = sample_kind(item, where)
         system, messages, warnings = self.messages(item, where)
         human = [text for role, text in messages if role == HUMAN]
-        gpt = [a for role, text in messages if role == GPT for a in (text if isinstance(text, tuple) else (text,))]
+        gpt = [a for role, text in messages if role == GPT for a in (text if isinstance(text, (tuple, list)) else (text,))]
         check_rules(kind, item, human, gpt, where)
         return Parsed(item, kind, system, messages, warnings)
 
