@@ -47,6 +47,7 @@ from internvl_tune.train.optim import build_adamw, build_param_groups, count_par
 from internvl_tune.train.progress import StepProgress
 from internvl_tune.train.runtime import StopFlag, make_loader, memory_gib, prepare_output_dir
 from internvl_tune.train.schedule import LRSchedule, warmup_steps_for
+from internvl_tune.train.skips import SkipLedger
 from internvl_tune.train.step import StepRunner
 
 TEXT_LOG = "train.log"
@@ -158,6 +159,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.output_dir, info, t.save_total_limit)
         self.step, self.bad_steps, self.seen = 0, 0, 0
         self.resumed_from = self.checkpointer.resolve(resume)
+        state = {}
         if self.resumed_from is not None:
             state = self.checkpointer.load(self.resumed_from, self.optimizer)
             seen = state.get("work_seen", state.get(f"{recipe.unit}_seen", 0))  # (the older name of the counter)
@@ -166,6 +168,8 @@ class Trainer:
                 module.load_run_state(state["module"])
         elif info.is_main:
             (self.output_dir / TEXT_LOG).unlink(missing_ok=True)
+        self.skips = SkipLedger(t.max_skipped_samples, self.output_dir, info, getattr(cfg.data, "meta_path", None),
+                                self.step if self.resumed_from is not None else None, state.get("skipped_samples"))
         self.metrics = MetricsLogger(self.output_dir, enabled=info.is_main, sinks=self.sinks,
                                      resume_step=self.step + 1 if self.resumed_from is not None else None,
                                      config=cfg.to_dict())
@@ -189,6 +193,7 @@ class Trainer:
         progress = self.progress = StepProgress(self.total_steps, self.recipe.name, enabled=info.is_main,
                                                 start=self.step, log_path=self.output_dir / TEXT_LOG)
         self._print_plan()
+        self.skips.say = progress.print
         self._losses: list[float] = []
         self._eval_loss = None
         interrupted = False
@@ -207,7 +212,8 @@ class Trainer:
                 pending = None  # the previous step, queued and not read back yet
                 for i in range(len(order)):
                     waited = time.perf_counter()
-                    batches = [next(loader) for _ in range(t.gradient_accumulation_steps)]
+                    batches = self.skips.take([next(loader) for _ in range(t.gradient_accumulation_steps)],
+                                              self.step + 1)
                     self._data_wait += time.perf_counter() - waited  # the host blocked on the data loader
                     handle = self.stepper(batches, self.step)
                     self.step += 1
@@ -278,7 +284,8 @@ class Trainer:
         self._window, self._data_wait = (self.stepper.clock.mark(), 0), 0.0
 
     def save_checkpoint(self) -> Path:
-        state = {"bad_steps": self.bad_steps, "work_seen": self.seen, "config": self.cfg.to_dict()}
+        state = {"bad_steps": self.bad_steps, "work_seen": self.seen, "config": self.cfg.to_dict(),
+                 "skipped_samples": self.skips.state()}
         if hasattr(self.module, "run_state"):
             state["module"] = self.module.run_state()
         path = self.checkpointer.save(self.step, self.optimizer, state)
@@ -335,7 +342,8 @@ class Trainer:
         total = torch.zeros((), dtype=torch.float64, device=info.device)
         weight = torch.zeros((), dtype=torch.float64, device=info.device)
         self.module.eval()
-        for batch, keep in zip(make_loader(self.val_set, batches, self.collate, 0), counted):
+        for loaded, keep in zip(make_loader(self.val_set, batches, self.collate, 0), counted):
+            (batch,) = self.skips.take([loaded], self.step, "validation", counted=keep)
             loss = self.module(batch.to(info.device))["loss"]
             if keep:
                 total += loss.double()
@@ -402,6 +410,7 @@ class Trainer:
             f"({s.global_batch // (info.world_size * t.gradient_accumulation_steps)} x {info.world_size} ranks x "
             f"{t.gradient_accumulation_steps} accum), {s.steps_per_epoch} steps/epoch, {self.total_steps} steps"
             + (f", packed rows ({s.padding_waste():.1%} padding)" if hasattr(s, "padding_waste") else ""),
+            self.skips.describe(),
             f"device: {info.device} x {info.world_size}, compute dtype {self.compute_dtype or torch.float32}, "
             f"activation checkpointing {self.grad_checkpoint_note or self.recipe.grad_checkpoint}, torch.compile {'on' if self.compiled else 'off'}, "
             f"output: {self.output_dir}",
@@ -413,6 +422,8 @@ class Trainer:
             lines.append(estimate.describe())
         if self.resumed_from is not None:
             lines.append(f"resumed from {self.resumed_from} at step {self.step}")
+        for data in (self.train_set, self.val_set):  # e.g. a dataset root found in two places: which one is used
+            lines += [f"note: {n}" for n in getattr(data, "notices", ())]
         return lines
 
     def _print_plan(self) -> None:
@@ -436,7 +447,7 @@ class Trainer:
             "eval_loss": self._eval_loss, "train_runtime_s": round(seconds, 2),
             f"{unit}_per_s": (self.seen - self._seen_before) / seconds if seconds > 0 else None,
             f"{unit}_seen": self.seen, "peak_memory_gib": round(memory_gib(self.info.device), 2),
-            "skipped_steps": self.bad_steps, "interrupted": interrupted,
+            "skipped_steps": self.bad_steps, "skipped_samples": self.skips.count, "interrupted": interrupted,
         }
         if self.info.is_main:
             (self.output_dir / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
