@@ -31,7 +31,7 @@ def test_prompt_is_the_conversation_up_to_the_last_answer(chat_and_data):
     # sample_text line 3: two turns; the prompt holds the first answer and asks the second question
     i = next(k for k in range(len(dataset)) if dataset.sample_id(k) == "sample_text:3")
     sample = dataset[i]
-    line = json.loads(dataset.indexes[0].raw(2))
+    line = json.loads(dataset.indexes[0].source.raw(2))
     turns = [("human" if t["from"] == "human" else "gpt", t["value"]) for t in line["conversations"]]
     expected = chat.tokenizer(template.generation_prompt(turns[:3])).input_ids  # the string the reference chat builds
     assert sample["input_ids"].tolist() == expected

@@ -165,7 +165,7 @@ def test_root_that_is_a_symlink_still_works(tmp_path, cli):
     (b'["d.jsonl"]', ["must be an object mapping dataset names"]),
     (b'{"d": {"root": ".", "anotation": "d.jsonl"}}', ["unknown key(s) ['anotation']"]),
     (b'{"d": {"root": "."}}', ["annotation"]),
-    (b'{"d": {"root": ".", "annotation": "d.json"}}', ["is not a .jsonl file"]),
+    (b'{"d": {"root": ".", "annotation": "d.json"}}', ["is not a .jsonl or .parquet file"]),
     (b'{"d": {"root": ".", "annotation": "d.jsonl", "repeat_time": "2"}}', ["repeat_time"]),
     (b'{"d": {"root": ".", "annotation": "gone.jsonl"}}', ["annotation file not found", "gone.jsonl"]),
 ], ids=["trailing_comma", "latin1", "list", "misspelled_key", "missing_annotation", "not_jsonl",

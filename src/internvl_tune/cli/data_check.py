@@ -96,12 +96,14 @@ def _print_summary(console, report, cfg, tokenizer, args) -> None:
         table = Table(title="samples per epoch (repeat_time applied)")
         kinds = ("text", "image", "multi_image", "video")
         table.add_column("dataset")
+        table.add_column("format")
         table.add_column("lines", justify="right")
         for k in kinds:
             table.add_column(k, justify="right")
         for name, n in report.lines.items():
-            table.add_row(name, str(n), *(str(report.samples.get((name, k), 0)) for k in kinds))
-        table.add_row("[bold]total", str(sum(report.lines.values())),
+            table.add_row(name, report.formats.get(name, ""), str(n),
+                          *(str(report.samples.get((name, k), 0)) for k in kinds))
+        table.add_row("[bold]total", "", str(sum(report.lines.values())),
                       *(str(sum(v for (d, k2), v in report.samples.items() if k2 == k)) for k in kinds))
         console.print(table)
     if report.tiles_per_image:

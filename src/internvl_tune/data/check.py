@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from internvl_tune.data.annotations import Annotations
 from internvl_tune.data.config import DataConfig
 from internvl_tune.data.dataset import SupervisedDataset, media_path
-from internvl_tune.data.images import load_image, num_tiles
-from internvl_tune.data.meta import DatasetSpec, JsonlIndex, read_meta, require_samples
+from internvl_tune.data.images import image_source, load_image, num_tiles
+from internvl_tune.data.meta import DatasetSpec, read_meta, require_samples
 from internvl_tune.data.preference import PreferenceDataset
 from internvl_tune.data.preprocess import tokenizer_info
 from internvl_tune.data.templates import get_template
@@ -43,7 +44,8 @@ class CheckReport:
     Attributes:
         problems: errors and warnings, in file order.
         samples: samples per (dataset, kind) per epoch (``repeat_time`` applied).
-        lines: usable JSONL lines per dataset.
+        lines: usable JSONL lines (or table rows) per dataset.
+        formats: each dataset's line format (``data/formats.py``), and whether it was detected.
         token_lengths: tokens of each checked line (only with a tokenizer), with its repeat count.
         tiles_per_image: tiles of each checked image (thumbnail included); frames count one tile each.
         tokens_per_epoch: estimated tokens one epoch feeds the model (only with a tokenizer).
@@ -54,6 +56,7 @@ class CheckReport:
     problems: list[Problem] = field(default_factory=list)
     samples: Counter = field(default_factory=Counter)
     lines: dict[str, int] = field(default_factory=dict)
+    formats: dict[str, str] = field(default_factory=dict)
     token_lengths: list[tuple[int, int]] = field(default_factory=list)
     supervised_tokens: int = 0
     tiles_per_image: Counter = field(default_factory=Counter)
@@ -101,10 +104,10 @@ def check_meta(
         report.problems.append(Problem(exc.where, exc.message, exc.fix))
         return report
     report.notices = [s.notice for s in specs if s.notice]
-    indexes: list[JsonlIndex | None] = []
+    indexes: list[Annotations | None] = []
     for spec in specs:
         try:
-            indexes.append(JsonlIndex.of(spec))
+            indexes.append(Annotations.of(spec))
         except DataError as exc:
             report.problems.append(Problem(exc.where, exc.message, exc.fix))
             indexes.append(None)
@@ -126,9 +129,10 @@ def check_meta(
     return report
 
 
-def _check_dataset(report, spec: DatasetSpec, index: JsonlIndex, cfg, dataset, k: int, progress, show: int):
+def _check_dataset(report, spec: DatasetSpec, index: Annotations, cfg, dataset, k: int, progress, show: int):
     n_lines = len(index)
     report.lines[spec.name] = n_lines
+    report.formats[spec.name] = index.format + (" (detected)" if index.detected else "")
     if spec.length is not None and spec.length != n_lines:
         report.problems.append(Problem(spec.where, f"dataset {spec.name!r} declares length {spec.length} but "
                                        f"{spec.annotation} has {n_lines} lines (blank lines not counted)",
@@ -144,7 +148,7 @@ def _check_dataset(report, spec: DatasetSpec, index: JsonlIndex, cfg, dataset, k
         repeats[spec.line_of(s, n_lines)] += 1
     start = int(dataset.starts[k])
     for line in range(checked):
-        where = f"{spec.annotation}:{index.line_number(line)}"
+        where = index.where(line)
         problems = _check_line(report, spec, index, line, where, cfg, dataset, repeats[line])
         if not problems and dataset.tokenizer is not None:
             problems = _check_tokens(report, dataset, start + line, repeats[line], show)
@@ -200,7 +204,7 @@ def stored_image_warnings(path: str) -> list[tuple[str, str]]:
     applied (the model sees the pixels as stored, which viewers show rotated).
     """
     out = []
-    with Image.open(path) as im:
+    with Image.open(image_source(path)) as im:
         if im.mode in ("I", "I;16", "I;16B", "I;16L", "F") and im.getextrema()[1] > 255:
             out.append((f"{im.mode} image with values up to {im.getextrema()[1]:g}: the RGB conversion clips them at "
                         "255, so the model sees a mostly white image", "convert it to 8-bit (scale by 1/256)"))

@@ -24,7 +24,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from internvl_tune.constants import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
+from internvl_tune.data.annotations import Annotations
 from internvl_tune.data.config import DataConfig
+from internvl_tune.data.formats import EmbeddedImage
 from internvl_tune.data.images import (
     ImageTransform,
     dynamic_preprocess,
@@ -33,7 +35,7 @@ from internvl_tune.data.images import (
     tiles_to_tensor,
 )
 from internvl_tune.data.lengths import conversation_texts, estimate_lines
-from internvl_tune.data.meta import DatasetSpec, JsonlIndex, read_meta, require_samples, sample_kind
+from internvl_tune.data.meta import DatasetSpec, read_meta, require_samples, sample_kind
 from internvl_tune.data.preprocess import Encoded, build_conversation_ids, parse_conversations, tokenizer_info
 from internvl_tune.data.rules import check_rules
 from internvl_tune.data.templates import GPT, HUMAN, get_template
@@ -49,6 +51,8 @@ def resolve_path(root: str, rel: str, allow_outside_root: bool, where: str | Non
     Both sides are compared after resolving symlinks, so a ``root`` that is itself a link (to a mounted disk) works,
     while a link inside ``root`` pointing elsewhere is refused like ``../``.
     """
+    if isinstance(rel, EmbeddedImage):  # the bytes are in the annotation file: no path to resolve
+        return rel
     path = os.path.join(root, rel)
     if not allow_outside_root:
         base = os.path.realpath(root)
@@ -65,7 +69,7 @@ def media_path(spec: DatasetSpec, rel: str, allow_outside_root: bool, where: str
     """The file an ``image`` / ``video`` entry of ``spec`` names; a missing one is a MediaError naming every place
     looked in (the root in the current directory, then beside the meta file: ``DatasetSpec.root_tried``)."""
     path = resolve_path(spec.root, rel, allow_outside_root, where)
-    if os.path.lexists(path):
+    if isinstance(path, EmbeddedImage) or os.path.lexists(path):
         return path
     tried = [os.path.join(r, rel) for r in spec.root_tried] or [os.path.abspath(path)]
     elsewhere = [p for p in tried[1:] if os.path.exists(p)]
@@ -183,7 +187,7 @@ class SupervisedDataset(Dataset):
         self.template = get_template(cfg.conv_style)
         self.is_train, self.seed, self.strict = is_train, seed, strict
         self.epoch = 0
-        self.indexes = [JsonlIndex.of(s) for s in self.specs]
+        self.indexes = [Annotations.of(s) for s in self.specs]
         require_samples(self.specs, [len(ix) for ix in self.indexes])
         self.sizes = [s.num_samples(len(ix)) for s, ix in zip(self.specs, self.indexes)]
         self.starts = np.cumsum([0] + self.sizes)
@@ -214,7 +218,7 @@ class SupervisedDataset(Dataset):
 
     def where(self, i: int) -> str:
         k, line = self.locate(i)
-        return f"{self.specs[k].annotation}:{self.indexes[k].line_number(line)}"
+        return self.indexes[k].where(line)
 
     def sample_id(self, i: int) -> str:
         k, line = self.locate(i)
@@ -229,7 +233,7 @@ class SupervisedDataset(Dataset):
         """Parse, load and tokenize sample ``i`` (fitting it into ``max_seq_length``); raises DataError if unusable."""
         k, line = self.locate(i)
         spec, index = self.specs[k], self.indexes[k]
-        where = f"{spec.annotation}:{index.line_number(line)}"
+        where = index.where(line)
         sample_id = f"{spec.name}:{index.line_number(line)}"
         parsed = self.parse(index.read(line), where)
         item, kind = parsed.item, parsed.kind

@@ -28,6 +28,7 @@ shared rules in ``data/rules.py`` check their counts). An image may also be embe
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -36,15 +37,25 @@ from internvl_tune.errors import DataError
 SYSTEM, HUMAN, GPT = "system", "human", "gpt"
 
 
-@dataclass(frozen=True)
-class EmbeddedImage:
-    """Image bytes stored in the annotation file itself (a Parquet / Arrow row), with the file name they came from."""
+class EmbeddedImage(str):
+    """Image bytes stored in the annotation file itself (a Parquet / Arrow row), named by the file they came from.
+
+    It is a ``str`` (the name, or ``<embedded image, N bytes>``), so every rule that counts, names or lists images
+    takes it like a path; ``dataset.media_path`` passes it through and ``images.load_image`` decodes its bytes.
+    """
 
     data: bytes
-    name: str = ""
 
-    def __str__(self) -> str:
-        return self.name or f"<embedded image, {len(self.data)} bytes>"
+    def __new__(cls, data: bytes, name: str = ""):
+        self = super().__new__(cls, name or f"<embedded image, {len(data)} bytes>")
+        self.data = bytes(data)
+        return self
+
+    def __reduce__(self):  # (pickled into data-loader workers with the line)
+        return EmbeddedImage, (self.data, str(self))
+
+    def open(self) -> io.BytesIO:
+        return io.BytesIO(self.data)
 
 
 @dataclass(frozen=True)

@@ -171,7 +171,7 @@ def load_image(path: str, where: str | None = None) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(image_source(path)) as im:
                 return im.convert("RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise MediaError(f"image {path} is too large to decode safely ({exc})", where,
@@ -190,7 +190,16 @@ def load_image(path: str, where: str | None = None) -> Image.Image:
                          "re-encode it as JPEG/PNG or drop the sample") from None
 
 
+def image_source(path: str):
+    """What ``Image.open`` reads: the file, or the bytes of an image embedded in the annotation file."""
+    from internvl_tune.data.formats import EmbeddedImage
+
+    return path.open() if isinstance(path, EmbeddedImage) else path
+
+
 def _empty(path: str) -> bool:
+    if hasattr(path, "data"):  # an embedded image
+        return not path.data
     try:
         return os.path.getsize(path) == 0
     except OSError:

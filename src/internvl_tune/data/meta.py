@@ -22,14 +22,16 @@ import math
 import mmap
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from internvl_tune.data.formats import FormatOptions, format_options
 from internvl_tune.errors import DataError
 
-META_KEYS = {"root", "annotation", "data_augment", "repeat_time", "length", "max_dynamic_patch"}
+META_KEYS = {"root", "annotation", "data_augment", "repeat_time", "length", "max_dynamic_patch",
+             "format", "columns", "tags"}  # the last three: the line format (data/formats.py)
 _BLOCK = 16 << 20
 _BOM = b"\xef\xbb\xbf"
 _BLANK = b" \t\r"  # JSON whitespace besides the newline that ends a line
@@ -53,6 +55,8 @@ class DatasetSpec:
         annotation_tried: the same for ``annotation``.
         notice: set when a relative ``root`` / ``annotation`` exists both in the current directory and beside the
             meta file: which one is used.
+        format: the line format the entry names (``formats.FORMATS``), or None to detect it from the file.
+        format_options: the entry's ``columns`` and ``tags`` (LLaMA-Factory's names for the ShareGPT keys).
     """
 
     name: str
@@ -67,6 +71,8 @@ class DatasetSpec:
     root_tried: tuple[str, ...] = ()
     annotation_tried: tuple[str, ...] = ()
     notice: str | None = None
+    format: str | None = None
+    format_options: FormatOptions = field(default_factory=FormatOptions)
 
     @property
     def where(self) -> str | None:
@@ -171,9 +177,12 @@ def read_meta(path: str | os.PathLike) -> list[DatasetSpec]:
             if not isinstance(entry.get(key), str) or not entry[key]:
                 raise DataError(f"dataset {name!r}: `{key}` is missing or not a string", where,
                                 f'add "{key}": "path/..." (relative to the current folder or to the meta file)')
-        if not entry["annotation"].endswith(".jsonl"):
-            raise DataError(f"dataset {name!r}: annotation {entry['annotation']!r} is not a .jsonl file", where,
-                            "convert it to JSON Lines: one sample object per line")
+        if not entry["annotation"].endswith((".jsonl", ".parquet")) and not os.path.isdir(
+                _locate(entry["annotation"], base)[0]):
+            raise DataError(f"dataset {name!r}: annotation {entry['annotation']!r} is not a .jsonl or .parquet file, "
+                            "nor a folder written by datasets' save_to_disk", where,
+                            "convert it to JSON Lines (one sample object per line) or Parquet")
+        line_format, options = format_options(entry, where)
         if entry["root"].startswith("s3://") or entry["annotation"].startswith("s3://"):
             raise DataError(f"dataset {name!r}: s3:// paths need the petrel client, which is not supported", where,
                             "copy the data to a local or mounted file system")
@@ -202,7 +211,8 @@ def read_meta(path: str | os.PathLike) -> list[DatasetSpec]:
         specs.append(DatasetSpec(
             name=name, root=root, annotation=annotation, data_augment=augment, repeat_time=repeat, length=length,
             max_dynamic_patch=max_patch, meta_path=path, line=line, root_tried=root_tried,
-            annotation_tried=annotation_tried, notice="; ".join(notes) or None,
+            annotation_tried=annotation_tried, notice="; ".join(notes) or None, format=line_format,
+            format_options=options,
         ))
     return specs
 
@@ -253,6 +263,10 @@ class JsonlIndex:
     def line_number(self, i: int) -> int:
         return int(self.line_numbers[i]) if self.line_numbers is not None else i + 1
 
+    def where(self, i: int) -> str:
+        """``file:line`` of the ``i``-th indexed line, for messages."""
+        return f"{self.path}:{self.line_number(i)}"
+
     def raw(self, i: int) -> bytes:
         """The bytes of the ``i``-th indexed line, without its line break."""
         if self._mm is None or self._pid != os.getpid():
@@ -266,7 +280,7 @@ class JsonlIndex:
 
     def read(self, i: int) -> dict:
         """Parse the ``i``-th indexed line; bad JSON or a non-object raises DataError naming file:line."""
-        where = f"{self.path}:{self.line_number(i)}"
+        where = self.where(i)
         try:
             item = json.loads(self.raw(i))
         except json.JSONDecodeError as exc:
