@@ -24,3 +24,11 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be loaded exactly (missing, unexpected or mis-shaped tensors, bad config)."""
+
+
+class StorageError(UserError):
+    """An output could not be written: the disk is full, over quota, read-only or not writable for this user.
+
+    Kept apart from other user errors so that scripts can tell "free some space and resume" from "fix the input":
+    the CLI exits with its own status (``cli.EXIT_STORAGE``).
+    """
