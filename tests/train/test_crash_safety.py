@@ -166,7 +166,8 @@ def test_sigterm_checkpoints_exits_cleanly_and_resumes_exactly(tiny_1b, tmp_path
     assert [r["loss"] for r in read_jsonl(log) if "loss" in r] == reference
 
 
-# A driver that makes the first optimizer step slow (as compilation makes it on a GPU) and says when it began.
+# A driver that makes the first optimizer step slow (as compilation makes it on a GPU), says when it began, and
+# in "break" mode fails it after the wait (as compilation fails when the signal also ended its compile workers).
 SLOW_FIRST_STEP = """
 import pathlib, sys, time
 from internvl_tune.train import step
@@ -174,7 +175,9 @@ real = step.StepRunner.__call__
 def slow_first(self, batches, n):
     if n == 0:
         pathlib.Path(sys.argv[1]).write_text("first step")
-        time.sleep(float(sys.argv[2]))
+        time.sleep(3)
+        if sys.argv[2] == "break":
+            raise RuntimeError("SubprocException: a compile worker died")
     return real(self, batches, n)
 step.StepRunner.__call__ = slow_first
 from internvl_tune.cli import main
@@ -182,14 +185,18 @@ sys.exit(main(sys.argv[3:]))
 """
 
 
-def test_a_signal_to_the_process_group_during_the_first_step_stops_cleanly(tiny_1b, tmp_path, subset_meta):
+@pytest.mark.parametrize("sig, mode", [(signal.SIGINT, "finish"), pytest.param(signal.SIGTERM, "break",
+                                                                               marks=pytest.mark.slow)],
+                         ids=["SIGINT_step_finishes", "SIGTERM_step_broken"])
+def test_a_signal_to_the_process_group_during_the_first_step_stops_cleanly(tiny_1b, tmp_path, subset_meta, sig,
+                                                                           mode):
     """Ctrl-C (and Slurm's SIGTERM alike) signals the whole process group, data-loader workers included, while the
-    first step runs (issue 26: compilation): one line, a checkpoint of step 1, exit 130, no traceback."""
-    sig = signal.SIGINT
+    first step runs (issue 26: compilation): one line, exit 128 + N, no traceback; a checkpoint of step 1 when the
+    step could finish, none when the signal broke it."""
     meta = subset_meta(tmp_path, 8)
     started = tmp_path / "started"
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-c", SLOW_FIRST_STEP, str(started), "3", *_cli(tiny_1b, meta, tmp_path / "run")[3:],
+    command = [sys.executable, "-c", SLOW_FIRST_STEP, str(started), mode, *_cli(tiny_1b, meta, tmp_path / "run")[3:],
                "--dataloader_num_workers", "2"]
     run = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            start_new_session=True)
@@ -203,10 +210,30 @@ def test_a_signal_to_the_process_group_during_the_first_step_stops_cleanly(tiny_
     assert "Traceback" not in err + out and "DataLoader worker" not in err, err[-3000:]
     assert err.count("stopped by") == 1, err[-3000:]
     stops = [line for line in (tmp_path / "run" / "train.log").read_text().splitlines() if "stopped by" in line]
+    if mode == "break":
+        assert stops == [f"stopped by {sig.name} during step 1, which it broke (RuntimeError: SubprocException: a "
+                         "compile worker died); no checkpoint of it: no earlier checkpoint exists"], err[-3000:]
+        assert list_checkpoints(tmp_path / "run") == [] and not list((tmp_path / "run").glob("*.partial"))
+        return
     assert stops == [f"stopped by {sig.name} at step 1: checkpoint-1 written; resume with --resume_from_checkpoint "
                      "auto"], err[-3000:]
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-1"]
     assert Checkpointer(tmp_path / "run", DistInfo()).problems(tmp_path / "run" / "checkpoint-1") == []
+
+
+LEFT_OPEN = """
+import torch
+from internvl_tune.train.runtime import make_loader
+loader = iter(make_loader(list(range(8)), [[0, 1], [2, 3]], torch.utils.data.default_collate, 2))
+print(next(loader).tolist())
+"""
+
+
+def test_a_data_loader_left_open_at_exit_does_not_hang_the_process():
+    """Workers ignore SIGTERM, which multiprocessing's exit-time clean-up relies on; they are killed instead."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    done = subprocess.run([sys.executable, "-c", LEFT_OPEN], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "[0, 1]", done.stderr[-2000:]
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
@@ -28,12 +29,19 @@ class StopFlag:
     :meth:`poll` agrees through an all-reduce on a CPU (gloo) group, one step late so that it never waits, and every
     rank stops after the same step.
 
+    An error raised inside the block after a signal came is taken as the signal's doing (it may have ended a child
+    the step needed, e.g. one of torch.compile's compile workers, which ignore SIGINT but not SIGTERM): it is kept
+    in :attr:`broken` (its type and first line: the exception itself would keep the step's frames, data-loader
+    workers included, alive until exit) instead of propagating, and the run ends as a stop without a checkpoint of
+    that step.
+
     Args:
         world_size: ranks of the default process group (all of them must enter and poll together).
     """
 
     def __init__(self, world_size: int = 1):
         self.signum: int | None = None
+        self.broken: str | None = None
         self._old = {}
         self._group = None
         self._pending = None
@@ -74,11 +82,15 @@ class StopFlag:
         self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True), flag)
         return stop
 
-    def __exit__(self, *exc):
-        if self._pending is not None and exc[0] is None:
+    def __exit__(self, kind, error, trace):
+        if self._pending is not None and kind is None:
             self._pending[0].wait()
         for sig, old in self._old.items():
             signal.signal(sig, old)
+        if isinstance(error, Exception) and not isinstance(error, UserError) and self.requested:
+            self.broken = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
+            return True
+        return False
 
 
 def prepare_output_dir(t, info: DistInfo) -> tuple[Path, str | None]:
@@ -121,7 +133,20 @@ def ignore_stop_signals(worker_id: int | None = None) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def _kill_workers_at_exit() -> None:
+    """multiprocessing ends daemon children at exit with SIGTERM and then waits for them without a limit; workers
+    that ignore SIGTERM (a data loader still open at exit) would make the process hang there, so kill them first."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
 def make_loader(dataset, batches: list[list[int]], collate, workers: int) -> DataLoader:
+    if workers > 0:
+        atexit.unregister(_kill_workers_at_exit)  # once; registered after multiprocessing's, so it runs before it
+        atexit.register(_kill_workers_at_exit)
     # A private generator: creating the iterator must not draw from the global RNG (that would shift dropout
     # masks after a resume). Samples are a pure function of (seed, epoch, index), so its seed does not matter.
     return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=workers,

@@ -242,7 +242,13 @@ class Trainer:
                         break
                 if t.save_strategy == "epoch" and not interrupted:
                     self.save_checkpoint()
-        if interrupted:
+        if stop.broken is not None:  # the signal broke the step it came in (StopFlag): nothing consistent to save
+            interrupted, newest = True, self.checkpointer.newest()
+            progress.print(f"stopped by {signal.Signals(stop.signum).name} during step {self.step + 1}, which it "
+                           f"broke ({stop.broken}); no checkpoint of it: "
+                           + (f"--resume_from_checkpoint auto resumes from {newest.name}" if newest else
+                              "no earlier checkpoint exists"))
+        elif interrupted:
             path = self.save_checkpoint() if self._saved_step != self.step else self._saved_path
             progress.print(f"stopped by {signal.Signals(stop.signum).name} at step {self.step}: {path.name} written; "
                            "resume with --resume_from_checkpoint auto")
