@@ -246,9 +246,9 @@ def test_a_full_disk_at_the_export_leaves_no_half_model_and_the_rerun_finishes(t
     assert str(info.value).startswith(f"cannot write the model files to {out / '.final-model.tmp'}: the disk is full")
     assert str(info.value).endswith("then run again with --resume_from_checkpoint auto: it resumes from checkpoint-1 "
                                     "and writes the final model")
-    assert sorted(p.name for p in out.iterdir() if p.name not in ("config.yaml", "metrics.jsonl", "metrics.csv",
-                                                                  "train.log") and p.suffix != ".png") == [
-        "checkpoint-1", "train_results.json"]  # no config.json, no shard, no temporary folder
+    left = {p.name for p in out.iterdir()}
+    assert "checkpoint-1" in left and "config.json" not in left  # no config pointing at missing weights
+    assert not [n for n in left if n.endswith(".safetensors") or n.startswith(".")]  # no shard, no temporary folder
     assert not json.loads((out / "train_results.json").read_text())["finished"]
     run_chat(train_config(tiny_1b, sample_meta, out, max_steps=1, resume_from_checkpoint="auto"))
     assert (out / "model.safetensors").is_file() and json.loads((out / "train_results.json").read_text())["finished"]
