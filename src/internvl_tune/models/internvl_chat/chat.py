@@ -316,7 +316,7 @@ def load_pretrained(path, dtype: torch.dtype | None = torch.float32, device="cpu
     if overrides.get("drop_path_rate") is not None:
         original["vision_config"]["drop_path_rate"] = overrides["drop_path_rate"]
     family = cfg.family_of(original, str(path / "config.json"))
-    tokenizer = _tokenizer_for(path, "llama" if family == "phi3" else family, tokenizer, img_context_token_id)
+    tokenizer = _tokenizer_for(path, family, tokenizer, img_context_token_id)
     vocab = original["llm_config"]["vocab_size"]
     context_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN) if tokenizer is not None else img_context_token_id
     native = cfg.native_config(original, context_id, attn_implementation)
