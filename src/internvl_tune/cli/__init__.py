@@ -35,6 +35,7 @@ COMMANDS = [
     ("report", "internvl_tune.cli.report", "rebuild a run's report.html, or compare several runs side by side"),
     ("demo", "internvl_tune.cli.demo", "the embedded default: tiny model, LoRA fine-tune on the bundled sample, chat"),
     ("bench", "internvl_tune.cli.bench", "throughput / memory benchmark against a plain transformers loop"),
+    ("completion", "internvl_tune.cli.completion", "print a bash or zsh completion script for every command and flag"),
 ]
 GROUPS = {
     "eval": [
