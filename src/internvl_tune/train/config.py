@@ -62,6 +62,8 @@ class TrainArgs:
     report_to: str = option("auto", "metric sinks besides metrics.jsonl/csv and the PNG plots, comma-separated: "
                                     "tensorboard, wandb, mlflow (each needs its package), all (every installed "
                                     "one), none, or auto: tensorboard when installed")
+    run_name: str | None = option(None, "the run's name in W&B, MLflow and the plot titles (default: the output "
+                                        "folder's name; WANDB_NAME overrides it in W&B)")
     dataloader_num_workers: int = option(2, "data-loading worker processes per rank")
     torch_compile: str = option("auto", "torch.compile each ViT and LLM block once, with a symbolic sequence length "
                                         "(fused norms, RoPE and activations; about a minute at start): auto = on GPUs",

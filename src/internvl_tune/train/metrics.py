@@ -63,11 +63,15 @@ class MetricsLogger:
         sinks: names from :func:`parse_report_to`.
         resume_step: the first step this run logs when it resumes (None: a fresh run).
         config: the resolved run configuration, recorded by W&B and MLflow.
+        run_name: the run's name in W&B, MLflow and the plot titles (``--run_name``; default: the folder's name).
+            As with the transformers Trainer, ``WANDB_NAME`` overrides it in W&B, ``WANDB_PROJECT`` names the
+            project and ``WANDB_DIR`` the folder W&B writes to (default: the run directory).
     """
 
     def __init__(self, run_dir: Path, enabled: bool = True, sinks: tuple[str, ...] = (), resume_step: int | None = None,
-                 config: dict | None = None):
+                 config: dict | None = None, run_name: str | None = None):
         self.run_dir = Path(run_dir)
+        self.run_name = run_name or self.run_dir.name
         self.enabled = enabled
         self.path = self.run_dir / "metrics.jsonl"
         self.writer = self.wandb = self.mlflow = None
@@ -86,12 +90,13 @@ class MetricsLogger:
         if "wandb" in sinks:
             import wandb
 
-            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "internvl-tune"), dir=str(self.run_dir),
-                                    name=self.run_dir.name, config=config, resume="allow")
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "internvl-tune"),
+                                    dir=os.environ.get("WANDB_DIR") or str(self.run_dir),
+                                    name=os.environ.get("WANDB_NAME") or self.run_name, config=config, resume="allow")
         if "mlflow" in sinks:
             import mlflow
 
-            mlflow.start_run(run_name=self.run_dir.name)
+            mlflow.start_run(run_name=self.run_name)
             mlflow.log_params(_flat(config or {}))
             self.mlflow = mlflow
 
@@ -119,7 +124,7 @@ class MetricsLogger:
         if self.writer is not None:
             self.writer.flush()
         write_csv(rows, self.run_dir / "metrics.csv")
-        write_plots(rows, self.run_dir)
+        write_plots(rows, self.run_dir, self.run_name)
 
     def close(self) -> None:
         self.flush()

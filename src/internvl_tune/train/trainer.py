@@ -197,7 +197,7 @@ class Trainer:
             (self.output_dir / TEXT_LOG).unlink(missing_ok=True)
         self.skips = SkipLedger(t.max_skipped_samples, self.output_dir, info, getattr(cfg.data, "meta_path", None),
                                 self.step if self.resumed_from is not None else None, state.get("skipped_samples"))
-        self.metrics = MetricsLogger(self.output_dir, enabled=info.is_main, sinks=self.sinks,
+        self.metrics = MetricsLogger(self.output_dir, enabled=info.is_main, sinks=self.sinks, run_name=t.run_name,
                                      resume_step=self.step + 1 if self.resumed_from is not None else None,
                                      config=cfg.to_dict())
         if info.is_main:
