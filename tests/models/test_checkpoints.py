@@ -10,7 +10,6 @@ from chat_helpers import chat_logits, image_inputs
 
 from internvl_tune.models.internvl_chat import load_pretrained
 from internvl_tune.models.internvl_chat.loading import iter_tensors
-from internvl_tune.models.internvl_chat.saving import PROCESSOR_FILES
 
 # The Qwen cases carry the real 151k-token vocabulary, so their three saves and loads take ~15 s.
 LIKES = [pytest.param("internvl2-1b", marks=pytest.mark.slow), "internvl2-2b", "internvl2-4b", "internvl2-26b",
@@ -47,7 +46,9 @@ def test_load_forward_generate_and_round_trip(like, tiny_dirs, tmp_path):
     original_cfg = json.loads((src / "config.json").read_text())
     assert json.loads((back_dir / "config.json").read_text()) == original_cfg
     aux = lambda d: {p.name for p in d.iterdir() if "safetensors" not in p.name}  # noqa: E731 (shard counts may differ)
-    assert aux(back_dir) == aux(src) | set(PROCESSOR_FILES) | ({"tokenizer.json"} if like in SENTENCEPIECE else set())
+    # the native folder's processor files stay out; the original one gets a chat template that renders <image>
+    assert aux(back_dir) == aux(src) | {"chat_template.jinja"} | ({"tokenizer.json"} if like in SENTENCEPIECE else set())
+    assert "<image>" in (back_dir / "chat_template.jinja").read_text()
 
     native = load_pretrained(native_dir)
     assert native.family == chat.family and native.template == chat.template

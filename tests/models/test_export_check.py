@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -82,3 +83,45 @@ def test_not_a_model_folder_and_an_unknown_server_are_errors(tmp_path, native, c
     assert "no readable config.json" in capsys.readouterr().err
     assert main(["export", "--check", str(native), "--server", "tgi"]) == 2
     assert "unknown tgi" in capsys.readouterr().err
+
+
+def _release(tiny, folder):
+    """A tiny original-layout checkpoint as a release ships it: with its remote code (stand-ins here)."""
+    shutil.copytree(tiny, folder)
+    for name, text in (("configuration_internvl_chat.py", CONFIG_PY), ("configuration_intern_vit.py", VIT_CONFIG_PY),
+                       ("modeling_internvl_chat.py", MODELING_PY), ("modeling_intern_vit.py", "X = 1\n")):
+        (folder / name).write_text(text)
+    return folder
+
+
+def _train(base, out, meta):
+    assert main(["train", "--model_name_or_path", str(base), "--meta_path", str(meta), "--output_dir", str(out),
+                 "--max_steps", "1", "--use_llm_lora", "4", "--device", "cpu", "--report_to", "none",
+                 "--dataloader_num_workers", "0", "--grad_checkpoint", "False", "--max_dynamic_patch", "2"]) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_every_export_folder_is_ready_for_vllm_and_lmdeploy(original, tmp_path, capsys):
+    """convert (both ways), merge-lora and a training run's output, from an original release and from its -hf
+    copy: each folder passes export --check for vLLM and LMDeploy (an -hf source's original layout needs the
+    release's remote code: --remote_code)."""
+    meta = tmp_path / "meta.json"
+    sample = Path(__file__).resolve().parents[2] / "examples" / "sample"
+    lines = (sample / "image.jsonl").read_text().splitlines()[:2]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    meta.write_text(json.dumps({"d": {"root": str(sample / "images"), "annotation": str(tmp_path / "d.jsonl")}}))
+    release = _release(original, tmp_path / "InternVL2-1B")
+    hf = tmp_path / "InternVL2-1B-hf"
+    assert main(["convert", str(release), str(hf), "--to", "native"]) == 0
+    assert main(["convert", str(release), str(tmp_path / "orig"), "--to", "original"]) == 0
+    assert main(["convert", str(hf), str(tmp_path / "orig-from-hf"), "--to", "original", "--remote_code",
+                 str(release)]) == 0
+    run = _train(release, tmp_path / "run", meta)
+    run_hf = _train(hf, tmp_path / "run-hf", meta)
+    assert main(["merge-lora", str(run / "adapter"), "--out", str(tmp_path / "merged")]) == 0
+    folders = [hf, tmp_path / "orig", tmp_path / "orig-from-hf", run, run_hf, tmp_path / "merged"]
+    capsys.readouterr()
+    for folder in folders:
+        assert main(["export", "--check", str(folder), "--server", "vllm,lmdeploy"]) == 0, capsys.readouterr().out
+    assert json.loads((run_hf / "config.json").read_text())["architectures"] == ["InternVLForConditionalGeneration"]

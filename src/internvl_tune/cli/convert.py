@@ -12,8 +12,10 @@ EPILOG = """examples:
 
 Checkpoints: tensors keep their dtype (bf16 stays bf16) and values; original -> native -> original gives identical
 tensors and config.json. The native layout loads with transformers.AutoModelForImageTextToText, and with
-AutoProcessor where torchvision is installed (InternVLProcessor's video processor needs it); the original layout is
-what the reference code, vLLM and lmdeploy read. The source's tokenizer, generation, processor and remote-code files
+AutoProcessor where torchvision is installed (InternVLProcessor's video processor needs it), and serves in vLLM and
+LMDeploy without remote code; the original layout is what the reference code, vLLM, LMDeploy and SGLang read through
+the release's remote code (.py files): from an -hf source pass --remote_code DIR (`internvl-tune export --check DIR`
+says what a folder lacks). The source's tokenizer, generation, processor and remote-code files
 are copied along, nothing else (a training run's logs and checkpoints stay behind).
 
 LoRA adapters (a directory with adapter_config.json): --to original keys the adapter by the original InternVL2
@@ -38,8 +40,26 @@ def register(subparsers, name: str, help_text: str) -> None:
     parser.add_argument("--base", default=None,
                         help="adapters written before the current format only: their base checkpoint, which tells the "
                              "LLM's head layout (default: the one recorded in the adapter)")
+    add_remote_code_flags(parser)
     add_bool_flag(parser, "overwrite", False, "replace a non-empty DST")
     parser.set_defaults(func=run)
+
+
+def add_remote_code_flags(parser) -> None:
+    """``--remote_code DIR`` and ``--without_remote_code``: what an original-layout output does about the release's
+    .py files, which its servers need (docs/checkpoints.md, "Serving"); shared with merge-lora."""
+    from internvl_tune.cli.flags import add_bool_flag
+
+    parser.add_argument("--remote_code", default=None, metavar="DIR",
+                        help="original layout from a source without the release's .py files (an -hf checkpoint): the "
+                             "original-layout release folder to copy them from (vLLM, LMDeploy and SGLang need them)")
+    add_bool_flag(parser, "without_remote_code", False,
+                  "original layout: write it even without the release's .py files (for the reference code and "
+                  "internvl-tune; servers will not load it)")
+
+
+def remote_code_args(args) -> dict:
+    return {"remote_code": args.remote_code, "require_remote_code": not args.without_remote_code}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
             chat.model.to(next(iter_tensors(chat.source_dir))[1].dtype)
         else:
             chat.model.to(getattr(torch, args.dtype))
-        out = chat.save_pretrained(args.dst, layout=args.to, overwrite=args.overwrite)
+        out = chat.save_pretrained(args.dst, layout=args.to, overwrite=args.overwrite, **remote_code_args(args))
         print(f"wrote {args.to} layout ({chat.family}) of {args.src} to {out}")
         return 0
     if not (Path(args.src) / "config.json").is_file() and adapter_dir_of(args.src) is not None:
@@ -73,6 +93,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     dtype = None if args.dtype == "keep" else getattr(torch, args.dtype)
     chat = load_pretrained(args.src, dtype=dtype, device="cpu")
-    out = chat.save_pretrained(args.dst, layout=args.to, overwrite=args.overwrite)
+    out = chat.save_pretrained(args.dst, layout=args.to, overwrite=args.overwrite, **remote_code_args(args))
     print(f"wrote {args.to} layout ({chat.family}) to {out}")
     return 0

@@ -16,6 +16,7 @@ replaces the base's. The merged model is written in the original layout (or --la
 
 
 def register(subparsers, name: str, help_text: str) -> None:
+    from internvl_tune.cli.convert import add_remote_code_flags
     from internvl_tune.cli.flags import add_bool_flag
 
     parser = subparsers.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
@@ -30,6 +31,7 @@ def register(subparsers, name: str, help_text: str) -> None:
                              "or native (transformers InternVLForConditionalGeneration); default: original")
     parser.add_argument("--dtype", choices=("keep", "bfloat16", "float32"), default="keep",
                         help="dtype of the merged weights (default: the base's); the merge itself runs in float32")
+    add_remote_code_flags(parser)
     add_bool_flag(parser, "overwrite", False, "replace a non-empty --out directory")
     parser.set_defaults(func=run)
 
@@ -38,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from internvl_tune.cli.chat import load_model
+    from internvl_tune.cli.convert import remote_code_args
     from internvl_tune.models.internvl_chat.loading import iter_tensors
     from internvl_tune.models.internvl_chat.lora import find_adapter, has_lora, merge_lora
     from internvl_tune.models.internvl_chat.training_checkpoint import is_training_checkpoint
@@ -53,6 +56,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         target = getattr(torch, args.dtype)
     chat.model.to(target)
-    out = chat.save_pretrained(args.out, layout=args.layout, overwrite=args.overwrite)
+    out = chat.save_pretrained(args.out, layout=args.layout, overwrite=args.overwrite, **remote_code_args(args))
     print(f"merged {args.adapter} into {chat.source_dir}: {out}")
     return 0

@@ -74,13 +74,15 @@ class InternVLChat:
         img_context_token_id: id of ``<IMG_CONTEXT>``.
         select_layer, ps_version, downsample_ratio: image feature settings.
         original_config: the InternVLChatConfig dict (source of truth for saving in the original layout).
+        layout: the source checkpoint's layout, ``original`` or ``native``.
         source_dir: the checkpoint directory it was loaded from (its tokenizer files are copied on save).
     """
 
     def __init__(self, model, tokenizer, original_config: dict, source_dir: Path | None = None, tokens_added: int = 0,
-                 img_context_token_id: int | None = None):
+                 img_context_token_id: int | None = None, layout: str = "original"):
         self.model, self.tokenizer = model, tokenizer
         self.original_config, self.source_dir, self.tokens_added = original_config, source_dir, tokens_added
+        self.layout = layout  # the source checkpoint's layout: what a training run exports
         self.family = cfg.family_of(original_config)
         self.template = cfg.chat_setting(original_config, "template")
         self.system_message = original_config.get("system_message")
@@ -264,11 +266,12 @@ class InternVLChat:
                             **self._generation_args(sep, generation_config))
         return [r.split(sep.strip())[0].strip() for r in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
-    def save_pretrained(self, out_dir, layout: str = "original", overwrite: bool = False) -> Path:
+    def save_pretrained(self, out_dir, layout: str = "original", overwrite: bool = False, remote_code=None,
+                        require_remote_code: bool = False) -> Path:
         """Save weights, config and tokenizer files (``original`` or ``native`` layout); see ``saving.save_chat``."""
         from internvl_tune.models.internvl_chat.saving import save_chat
 
-        return save_chat(self, out_dir, layout, overwrite)
+        return save_chat(self, out_dir, layout, overwrite, remote_code, require_remote_code)
 
 
 def _resize_for_new_tokens(model, tokenizer, added: int) -> None:
@@ -340,7 +343,7 @@ def load_pretrained(path, dtype: torch.dtype | None = torch.float32, device="cpu
         _resize_for_new_tokens(model, tokenizer, added)
         original = cfg.with_vocab_size(original, len(tokenizer))
     return InternVLChat(model, tokenizer, original, source_dir=path, tokens_added=added,
-                        img_context_token_id=img_context_token_id if tokenizer is None else None)
+                        img_context_token_id=img_context_token_id if tokenizer is None else None, layout=layout)
 
 
 def _tokenizer_for(path: Path, family: str, tokenizer, img_context_token_id: int | None):

@@ -370,14 +370,16 @@ def memory_shape(chat, tokens_per_micro_batch: int, lora_dropout: float, tiles_p
 
 
 def _save_into(chat, output_dir: Path) -> None:
-    """Save the model in the original layout next to the run's logs and checkpoints (as the reference does).
+    """Save the model in its base's layout next to the run's logs and checkpoints (as the reference does): an
+    original-layout base keeps its release files (remote code included) and so its servers; a native ("-hf") base
+    gives a native folder, which vLLM, LMDeploy and transformers load without remote code.
 
     It is written to a temporary sibling first; files then move in one by one, weights before ``config.json``,
     so a crash never leaves a config that points at missing weights.
     """
     tmp = output_dir / ".final-model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    chat.save_pretrained(tmp, layout="original", overwrite=True)
+    chat.save_pretrained(tmp, layout=chat.layout, overwrite=True)
     for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):
         os.replace(f, output_dir / f.name)
     tmp.rmdir()

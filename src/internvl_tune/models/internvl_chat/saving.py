@@ -67,21 +67,66 @@ def write_native_checkpoint(out: Path, native_state: dict[str, torch.Tensor], na
     (out / SIDECAR).write_text(json.dumps(original, indent=2, sort_keys=True) + "\n")
 
 
-def copy_aux_files(source: Path | None, out: Path) -> None:
-    """Copy the tokenizer / generation / processor / remote-code files (``AUX_FILE_PATTERNS``) of the source checkpoint."""
+def copy_aux_files(source: Path | None, out: Path, skip: tuple[str, ...] = ()) -> None:
+    """Copy the tokenizer / generation / processor / remote-code files (``AUX_FILE_PATTERNS``) of the source checkpoint
+    (but ``skip``)."""
     if source is None:
         return
     for file in sorted(source.iterdir()):
-        if file.is_file() and any(fnmatch.fnmatchcase(file.name, pattern) for pattern in AUX_FILE_PATTERNS):
+        if file.is_file() and file.name not in skip and any(fnmatch.fnmatchcase(file.name, p) for p in AUX_FILE_PATTERNS):
             shutil.copyfile(file, out / file.name)  # (copy2 would keep the source's mode, not the umask's)
+
+
+def copy_remote_code(folder: str | Path, out: Path) -> None:
+    """The ``*.py`` files of an original-layout release folder (``--remote_code``), for the servers that build its
+    config (and model) from them."""
+    folder = Path(folder)
+    files = sorted(folder.glob("*.py")) if folder.is_dir() else []
+    if not files:
+        raise CheckpointError(f"--remote_code {folder}: no .py files there — pass the folder of the original-layout "
+                              "release (e.g. a download of OpenGVLab/InternVL2-1B, not its -hf copy)")
+    for file in files:
+        shutil.copyfile(file, out / file.name)
+
+
+REMOTE_CODE_CLASSES = ("AutoConfig", "AutoModel")  # what LMDeploy and transformers resolve; vLLM / SGLang: AutoConfig
+
+
+def finish_original_folder(out: Path, chat, require_remote_code: bool) -> None:
+    """Make an original-layout folder servable, or say why it is not (docs/checkpoints.md, "Serving").
+
+    - The servers build its config (LMDeploy and transformers also its model) from the release's remote code, named
+      by ``auto_map``; internvl-tune ships none of it, so the folder is as servable as its source: an original
+      source's .py files are copied along. A native ("-hf") source has none: with ``require_remote_code`` (the CLI's
+      default) that is refused, naming what is missing and how to get it; otherwise the folder is written without
+      them (config.json as the source implies: a round trip is exact) for the reference code and internvl-tune.
+    - A chat template that puts an image as ``<image>`` (what InternVL servers expand), written unless the folder
+      already has one that does (a native source's renders ``<IMG_CONTEXT>``).
+    """
+    from internvl_tune.models.internvl_chat.serving import ORIGINAL, remote_code, template_check
+
+    config = json.loads((out / "config.json").read_text())
+    ok, detail = remote_code(out, config.get("auto_map") or {}, REMOTE_CODE_CLASSES)
+    if not ok and require_remote_code and chat.layout == "native":
+        raise CheckpointError(
+            f"the original layout is served (vLLM, LMDeploy, SGLang) through the release's remote code, and "
+            f"{chat.source_dir} does not carry it ({detail}); internvl-tune cannot ship that code. Pass "
+            "--remote_code DIR (the original-layout release's folder: its .py files are copied), write the native "
+            "layout (--to native / --layout native), which vLLM, LMDeploy and transformers load without remote code, "
+            "or --without_remote_code for a folder only the reference code and internvl-tune read")
+    if not template_check(out, ORIGINAL).ok:
+        (out / "chat_template.jinja").write_text(chat_template(chat.template, chat.system_message, image="<image>\n"),
+                                                 encoding="utf-8")
 
 
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
-def chat_template(template_name: str, system_message: str | None = None) -> str:
-    """A Jinja chat template that builds the prompts of the conversation template ``template_name``.
+def chat_template(template_name: str, system_message: str | None = None,
+                  image: str = IMG_CONTEXT_TOKEN + "\n") -> str:
+    """A Jinja chat template that builds the prompts of the conversation template ``template_name``; an image
+    content item becomes ``image`` (``<image>\\n`` for the original layout, whose servers expand it).
 
     An image content item becomes ``<IMG_CONTEXT>\\n`` (what ``InternVLProcessor`` expands into the tile tokens), so
     a user turn [image, text] gives the prompt ``InternVLChat.chat`` builds; a leading ``system`` message replaces
@@ -93,7 +138,7 @@ def chat_template(template_name: str, system_message: str | None = None) -> str:
     lit = lambda text: json.dumps(text, ensure_ascii=False)  # noqa: E731 (a Jinja string literal)
     render = (
         "{%- macro render(content) -%}{%- if content is string -%}{{ content }}{%- else -%}"
-        "{%- for item in content -%}{%- if item['type'] == 'image' -%}{{ " + lit(IMG_CONTEXT_TOKEN + "\n") + " }}"
+        "{%- for item in content -%}{%- if item['type'] == 'image' -%}{{ " + lit(image) + " }}"
         "{%- elif item['type'] == 'video' -%}{{ raise_exception(" + lit(_NO_VIDEO) + ") }}"
         "{%- elif item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}{%- endfor -%}{%- endif -%}{%- endmacro -%}"
     )
@@ -201,8 +246,14 @@ def atomic_directory(target: Path, overwrite: bool, needed: int | None = None):
     return _ctx()
 
 
-def save_chat(chat, out_dir: str | Path, layout: str = "original", overwrite: bool = False) -> Path:
-    """Save an ``InternVLChat`` (weights, config, tokenizer files) in ``layout`` into ``out_dir`` atomically."""
+def save_chat(chat, out_dir: str | Path, layout: str = "original", overwrite: bool = False, remote_code=None,
+              require_remote_code: bool = False) -> Path:
+    """Save an ``InternVLChat`` (weights, config, tokenizer files) in ``layout`` into ``out_dir`` atomically.
+
+    The original layout also gets the release's remote code (copied from the source, or from ``remote_code``: a
+    release folder) and a chat template for servers (:func:`finish_original_folder`; ``require_remote_code``
+    refuses a folder the servers could not load). A native source's processor files stay out of it.
+    """
     if layout not in ("original", "native"):
         raise CheckpointError(f"unknown layout {layout!r}; use 'original' or 'native'")
     if layout == "native" and chat.ps_version == "v1":
@@ -217,11 +268,15 @@ def save_chat(chat, out_dir: str | Path, layout: str = "original", overwrite: bo
     target = Path(out_dir)
     state = {k: v.detach().cpu() for k, v in chat.model.state_dict().items()}
     with atomic_directory(target, overwrite, needed=sum(v.numel() * v.element_size() for v in state.values())) as tmp:
-        copy_aux_files(chat.source_dir, tmp)
+        native_only = PROCESSOR_FILES if layout == "original" and chat.layout == "native" else ()
+        copy_aux_files(chat.source_dir, tmp, skip=native_only)
+        if remote_code is not None:
+            copy_remote_code(remote_code, tmp)
         if chat.tokens_added:
             chat.tokenizer.save_pretrained(str(tmp))
         if layout == "original":
             write_original_checkpoint(tmp, state, chat.original_config)
+            finish_original_folder(tmp, chat, require_remote_code)
         else:
             write_native_checkpoint(tmp, state, chat.model.config, chat.original_config)
             write_processor_files(tmp, chat)

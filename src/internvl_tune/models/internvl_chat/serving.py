@@ -122,7 +122,7 @@ def _added_tokens(folder: Path) -> set[str]:
     return tokens
 
 
-def _remote_code(folder: Path, auto_map: dict, classes: tuple[str, ...]) -> tuple[bool, str]:
+def remote_code(folder: Path, auto_map: dict, classes: tuple[str, ...]) -> tuple[bool, str]:
     """Whether the ``auto_map`` entries ``classes`` resolve to files in the folder, with every module they import
     relatively (``from .configuration_intern_vit import ...``)."""
     missing, wanted = [], []
@@ -148,7 +148,7 @@ def _remote_code(folder: Path, auto_map: dict, classes: tuple[str, ...]) -> tupl
     return True, ", ".join(f"{m}.py" for m in sorted(seen))
 
 
-def _template_check(folder: Path, layout: str) -> Check:
+def template_check(folder: Path, layout: str) -> Check:
     from internvl_tune.models.internvl_chat.config import chat_template_of
 
     want = "<image>" if layout == ORIGINAL else IMG_CONTEXT_TOKEN
@@ -221,7 +221,7 @@ def check_folder(folder: str | Path) -> Report:
         auto_map = config.get("auto_map") or {}
         for classes in sorted({s.remote_code for k, s in SERVERS.items() if k in supported}):
             needs = tuple(k for k in supported if SERVERS[k].remote_code == classes)
-            ok, detail = _remote_code(folder, auto_map, classes)
+            ok, detail = remote_code(folder, auto_map, classes)
             add(Check(f"remote code for {' + '.join(classes)}", ok, detail + ("" if ok else
                       " (the release's .py files: see docs/checkpoints.md, Serving)"), needs))
     else:
@@ -230,5 +230,5 @@ def check_folder(folder: str | Path) -> Report:
         missing = [f for f in PROCESSOR_FILES if not (folder / f).is_file()]
         add(Check("transformers processor files", not missing, f"missing {missing}" if missing else
                   ", ".join(PROCESSOR_FILES), tuple(k for k in supported if SERVERS[k].processor)))
-    add(_template_check(folder, layout))
+    add(template_check(folder, layout))
     return report
