@@ -70,3 +70,26 @@ def test_convert_an_adapter(tiny_dirs, tmp_path, capsys):
     assert config["modules_to_save"] == ["language_model.output"] and "attention\\.wqkv" in config["target_modules"]
     assert main(["convert", str(tmp_path / "run"), str(tmp_path / "x"), "--to", "original", "--dtype", "float32"]) == 2
     assert "--dtype applies to checkpoints" in capsys.readouterr().err
+
+
+def test_auto_peft_model_loads_an_adapter_whose_base_transformers_reads(tiny_dirs, tmp_path):
+    """peft's AutoPeftModel builds the recorded base through transformers (auto_mapping, task_type null): with an
+    -hf base directly; with an original-layout base once `convert --to native --base HF` records the -hf copy. Its
+    logits are those of internvl-tune's model with the adapter."""
+    from peft import AutoPeftModel
+
+    hf = tmp_path / "InternVL2-1B-hf"
+    assert main(["convert", str(tiny_dirs("internvl2-1b")), str(hf), "--to", "native"]) == 0
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    for base, run in ((hf, tmp_path / "run-hf"), (tiny_dirs("internvl2-1b"), tmp_path / "run-orig")):
+        chat = _lora_run(base, run)
+        adapter = run / "adapter"
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        assert config["task_type"] is None and config["auto_mapping"]["base_model_class"] == \
+            "InternVLForConditionalGeneration"
+        if base != hf:
+            assert main(["convert", str(adapter), str(run / "adapter-hf"), "--to", "native", "--base", str(hf)]) == 0
+            adapter = run / "adapter-hf"
+        model = AutoPeftModel.from_pretrained(str(adapter), dtype=torch.float32)
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids).logits, chat.model(input_ids=ids).logits)

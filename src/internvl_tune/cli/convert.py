@@ -38,8 +38,10 @@ def register(subparsers, name: str, help_text: str) -> None:
     parser.add_argument("--dtype", choices=("keep", "bfloat16", "float16", "float32"), default="keep",
                         help="cast the weights of a checkpoint (default: keep each tensor's dtype)")
     parser.add_argument("--base", default=None,
-                        help="adapters written before the current format only: their base checkpoint, which tells the "
-                             "LLM's head layout (default: the one recorded in the adapter)")
+                        help="adapters: with --to native, the base to record (checked to be the same model: e.g. the "
+                             "-hf conversion of the recorded base, which peft's AutoPeftModel loads); for adapters "
+                             "written before the current format, the base that tells the LLM's head layout (default: "
+                             "the one recorded in the adapter)")
     add_remote_code_flags(parser)
     add_bool_flag(parser, "overwrite", False, "replace a non-empty DST")
     parser.set_defaults(func=run)

@@ -304,11 +304,21 @@ def write_files(out: Path, state: dict[str, torch.Tensor], peft_fields: dict, in
     (out / ADAPTER_INFO).write_text(json.dumps({"format_version": FORMAT_VERSION, **info}, indent=2) + "\n")
 
 
+# What peft's AutoPeftModel builds the base with when ``task_type`` is null (an InternVL adapter is no CAUSAL_LM
+# one: its keys are those of transformers' InternVLForConditionalGeneration, which AutoModelForCausalLM does not build)
+AUTO_MAPPING = {"base_model_class": "InternVLForConditionalGeneration", "parent_library": "transformers"}
+
+
 def write_adapter_files(out: Path, adapter: Adapter) -> None:
-    """Write ``adapter`` into the existing directory ``out``, keyed by native module names."""
+    """Write ``adapter`` into the existing directory ``out``, keyed by native module names.
+
+    ``peft.AutoPeftModel.from_pretrained(out)`` loads it (``auto_mapping``) when the recorded base is a native
+    ("-hf") checkpoint, which transformers reads; for an original-layout base, ``internvl-tune convert`` re-records a
+    native copy (docs/checkpoints.md, "LoRA adapters").
+    """
     info = {"layout": "native", "base_model": adapter.fingerprint, "lora": asdict(adapter.settings)}
     fields = {**adapter.settings.peft_fields(), "modules_to_save": adapter.modules_to_save or None,
-              "base_model_name_or_path": adapter.base}
+              "base_model_name_or_path": adapter.base, "task_type": None, "auto_mapping": AUTO_MAPPING}
     write_files(out, {**adapter.lora, **adapter.trained}, fields, info)
 
 

@@ -33,17 +33,21 @@ def convert_adapter(src, out_dir, layout: str, base=None, overwrite: bool = Fals
     """Re-write an adapter keyed by ``native`` names (this format; upgrades older folders) or ``original`` ones.
 
     Folders of the format before this one lack the LLM's head layout; it is then read from the base checkpoint's
-    config (``base``, else the recorded one).
+    config (``base``, else the recorded one). With ``layout="native"``, a given ``base`` is also recorded, once it
+    is checked to be the same model (e.g. the -hf conversion of the original base, which peft's ``AutoPeftModel``
+    can load through transformers).
     """
     from internvl_tune.models.internvl_chat import load_pretrained
     from internvl_tune.models.internvl_chat.saving import atomic_directory
 
     adapter_dir = find_adapter(src)
     adapter = read_adapter(adapter_dir)
-    if not set(SPEC_FACTS) <= set(adapter.fingerprint):
+    if not set(SPEC_FACTS) <= set(adapter.fingerprint) or (base is not None and layout == "native"):
         chat = load_pretrained(resolve_base(adapter_dir, adapter, base), weights=False)
         check_base(chat, adapter, str(adapter_dir))
         adapter.fingerprint = fingerprint(chat)
+        if base is not None and layout == "native":
+            adapter.base = str(Path(base).resolve())
     with atomic_directory(Path(out_dir), overwrite) as tmp:
         if layout == "native":
             write_adapter_files(tmp, adapter)
