@@ -93,3 +93,35 @@ def test_auto_peft_model_loads_an_adapter_whose_base_transformers_reads(tiny_dir
         model = AutoPeftModel.from_pretrained(str(adapter), dtype=torch.float32)
         with torch.no_grad():
             torch.testing.assert_close(model(input_ids=ids).logits, chat.model(input_ids=ids).logits)
+
+
+def test_an_adapter_for_vllm_with_whole_trained_parts_warns_and_merge_splits_it(tiny_dirs, tmp_path, capsys):
+    """vLLM's LoRA ignores modules_to_save: --to original says so; --merge writes the base with those parts in (a
+    folder vLLM loads) and the LoRA matrices alone, recording that base."""
+    from safetensors.torch import load_file
+
+    from internvl_tune.models.internvl_chat.loading import iter_tensors
+
+    base = tmp_path / "InternVL2-1B"
+    shutil.copytree(tiny_dirs("internvl2-1b"), base)
+    (base / "configuration_internvl_chat.py").write_text("class InternVLChatConfig: pass\n")  # stand-in remote code
+    (base / "modeling_internvl_chat.py").write_text("class InternVLChatModel: pass\n")
+    chat = _lora_run(base, tmp_path / "run")  # LoRA in the LLM and a trained lm_head (modules_to_save)
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "run"), str(tmp_path / "plain"), "--to", "original"]) == 0
+    assert "vLLM's LoRA ignores them" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "run"), str(tmp_path / "split"), "--to", "original", "--merge"]) == 0
+    served = {k: t for k, t, _ in iter_tensors(tmp_path / "split" / "base")}
+    original = {k: t for k, t, _ in iter_tensors(base)}
+    head = "language_model.lm_head.weight"
+    assert torch.equal(served[head], chat.model.lm_head.weight.detach().to(served[head].dtype))
+    assert not torch.equal(served[head], original[head])
+    assert all(torch.equal(served[k], original[k]) for k in original if k != head)  # LoRA layers are not folded in
+    config = json.loads((tmp_path / "split" / "adapter" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] is None
+    assert config["base_model_name_or_path"] == str((tmp_path / "split" / "base").resolve())
+    plain = load_file(str(tmp_path / "plain" / "adapter_model.safetensors"))
+    lora_only = load_file(str(tmp_path / "split" / "adapter" / "adapter_model.safetensors"))
+    assert lora_only.keys() == {k for k in plain if ".lora_" in k} and all(torch.equal(v, plain[k])
+                                                                          for k, v in lora_only.items())
+    assert main(["export", "--check", str(tmp_path / "split" / "base"), "--server", "vllm"]) == 0

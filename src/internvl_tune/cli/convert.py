@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from pathlib import Path
 
 EPILOG = """examples:
@@ -43,6 +45,10 @@ def register(subparsers, name: str, help_text: str) -> None:
                              "written before the current format, the base that tells the LLM's head layout (default: "
                              "the one recorded in the adapter)")
     add_remote_code_flags(parser)
+    add_bool_flag(parser, "merge", False,
+                  "adapters with --to original, for vLLM (whose LoRA covers the LLM only and ignores modules_to_save): "
+                  "write DST/base (the base with the adapter's whole trained parts: ViT, projector, LM head) and "
+                  "DST/adapter (the LoRA matrices alone, recording DST/base)")
     add_bool_flag(parser, "overwrite", False, "replace a non-empty DST")
     parser.set_defaults(func=run)
 
@@ -70,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from internvl_tune.errors import UserError
     from internvl_tune.models.internvl_chat import load_pretrained
     from internvl_tune.models.internvl_chat.lora import adapter_dir_of, has_lora
-    from internvl_tune.models.internvl_chat.lora_convert import convert_adapter
+    from internvl_tune.models.internvl_chat.lora_convert import convert_adapter, split_for_llm_lora
     from internvl_tune.models.internvl_chat.training_checkpoint import is_training_checkpoint, load_checkpoint_model
 
     if is_training_checkpoint(args.src):
@@ -90,8 +96,23 @@ def run(args: argparse.Namespace) -> int:
     if not (Path(args.src) / "config.json").is_file() and adapter_dir_of(args.src) is not None:
         if args.dtype != "keep":
             raise UserError("--dtype applies to checkpoints; an adapter keeps the dtype it was trained in")
+        if args.merge and args.to == "original":
+            base_dir, adapter_dir = split_for_llm_lora(args.src, args.dst, base=args.base, overwrite=args.overwrite,
+                                                       **remote_code_args(args))
+            print(f"wrote {base_dir} (the base with the adapter's whole trained parts) and {adapter_dir} (the LoRA "
+                  "matrices under original names): serve them together, e.g. vllm serve BASE --trust-remote-code --enable-lora "
+                  "--lora-modules run=ADAPTER")
+            return 0
+        if args.merge:
+            raise UserError("--merge applies to adapters converted --to original (for vLLM); use merge-lora to fold "
+                            "an adapter into its base")
         out = convert_adapter(args.src, args.dst, args.to, base=args.base, overwrite=args.overwrite)
         print(f"wrote the adapter keyed by {args.to} module names to {out}")
+        saved = json.loads((out / "adapter_config.json").read_text()).get("modules_to_save") or []
+        if args.to == "original" and saved:
+            print(f"warning: the adapter also holds whole trained modules (modules_to_save: {', '.join(saved)}); "
+                  "vLLM's LoRA ignores them and would serve the base's. Serve the merged model instead "
+                  f"(internvl-tune merge-lora {args.src} --out DIR), or convert with --merge", file=sys.stderr)
         return 0
     dtype = None if args.dtype == "keep" else getattr(torch, args.dtype)
     chat = load_pretrained(args.src, dtype=dtype, device="cpu")

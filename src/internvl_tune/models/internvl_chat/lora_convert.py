@@ -58,6 +58,38 @@ def convert_adapter(src, out_dir, layout: str, base=None, overwrite: bool = Fals
     return Path(out_dir)
 
 
+def split_for_llm_lora(src, out_dir, base=None, overwrite: bool = False, remote_code=None,
+                       require_remote_code: bool = True) -> tuple[Path, Path]:
+    """For servers whose LoRA covers the language model only (vLLM): ``out_dir/base``, the base checkpoint with the
+    adapter's whole trained modules (``modules_to_save``: a trained ViT, projector or LM head) written in, in the
+    original layout; and ``out_dir/adapter``, the LoRA matrices alone under original names, recording that base.
+
+    Serving the two gives what training made, where the adapter alone would leave those parts as in the base.
+    """
+    import dataclasses
+
+    from internvl_tune.models.internvl_chat import load_pretrained
+    from internvl_tune.models.internvl_chat.saving import atomic_directory
+
+    adapter_dir = find_adapter(src)
+    adapter = read_adapter(adapter_dir)
+    chat = load_pretrained(resolve_base(adapter_dir, adapter, base), dtype=None)  # the base's own dtypes
+    check_base(chat, adapter, str(adapter_dir))
+    params = dict(chat.model.named_parameters())
+    with torch.no_grad():
+        for key, value in adapter.trained.items():
+            params[key].copy_(value.to(params[key].dtype))
+    out = Path(out_dir)
+    base_dir = chat.save_pretrained(out / "base", layout="original", overwrite=overwrite, remote_code=remote_code,
+                                    require_remote_code=require_remote_code)
+    lora_only = dataclasses.replace(adapter, trained={}, modules_to_save=[], base=str(base_dir.resolve()))
+    with atomic_directory(out / "adapter", overwrite) as tmp:
+        state, fields, _ = _to_original(lora_only)
+        fields.update(modules_to_save=None, base_model_name_or_path=lora_only.base)
+        write_files(tmp, state, fields, {"layout": "original", "base_model": adapter.fingerprint})
+    return base_dir, out / "adapter"
+
+
 # ------------------------------------------------------------------------------- original (InternVL2) names
 def _name_pattern(module: str) -> str:
     """``a.b.3.c`` -> regex ``a\\.b\\.\\d+\\.c`` (every layer index)."""
