@@ -79,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     from internvl_tune.models.internvl_chat.lora_convert import convert_adapter, split_for_llm_lora
     from internvl_tune.models.internvl_chat.training_checkpoint import is_training_checkpoint, load_checkpoint_model
 
-    if is_training_checkpoint(args.src):
+    lora_checkpoint = is_training_checkpoint(args.src) and (Path(args.src) / "adapter").is_dir()  # its adapter/
+    if is_training_checkpoint(args.src) and not lora_checkpoint:
         chat = load_checkpoint_model(args.src)
         if has_lora(chat):
             raise UserError(f"{args.src} is a checkpoint of a LoRA run — merge it into its base model with "

@@ -85,6 +85,10 @@ class Recipe(Protocol):
     def export(self, state: dict[str, torch.Tensor], output_dir: Path) -> None:
         """Write the final model from the gathered state of the training module (rank 0)."""
 
+    def checkpoint_saved(self, path: Path) -> None:
+        """Rank 0, once ``checkpoint-N`` is complete: write what the family adds to a checkpoint (a LoRA run's
+        adapter, as the transformers Trainer writes one into every checkpoint), or nothing."""
+
     def data_summary(self) -> dict | None:
         """The run report's data table: ``{"samples", "datasets", "kinds", "tiles", "token_histogram"}`` (any may be
         missing), or None."""
@@ -332,6 +336,8 @@ class Trainer:
         if hasattr(self.module, "run_state"):
             state["module"] = self.module.run_state()
         path = self.checkpointer.save(self.step, self.optimizer, state)
+        if self.info.is_main:
+            self.recipe.checkpoint_saved(path)
         self._saved_step, self._saved_path = self.step, path
         self.metrics.flush()
         self._restart_window()

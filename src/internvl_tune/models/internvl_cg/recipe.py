@@ -215,6 +215,9 @@ class RetrievalRecipe:
         self.train_size = (len(train), len({p[2] for p in train.pairs}))
         return train, None, RetrievalBatch.collate, sampler
 
+    def checkpoint_saved(self, path: Path) -> None:
+        """Nothing to add: an InternVL-C/G checkpoint is read back by ``retrieval-train`` and its export only."""
+
     def data_summary(self) -> dict:
         """The run report's data table: (image, caption) pairs and images of the training set."""
         pairs, images = self.train_size

@@ -272,6 +272,23 @@ class ChatRecipe:
                 "(modules_to_save), which vLLM's LoRA serving ignores: serve the merged model (the run's output "
                 "folder, or `internvl-tune merge-lora`)"]
 
+    def checkpoint_saved(self, path: Path) -> None:
+        """A LoRA run's ``checkpoint-N/adapter/`` (as the transformers Trainer writes an adapter into every checkpoint
+        of a peft run), so peft, chat, merge-lora and convert take any checkpoint as they take the run's final
+        ``adapter/``. Built from the checkpoint's own trained tensors on a weightless copy of the model: no base
+        weight is read, and the adapter equals the one an export at that step writes."""
+        from internvl_tune.models.common.checkpoint_files import read_trainable_params
+        from internvl_tune.models.internvl_chat.lora import save_adapter
+
+        m = self.args
+        if not (m.use_llm_lora or m.use_backbone_lora):
+            return
+        _, params = read_trainable_params(path, check=False)  # (just written and hashed by the checkpointer)
+        chat = self._load_chat(torch.float32, weights=False)
+        apply_trainable_flags(chat, m)
+        chat.model.load_state_dict({k.removeprefix("model."): v for k, v in params.items()}, strict=False, assign=True)
+        save_adapter(chat, path / "adapter", base=m.model_name_or_path)
+
     def data_summary(self) -> dict:
         """The run report's data table (estimates, as ``data check`` prints them): samples per dataset and kind,
         tiles per sample, a histogram of tokens per sample."""
