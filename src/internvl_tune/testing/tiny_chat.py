@@ -21,6 +21,7 @@ import torch
 from internvl_tune.constants import IMAGENET_MEAN, IMAGENET_STD, SPECIAL_TOKENS
 from internvl_tune.errors import UserError
 from internvl_tune.models.internvl_chat import config as cfg
+from internvl_tune.models.internvl_chat import families
 from internvl_tune.testing.tokenizers import write_qwen2_tokenizer
 
 
@@ -30,7 +31,7 @@ class Release:
 
     Attributes:
         llm: the LLM it was built on.
-        family: its ``llm_config`` family (``cfg.FAMILY_BY_ARCH``).
+        family: its ``llm_config`` family (a name of ``families.FAMILIES``).
         tokenizer: the tokenizer files it ships: ``qwen2``, ``qwen2.5``, ``internlm2``, ``internlm3``, ``phi3``, ``yi``
             or ``llama3``.
         vision: the InternViT release (the 6B ones have RMSNorm, qk-norm and no qkv bias).
@@ -127,16 +128,64 @@ def _vision_config(release: Release, image_size: int) -> dict:
     }
 
 
+def _qwen2_keys(release: Release) -> dict:
+    if release.tokenizer == "qwen2":
+        return dict(rope_theta=1000000.0, sliding_window=4096, use_sliding_window=False, max_window_layers=2,
+                    attention_dropout=0.0, rope_scaling=None)
+    # Qwen2.5, with InternVL's dynamic rope scaling written in both spellings
+    keys = dict(rope_theta=1000000.0, sliding_window=32768, use_sliding_window=False, max_window_layers=70,
+                attention_dropout=0.0, rope_scaling={"factor": 2.0, "rope_type": "dynamic", "type": "dynamic"})
+    return keys | ({"moe_config": None} if release.series == _V3 else {})
+
+
+def _internlm2_keys(release: Release) -> dict:
+    keys = dict(bias=False, rope_theta=1000000.0, attn_implementation="eager",
+                rope_scaling={"type": "dynamic", "factor": 2.0},
+                auto_map={"AutoConfig": "configuration_internlm2.InternLM2Config",
+                          "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
+                          "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"})
+    if release.series != _V2:  # InternLM2.5's config as InternVL2.5 ships it
+        keys.update(pretraining_tp=1, rms_norm_eps=1e-5)
+        keys["auto_map"]["AutoModelForSequenceClassification"] = "modeling_internlm2.InternLM2ForSequenceClassification"
+    return keys
+
+
+def _internlm3_keys(release: Release) -> dict:
+    # head_dim is its own key: here not hidden_size / heads, to exercise it
+    return dict(bias=False, qkv_bias=False, head_dim=24, rope_theta=50000000, rms_norm_eps=1e-5, attention_dropout=0.0,
+                rope_scaling={"factor": 6.0, "rope_type": "dynamic"},
+                auto_map={"AutoConfig": "configuration_internlm3.InternLM3Config",
+                          "AutoModel": "modeling_internlm3.InternLM3Model",
+                          "AutoModelForCausalLM": "modeling_internlm3.InternLM3ForCausalLM"})
+
+
+def _phi3_keys(release: Release) -> dict:
+    half = 64 // 4 // 2
+    return dict(rope_theta=10000.0, original_max_position_embeddings=256, max_position_embeddings=4096,
+                sliding_window=2047, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, rms_norm_eps=1e-5,
+                rope_scaling={"type": "su", "short_factor": [1.0 + 0.05 * i for i in range(half)],
+                              "long_factor": [1.5 + 0.25 * i for i in range(half)]})
+
+
+def _llama_keys(release: Release) -> dict:
+    return dict(rope_theta=5000000.0, attention_bias=False, mlp_bias=False, pretraining_tp=1, rope_scaling=None)
+
+
+# The keys (and rope style) each family's llm_config adds to the common ones, for a release: one entry per family.
+TINY_LLM_KEYS = {"qwen2": _qwen2_keys, "internlm2": _internlm2_keys, "internlm3": _internlm3_keys, "phi3": _phi3_keys,
+                 "llama": _llama_keys}
+
+
 def _llm_config(release: Release, vocab_size: int, special_ids: dict) -> dict:
     """A tiny LLM config with the keys (and rope style) of the release's LLM config."""
-    family = release.family
-    base = {
-        "architectures": [cfg.ARCH_BY_FAMILY[family]],
+    return {
+        "architectures": [families.get(release.family).architectures[0]],
         "hidden_act": "silu",
         "hidden_size": 64,
         "initializer_range": 0.02,
         "intermediate_size": 128,
         "max_position_embeddings": 4096,
+        "model_type": release.family,
         "num_attention_heads": 4,
         "num_hidden_layers": 2,
         "num_key_value_heads": 2,
@@ -146,43 +195,8 @@ def _llm_config(release: Release, vocab_size: int, special_ids: dict) -> dict:
         "use_cache": True,
         "vocab_size": vocab_size,
         **special_ids,
+        **TINY_LLM_KEYS[release.family](release),
     }
-    if release.tokenizer == "qwen2":
-        base.update(model_type="qwen2", rope_theta=1000000.0, sliding_window=4096, use_sliding_window=False,
-                    max_window_layers=2, attention_dropout=0.0, rope_scaling=None)
-    elif family == "qwen2":  # Qwen2.5, with InternVL's dynamic rope scaling written in both spellings
-        base.update(model_type="qwen2", rope_theta=1000000.0, sliding_window=32768, use_sliding_window=False,
-                    max_window_layers=70, attention_dropout=0.0,
-                    rope_scaling={"factor": 2.0, "rope_type": "dynamic", "type": "dynamic"})
-        if release.series == _V3:
-            base["moe_config"] = None
-    elif family == "internlm3":  # head_dim is its own key: here not hidden_size / heads, to exercise it
-        base.update(model_type="internlm3", bias=False, qkv_bias=False, head_dim=24, rope_theta=50000000,
-                    rms_norm_eps=1e-5, attention_dropout=0.0, rope_scaling={"factor": 6.0, "rope_type": "dynamic"},
-                    auto_map={"AutoConfig": "configuration_internlm3.InternLM3Config",
-                              "AutoModel": "modeling_internlm3.InternLM3Model",
-                              "AutoModelForCausalLM": "modeling_internlm3.InternLM3ForCausalLM"})
-    elif family == "internlm2":
-        base.update(model_type="internlm2", bias=False, rope_theta=1000000.0, attn_implementation="eager",
-                    rope_scaling={"type": "dynamic", "factor": 2.0},
-                    auto_map={"AutoConfig": "configuration_internlm2.InternLM2Config",
-                              "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
-                              "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"})
-        if release.series != _V2:  # InternLM2.5's config as InternVL2.5 ships it
-            base.update(pretraining_tp=1, rms_norm_eps=1e-5)
-            base["auto_map"]["AutoModelForSequenceClassification"] = "modeling_internlm2.InternLM2ForSequenceClassification"
-    elif family == "phi3":
-        half = 64 // 4 // 2
-        base.update(model_type="phi3", rope_theta=10000.0, original_max_position_embeddings=256,
-                    max_position_embeddings=4096, sliding_window=2047, resid_pdrop=0.0, embd_pdrop=0.0,
-                    attention_dropout=0.0, rms_norm_eps=1e-5, rope_scaling={
-                        "type": "su",
-                        "short_factor": [1.0 + 0.05 * i for i in range(half)],
-                        "long_factor": [1.5 + 0.25 * i for i in range(half)]})
-    else:
-        base.update(model_type="llama", rope_theta=5000000.0, attention_bias=False, mlp_bias=False,
-                    pretraining_tp=1, rope_scaling=None)
-    return base
 
 
 def tiny_original_config(like: str, vocab_size: int, special_ids: dict, image_size: int = 56) -> dict:

@@ -68,7 +68,7 @@ class InternVLChat:
 
     Attributes:
         model, tokenizer, image_processor: the parts.
-        family: LLM family (``qwen2``, ``internlm2``, ``phi3``, ``llama``).
+        family: the name of its LLM family (``families.FAMILIES``: ``qwen2``, ``internlm2``, ``phi3``, ...).
         template: conversation template name; ``system_message``: its system text (None = template default).
         num_image_token: tokens per image tile; ``image_size``, ``patch_size``: tile and ViT patch sides.
         img_context_token_id: id of ``<IMG_CONTEXT>``.
@@ -80,7 +80,7 @@ class InternVLChat:
     def __init__(self, model, tokenizer, original_config: dict, source_dir: Path | None = None, tokens_added: int = 0):
         self.model, self.tokenizer = model, tokenizer
         self.original_config, self.source_dir, self.tokens_added = original_config, source_dir, tokens_added
-        self.family = cfg.family_of(original_config)
+        self.family = cfg.family_of(original_config).name
         self.template = cfg.chat_setting(original_config, "template")
         self.system_message = original_config.get("system_message")
         self.select_layer = cfg.chat_setting(original_config, "select_layer")
@@ -268,7 +268,7 @@ def load_pretrained(path, dtype: torch.dtype | None = torch.float32, device="cpu
     if overrides.get("drop_path_rate") is not None:
         original["vision_config"]["drop_path_rate"] = overrides["drop_path_rate"]
     family = cfg.family_of(original, str(path / "config.json"))
-    tokenizer = load_tokenizer(path, "llama" if family == "phi3" else family)
+    tokenizer = load_tokenizer(path, family.name)
     vocab = original["llm_config"]["vocab_size"]
     native = cfg.native_config(original, tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN), attn_implementation)
     if load_in_4bit and weights:

@@ -1,11 +1,10 @@
 """LoRA for InternVL2 chat models (peft), with the reference's target modules mapped to native names.
 
-| part            | reference targets                                         | native targets                                   |
-|-----------------|-----------------------------------------------------------|--------------------------------------------------|
-| ViT             | attn.qkv, attn.proj, mlp.fc1, mlp.fc2                      | attention.{q,k,v}_proj, projection_layer, fc1, fc2 |
-| InternLM2 LLM   | attention.wqkv, attention.wo, feed_forward.w1/w2/w3         | self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj |
-| Phi-3 LLM       | self_attn.qkv_proj, o_proj, mlp.gate_up_proj, down_proj     | the same names                                   |
-| Qwen2 / Llama   | self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj           | the same names                                   |
+The ViT's reference targets ``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2`` are the native
+``attention.{q,k,v}_proj``, ``projection_layer``, ``fc1``, ``fc2``; the LLM's are its family's
+(``families.Family.lora_targets``: InternLM2's ``attention.wqkv`` ... ``feed_forward.w2`` become
+``self_attn.{q,k,v,o}_proj`` and ``mlp.{gate,up,down}_proj``; Phi-3 keeps its fused ``qkv_proj`` / ``gate_up_proj``;
+the other families have the native names already).
 
 Defaults as the reference: ``lora_alpha = 2 * r``, dropout 0.05. Where the reference fuses q/k/v into one linear
 (InternViT ``qkv``, InternLM2 ``wqkv``) we put one adapter on each of q, k and v; ``convert --to original`` writes
@@ -48,16 +47,16 @@ PEFT_PREFIX = "base_model.model."
 ADAPTER_NAME = "default"
 LORA_DROPOUT = 0.05
 VIT_TARGETS = ("q_proj", "k_proj", "v_proj", "projection_layer", "fc1", "fc2")
-_LLM_TARGETS = {"phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")}
-_HF_LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _LLM_LAYER = r"model\.language_model\.layers\.\d+\."
 _VIT_LAYER = r"model\.vision_tower\.encoder\.layer\.\d+\."
 SPEC_FACTS = ("family", "llm_heads", "llm_kv_heads", "llm_head_dim")  # fingerprint keys that give the LayoutSpec
 
 
 def default_llm_targets(family: str) -> tuple[str, ...]:
-    """The reference's LLM LoRA targets of ``family``, as native leaf-module names."""
-    return _LLM_TARGETS.get(family, _HF_LLM_TARGETS)
+    """The reference's LLM LoRA targets of ``family`` (its name), as native leaf-module names."""
+    from internvl_tune.models.internvl_chat import families
+
+    return families.get(family).default_lora_targets
 
 
 def _module_regex(layer: str, targets) -> str:

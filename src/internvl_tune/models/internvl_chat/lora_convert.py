@@ -1,8 +1,8 @@
 """LoRA adapters in the original InternVL2 layout, for servers that load the reference's module names (vLLM).
 
 ``convert_adapter`` rewrites a native adapter folder (``lora.save_adapter``) under the original InternVLChatModel names.
-Where the original fuses q/k/v into one linear (InternViT ``attn.qkv``, InternLM2 ``attention.wqkv``), the adapter
-becomes the exact fused equivalent: rank 3r, A stacked, B block-diagonal in the fused row order.
+Where the original fuses q/k/v into one linear (InternViT ``attn.qkv``, a family's ``fused_qkv`` such as InternLM2's
+``attention.wqkv``), the adapter becomes the exact fused equivalent: rank 3r, A stacked, B block-diagonal in the fused row order.
 """
 
 from __future__ import annotations
@@ -79,36 +79,28 @@ def _fuse(parts: dict[str, tuple[torch.Tensor, torch.Tensor]], rows: dict[str, i
     return a, join(blocks["q"], blocks["k"], blocks["v"])
 
 
-_VIT_QKV = re.compile(r"model\.vision_tower\.encoder\.layer\.(\d+)\.attention\.([qkv])_proj$")
-_LLM_QKV = re.compile(r"model\.language_model\.layers\.(\d+)\.self_attn\.([qkv])_proj$")
-
-
 def _to_original(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict, list[str]]:
     """Tensors, ``LoraConfig`` fields and ``modules_to_save`` under the original InternVLChatModel names.
 
     Each module's ``alpha / r`` is folded into its B and ``lora_alpha`` equals the rank everywhere (scaling 1), so
     consumers that ignore ``rank_pattern`` / ``alpha_pattern`` (vLLM) still apply every update exactly.
     """
-    from internvl_tune.models.internvl_chat.key_map import join_wqkv, original_name, to_original
+    from internvl_tune.models.internvl_chat.key_map import fused_part, join_fused, original_name, to_original
 
     spec = _spec(adapter)
     pairs, fused = {}, {}
     for module, (a, b) in adapter.lora_pairs().items():
         b = b * adapter.settings.scaling(module)
-        if m := _VIT_QKV.match(module):
-            fused.setdefault(f"vision_model.encoder.layers.{m.group(1)}.attn.qkv", {})[m.group(2)] = (a, b)
-        elif spec.family == "internlm2" and (m := _LLM_QKV.match(module)):
-            fused.setdefault(f"language_model.model.layers.{m.group(1)}.attention.wqkv", {})[m.group(2)] = (a, b)
+        if found := fused_part(module + ".weight", spec):
+            linear, name, part = found
+            fused.setdefault((linear, name.removesuffix(".weight")), {})[part] = (a, b)
         else:
             pairs[original_name(module + ".weight", spec).removesuffix(".weight")] = (a, b)
-    llm_rows = {"q": spec.num_heads * spec.head_dim, "k": spec.num_kv_heads * spec.head_dim,
-                "v": spec.num_kv_heads * spec.head_dim}
-    for module, parts in fused.items():
-        if module.startswith("vision_model."):
-            side = next(iter(parts.values()))[1].shape[0]
-            pairs[module] = _fuse(parts, dict.fromkeys("qkv", side), lambda q, k, v: torch.cat([q, k, v]))
-        else:
-            pairs[module] = _fuse(parts, llm_rows, lambda q, k, v: join_wqkv(q, k, v, spec))
+    kv = spec.num_kv_heads * spec.head_dim
+    grouped_rows = {"q": spec.num_heads * spec.head_dim, "k": kv, "v": kv}
+    for (linear, module), parts in fused.items():
+        rows = grouped_rows if linear.grouped else dict.fromkeys("qkv", next(iter(parts.values()))[1].shape[0])
+        pairs[module] = _fuse(parts, rows, lambda q, k, v: join_fused(linear, q, k, v, spec))
     state, modules_to_save = {}, []
     for module, (a, b) in pairs.items():
         state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"] = a, b

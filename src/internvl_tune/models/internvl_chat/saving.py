@@ -20,8 +20,10 @@ import torch
 from internvl_tune.constants import IMAGENET_MEAN, IMAGENET_STD, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 from internvl_tune.errors import CheckpointError
 from internvl_tune.models.common.weights import write_shards
+from internvl_tune.models.internvl_chat import families
 from internvl_tune.models.internvl_chat.config import SIDECAR
 from internvl_tune.models.internvl_chat.key_map import LayoutSpec, to_original
+from internvl_tune.models.internvl_chat.tokenizers import OWN_CLASSES
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 # The files of a checkpoint that are neither weights nor configs: copied from the source (nothing else is).
@@ -162,7 +164,7 @@ def write_processor_files(out: Path, chat) -> None:
     # never in a prompt the processor is given (images are <IMG_CONTEXT> placeholders there), so no text has videos.
     config.update(start_image_token=IMG_START_TOKEN, end_image_token=IMG_END_TOKEN,
                   context_image_token=IMG_CONTEXT_TOKEN, video_token=IMG_START_TOKEN, processor_class=PROCESSOR_CLASS)
-    if chat.family in ("internlm2", "internlm3"):  # remote-code tokenizer classes
+    if families.get(chat.family).tokenizer_class in OWN_CLASSES:  # the release names a remote-code class
         _sentencepiece_tokenizer_json(out, chat.tokenizer)
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
         config.pop("auto_map", None)  # the remote-code class; tokenizer.json needs none
