@@ -72,9 +72,10 @@ class MoeLayout:
 
 # LLM keys of the families whose InternVL checkpoints keep the transformers names (everything but InternLM2).
 SAME_NAMES = ((LM + "{rest}", T + "{rest}"), ("language_model.lm_head.weight", "lm_head.weight"))
-# The reference's LLM LoRA targets of the families with transformers' separate projections (native = reference).
-SEPARATE_PROJECTIONS = tuple((name, (name,)) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                           "up_proj", "down_proj"))
+# The reference's LLM LoRA targets of the families with transformers' separate projections (same leaf names).
+SEPARATE_PROJECTIONS = tuple((name, (name.rsplit(".", 1)[-1],)) for name in (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+    "mlp.down_proj"))
 
 
 @dataclass(frozen=True)
@@ -203,7 +204,8 @@ register(Family(
     # Phi-3's "su" scaling is what transformers calls "longrope" (same factors and attention scale).
     rope_scaling=("dynamic", "linear", "llama3", "su", "longrope"),
     # q/k/v and gate/up stay fused: the native Phi-3 has the same modules
-    lora_targets=tuple((name, (name,)) for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
+    lora_targets=tuple((name, (name.rsplit(".", 1)[-1],)) for name in ("self_attn.qkv_proj", "self_attn.o_proj",
+                                                                        "mlp.gate_up_proj", "mlp.down_proj")),
 ))
 register(Family(
     "llama", ("LlamaForCausalLM",), "llama",  # Yi, Llama-3

@@ -162,12 +162,17 @@ def add_lora(chat, llm_rank: int = 0, vision_rank: int = 0, lora_alpha: float | 
     As the reference (peft on the LLM / the ViT alone), a wrapped part is frozen except its LoRA matrices: the LLM
     with ``lm_head`` for ``llm_rank``, the ViT for ``vision_rank``; every other parameter keeps its ``requires_grad``.
     ``lora_alpha`` defaults to twice each part's rank; ``llm_target_modules`` / ``vision_target_modules`` are leaf
-    names inside one decoder / ViT layer (default: the reference's, see the module docstring).
+    names inside one decoder / ViT layer (default: the reference's, see the module docstring); LLM targets may also
+    be the reference's names of the family (``attention.wqkv`` or ``wqkv`` of InternLM2 = q/k/v_proj).
     """
     if not (llm_rank or vision_rank):
         return
+    from internvl_tune.models.internvl_chat import families
+
     inner = chat.model.model
-    llm_targets = tuple(llm_target_modules or default_llm_targets(chat.family)) if llm_rank else ()
+    family = families.get(chat.family)
+    llm_targets = (family.native_lora_targets(llm_target_modules) if llm_target_modules
+                   else family.default_lora_targets) if llm_rank else ()
     vision_targets = tuple(vision_target_modules or VIT_TARGETS) if vision_rank else ()
     _check_targets(inner.language_model.layers[0], llm_targets, f"{chat.family} decoder layer")
     _check_targets(inner.vision_tower.encoder.layer[0], vision_targets, "ViT layer")

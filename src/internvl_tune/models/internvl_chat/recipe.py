@@ -55,8 +55,9 @@ class ModelArgs:
     lora_dropout: float = option(0.05, "dropout on the LoRA input (the reference's 0.05; 0 makes steps "
                                        "deterministic and recomputation cheaper)")
     lora_target_modules: str | None = option(None, "comma-separated LLM linears to wrap with LoRA, e.g. "
-                                                   "q_proj,v_proj (default: the reference's per family: every "
-                                                   "attention and MLP linear)")
+                                                   "q_proj,v_proj, or the reference's names of the family, e.g. "
+                                                   "attention.wqkv for InternLM2 (default: the reference's per "
+                                                   "family: every attention and MLP linear)")
     unfreeze_lm_head: bool = option(False, "train the LM head even when the LLM is frozen or LoRA-wrapped")
     grad_checkpoint: str = option("True", "activation checkpointing: True (every ViT and LLM block), False, a "
                                           "fraction such as 0.5 (that share of the blocks: less recompute for more "
