@@ -6,6 +6,11 @@ a stand-in for timm's DropPath is written to a temp dir (it is only used with dr
     pip install --target /tmp/refdeps einops
     PYTHONPATH=/tmp/refdeps python tests/models/reference_fidelity.py /path/to/InternVL/internvl_chat
 
+The InternVL3.5 releases (Qwen3) need the reference's ``internvl_chat_gpt_oss`` folder instead, named with them:
+
+    PYTHONPATH=/tmp/refdeps python tests/models/reference_fidelity.py /path/to/InternVL/internvl_chat_gpt_oss \
+        internvl3_5-1b internvl3_5-38b
+
 For every release it writes a tiny checkpoint in the original layout, loads it into the reference model
 (``load_state_dict(strict)``: proves our key names and shapes are the reference's) and into ours (eager and SDPA),
 and prints the largest logit difference (fp32, CPU) and whether 8 greedy tokens agree (reference: full forward per
@@ -42,8 +47,9 @@ class DropPath(nn.Module):
         keep = torch.rand(x.shape[0], *([1] * (x.ndim - 1)), device=x.device) >= self.p
         return x * keep / (1 - self.p)
 '''
-# Every release the reference's InternVLChatModel can build (it has no InternLM3, so not InternVL3-9B).
-LIKES = [like for like, release in RELEASES.items() if release.family != "internlm3"]
+# Every release the reference's internvl_chat InternVLChatModel can build (it has no InternLM3, so not InternVL3-9B,
+# and no Qwen3: InternVL3.5 runs with the internvl_chat_gpt_oss folder).
+LIKES = [like for like, release in RELEASES.items() if release.family not in ("internlm3", "qwen3")]
 VARIANTS = {"default": {}, "select_layer=-2": {"select_layer": -2}, "ps_version=v1": {"ps_version": "v1"}, "long-prompt": {}}
 # Which sizes get the extra variants (all get "default"); the long prompt passes Phi-3's original rope window.
 EXTRA = {"select_layer=-2": ("internvl2-1b", "internvl2-26b"), "ps_version=v1": ("internvl2-1b", "internvl2-26b"),
@@ -56,6 +62,7 @@ def _import_reference(ref_root: str, scratch: Path):
     (scratch / "timm" / "__init__.py").write_text("")
     (shim / "__init__.py").write_text("")
     (shim / "layers.py").write_text(_DROP_PATH_STANDIN)
+    (scratch / "timm" / "layers.py").write_text(_DROP_PATH_STANDIN)  # where the InternVL3.5 code imports it from
     sys.path[:0] = [str(scratch), ref_root]
     try:
         import transformers.modeling_attn_mask_utils  # noqa: F401

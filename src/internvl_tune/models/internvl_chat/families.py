@@ -12,6 +12,7 @@ targets (``lora.py``) and the remote-code tokenizer files of a native save (``sa
 | `internlm3` | InternLM3ForCausalLM                | llama       | same names   | ours (sentencepiece)  | 3-9B                |
 | `phi3`      | Phi3ForCausalLM                     | phi3        | same names   | named in the files    | 2-4B                |
 | `llama`     | LlamaForCausalLM (Yi, Llama-3)      | llama       | same names   | named in the files    | 2-40B, 2-76B        |
+| `qwen3`     | Qwen3ForCausalLM                    | qwen3       | same names   | Qwen2Tokenizer        | 3.5 1B-38B          |
 
 Adding a dense family that transformers implements is one :func:`register` call (see docs/architecture.md, "Adding
 a family"); everything above reads the registry.
@@ -210,4 +211,12 @@ register(Family(
 register(Family(
     "llama", ("LlamaForCausalLM",), "llama",  # Yi, Llama-3
     extra_keys=("attention_bias", "mlp_bias", "head_dim"),
+))
+register(Family(
+    # InternVL3.5 dense (1B-38B). head_dim is its own key (128, not hidden_size / heads in the 0.6B, 4B and 32B LLMs);
+    # q_norm / k_norm sit inside self_attn under the same names in both layouts.
+    "qwen3", ("Qwen3ForCausalLM",), "qwen3",
+    extra_keys=("head_dim", "attention_bias", "sliding_window", "use_sliding_window", "max_window_layers",
+                "layer_types"),
+    tokenizer_class="Qwen2Tokenizer",
 ))
