@@ -85,7 +85,7 @@ def test_merge_lora_keeps_the_trained_lm_head(tiny_dirs, tmp_path, capsys):
     assert not (tmp_path / "m2").exists()
 
 
-@pytest.mark.parametrize("like", ["internvl2-1b", "internvl2-2b", "internvl3-9b"])
+@pytest.mark.parametrize("like", ["internvl2-1b", "internvl2-2b", "internvl3-9b", "internvl3_5-8b"])
 def test_peft_loads_the_adapter_like_load_adapter(like, tiny_dirs, tmp_path):
     from peft import PeftModel
 
@@ -156,7 +156,7 @@ def _module_tree(state: dict[str, torch.Tensor]) -> nn.Module:
     return root
 
 
-@pytest.mark.parametrize("like", ["internvl2-1b", "internvl2-2b", "internvl2-4b", "internvl3-9b"])
+@pytest.mark.parametrize("like", ["internvl2-1b", "internvl2-2b", "internvl2-4b", "internvl3-9b", "internvl3_5-8b"])
 def test_original_name_adapter_merges_like_the_native_one(like, tiny_dirs, tmp_path):
     """peft on a module tree with the original InternVLChatModel names gives the native merge after key mapping."""
     from peft import PeftModel
@@ -171,7 +171,7 @@ def test_original_name_adapter_merges_like_the_native_one(like, tiny_dirs, tmp_p
     convert_adapter(tmp_path / "native", tmp_path / "original", "original")
     keys = load_file(str(tmp_path / "original" / "adapter_model.safetensors"))
     qkv = {"internvl2-1b": "self_attn.q_proj", "internvl2-2b": "attention.wqkv", "internvl2-4b": "self_attn.qkv_proj",
-           "internvl3-9b": "self_attn.q_proj"}
+           "internvl3-9b": "self_attn.q_proj", "internvl3_5-8b": "self_attn.q_proj"}
     assert f"base_model.model.language_model.model.layers.0.{qkv[like]}.lora_A.weight" in keys
     assert "base_model.model.mlp1.1.weight" in keys  # the projector keeps training under LLM LoRA
     assert keys["base_model.model.vision_model.encoder.layers.0.attn.qkv.lora_A.weight"].shape[0] == 3 * 2

@@ -151,7 +151,8 @@ def test_mixture_of_experts_is_refused(where, tiny_dirs, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------- fine-tuning
-@pytest.mark.parametrize("like", ["internvl2_5-8b", "internvl3-9b", pytest.param("internvl3-8b", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("like", ["internvl2_5-8b", "internvl3-9b", pytest.param("internvl3-8b", marks=pytest.mark.slow),
+                                  pytest.param("internvl3_5-8b", marks=pytest.mark.slow)])
 def test_full_and_lora_fine_tuning_with_the_checkpoint_template(like, tiny_dirs, tmp_path):
     from internvl_tune.models.internvl_chat.lora import load_adapter
 
