@@ -1,16 +1,20 @@
 """InternVL3.5 (dense, Qwen3) on its tiny releases: the release's tokenizer ids, MPO with LoRA through the CLI, the
-adapter merged, chatted with and converted to the original names, and QLoRA."""
+adapter merged, chatted with and converted to the original names, QLoRA, and the thinking mode (system prompt,
+masking, data check, the system message a run records)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from chat_helpers import SAMPLE, chat_logits, image_inputs, train_on_sample
 
 from internvl_tune.cli import main
+from internvl_tune.data.templates import SYSTEM_INTERNVL2_5, THINKING_SYSTEM_MESSAGE
 from internvl_tune.models.internvl_chat import load_pretrained
 from internvl_tune.models.internvl_chat.lora import load_adapter
 from internvl_tune.train.metrics import read_jsonl
@@ -66,3 +70,84 @@ def test_qlora_trains_and_exports(tiny_dirs, tmp_path):
     assert len(losses) == 1 and math.isfinite(losses[0])
     assert json.loads((tmp_path / "run" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ thinking mode
+THINKING = {"id": 0, "image": "astronaut.jpg", "conversations": [
+    {"from": "human", "value": "<image>\nWhat colour is the suit?"},
+    {"from": "gpt", "value": "<think>\nThe suit in the photo is orange.\n</think>\n\nOrange."}]}
+PLAIN = {"id": 1, "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi."}]}
+
+
+def _thinking_meta(tmp_path) -> Path:
+    (tmp_path / "think.jsonl").write_text("".join(json.dumps(line) + "\n" for line in (THINKING, PLAIN)))
+    meta = tmp_path / "think_meta.json"
+    meta.write_text(json.dumps({"think": {"root": str(SAMPLE / "images"), "annotation": str(tmp_path / "think.jsonl"),
+                                          "data_augment": False, "repeat_time": 1, "length": 2}}))
+    return meta
+
+
+@pytest.mark.parametrize("mode, system", [("on", THINKING_SYSTEM_MESSAGE), ("off", SYSTEM_INTERNVL2_5),
+                                          ("auto", SYSTEM_INTERNVL2_5)])
+def test_thinking_answers_are_supervised_whole_under_the_chosen_system_message(mode, system, tiny_dirs, tmp_path):
+    """The reference's internvl2_5 preprocessing, written out: system and user turns masked, the assistant header
+    and the turn's last newline masked, the answer with its <think>...</think> and <|im_end|> supervised."""
+    from internvl_tune.data.config import DataConfig
+    from internvl_tune.data.dataset import SupervisedDataset
+    from internvl_tune.models.internvl_chat.config import checkpoint_data_defaults
+
+    path = tiny_dirs(LIKE)
+    tok = load_pretrained(path, weights=False).tokenizer
+    cfg = DataConfig(meta_path=str(_thinking_meta(tmp_path)), thinking_mode=mode, dynamic_image_size=False)
+    cfg = cfg.resolve(checkpoint_data_defaults(path))
+    encoded = SupervisedDataset(cfg.meta_path, tok, cfg, is_train=False).prepare(0).encoded
+    answer = THINKING["conversations"][1]["value"]
+    image = "<img>" + "<IMG_CONTEXT>" * cfg.num_image_token + "</img>"
+    turns = [(f"<|im_start|>system\n{system}<|im_end|>\n", False),
+             (f"<|im_start|>user\n{image}\nWhat colour is the suit?<|im_end|>\n", False),
+             (f"<|im_start|>assistant\n{answer}<|im_end|>\n", True)]
+    ids, labels = [], []
+    header = len(tok("<|im_start|>assistant\n").input_ids)
+    for text, supervised in turns:
+        piece = tok(text).input_ids
+        ids += piece
+        labels += [-100] * header + piece[header:-1] + [-100] if supervised else [-100] * len(piece)
+    assert encoded.input_ids.tolist() == ids and encoded.labels.tolist() == labels
+    supervised = [i for i, label in zip(ids, labels) if label != -100]
+    assert supervised[0] == tok.convert_tokens_to_ids("<think>") and tok.convert_tokens_to_ids("</think>") in supervised
+
+
+def test_a_thinking_run_records_its_system_message_for_chat(tiny_dirs, tmp_path, capsys):
+    base, meta = tiny_dirs(LIKE), _thinking_meta(tmp_path)
+    assert main(["data", "check", str(meta), "--model_name_or_path", str(base), "--thinking_mode", "on"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "template internvl2_5" in out and "InternVL3.5's thinking prompt (--thinking_mode on)" in out
+    assert "thinking answers (<think>...</think> first): 1 of 2" in out and "does not ask for it" not in out
+    assert main(["data", "check", str(meta), "--model_name_or_path", str(base)]) == 0
+    assert "does not ask for it" in " ".join(capsys.readouterr().out.split())  # thinking data, default prompt
+
+    out = tmp_path / "run"
+    assert main(["train", "--model_name_or_path", str(base), "--meta_path", str(meta), "--output_dir", str(out),
+                 "--thinking_mode", "on", "--dynamic_image_size", "False", "--freeze_backbone", "True",
+                 "--max_steps", "1", "--per_device_train_batch_size", "2", "--grad_checkpoint", "False",
+                 "--dataloader_num_workers", "0", "--report_to", "none", "--device", "cpu"]) == 0
+    assert "template internvl2_5 with InternVL3.5's thinking system prompt" in " ".join((out / "train.log").read_text().split())
+    trained = load_pretrained(out)
+    assert trained.system_message == THINKING_SYSTEM_MESSAGE  # --thinking_mode auto chats as it was trained
+    prompt, _ = trained._prompt_with_images("Hi", [], [])
+    assert prompt.startswith(f"<|im_start|>system\n{THINKING_SYSTEM_MESSAGE}<|im_end|>\n")
+    assert main(["chat", str(out), "--thinking_mode", "off", "--max_new_tokens", "2", "--device", "cpu", "Hi"]) == 0
+
+
+def test_thinking_mode_resolution_and_its_refusals():
+    from internvl_tune.data.config import REFERENCE_DEFAULTS, DataConfig
+    from internvl_tune.data.templates import is_thinking_answer
+    from internvl_tune.errors import UserError
+
+    own = dataclasses.replace(REFERENCE_DEFAULTS, template="internvl2_5", system_message="Be brief.")
+    assert [DataConfig(thinking_mode=m).resolve(own).system_message for m in ("auto", "on", "off")] == \
+        ["Be brief.", THINKING_SYSTEM_MESSAGE, None]
+    with pytest.raises(UserError, match="plain template has no place for"):
+        DataConfig(conv_style="plain", thinking_mode="on").resolve(own)
+    assert [is_thinking_answer(t) for t in ("<think>a</think>b", "</think>a<think>", "a <think> b")] == \
+        [True, False, False]

@@ -10,6 +10,7 @@ import dataclasses
 from internvl_tune.cli.flags import add_bool_flag
 from internvl_tune.constants import IGNORE_INDEX, IMG_CONTEXT_TOKEN
 from internvl_tune.data.config import DataConfig
+from internvl_tune.data.templates import THINKING_SYSTEM_MESSAGE
 from internvl_tune.models.internvl_chat.preference_loss import PreferenceArgs
 
 # training-only settings that change nothing a check looks at
@@ -87,6 +88,11 @@ def _print_summary(console, report, cfg, tokenizer, args) -> None:
 
     console.print(f"[bold]data check[/] {args.meta}  (template {cfg.conv_style}, {cfg.num_image_token} tokens per tile, "
                   f"dynamic tiles {'on, up to ' + str(cfg.max_dynamic_patch) if cfg.dynamic_image_size else 'off'})")
+    console.print(f"system message (samples without their own): {_system_kind(cfg)}; thinking answers "
+                  f"(<think>...</think> first): {report.thinking_answers} of {report.answers}")
+    if report.thinking_answers and cfg.system_message != THINKING_SYSTEM_MESSAGE:
+        console.print("[yellow]note[/] answers think first but the system message does not ask for it: InternVL3.5 "
+                      "thinks when its thinking prompt is the system message (--thinking_mode on)")
     if report.lines:
         table = Table(title="samples per epoch (repeat_time applied)")
         kinds = ("text", "image", "multi_image", "video")
@@ -128,6 +134,15 @@ def _print_summary(console, report, cfg, tokenizer, args) -> None:
     n_err, n_warn = len(report.errors), len(report.warnings)
     verdict = "[green]clean[/]" if not n_err and not (args.strict and n_warn) else "[red]problems found[/]"
     console.print(f"{verdict}: {n_err} error(s), {n_warn} warning(s)")
+
+
+def _system_kind(cfg) -> str:
+    """How the resolved system message came about, in words."""
+    if cfg.system_message is None:
+        return "the template's default"
+    if cfg.system_message == THINKING_SYSTEM_MESSAGE:
+        return f"InternVL3.5's thinking prompt (--thinking_mode {cfg.thinking_mode})"
+    return "the checkpoint's own (config.json system_message)"
 
 
 def _show_sample(console, prepared, tok) -> None:

@@ -19,7 +19,7 @@ from internvl_tune.data.images import load_image, num_tiles
 from internvl_tune.data.meta import DatasetSpec, JsonlIndex, read_meta, sample_kind
 from internvl_tune.data.preference import PreferenceDataset, preference_fields
 from internvl_tune.data.preprocess import tokenizer_info
-from internvl_tune.data.templates import GPT, HUMAN, get_template
+from internvl_tune.data.templates import GPT, HUMAN, get_template, is_thinking_answer
 from internvl_tune.data.video import load_video_frames
 from internvl_tune.errors import DataError
 
@@ -49,6 +49,8 @@ class CheckReport:
         token_lengths: tokens of each checked line (only with a tokenizer), with its repeat count.
         tiles_per_image: tiles of each checked image (thumbnail included); frames count one tile each.
         tokens_per_epoch: estimated tokens one epoch feeds the model (only with a tokenizer).
+        answers, thinking_answers: gpt answers of the checked lines (a pair: both), and those that reason inside
+            ``<think>...</think>`` first (InternVL3.5's thinking mode).
         shown: a few rendered samples (``--show``).
     """
 
@@ -59,6 +61,8 @@ class CheckReport:
     supervised_tokens: int = 0
     tiles_per_image: Counter = field(default_factory=Counter)
     tokens_per_epoch: int = 0
+    answers: int = 0
+    thinking_answers: int = 0
     shown: list = field(default_factory=list)
 
     @property
@@ -194,6 +198,9 @@ def _check_line(report, spec, index, line, where, template, cfg, repeats: int, p
     except DataError as exc:
         return [Problem(exc.where, _message(exc), exc.fix)]
     report.samples[(spec.name, kind)] += repeats
+    answers = [text for role, text in messages if role == GPT]
+    report.answers += len(answers)
+    report.thinking_answers += sum(map(is_thinking_answer, answers))
     problems = [Problem(where, w, None, error=False) for w in warnings]
     problems += [Problem(where, msg, fix) for msg, fix in _placeholder_problems(item, kind, messages)]
     max_patch = spec.max_dynamic_patch or cfg.max_dynamic_patch

@@ -221,6 +221,15 @@ class InternVLChat:
                             **self._generation_args(sep, generation_config))
         return [r.split(sep.strip())[0].strip() for r in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
+    def set_system_message(self, system_message: str | None) -> None:
+        """Use ``system_message`` (None: the template's default) in chat and record it in the config it is saved
+        with, so the saved model chats as it was fine-tuned (``--thinking_mode auto``)."""
+        self.system_message = system_message
+        if system_message is None:
+            self.original_config.pop("system_message", None)
+        else:
+            self.original_config["system_message"] = system_message
+
     def save_pretrained(self, out_dir, layout: str = "original", overwrite: bool = False) -> Path:
         """Save weights, config and tokenizer files (``original`` or ``native`` layout); see ``saving.save_chat``."""
         from internvl_tune.models.internvl_chat.saving import save_chat

@@ -106,7 +106,8 @@ def num_image_token(original: dict) -> int:
 
 
 def data_defaults(original: dict) -> CheckpointDefaults:
-    """The input settings of a checkpoint, for ``DataConfig.resolve`` (template, tile size, tokens per tile, tiling)."""
+    """The input settings of a checkpoint, for ``DataConfig.resolve`` (template, tile size, tokens per tile, tiling,
+    the system message it was fine-tuned with: ``system_message``, which our exports write and the releases lack)."""
     return CheckpointDefaults(
         template=chat_setting(original, "template"),
         image_size=image_size(original),
@@ -116,6 +117,7 @@ def data_defaults(original: dict) -> CheckpointDefaults:
         use_thumbnail=chat_setting(original, "use_thumbnail"),
         min_dynamic_patch=chat_setting(original, "min_dynamic_patch"),
         max_dynamic_patch=chat_setting(original, "max_dynamic_patch"),
+        system_message=original.get("system_message"),
     )
 
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from internvl_tune.data.batching import ChatBatch
 from internvl_tune.data.config import DataConfig
+from internvl_tune.data.templates import THINKING_SYSTEM_MESSAGE
 from internvl_tune.errors import UserError
 from internvl_tune.models.common import varlen_attention
 from internvl_tune.models.common.quantize import require_bitsandbytes, set_trainable
@@ -247,6 +248,9 @@ class ChatRecipe:
         d, chat = self.data, self.chat
         own = chat.template
         template = d.conv_style + ("" if d.conv_style == own else f" (the checkpoint says {own}: check --conv_style)")
+        if d.system_message is not None:
+            template += (" with InternVL3.5's thinking system prompt" if d.system_message == THINKING_SYSTEM_MESSAGE
+                         else " with the checkpoint's system message")
         tiles = (f"dynamic tiles {d.min_dynamic_patch}-{d.max_dynamic_patch}"
                  + (" + thumbnail" if d.use_thumbnail else "") if d.dynamic_image_size else "one tile per image")
         parts = ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in self.trainable_parts.items())
@@ -276,6 +280,7 @@ class ChatRecipe:
         if quantized:  # the frozen weights in `state` are 4-bit: they come from the checkpoint instead
             own = {name: own[name] for name, p in chat.model.named_parameters() if p.requires_grad}
         chat.model.load_state_dict(own, strict=not quantized, assign=True)
+        chat.set_system_message(self.data.system_message)  # chat then prompts as training did
         if has_lora(chat):
             save_adapter(chat, output_dir / "adapter", base=m.model_name_or_path)
             if m.merge_lora:
