@@ -1,6 +1,7 @@
 """The reference launch scripts run unchanged on CPU against a tiny model of their family (env overrides only)."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -54,3 +55,82 @@ def test_every_sourced_file_exists(script):
 
     for target in re.findall(r'^\s*\. "\$\(dirname "\$0"\)/([^"]+)"', script.read_text(), flags=re.M):
         assert (script.parent / target).is_file(), f"{script.relative_to(REPO)} sources missing {target}"
+
+
+# ------------------------------------------------------------------------------------------------------ InternVL3.5
+SCRIPTS_3_5 = REPO / "shell" / "internvl3.5"
+SIZES_3_5 = {"1b": ("1B", 0.0), "2b": ("2B", 0.0), "4b": ("4B", 0.0), "8b": ("8B", 0.1), "14b": ("14B", 0.1),
+             "38b": ("38B", 0.4)}  # the reference's drop_path_rate per size
+
+
+def _torchrun_argv(script: Path, tmp_path: Path, **env) -> list[str]:
+    """The command line the script hands to python (a stand-in records it instead of starting torchrun)."""
+    record = tmp_path / "argv.txt"
+    stand_in = tmp_path / "python"
+    stand_in.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$ARGV_FILE"\n')
+    stand_in.chmod(0o755)
+    proc = subprocess.run(["sh", str(script), "--max_steps", "3"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": str(stand_in), "ARGV_FILE": str(record), **env}, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return record.read_text().splitlines()
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS_3_5.glob("internvl3_5_*.sh")), ids=lambda p: p.name)
+def test_internvl3_5_scripts_pass_the_reference_settings(script, tmp_path):
+    """Each script, on two 8-GPU nodes as the reference runs it: torchrun's node arguments, and the flags `internvl-tune
+    train` parses into the reference's settings (every flag of the reference script accepted)."""
+    from internvl_tune.cli import build_parser
+    from internvl_tune.cli.train import sections
+    from internvl_tune.train.config import load_config
+
+    size, kind = re.match(r"internvl3_5_(\d+b)_(\w+)\.sh", script.name).groups()
+    argv = _torchrun_argv(script, tmp_path, NPROC_PER_NODE="8", WORLD_SIZE="2", RANK="1", MASTER_ADDR="10.0.0.1")
+    split = argv.index("internvl_tune.cli")
+    assert argv[:split - 1] == ["-m", "torch.distributed.run", "--nnodes=2", "--node_rank=1", "--master_addr=10.0.0.1",
+                                "--nproc_per_node=8", "--master_port=34229"]
+    cfg = load_config(build_parser(argv[split + 1:]).parse_args(argv[split + 1:]), sections())
+    name, drop_path = SIZES_3_5[size]
+    release = {"sft": f"InternVL3_5-{name}-Pretrained", "mpo": f"InternVL3_5-{name}-Instruct",
+               "sft_lora": f"InternVL3_5-{name}"}[kind]
+    m, d, t = cfg.model, cfg.data, cfg.train
+    assert m.model_name_or_path == f"./pretrained/{release}" and d.conv_style == "internvl2_5"
+    assert t.output_dir == f"work_dirs/internvl3_5_{size}_{kind}/internvl3_5_{size}_{kind}" and t.max_steps == 3
+    assert (d.force_image_size, d.max_dynamic_patch, d.dynamic_image_size, d.use_thumbnail) == (448, 12, True, True)
+    batch = {"sft": 512, "mpo": 256, "sft_lora": 16}[kind]
+    assert t.per_device_train_batch_size * t.gradient_accumulation_steps * 16 == batch
+    if kind == "mpo":
+        assert cfg.preference.objective == "mpo" and t.learning_rate == 2e-7 and d.max_seq_length == 16384
+        assert not d.use_packed_ds and m.drop_path_rate == drop_path
+    else:
+        assert d.use_packed_ds and (d.max_packed_tokens, d.num_images_expected, d.loss_reduction) == (32768, 96, "square")
+        assert d.max_seq_length == 32768 and cfg.preference.objective == "sft"
+    if kind == "sft":
+        assert (t.learning_rate, m.drop_path_rate, m.use_llm_lora, m.freeze_llm) == (8e-5, drop_path, 0, False)
+    if kind == "sft_lora":
+        assert (m.use_llm_lora, m.freeze_llm, m.freeze_backbone, m.freeze_mlp) == (16, True, True, True)
+        assert (t.learning_rate, t.num_train_epochs, m.drop_path_rate) == (4e-5, 1, 0.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, steps", [("internvl3_5_8b_sft.sh", 2), ("internvl3_5_1b_sft_lora.sh", 1),
+                                           ("internvl3_5_38b_mpo.sh", 1)])
+def test_internvl3_5_scripts_train_a_tiny_model(script, steps, tmp_path):
+    from internvl_tune.testing.tiny_chat import write_tiny_checkpoint
+
+    like = "internvl3_5-" + script.split("_")[2]
+    model = write_tiny_checkpoint(like, tmp_path / "model")
+    out = tmp_path / "run"
+    meta = REPO / "examples" / "sample" / ("preference_meta.json" if "mpo" in script else "meta.json")
+    env = {**os.environ, "NPROC_PER_NODE": "1", "BATCH_SIZE": "2", "PYTHON": sys.executable, "MODEL": str(model),
+           "OUTPUT_DIR": str(out), "META_PATH": str(meta), "MASTER_PORT": str(29000 + os.getpid() % 1000),
+           "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["sh", str(SCRIPTS_3_5 / script), "--bf16", "False", "--max_steps", str(steps),
+                           "--force_image_size", "56", "--max_dynamic_patch", "2", "--max_packed_tokens", "1024",
+                           "--dataloader_num_workers", "0", "--report_to", "none", "--device", "cpu"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    log = " ".join(proc.stdout.split())
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "(qwen3), template internvl2_5" in log and f"done: {steps} steps" in log
+    assert "Warning" not in proc.stdout and (out / "config.json").is_file()
+    assert ("packed rows" in log) == ("mpo" not in script) and ("objective mpo" in log) == ("mpo" in script)
+    assert (out / "adapter").is_dir() == ("lora" in script)

@@ -35,6 +35,14 @@ IGNORED_FLAGS = {
     "--use_fast_tokenizer": "fast tokenizers are always used",
     "--use_data_resampling": "not supported yet",
     "--use_liger": "torch.compile fuses the same kernels (norms, RoPE, SwiGLU)",
+    "--gradient_checkpointing": "--grad_checkpoint sets activation checkpointing",
+    "--use_custom_flash_attn": "packed rows always run one causal attention per sample (flash varlen on CUDA)",
+    "--split_annotations": "every rank reads only the lines of its own samples (lazy JSONL index)",
+    "--max_buffer_size": "packs are planned from the length estimates of the dataset, not from a buffer",
+    "--log_freq": "--logging_steps sets how often the run logs",
+    "--strict_mode": "packs are filled best-fit up to --max_packed_tokens tokens and --num_images_expected tiles",
+    "--allow_overflow": "packs are filled best-fit up to --max_packed_tokens tokens (a longer sample alone)",
+    "--replacement": "each epoch takes every sample once",
 }
 
 
