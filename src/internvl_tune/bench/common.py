@@ -63,7 +63,8 @@ def train_flops(llm_params: int, trainable_llm: bool, vit_params: int, proj_para
                 layers: int, hidden: int, seq_lens: list[int]) -> float:
     """FLOPs of one training step: 6·N·T for trained parameters, 2·N·T for frozen forward-only ones, plus attention.
 
-    Attention (causal, per sample of length s): forward 2·2·s²/2·hidden per layer (QKᵀ and AV), x3 with backward.
+    Attention (causal, per sample of length s): forward 2·2·s²/2·hidden per layer (QKᵀ and AV), x3 with backward;
+    ``hidden`` is the attention width (heads x head_dim).
     Embedding-table lookups are not FLOPs and are excluded from ``llm_params`` by the caller.
     """
     llm = (6 if trainable_llm else 2) * llm_params * llm_tokens
@@ -71,3 +72,24 @@ def train_flops(llm_params: int, trainable_llm: bool, vit_params: int, proj_para
     vit = 2 * vit_params * tiles * VIT_TOKENS_PER_TILE
     proj = 6 * proj_params * tiles * TOKENS_PER_TILE
     return float(llm + attn + vit + proj)
+
+
+def param_counts(model) -> dict:
+    """Parameters of an ``InternVLForConditionalGeneration`` for :func:`train_flops`: the LLM's (LM head in, input
+    embeddings out: a lookup is no FLOP), the ViT's and the projector's."""
+    lm = model.model.language_model
+    emb = lm.embed_tokens.weight.numel()
+    return {
+        "llm": sum(p.numel() for p in lm.parameters()) - emb + model.lm_head.weight.numel(),
+        "vit": sum(p.numel() for p in model.model.vision_tower.parameters()),
+        "proj": sum(p.numel() for p in model.model.multi_modal_projector.parameters()),
+    }
+
+
+def step_flops(counts: dict, cfg, samples) -> float:
+    """:func:`train_flops` of ``samples`` on a model of ``cfg`` (an ``InternVLConfig``) with ``param_counts``; the
+    attention width is heads x head_dim, which is not the hidden size in every LLM (Qwen3-0.6B, 4B, 32B)."""
+    t = cfg.text_config
+    width = t.num_attention_heads * (getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads)
+    return train_flops(counts["llm"], True, counts["vit"], counts["proj"], sum(s.tokens for s in samples),
+                       sum(s.tiles for s in samples), t.num_hidden_layers, width, [s.tokens for s in samples])

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import torch
 
-from internvl_tune.bench.common import materialize
+from internvl_tune.bench.common import materialize, param_counts, step_flops
 from internvl_tune.bench.shapes import native_config
 from internvl_tune.data.batching import ChatCollator, PackedBatchSampler
 from internvl_tune.dist import init_distributed
@@ -50,12 +50,10 @@ def build_chat(shape: str, attn: str, device: torch.device) -> InternVLChat:
 def run_ours(shape: str, samples, device, warmup: int, packed_tokens: int, compile: bool = False,
              grad_checkpoint: str = "False", lora_rank: int = 0, steps: int | None = None, profile: bool = False) -> dict:
     """Train on packs of ``samples`` as ``internvl-tune train`` does and time it: tokens/s, TFLOP/s, peak memory."""
-    from internvl_tune.bench.train_throughput import _flops, _param_counts
-
     info = init_distributed(device.type)
     cuda = device.type == "cuda"
     chat = build_chat(shape, "sdpa", device)
-    counts = _param_counts(chat.model)
+    counts = param_counts(chat.model)
     if lora_rank:
         from internvl_tune.models.internvl_chat.lora import add_lora
 
@@ -105,7 +103,7 @@ def run_ours(shape: str, samples, device, warmup: int, packed_tokens: int, compi
     _sync(device)
     elapsed = time.perf_counter() - start
     timed_samples = [samples[i] for i in timed]
-    flops = _flops(counts, cfg, timed_samples)
+    flops = step_flops(counts, cfg, timed_samples)
     if lora_rank:  # a frozen LLM costs 4·N·T (forward + input gradients), not 6·N·T
         flops -= 2 * counts["llm"] * sum(s.tokens for s in timed_samples)
     name = "ours" + (" + compile" if compile else "") + (f" + ckpt {grad_checkpoint}" if mode else "")

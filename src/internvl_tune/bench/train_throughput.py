@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from internvl_tune.bench.common import materialize, measure_matmul_peak, synthetic_samples, train_flops
+from internvl_tune.bench.common import materialize, measure_matmul_peak, param_counts, step_flops, synthetic_samples
 from internvl_tune.bench.shapes import native_config
 from internvl_tune.cli.flags import description
 
@@ -36,22 +36,6 @@ def _model(shape: str, attn: str, device: torch.device, dtype: torch.dtype):
     return model, cfg
 
 
-def _param_counts(model) -> dict:
-    lm = model.model.language_model
-    emb = lm.embed_tokens.weight.numel()
-    return {
-        "llm": sum(p.numel() for p in lm.parameters()) - emb + model.lm_head.weight.numel(),
-        "vit": sum(p.numel() for p in model.model.vision_tower.parameters()),
-        "proj": sum(p.numel() for p in model.model.multi_modal_projector.parameters()),
-    }
-
-
-def _flops(counts, cfg, samples) -> float:
-    t = cfg.text_config
-    return train_flops(counts["llm"], True, counts["vit"], counts["proj"], sum(s.tokens for s in samples),
-                       sum(s.tiles for s in samples), t.num_hidden_layers, t.hidden_size, [s.tokens for s in samples])
-
-
 LORA_TARGETS = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 
 
@@ -60,7 +44,7 @@ def run_plain(shape: str, samples, device, warmup: int, lora_rank: int = 0, grad
     (bf16 base, peft LoRA on q/k/v/o/gate/up/down, dropout 0.05, optional gradient checkpointing, SDPA, batch 1)."""
     model, cfg = _model(shape, "sdpa", device, torch.bfloat16 if lora_rank else torch.float32)
     model.model.vision_tower.requires_grad_(False)
-    counts = _param_counts(model)
+    counts = param_counts(model)
     if lora_rank:
         from peft import LoraConfig, get_peft_model
 
@@ -88,7 +72,7 @@ def run_plain(shape: str, samples, device, warmup: int, lora_rank: int = 0, grad
     torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start
     timed = samples[warmup:]
-    flops = _flops(counts, cfg, timed)
+    flops = step_flops(counts, cfg, timed)
     if lora_rank:  # a frozen LLM costs 4·N·T (forward + input gradients), not 6·N·T
         flops -= 2 * counts["llm"] * sum(s.tokens for s in timed)
     del model, opt

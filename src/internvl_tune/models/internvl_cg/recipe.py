@@ -14,6 +14,7 @@ What the one trainer (``train/trainer.py``) needs to know of this family:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,6 +174,11 @@ class RetrievalRecipe:
                  gather_fn: Callable[[torch.Tensor], torch.Tensor]):
         if not model.model_name_or_path:
             raise UserError("--model_name_or_path is required (e.g. ./pretrained/InternVL-14B-224px)")
+        if data.force_image_size is None:  # the checkpoint's resolution, from its config.json alone
+            from internvl_tune.models.internvl_cg.config import InternVLCGConfig
+
+            own = InternVLCGConfig.from_file(Path(model.model_name_or_path) / "config.json").image_size
+            data = dataclasses.replace(data, force_image_size=own)
         self.args, self.data, self.gather_fn = model, data, gather_fn
         self.trainable_parts: dict[str, int] = {}
         self.config = None

@@ -266,8 +266,6 @@ def load_pretrained(path, dtype: torch.dtype | None = torch.float32, device="cpu
             ``force_image_size``, ``downsample_ratio``, ``drop_path_rate`` of the ViT); None values are ignored.
     """
     path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory — pass the folder that holds config.json and the weights")
     layout, original = cfg.read_original_config(path)
     unknown = set(overrides) - set(cfg.CHAT_DEFAULTS) - {"drop_path_rate"}
     if unknown:

@@ -124,6 +124,8 @@ def data_defaults(original: dict) -> CheckpointDefaults:
 def read_original_config(path: Path) -> tuple[str, dict]:
     """``(layout, original InternVLChatConfig dict)`` of a checkpoint directory (native checkpoints: from the stored
     sidecar, or rebuilt from the native config with the template its chat template renders)."""
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory — pass the folder that holds config.json and the weights")
     raw = read_json(path / "config.json")
     layout = detect_layout(raw, str(path / "config.json"))
     if layout == "original":

@@ -168,7 +168,11 @@ class ChatRecipe:
             if not (model.use_llm_lora or model.freeze_llm):
                 raise UserError("--load_in_4bit keeps the LLM's linear layers frozen in 4 bits: add --use_llm_lora R "
                                 "(QLoRA) or --freeze_llm True")
-        self.args, self.data = model, data
+        from internvl_tune.models.internvl_chat.config import checkpoint_data_defaults
+
+        # the checkpoint's config.json fixes the template and the tiling: settled here, before any weight is read
+        self.args, self.data = model, data.resolve(checkpoint_data_defaults(model.model_name_or_path),
+                                                   model.model_name_or_path)
         self.chat = None
         self.trainable_parts: dict[str, int] = {}
 
@@ -182,12 +186,10 @@ class ChatRecipe:
 
     def build_module(self, dtype: torch.dtype, weights: bool = True, device="cpu") -> ChatTrainModule:
         """The training module from the checkpoint (``weights=False``: its structure on the meta device), with the
-        trainable flags and LoRA adapters applied. The data settings are resolved against the checkpoint here.
+        trainable flags and LoRA adapters applied.
 
         The model loads on the CPU; with ``--load_in_4bit`` it loads straight onto ``device``, quantizing there.
         """
-        from internvl_tune.models.internvl_chat.config import data_defaults
-
         quantized = self.args.load_in_4bit
         if quantized and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             raise UserError(f"--load_in_4bit trains in one process on one GPU; this run has "
@@ -197,7 +199,6 @@ class ChatRecipe:
         chat = self._load_chat(dtype, weights, device if quantized else "cpu", quantized)
         self.trainable_parts = apply_trainable_flags(chat, self.args)
         if self.chat is None:  # the first build is the trained one (a second, on rank 0, only sources weights)
-            self.data = self.data.resolve(data_defaults(chat.original_config), self.args.model_name_or_path)
             self.chat = chat
         return self._training_module(chat, dtype, weights)
 
