@@ -19,6 +19,33 @@ def test_our_training_path_runs_on_packed_synthetic_samples():
     assert 0 <= row["padding_waste"] < 1 and row["estimate_gib"] > 0
 
 
+def test_the_qwen3_shape_runs_our_training_path():
+    """InternVL3.5's LLM (Qwen3: q/k-norm, head_dim apart from hidden / heads) through the packed training path."""
+    from internvl_tune.bench.ours import run_ours
+
+    samples = synthetic_samples(4, seed=0, tiles=(1, 2), text=(16, 64))
+    row = run_ours("tiny-qwen3", samples, torch.device("cpu"), warmup=1, packed_tokens=1024, steps=2)
+    assert row["tokens_per_s"] > 0 and torch.isfinite(torch.tensor(row["loss_last"]))
+
+
+def test_attention_flops_use_heads_times_head_dim():
+    from internvl_tune.bench.common import SyntheticSample, step_flops
+    from internvl_tune.bench.shapes import native_config
+
+    cfg = native_config("internvl3_5-4b")  # Qwen3-4B: hidden 2560, 32 heads x 128 = 4096 wide attention
+    sample = SyntheticSample(tiles=0, text=1000)
+    no_params = {"llm": 0, "vit": 0, "proj": 0}
+    assert step_flops(no_params, cfg, [sample]) == 3 * 2 * 1000 * 1000 * 4096 * 36
+
+
+def test_bench_train_lists_the_internvl3_5_shapes(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", "train", "--help"])
+    assert stop.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert all(f"internvl3_5-{size}" in out for size in ("1b", "8b", "38b"))
+
+
 def test_e2e_loader_only_times_the_trainers_loader_on_jpegs(tmp_path):
     out = tmp_path / "e2e.json"
     assert main(["bench", "e2e", "--out", str(tmp_path), "--shape", "tiny", "--loader_only", "--workers", "0",

@@ -1,4 +1,5 @@
-"""Architecture shapes of the released InternVL2 models, as transformers-native configs with random weights.
+"""Architecture shapes of the released InternVL2 and InternVL3.5 models, as transformers-native configs with random
+weights.
 
 Used by the benchmarks: the speed and memory of a shape do not depend on the weights' values.
 """
@@ -27,14 +28,25 @@ LLMS = {
     "llama3-70b": dict(model_type="llama", hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
                        num_key_value_heads=8, intermediate_size=28672, vocab_size=128265, rope_theta=5e5),
 }
+# Qwen3 (InternVL3.5): head_dim 128 throughout, which is not hidden / heads in the 0.6B, 4B and 32B models; the
+# vocabulary of the InternVL3.5 releases (Qwen3's 151,669 tokens + InternVL's 9)
+_QWEN3 = dict(model_type="qwen3", num_key_value_heads=8, head_dim=128, vocab_size=151678, rope_theta=1e6)
+LLMS.update({name: dict(_QWEN3, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=ffn)
+             for name, (hidden, layers, heads, ffn) in {
+                 "qwen3-0.6b": (1024, 28, 16, 3072), "qwen3-1.7b": (2048, 28, 16, 6144), "qwen3-4b": (2560, 36, 32, 9728),
+                 "qwen3-8b": (4096, 36, 32, 12288), "qwen3-14b": (5120, 40, 40, 17408),
+                 "qwen3-32b": (5120, 64, 64, 25600)}.items()})
 
 VIT_TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                 norm_type="layer_norm", use_qk_norm=False, attention_bias=True)
 LLMS["tiny"] = dict(model_type="qwen2", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, intermediate_size=128, vocab_size=1000)
+LLMS["tiny-qwen3"] = dict(LLMS["tiny"], model_type="qwen3", head_dim=24)
 
 SHAPES = {
     "tiny": (VIT_TINY, "tiny"),  # CPU smoke tests of the benchmark code
+    "tiny-qwen3": (VIT_TINY, "tiny-qwen3"),
     "internvl2-1b": (VIT_300M, "qwen2-0.5b"),
     "internvl2-2b": (VIT_300M, "internlm2-1.8b"),
     "internvl2-4b": (VIT_300M, "phi3-mini"),
@@ -42,6 +54,12 @@ SHAPES = {
     "internvl2-26b": (VIT_6B, "internlm2-20b"),
     "internvl2-40b": (VIT_6B, "yi-34b"),
     "internvl2-76b": (VIT_6B, "llama3-70b"),
+    "internvl3_5-1b": (VIT_300M, "qwen3-0.6b"),  # InternViT-300M-448px-V2_5 has the 300M shape
+    "internvl3_5-2b": (VIT_300M, "qwen3-1.7b"),
+    "internvl3_5-4b": (VIT_300M, "qwen3-4b"),
+    "internvl3_5-8b": (VIT_300M, "qwen3-8b"),
+    "internvl3_5-14b": (VIT_300M, "qwen3-14b"),
+    "internvl3_5-38b": (VIT_6B, "qwen3-32b"),
 }
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from internvl_tune.bench.common import materialize, measure_matmul_peak, param_counts, step_flops, synthetic_samples
-from internvl_tune.bench.shapes import native_config
+from internvl_tune.bench.shapes import SHAPES, native_config
 from internvl_tune.cli.flags import description
 
 
@@ -85,7 +85,8 @@ def run_plain(shape: str, samples, device, warmup: int, lora_rank: int = 0, grad
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="internvl2-2b", help="internvl2-1b | internvl2-2b | internvl2-4b | internvl2-8b")
+    parser.add_argument("--shape", default="internvl2-2b", choices=list(SHAPES), metavar="SHAPE",
+                        help=f"architecture to build: {', '.join(SHAPES)} (default: internvl2-2b)")
     parser.add_argument("--samples", type=int, default=64, help="synthetic samples (1-7 tiles, 64-1024 text tokens)")
     parser.add_argument("--warmup", type=int, default=8, help="samples (plain) / steps (ours) not timed")
     parser.add_argument("--packed_tokens", type=int, default=8192, help="token budget of a packed row (ours)")
