@@ -35,7 +35,7 @@ def test_attention_flops_use_heads_times_head_dim():
     cfg = native_config("internvl3_5-4b")  # Qwen3-4B: hidden 2560, 32 heads x 128 = 4096 wide attention
     sample = SyntheticSample(tiles=0, text=1000)
     no_params = {"llm": 0, "vit": 0, "proj": 0}
-    assert step_flops(no_params, cfg, [sample]) == 3 * 2 * 1000 * 1000 * 4096 * 36
+    assert step_flops(no_params, cfg.text_config, [sample]) == 3 * 2 * 1000 * 1000 * 4096 * 36
 
 
 def test_bench_train_lists_the_internvl3_5_shapes(capsys):
@@ -92,3 +92,25 @@ def test_bench_plot_help_and_folder(tmp_path, capsys):
 ])
 def test_torch_compile_setting(setting, device, expected):
     assert compile_enabled(setting, torch.device(device)) is expected
+
+
+def test_bench_train_alternates_ours_with_the_plain_loop(tmp_path, capsys):
+    """`bench train`'s own code on the CPU (tiny shape): the plain row first, ours with its ratio and spread."""
+    from internvl_tune.bench.train_throughput import main as bench_train
+
+    out = tmp_path / "bench.json"
+    assert bench_train(["--shape", "tiny", "--samples", "6", "--warmup", "1", "--steps", "1", "--packed_tokens", "512",
+                        "--variants", "plain+lora4,ours+lora4", "--device", "cpu", "--out", str(out)]) == 0
+    plain, ours = json.loads(out.read_text())
+    assert plain["variant"].startswith("plain") and ours["variant"] == "ours + LoRA r4"
+    assert plain["repeats"] == ours["repeats"] == 3
+    assert ours["x_plain"] == pytest.approx(ours["tokens_per_s"] / plain["tokens_per_s"])
+    assert "x plain (range)" in capsys.readouterr().out
+
+
+def test_bench_train_refuses_fewer_than_three_rounds():
+    from internvl_tune.bench.train_throughput import main as bench_train
+    from internvl_tune.errors import UserError
+
+    with pytest.raises(UserError, match="at least 3"):
+        bench_train(["--shape", "tiny", "--repeats", "2", "--device", "cpu"])
