@@ -11,12 +11,16 @@ whole string, and each answer's tokens are known without searching.
 | `Hermes-2`       | InternVL2-1B (Qwen2), 40B, 76B          | same as internlm2-chat                                 | `<|im_end|>`       |
 | `phi3-chat`      | InternVL2-4B (Phi-3)                    | `<|user|>\\n` / `<|assistant|>\\n`                       | `<|end|>`          |
 | `internvl2_5`    | InternVL2.5, InternVL3, InternVL3.5     | same as internlm2-chat                                 | `<|im_end|>\\n`     |
+| `internvl3_5_gpt_oss` | InternVL3.5-GPT-OSS-20B-A4B (GPT-OSS) | `<|start|>user<|message|>` / `<|start|>assistant`  | `<|end|>`          |
 | `plain`          | base LLMs without a chat format         | none                                                   | `\\n`              |
 
 InternVL3.5's thinking mode is no template of its own: the ``internvl2_5`` prompt with
 :data:`THINKING_SYSTEM_MESSAGE` as its system message, after which the model answers ``<think>...</think>`` and then the
 answer. ``--thinking_mode`` picks the system message (:func:`thinking_system_message`); an answer's thinking is part
 of the answer, supervised like the rest of it, as the reference trains it.
+
+``internvl3_5_gpt_oss`` is OpenAI's harmony format as the reference trains GPT-OSS: every answer opens with
+``<|channel|>final<|message|>`` (its ``answer_prefix``, supervised with the answer) and ends with ``<|end|>``.
 """
 
 from __future__ import annotations
@@ -29,6 +33,10 @@ from internvl_tune.errors import DataError
 # The reference's default system messages (Chinese); the model was trained with them, so keep them verbatim.
 SYSTEM_INTERNVL2 = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
 SYSTEM_INTERNVL2_5 = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+# The reference's GPT-OSS system message (harmony: knowledge cutoff, date, reasoning effort, the channels allowed).
+SYSTEM_GPT_OSS = ("You are InternVL, a large language model trained by Shanghai AI Laboratory.\nKnowledge cutoff: 2024-06\n"
+                  "Current date: 2025-08-06\n\nReasoning: low\n\n# Valid channels: final. Channel must be included for "
+                  "every message.")
 # InternVL3.5's thinking-mode system prompt (its model card's), verbatim: the model was trained to think after it.
 THINKING_SYSTEM_MESSAGE = (
     "You are an AI assistant that rigorously follows this response protocol:\n"
@@ -62,6 +70,8 @@ class Template:
         images_in_human_only: ``<image>`` is expanded in human turns only (internvl2_5) instead of anywhere.
         stop_str: the end-of-turn text generation stops at.
         unsupervised_tokens: tokens never supervised even inside an answer (phi3-chat masks ``<|endoftext|>``).
+        answer_prefix: text that opens every answer after the assistant header, supervised with it (harmony's
+            ``<|channel|>final<|message|>``); a generation prompt ends with it.
     """
 
     name: str
@@ -76,6 +86,7 @@ class Template:
     images_in_human_only: bool = False
     stop_str: str | None = None
     unsupervised_tokens: tuple[str, ...] = ()
+    answer_prefix: str = ""
 
     @property
     def special_texts(self) -> tuple[str, ...]:
@@ -90,8 +101,8 @@ class Template:
             system = self.system_message if system_message is None else system_message
             pieces.append(Turn(SYSTEM, "", self.system_template.format(system_message=system) + self.sep))
         for role, text in messages:
-            header = self.roles[0] if role == HUMAN else self.roles[1]
-            pieces.append(Turn(role, header, text + self.sep))
+            header, prefix = (self.roles[0], "") if role == HUMAN else (self.roles[1], self.answer_prefix)
+            pieces.append(Turn(role, header, prefix + text + self.sep))
         return pieces
 
     def prompt(self, messages: list[tuple[str, str]], system_message: str | None = None) -> str:
@@ -100,7 +111,7 @@ class Template:
 
     def generation_prompt(self, messages: list[tuple[str, str]], system_message: str | None = None) -> str:
         """Prompt for inference: the conversation so far, then the assistant header with no answer yet."""
-        return self.prompt(messages, system_message) + self.roles[1]
+        return self.prompt(messages, system_message) + self.roles[1] + self.answer_prefix
 
 
 @dataclass
@@ -137,6 +148,12 @@ TEMPLATES = {
             "internvl2_5", "<|im_start|>system\n{system_message}", SYSTEM_INTERNVL2_5,
             ("<|im_start|>user\n", "<|im_start|>assistant\n"), "<|im_end|>\n", "<|im_end|>", system_turn=True,
             alternating=False, images_in_human_only=True, stop_str="<|im_end|>",
+        ),
+        Template(
+            "internvl3_5_gpt_oss", "<|start|>system<|message|>{system_message}", SYSTEM_GPT_OSS,
+            ("<|start|>user<|message|>", "<|start|>assistant"), "<|end|>", "<|end|>", system_turn=True,
+            alternating=False, images_in_human_only=True, stop_str="<|end|>",
+            answer_prefix="<|channel|>final<|message|>",
         ),
         Template("plain", None, "", ("", ""), "\n", "\n"),
     )

@@ -22,7 +22,12 @@ from internvl_tune.constants import IMAGENET_MEAN, IMAGENET_STD, SPECIAL_TOKENS
 from internvl_tune.errors import UserError
 from internvl_tune.models.internvl_chat import config as cfg
 from internvl_tune.models.internvl_chat import families
-from internvl_tune.testing.tokenizers import QWEN_ADDED_TOKENS, qwen_vocab_size, write_qwen2_tokenizer
+from internvl_tune.testing.tokenizers import (
+    QWEN_ADDED_TOKENS,
+    qwen_vocab_size,
+    write_harmony_tokenizer,
+    write_qwen2_tokenizer,
+)
 
 
 @dataclass(frozen=True)
@@ -33,7 +38,7 @@ class Release:
         llm: the LLM it was built on.
         family: its ``llm_config`` family (a name of ``families.FAMILIES``).
         tokenizer: the tokenizer files it ships: ``qwen2``, ``qwen2.5``, ``qwen3``, ``internlm2``, ``internlm3``,
-            ``phi3``, ``yi`` or ``llama3``.
+            ``phi3``, ``yi``, ``llama3`` or ``o200k_harmony`` (GPT-OSS).
         vision: the InternViT release (the 6B ones have RMSNorm, qk-norm and no qkv bias).
         template: ``config.json`` ``template``.
         series: ``internvl2``, ``internvl2_5``, ``internvl3`` or ``internvl3_5``: which config keys the series writes.
@@ -79,6 +84,12 @@ RELEASES = {
     "internvl3_5-8b": Release("Qwen3-8B", "qwen3", "qwen3", VIT_300M_V2_5, "internvl2_5", _V35),
     "internvl3_5-14b": Release("Qwen3-14B", "qwen3", "qwen3", VIT_300M_V2_5, "internvl2_5", _V35),
     "internvl3_5-38b": Release("Qwen3-32B", "qwen3", "qwen3", VIT_6B_V2_5, "internvl2_5", _V35),
+    # InternVL3.5 mixture-of-experts: Qwen3-MoE (experts stored one tensor each) and GPT-OSS (grouped experts,
+    # attention sinks, sliding window on every other layer; the o200k_harmony tokenizer format)
+    "internvl3_5-30b-a3b": Release("Qwen3-30B-A3B", "qwen3_moe", "qwen3", VIT_300M_V2_5, "internvl2_5", _V35),
+    "internvl3_5-241b-a28b": Release("Qwen3-235B-A22B", "qwen3_moe", "qwen3", VIT_6B_V2_5, "internvl2_5", _V35),
+    "internvl3_5-gpt-oss-20b-a4b": Release("gpt-oss-20b", "gpt_oss", "o200k_harmony", VIT_300M_V2_5,
+                                           "internvl3_5_gpt_oss", _V35),
 }
 # transformers' native ("-hf") conversions: like -> the original release it converts.
 NATIVE_RELEASES = {"internvl3-1b-hf": "internvl3-1b",
@@ -189,9 +200,31 @@ def _qwen3_keys(release: Release) -> dict:
                 sliding_window=None, use_sliding_window=False)
 
 
+def _qwen3_moe_keys(release: Release) -> dict:
+    # Qwen3-30B-A3B's / Qwen3-235B-A22B's config keys (128 experts, 8 per token, norm_topk_prob true, the aux loss
+    # off: output_router_logits false) with 8 experts, 2 per token; widths multiples of 8 (grouped matmuls)
+    return dict(attention_bias=False, attention_dropout=0.0, decoder_sparse_step=1, head_dim=24,
+                max_position_embeddings=40960, max_window_layers=2, mlp_only_layers=[], moe_intermediate_size=32,
+                norm_topk_prob=True, num_experts=8, num_experts_per_tok=2, output_router_logits=False,
+                rope_scaling=None, rope_theta=1000000.0, router_aux_loss_coef=0.001, sliding_window=None,
+                use_sliding_window=False)
+
+
+def _gpt_oss_keys(release: Release) -> dict:
+    # gpt-oss-20b's config keys (32 experts, 4 per token, yarn rope, sinks, a 128-token window on every other layer,
+    # router_aux_loss_coef 0.9) with 8 experts, 2 per token and a 4-token window, so that the window acts on the
+    # tiny prompts
+    return dict(attention_bias=True, attention_dropout=0.0, experts_per_token=2, head_dim=24, hidden_act="silu",
+                initial_context_length=4096, intermediate_size=32, layer_types=["sliding_attention", "full_attention"],
+                max_position_embeddings=131072, num_experts_per_tok=2, num_local_experts=8, output_router_logits=False,
+                rms_norm_eps=1e-5, rope_theta=150000.0, router_aux_loss_coef=0.9, sliding_window=4, swiglu_limit=7.0,
+                rope_scaling={"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+                              "original_max_position_embeddings": 4096, "rope_type": "yarn", "truncate": False})
+
+
 # The keys (and rope style) each family's llm_config adds to the common ones, for a release: one entry per family.
 TINY_LLM_KEYS = {"qwen2": _qwen2_keys, "internlm2": _internlm2_keys, "internlm3": _internlm3_keys, "phi3": _phi3_keys,
-                 "llama": _llama_keys, "qwen3": _qwen3_keys}
+                 "llama": _llama_keys, "qwen3": _qwen3_keys, "qwen3_moe": _qwen3_moe_keys, "gpt_oss": _gpt_oss_keys}
 
 
 def _llm_config(release: Release, vocab_size: int, special_ids: dict) -> dict:
@@ -342,6 +375,8 @@ def write_tiny_tokenizer(style: str, out: Path) -> tuple[int, dict]:
         return qwen_vocab_size(style), QWEN_SPECIAL_IDS
     if style == "llama3":
         return _write_llama3_tokenizer(out)
+    if style == "o200k_harmony":
+        return write_harmony_tokenizer(out, _CORPUS.splitlines() * 4)
     return _write_spm_tokenizer(out, style)
 
 
@@ -386,17 +421,26 @@ def _write_native_release(like: str, out: Path, seed: int, image_size: int) -> N
         Qwen2Tokenizer,
     )
 
+    from internvl_tune.models.internvl_chat.saving import chat_template
+
     source = NATIVE_RELEASES[like]
+    image_tokens = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>"}
     with tempfile.TemporaryDirectory() as base:  # the LLM's own tokenizer files, before InternVL's additions
-        write_qwen2_tokenizer(base, with_internvl_tokens=False, version=RELEASES[source].tokenizer)
-        tokenizer = Qwen2Tokenizer.from_pretrained(base, extra_special_tokens={
-            "start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>"})
+        if RELEASES[source].tokenizer == "o200k_harmony":
+            from transformers import PreTrainedTokenizerFast
+
+            _, special_ids = write_harmony_tokenizer(base, _CORPUS.splitlines() * 4)
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(base, extra_special_tokens=image_tokens)
+            tokenizer.chat_template = chat_template(RELEASES[source].template, system_message="")
+        else:
+            write_qwen2_tokenizer(base, with_internvl_tokens=False, version=RELEASES[source].tokenizer)
+            tokenizer = Qwen2Tokenizer.from_pretrained(base, extra_special_tokens=image_tokens)
+            tokenizer.chat_template, special_ids = HF_CHAT_TEMPLATE, QWEN_SPECIAL_IDS
     tokenizer.add_tokens(list(SPECIAL_TOKENS), special_tokens=True)
     tokenizer.model_max_length = 8192
-    tokenizer.chat_template = HF_CHAT_TEMPLATE
     tokenizer.save_pretrained(str(out))
 
-    original = tiny_original_config(source, len(tokenizer), QWEN_SPECIAL_IDS, image_size)
+    original = tiny_original_config(source, len(tokenizer), special_ids, image_size)
     dropped = set(_VIT_MOE_KEYS) | {"auto_map", "moe_config", "drop_path_rate", "use_flash_attn", "model_type",
                                     "architectures"}
     text = {k: v for k, v in original["llm_config"].items() if k not in dropped} | {"use_cache": True}

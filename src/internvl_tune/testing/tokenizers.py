@@ -167,3 +167,56 @@ def write_qwen2_tokenizer(out_dir: str | Path, with_internvl_tokens: bool = True
 
             _TOKENIZER_JSON[key] = Qwen2Tokenizer.from_pretrained(str(out)).backend_tokenizer.to_str(pretty=True)
         (out / "tokenizer.json").write_text(_TOKENIZER_JSON[key], encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------- GPT-OSS (o200k_harmony)
+# The o200k pre-tokenizer split (tiktoken's o200k_base pattern, which o200k_harmony keeps).
+O200K_PATTERN = "|".join([
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"\p{N}{1,3}", r" ?[^\s\p{L}\p{N}]+[\r\n/]*", r"\s*[\r\n]+", r"\s+(?!\S)", r"\s+",
+])
+# o200k_harmony's special tokens in id order (199998 ... 200018 in the release; the reserved ids are named so too).
+HARMONY_SPECIALS = ("<|startoftext|>", "<|endoftext|>", "<|reserved_200000|>", "<|reserved_200001|>", "<|return|>",
+                    "<|constrain|>", "<|reserved_200004|>", "<|channel|>", "<|start|>", "<|end|>", "<|message|>",
+                    "<|reserved_200009|>", "<|reserved_200010|>", "<|reserved_200011|>", "<|call|>",
+                    "<|reserved_200013|>", "<|reserved_200014|>", "<|reserved_200015|>", "<|reserved_200016|>",
+                    "<|reserved_200017|>", "<|endofprompt|>")
+
+
+def write_harmony_tokenizer(out_dir: str | Path, corpus: list[str], vocab_size: int = 400) -> tuple[int, dict]:
+    """GPT-OSS's tokenizer files (``tokenizer.json`` + ``tokenizer_config.json``, ``PreTrainedTokenizerFast``) in the
+    format of the o200k_harmony release: a byte-level BPE behind the o200k split, the harmony special tokens after
+    the BPE ranks, then the nine InternVL tokens. The BPE is trained here on ``corpus`` with ``vocab_size`` ranks
+    (o200k's 200k ranks ship with no package), so ids differ from the release's; the file format, the split and the
+    special tokens are the release's.
+
+    Returns:
+        ``(vocabulary size, LLM special ids)``.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(O200K_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    tok.add_special_tokens(list(HARMONY_SPECIALS) + list(SPECIAL_TOKENS))
+    tok.save(str(out / "tokenizer.json"))
+    ids = {t: tok.token_to_id(t) for t in (*HARMONY_SPECIALS, *SPECIAL_TOKENS)}
+    config = {
+        "added_tokens_decoder": {str(i): _added_token(t) for t, i in ids.items()},
+        "bos_token": "<|startoftext|>", "eos_token": "<|return|>", "pad_token": "<|endoftext|>",
+        "clean_up_tokenization_spaces": False, "model_input_names": ["input_ids", "attention_mask"],
+        "model_max_length": 1000000000000000019884624838656, "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": "<|startoftext|>", "eos_token": "<|return|>", "pad_token": "<|endoftext|>"}, indent=2) + "\n")
+    return tok.get_vocab_size(), {"bos_token_id": ids["<|startoftext|>"], "eos_token_id": ids["<|return|>"],
+                                  "pad_token_id": ids["<|endoftext|>"]}

@@ -75,6 +75,7 @@ class InternVLChat:
         select_layer, ps_version, downsample_ratio: image feature settings.
         original_config: the InternVLChatConfig dict (source of truth for saving in the original layout).
         source_dir: the checkpoint directory it was loaded from (its tokenizer files are copied on save).
+        mxfp4_dequantized: how many MXFP4 expert tensors of the files were dequantized on load (GPT-OSS).
     """
 
     def __init__(self, model, tokenizer, original_config: dict, source_dir: Path | None = None, tokens_added: int = 0):
@@ -90,6 +91,7 @@ class InternVLChat:
         self.patch_size = original_config["vision_config"].get("patch_size", 14)
         self.num_image_token = cfg.num_image_token(original_config)
         self.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+        self.mxfp4_dequantized = 0
         self.image_processor = ImageProcessor(
             self.image_size, cfg.chat_setting(original_config, "dynamic_image_size"),
             cfg.chat_setting(original_config, "min_dynamic_patch"), cfg.chat_setting(original_config, "max_dynamic_patch"),
@@ -284,9 +286,9 @@ def load_pretrained(path, dtype: torch.dtype | None = torch.float32, device="cpu
     if load_in_4bit:
         to_4bit_linears(model.model.language_model, compute_dtype=dtype)
         model.is_loaded_in_4bit = True  # peft then wraps these layers with its 4-bit LoRA layers
-    spec = LayoutSpec.from_original(original) if layout == "original" else None
+    dequantized = 0
     if weights:
-        load_weights(model, path, layout, spec, dtype, device)
+        dequantized = load_weights(model, path, layout, LayoutSpec.from_original(original), dtype, device)
     elif dtype is not None:
         for p in model.parameters():
             p.data = p.data.to(dtype)
@@ -297,4 +299,6 @@ def load_pretrained(path, dtype: torch.dtype | None = torch.float32, device="cpu
     _resize_for_new_tokens(model, tokenizer, added)
     if added:
         original = cfg.with_vocab_size(original, len(tokenizer))
-    return InternVLChat(model, tokenizer, original, source_dir=path, tokens_added=added)
+    chat = InternVLChat(model, tokenizer, original, source_dir=path, tokens_added=added)
+    chat.mxfp4_dequantized = dequantized
+    return chat

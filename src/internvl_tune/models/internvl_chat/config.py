@@ -237,11 +237,8 @@ def native_text_config(original: dict, where: str = "config.json") -> dict:
     text["rope_parameters"] = _rope_parameters(llm, family, where)
     text["tie_word_embeddings"] = False
     if llm.get("moe_config"):
-        raise CheckpointError(f"{where}: field llm_config.moe_config is set: mixture-of-experts LLMs are not supported "
-                              "(dense checkpoints only)")
-    if family.moe:
-        raise CheckpointError(f"{where}: {family.name} is a mixture-of-experts LLM, which is not supported yet (dense "
-                              "checkpoints only)")
+        raise CheckpointError(f"{where}: field llm_config.moe_config is set: an InternLM2-style mixture-of-experts "
+                              "LLM, which is not supported (the MoE families are Qwen3-MoE and GPT-OSS)")
     if family.biases:
         text.update(_native_biases(llm, family, where))
     return text
@@ -293,7 +290,8 @@ def native_config(original: dict, image_token_id: int, attn_implementation: str 
         # The reference never ties the LM head to the embeddings; tying follows this top-level flag.
         tie_word_embeddings=False,
     )
-    config._attn_implementation = attn_implementation
+    # a family whose attention only transformers' eager code applies fully (GPT-OSS's sinks) runs with it
+    config._attn_implementation = family_of(original, where).attn_implementation or attn_implementation
     return config
 
 
@@ -318,11 +316,14 @@ def original_from_native(native: dict, template: str | None = None) -> dict:
     if family is None:
         raise CheckpointError(f"native text model_type {text.get('model_type')!r} has no InternVL original layout")
     rope = _native_rope(text)
+    text = {**{key: text[native] for key, native in family.native_names if native in text}, **text}
     llm = {k: text[k] for k in TEXT_KEYS + family.extra_keys if k in text}
     llm["architectures"] = [family.architectures[0]]
     llm["model_type"] = family.name
     llm["rope_theta"] = rope.get("rope_theta", 10000.0)
-    if rope.get("rope_type", "default") != "default":
+    if rope.get("rope_type", "default") == "yarn":  # GPT-OSS writes its yarn settings under rope_type
+        llm["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    elif rope.get("rope_type", "default") != "default":
         scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "rope_type", "original_max_position_embeddings")}
         scaling["type"] = "su" if rope["rope_type"] == "longrope" else rope["rope_type"]
         llm["rope_scaling"] = scaling

@@ -13,6 +13,8 @@ targets (``lora.py``) and the remote-code tokenizer files of a native save (``sa
 | `phi3`      | Phi3ForCausalLM                     | phi3        | same names   | named in the files    | 2-4B                |
 | `llama`     | LlamaForCausalLM (Yi, Llama-3)      | llama       | same names   | named in the files    | 2-40B, 2-76B        |
 | `qwen3`     | Qwen3ForCausalLM                    | qwen3       | same names   | Qwen2Tokenizer        | 3.5 1B-38B          |
+| `qwen3_moe` | Qwen3MoeForCausalLM                 | qwen3_moe   | per expert   | Qwen2Tokenizer        | 3.5 30B-A3B, 241B   |
+| `gpt_oss`   | GptOssForCausalLM                   | gpt_oss     | same names   | named in the files    | 3.5 20B-A4B         |
 
 Adding a dense family that transformers implements is one :func:`register` call (see docs/architecture.md, "Adding
 a family"); everything above reads the registry.
@@ -54,21 +56,46 @@ class BiasSwitches:
 
 
 @dataclass(frozen=True)
-class MoeLayout:
-    """Room for mixture-of-experts families (Qwen3-MoE, GPT-OSS), filled in when they are added; dense families have
-    none and a family with one is refused until its loader exists.
+class ExpertPart:
+    """A per-expert tensor of the files and its place in the grouped native parameter.
 
-    Attributes:
-        router_rows: (original, native) key templates of the router.
-        expert_rows: (original, native) key templates of the experts (per-expert original keys, grouped native ones).
-        fused_gate_up: the native experts hold gate and up projections in one tensor.
-        aux_loss_coef_key: the llm_config key of the load-balancing loss coefficient.
+    ``<experts>.{e}.<leaf>`` (e.g. ``mlp.experts.7.up_proj.weight``) is expert ``e`` of ``<experts>.<param>``, rows
+    ``[part * n, (part + 1) * n)`` of that expert's slice cut into ``parts`` equal blocks along its first dimension
+    (Qwen3-MoE: ``gate_proj`` is the first half of ``gate_up_proj[e]``, ``up_proj`` the second).
     """
 
-    router_rows: tuple[tuple[str, str], ...]
-    expert_rows: tuple[tuple[str, str], ...]
-    fused_gate_up: bool
-    aux_loss_coef_key: str
+    leaf: str
+    param: str
+    part: int = 0
+    parts: int = 1
+
+
+@dataclass(frozen=True)
+class MoeLayout:
+    """How a mixture-of-experts family holds its experts and router.
+
+    transformers 5 keeps each layer's experts as grouped tensors ``[E, ...]`` (``<experts>.gate_up_proj``,
+    ``<experts>.down_proj``); checkpoints of some families store one tensor per expert (``expert_parts``), which
+    loading stacks and saving splits again, in both layouts (transformers itself writes Qwen3-MoE per expert).
+
+    Attributes:
+        experts: the experts module inside a decoder layer (``mlp.experts``).
+        router: the router module inside a decoder layer (``mlp.gate``, ``mlp.router``).
+        expert_parts: the per-expert tensors of the files (empty: the files hold the grouped tensors too).
+        mxfp4_params: grouped parameters a checkpoint may store in MXFP4 (``<param>_blocks`` + ``<param>_scales``,
+            dequantized on load: ``models.common.mxfp4``).
+        num_experts_key, top_k_key: the llm_config keys of the expert count and the experts per token.
+        aux_loss_always: the reference adds the load-balancing loss whatever ``output_router_logits`` says (its
+            GPT-OSS training forces it on); otherwise only where the checkpoint's ``output_router_logits`` is true.
+    """
+
+    experts: str
+    router: str
+    expert_parts: tuple[ExpertPart, ...] = ()
+    mxfp4_params: tuple[str, ...] = ()
+    num_experts_key: str = "num_experts"
+    top_k_key: str = "num_experts_per_tok"
+    aux_loss_always: bool = False
 
 
 # LLM keys of the families whose InternVL checkpoints keep the transformers names (everything but InternLM2).
@@ -77,6 +104,9 @@ SAME_NAMES = ((LM + "{rest}", T + "{rest}"), ("language_model.lm_head.weight", "
 SEPARATE_PROJECTIONS = tuple((name, (name.rsplit(".", 1)[-1],)) for name in (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
     "mlp.down_proj"))
+# The linears of a mixture-of-experts decoder layer: its attention (the experts are grouped tensors, not linears:
+# their LoRA is --moe_experts lora, models/common/moe.py).
+ATTENTION_PROJECTIONS = SEPARATE_PROJECTIONS[:4]
 
 
 @dataclass(frozen=True)
@@ -100,6 +130,10 @@ class Family:
             ``tokenizer_config.json`` names.
         lora_targets: the reference's LLM LoRA targets: (reference leaf name, native leaf names) pairs.
         moe: mixture-of-experts layout (None: dense).
+        native_names: (llm_config key, native config key) pairs where transformers writes another name into a native
+            config.json (Qwen3-MoE's ``num_experts`` is written as ``num_local_experts``).
+        attn_implementation: the attention transformers must run this family with outside training (GPT-OSS:
+            ``eager``, the only one of transformers' own that applies its attention sinks); None: the caller's.
     """
 
     name: str
@@ -114,6 +148,8 @@ class Family:
     tokenizer_class: str | None = None
     lora_targets: tuple[tuple[str, tuple[str, ...]], ...] = SEPARATE_PROJECTIONS
     moe: MoeLayout | None = None
+    native_names: tuple[tuple[str, str], ...] = ()
+    attn_implementation: str | None = None
 
     @property
     def default_lora_targets(self) -> tuple[str, ...]:
@@ -219,4 +255,35 @@ register(Family(
     extra_keys=("head_dim", "attention_bias", "sliding_window", "use_sliding_window", "max_window_layers",
                 "layer_types"),
     tokenizer_class="Qwen2Tokenizer",
+))
+
+# InternVL3.5 mixture-of-experts. Qwen3-MoE: the files hold one gate/up/down linear per expert (the layout of
+# transformers 4.x, in which the reference and the releases were written, and of transformers 5's own saves); the
+# native model stacks them into gate_up_proj [E, 2I, H] (gate rows first) and down_proj [E, H, I]; the router is
+# `mlp.gate` in both.
+_QWEN_EXPERTS = (ExpertPart("gate_proj.weight", "gate_up_proj", 0, 2), ExpertPart("up_proj.weight", "gate_up_proj", 1, 2),
+                 ExpertPart("down_proj.weight", "down_proj"))
+register(Family(
+    "qwen3_moe", ("Qwen3MoeForCausalLM",), "qwen3_moe",
+    extra_keys=("head_dim", "attention_bias", "sliding_window", "use_sliding_window", "max_window_layers",
+                "num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+                "router_aux_loss_coef", "output_router_logits", "decoder_sparse_step", "mlp_only_layers"),
+    tokenizer_class="Qwen2Tokenizer",
+    lora_targets=ATTENTION_PROJECTIONS,
+    moe=MoeLayout(experts="mlp.experts", router="mlp.gate", expert_parts=_QWEN_EXPERTS),
+    native_names=(("num_experts", "num_local_experts"),),
+))
+register(Family(
+    # GPT-OSS keeps its grouped experts in every layout (gate_up_proj [E, H, 2I] with gate and up columns
+    # interleaved, down_proj [E, I, H], both with biases; openai's own release stores them in MXFP4), a router with a
+    # bias, one learned attention sink per head, and sliding-window attention on every other layer (layer_types).
+    "gpt_oss", ("GptOssForCausalLM",), "gpt_oss",
+    extra_keys=("head_dim", "attention_bias", "sliding_window", "layer_types", "num_local_experts",
+                "num_experts_per_tok", "experts_per_token", "router_aux_loss_coef", "output_router_logits",
+                "swiglu_limit", "initial_context_length"),
+    rope_scaling=("yarn",),
+    lora_targets=ATTENTION_PROJECTIONS,
+    moe=MoeLayout(experts="mlp.experts", router="mlp.router", mxfp4_params=("gate_up_proj", "down_proj"),
+                  num_experts_key="num_local_experts", aux_loss_always=True),
+    attn_implementation="eager",
 ))

@@ -22,6 +22,11 @@ A family's fused q/k/v (``Family.fused_qkv``: InternLM2's ``wqkv``) is split on 
 come in ``num_key_value_heads`` groups, each holding that group's query heads, then one key head, then one value head
 (``head_dim`` rows each), so a plain [q | k | v] split would be wrong. Phi-3 keeps its fused ``qkv_proj`` /
 ``gate_up_proj``: the native Phi-3 has the same modules.
+
+Mixture-of-experts families (``families.MoeLayout``): transformers 5 holds a layer's experts as grouped tensors
+(``mlp.experts.gate_up_proj`` [E, ...]); where the files hold one tensor per expert (Qwen3-MoE's
+``mlp.experts.{e}.{gate,up,down}_proj.weight``, in both layouts), each of them is one :class:`ExpertSlot` of the
+grouped parameter on load and a view of it on save. GPT-OSS's files hold the grouped tensors themselves.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ import torch
 from internvl_tune.models.internvl_chat import families
 from internvl_tune.models.internvl_chat.config import family_of
 from internvl_tune.models.internvl_chat.families import FusedQKV, T
+
+_LAYER = T + "layers.{n}."
 
 V = "model.vision_tower."
 _VIT = "vision_model.encoder.layers.{n}."
@@ -65,7 +72,8 @@ LEGACY_NATIVE_PREFIXES = [
     ("vision_tower.", V),
     ("multi_modal_projector.", "model.multi_modal_projector."),
 ]
-_PLACEHOLDERS = {"n": r"(?P<n>\d+)", "w": r"(?P<w>\w+)", "p": r"(?P<p>[qkv])", "rest": r"(?P<rest>.+)"}
+_PLACEHOLDERS = {"n": r"(?P<n>\d+)", "w": r"(?P<w>\w+)", "p": r"(?P<p>[qkv])", "rest": r"(?P<rest>.+)",
+                 "e": r"(?P<e>\d+)"}
 
 
 @functools.cache
@@ -171,7 +179,7 @@ def to_original(state: dict[str, torch.Tensor], spec: LayoutSpec) -> dict[str, t
     raise KeyError."""
     out: dict[str, torch.Tensor] = {}
     parts_of: dict[tuple[FusedQKV, str], dict[str, torch.Tensor]] = {}
-    for key, tensor in state.items():
+    for key, tensor in per_expert(state, spec).items():
         if found := fused_part(key, spec):
             fused, name, part = found
             parts_of.setdefault((fused, name), {})[part] = tensor
@@ -184,6 +192,58 @@ def to_original(state: dict[str, torch.Tensor], spec: LayoutSpec) -> dict[str, t
         if set(parts) != {"q", "k", "v"}:
             raise KeyError(f"{name}: only {sorted(parts)} of q/k/v present")
         out[name] = join_fused(fused, parts["q"], parts["k"], parts["v"], spec)
+    return out
+
+
+@dataclass(frozen=True)
+class ExpertSlot:
+    """Where a per-expert tensor of the files goes: ``param[expert]``, block ``part`` of ``parts`` equal blocks along
+    that expert's first dimension."""
+
+    param: str
+    expert: int
+    part: int
+    parts: int
+
+    def index(self, param_shape) -> tuple:
+        """The index of this slot in a grouped parameter of ``param_shape`` ([E, rows, ...])."""
+        rows = param_shape[1] // self.parts
+        return self.expert, slice(self.part * rows, (self.part + 1) * rows)
+
+
+def expert_slot(key: str, spec: LayoutSpec) -> ExpertSlot | None:
+    """The slot of a native per-expert key (``...layers.3.mlp.experts.7.up_proj.weight``), None for any other key."""
+    moe = families.get(spec.family).moe
+    for part in moe.expert_parts if moe else ():
+        if m := _compile(_LAYER + moe.experts + ".{e}." + part.leaf).match(key):
+            param = (_LAYER + moe.experts + "." + part.param).format(n=m["n"])
+            return ExpertSlot(param, int(m["e"]), part.part, part.parts)
+    return None
+
+
+def split_experts(key: str, tensor: torch.Tensor, spec: LayoutSpec) -> list[tuple[str, torch.Tensor]] | None:
+    """The per-expert (native key, view) pairs the files hold for a grouped expert parameter; None when ``key`` is
+    not one the family splits."""
+    moe = families.get(spec.family).moe
+    parts = [p for p in (moe.expert_parts if moe else ()) if (m := _compile(_LAYER + moe.experts + "." + p.param)
+                                                              .match(key))]
+    if not parts:
+        return None
+    n = _compile(_LAYER + moe.experts + "." + parts[0].param).match(key)["n"]
+    out = []
+    for e in range(tensor.shape[0]):
+        for part in parts:
+            index = ExpertSlot(key, e, part.part, part.parts).index(tensor.shape)
+            out.append(((_LAYER + moe.experts + ".{e}." + part.leaf).format(n=n, e=e), tensor[index]))
+    return out
+
+
+def per_expert(state: dict[str, torch.Tensor], spec: LayoutSpec) -> dict[str, torch.Tensor]:
+    """``state`` with every grouped expert parameter the family's files split replaced by its per-expert views."""
+    out = {}
+    for key, tensor in state.items():
+        split = split_experts(key, tensor, spec)
+        out.update(split if split is not None else [(key, tensor)])
     return out
 
 

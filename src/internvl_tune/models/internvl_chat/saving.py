@@ -22,7 +22,7 @@ from internvl_tune.errors import CheckpointError
 from internvl_tune.models.common.weights import write_shards
 from internvl_tune.models.internvl_chat import families
 from internvl_tune.models.internvl_chat.config import SIDECAR
-from internvl_tune.models.internvl_chat.key_map import LayoutSpec, to_original
+from internvl_tune.models.internvl_chat.key_map import LayoutSpec, per_expert, to_original
 from internvl_tune.models.internvl_chat.tokenizers import OWN_CLASSES
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -63,7 +63,7 @@ def write_native_checkpoint(out: Path, native_state: dict[str, torch.Tensor], na
     native_config.text_config.vocab_size = native_state["lm_head.weight"].shape[0]
     native_config.dtype = _dtype_name(native_state)
     native_config.architectures = ["InternVLForConditionalGeneration"]
-    write_shards(out, native_state)
+    write_shards(out, per_expert(native_state, LayoutSpec.from_original(original)))  # as transformers writes MoE
     native_config.to_json_file(str(out / "config.json"))
     (out / SIDECAR).write_text(json.dumps(original, indent=2, sort_keys=True) + "\n")
 
@@ -107,7 +107,7 @@ def chat_template(template_name: str, system_message: str | None = None) -> str:
     if template.system_template is not None:
         before, after = template.system_template.split("{system_message}")
         system += "{{ " + lit(before) + " }}{{ system }}{{ " + lit(after + template.sep) + " }}"
-    user, assistant = (lit(role) for role in template.roles)
+    user, assistant = lit(template.roles[0]), lit(template.roles[1] + template.answer_prefix)
     turns = (
         "{%- for message in turns -%}{%- if message['role'] == 'user' -%}{{ " + user + " }}{%- else -%}{{ " + assistant
         + " }}{%- endif -%}{{ render(message['content']) }}{{ " + lit(template.sep) + " }}{%- endfor -%}"

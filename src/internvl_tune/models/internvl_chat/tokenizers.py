@@ -28,6 +28,7 @@ _NAMED_CLASSES = {
     "LlamaTokenizer": "LlamaTokenizer",
     "LlamaTokenizerFast": "LlamaTokenizerFast",
     "PreTrainedTokenizerFast": "PreTrainedTokenizerFast",
+    "TokenizersBackend": "PreTrainedTokenizerFast",  # transformers 5's name for it (GPT-OSS "-hf" saves)
 }
 # Our classes for tokenizers whose releases name a remote-code class.
 OWN_CLASSES = ("InternLM2Tokenizer", "InternLM3Tokenizer")
