@@ -26,6 +26,7 @@ of the answer, supervised like the rest of it, as the reference trains it.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 
 from internvl_tune.errors import DataError
@@ -92,7 +93,9 @@ class Template:
     def special_texts(self) -> tuple[str, ...]:
         """Structural strings that must not appear inside a message (they would break the turn layout)."""
         parts = {self.roles[0].strip(), self.roles[1].strip(), self.sep.strip()}
-        return tuple(sorted(p for p in parts if p.startswith("<|") and p.endswith("|>")))
+        # a part made of several special tokens (harmony's "<|start|>user<|message|>") counts as each of them
+        return tuple(sorted({t for p in parts if p.startswith("<|") and p.endswith("|>")
+                             for t in re.findall(r"<\|[^|]*\|>", p)}))
 
     def turns(self, messages: list[tuple[str, str]], system_message: str | None = None) -> list["Turn"]:
         """The prompt as pieces, for ``messages`` = [(role, text), ...] with role ``human`` or ``gpt``."""

@@ -98,6 +98,13 @@ class InternVLChat:
             cfg.chat_setting(original_config, "use_thumbnail"),
         )
 
+    @property
+    def is_moe(self) -> bool:
+        """True when the LLM is a mixture of experts (its family has a ``MoeLayout``)."""
+        from internvl_tune.models.internvl_chat import families
+
+        return families.get(self.family).moe is not None
+
     # ----------------------------------------------------------------------------------------------- features
     def extract_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Image tiles [T, 3, S, S] -> LLM-space features [T, num_image_token, hidden]."""

@@ -225,8 +225,7 @@ def split_experts(key: str, tensor: torch.Tensor, spec: LayoutSpec) -> list[tupl
     """The per-expert (native key, view) pairs the files hold for a grouped expert parameter; None when ``key`` is
     not one the family splits."""
     moe = families.get(spec.family).moe
-    parts = [p for p in (moe.expert_parts if moe else ()) if (m := _compile(_LAYER + moe.experts + "." + p.param)
-                                                              .match(key))]
+    parts = [p for p in (moe.expert_parts if moe else ()) if _compile(_LAYER + moe.experts + "." + p.param).match(key)]
     if not parts:
         return None
     n = _compile(_LAYER + moe.experts + "." + parts[0].param).match(key)["n"]

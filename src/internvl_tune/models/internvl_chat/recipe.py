@@ -78,12 +78,56 @@ class ModelArgs:
     merge_lora: bool = option(True, "for LoRA runs, also write the merged model as the final output")
     load_in_4bit: bool = option(False, "QLoRA: hold the LLM's linear layers in 4 bits (bitsandbytes NF4, double "
                                        "quantization, bf16 compute) on one GPU; needs --use_llm_lora or --freeze_llm. "
-                                       "The merged model is the bf16 checkpoint plus the adapter")
+                                       "The merged model is the bf16 checkpoint plus the adapter (mixture-of-experts "
+                                       "LLMs: the grouped experts stay in the load dtype)")
+    moe_experts: str = option("auto", "mixture-of-experts LLMs (InternVL3.5-30B-A3B, 241B-A28B, GPT-OSS-20B-A4B): "
+                                      "train the experts in full, keep them frozen, or put LoRA on them (rank and "
+                                      "alpha of --use_llm_lora, on the routed tokens of each expert); auto = as the "
+                                      "rest of the LLM: trained (the reference's 3.5 SFT), frozen with --freeze_llm, "
+                                      "LoRA with --use_llm_lora", ("auto", "train", "frozen", "lora"))
+    moe_router: str = option("auto", "mixture-of-experts LLMs: train the routers or keep them frozen; auto = trained "
+                                     "when the experts train in full (the reference's 3.5 SFT), else frozen",
+                             ("auto", "train", "frozen"))
+    router_aux_loss_coef: float | None = option(None, "weight of the load-balancing loss of mixture-of-experts LLMs "
+                                                      "(logged as aux_loss either way); default as the reference: "
+                                                      "llm_config.router_aux_loss_coef, applied always for GPT-OSS "
+                                                      "(0.9 in its release) and for Qwen3-MoE only when "
+                                                      "llm_config.output_router_logits is true (0 otherwise)")
+
+
+def moe_modes(args: ModelArgs) -> tuple[str, str]:
+    """``(experts, router)``: what ``--moe_experts`` / ``--moe_router`` mean with the other flags (``auto`` resolved)."""
+    experts = args.moe_experts
+    if experts == "auto":
+        experts = "lora" if args.use_llm_lora else "frozen" if args.freeze_llm else "train"
+    if experts == "lora" and not args.use_llm_lora:
+        raise UserError("--moe_experts lora puts LoRA on the experts with the rank of --use_llm_lora: add "
+                        "--use_llm_lora R")
+    router = args.moe_router if args.moe_router != "auto" else "train" if experts == "train" else "frozen"
+    return experts, router
+
+
+def set_moe_trainable(chat, args: ModelArgs) -> None:
+    """The experts' and routers' trainable flags per :func:`moe_modes` (LoRA matrices, once added, stay trainable)."""
+    from internvl_tune.models.common.moe import experts_modules
+    from internvl_tune.models.internvl_chat import families
+
+    experts, router = moe_modes(args)
+    moe = families.get(chat.family).moe
+    for layer in chat.model.model.language_model.layers:
+        try:
+            set_trainable(layer.get_submodule(moe.router), router == "train")
+        except AttributeError:  # a dense layer (mlp_only_layers)
+            continue
+    for _, module in experts_modules(chat.model.model.language_model):
+        for name, p in module.named_parameters():
+            p.requires_grad_(name.startswith("lora_") if experts == "lora" else experts == "train")
 
 
 def apply_trainable_flags(chat, args: ModelArgs) -> dict[str, int]:
     """Freeze / unfreeze / LoRA-wrap ``chat.model`` per ``args``, in the reference's order (``unfreeze_lm_head`` last,
-    so it really takes effect): freeze_backbone -> freeze_llm -> LoRA -> freeze_mlp -> unfreeze_vit_layers ->
+    so it really takes effect): freeze_backbone -> freeze_llm -> LoRA -> the experts and routers of a
+    mixture-of-experts LLM (``--moe_experts`` / ``--moe_router``) -> freeze_mlp -> unfreeze_vit_layers ->
     unfreeze_lm_head.
 
     Returns:
@@ -104,7 +148,10 @@ def apply_trainable_flags(chat, args: ModelArgs) -> dict[str, int]:
         targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()] \
             if args.lora_target_modules else None
         add_lora(chat, llm_rank=args.use_llm_lora, vision_rank=args.use_backbone_lora, lora_alpha=args.lora_alpha,
-                 lora_dropout=args.lora_dropout, llm_target_modules=targets)
+                 lora_dropout=args.lora_dropout, llm_target_modules=targets,
+                 expert_lora=moe_modes(args)[0] == "lora" and chat.is_moe)
+    if chat.is_moe:
+        set_moe_trainable(chat, args)
     if args.freeze_mlp:
         set_trainable(projector, False)
     if args.unfreeze_vit_layers:
@@ -119,14 +166,26 @@ def apply_trainable_flags(chat, args: ModelArgs) -> dict[str, int]:
 
 
 class ChatTrainModule(nn.Module):
-    """Wraps an ``InternVLChat`` for training; ``forward(batch)`` returns the weighted loss sum of the micro-batch."""
+    """Wraps an ``InternVLChat`` for training; ``forward(batch)`` returns the weighted loss sum of the micro-batch.
 
-    def __init__(self, chat):
+    A mixture-of-experts LLM runs its experts as grouped products (``models/common/moe.py``) and adds the
+    load-balancing loss times ``aux_loss_coef`` (0: logged, not trained on), weighted by the micro-batch's share of
+    the loss normaliser like the LM loss; ``aux_loss`` is logged on its own.
+    """
+
+    def __init__(self, chat, aux_loss_coef: float = 0.0):
         super().__init__()
         self.model = chat.model  # the only registered child: FSDP2 and checkpoints see the usual parameter names
         self.chat = chat
+        llm = chat.model.model.language_model
         # packed rows run one causal attention per sample (flash varlen on CUDA); padded batches keep SDPA
-        chat.model.model.language_model.set_attn_implementation(varlen_attention.register())
+        llm.set_attn_implementation(varlen_attention.register())
+        self.router_stats, self.aux_loss_coef = None, aux_loss_coef
+        if chat.is_moe:
+            from internvl_tune.models.common import moe
+
+            llm.set_experts_implementation(moe.register())
+            self.router_stats = router_stats(chat)
 
     def blocks(self) -> list[nn.Module]:
         """The repeated blocks, ViT first: the units of checkpointing, compilation and sharding."""
@@ -137,7 +196,10 @@ class ChatTrainModule(nn.Module):
         weight of the whole global batch)."""
         loss = weighted_lm_loss_sum(self.hidden_states(batch), self.model.lm_head.weight, batch.loss_index,
                                     batch.loss_target, batch.loss_weight)
-        return {"loss": loss}
+        if self.router_stats is None:
+            return {"loss": loss}
+        aux = self.router_stats.loss(batch.num_tokens) * batch.weight
+        return {"loss": loss + self.aux_loss_coef * aux, "aux_loss": aux}
 
     def hidden_states(self, batch: ChatBatch) -> torch.Tensor:
         """The LLM's last hidden states [B, L, H] of the batch, image features in place."""
@@ -148,8 +210,14 @@ class ChatTrainModule(nn.Module):
         if batch.packed:  # one causal attention per sample
             cu, longest = batch.cu_seq_lens, batch.max_length
             packed = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
-        out = self.model.model.language_model(inputs_embeds=embeds, attention_mask=batch.attention_mask,
-                                              position_ids=batch.position_ids, use_cache=False, **packed)
+        if self.router_stats is not None:
+            self.router_stats.start(batch.attention_mask)
+        try:
+            out = self.model.model.language_model(inputs_embeds=embeds, attention_mask=batch.attention_mask,
+                                                  position_ids=batch.position_ids, use_cache=False, **packed)
+        finally:
+            if self.router_stats is not None:
+                self.router_stats.stop()
         return out.last_hidden_state
 
 
@@ -203,7 +271,7 @@ class ChatRecipe:
         return self._training_module(chat, dtype, weights)
 
     def _training_module(self, chat, dtype: torch.dtype, weights: bool) -> nn.Module:
-        return ChatTrainModule(chat)
+        return ChatTrainModule(chat, aux_loss_coef(chat, self.args))
 
     @property
     def grad_checkpoint(self) -> str:
@@ -298,6 +366,28 @@ class ChatRecipe:
             if quantized:
                 chat.model.to(torch.bfloat16)  # the trained tensors too: one dtype in the files
             _save_into(chat, output_dir)
+
+
+def router_stats(chat):
+    """A :class:`RouterStats` hooked to every router of a mixture-of-experts chat model."""
+    from internvl_tune.models.common.moe import RouterStats
+    from internvl_tune.models.internvl_chat import families
+
+    moe, llm = families.get(chat.family).moe, chat.original_config["llm_config"]
+    routers = [layer.get_submodule(moe.router) for layer in chat.model.model.language_model.layers
+               if hasattr(layer.mlp, "experts")]
+    return RouterStats(routers, llm[moe.num_experts_key], llm[moe.top_k_key])
+
+
+def aux_loss_coef(chat, args: ModelArgs) -> float:
+    """The load-balancing loss weight: ``--router_aux_loss_coef``, else the reference's (see its ``--help``)."""
+    if args.router_aux_loss_coef is not None or not chat.is_moe:
+        return args.router_aux_loss_coef or 0.0
+    from internvl_tune.models.internvl_chat import families
+
+    llm = chat.original_config["llm_config"]
+    applied = families.get(chat.family).moe.aux_loss_always or llm.get("output_router_logits", False)
+    return float(llm.get("router_aux_loss_coef", 0.0)) if applied else 0.0
 
 
 def memory_shape(chat, tokens_per_micro_batch: int, lora_dropout: float, tiles_per_micro_batch: int) -> dict:
