@@ -111,10 +111,11 @@ def register() -> str:
 
 
 def experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of every grouped experts module (a ``gate_up_proj`` and a ``down_proj`` of 3 dimensions)."""
+    """``(name, module)`` of every grouped experts module (``num_experts`` and a 3-dimensional ``gate_up_proj``; not
+    the ``lora_A`` / ``lora_B`` dictionaries, whose entries have those names too)."""
     return [(name, m) for name, m in model.named_modules()
-            if isinstance(getattr(m, "gate_up_proj", None), torch.Tensor) and m.gate_up_proj.ndim == 3
-            and hasattr(m, "down_proj")]
+            if hasattr(m, "num_experts") and isinstance(getattr(m, "gate_up_proj", None), torch.Tensor)
+            and m.gate_up_proj.ndim == 3]
 
 
 # ----------------------------------------------------------------------------------------------- expert LoRA

@@ -290,6 +290,10 @@ def load_pretrained(path, dtype: torch.dtype | None = torch.float32, device="cpu
     if load_in_4bit and weights:
         check_4bit_device(device)  # before reading any weight
     model = build_empty_model(native)
+    if family.moe:  # grouped expert products everywhere (training, chat, evaluation), LoRA on experts included
+        from internvl_tune.models.common import moe
+
+        model.model.language_model.set_experts_implementation(moe.register())
     if load_in_4bit:
         to_4bit_linears(model.model.language_model, compute_dtype=dtype)
         model.is_loaded_in_4bit = True  # peft then wraps these layers with its 4-bit LoRA layers

@@ -181,10 +181,7 @@ class ChatTrainModule(nn.Module):
         # packed rows run one causal attention per sample (flash varlen on CUDA); padded batches keep SDPA
         llm.set_attn_implementation(varlen_attention.register())
         self.router_stats, self.aux_loss_coef = None, aux_loss_coef
-        if chat.is_moe:
-            from internvl_tune.models.common import moe
-
-            llm.set_experts_implementation(moe.register())
+        if chat.is_moe:  # its experts run grouped already (load_pretrained)
             self.router_stats = router_stats(chat)
 
     def blocks(self) -> list[nn.Module]:
