@@ -114,3 +114,31 @@ def test_bench_train_refuses_fewer_than_three_rounds():
 
     with pytest.raises(UserError, match="at least 3"):
         bench_train(["--shape", "tiny", "--repeats", "2", "--device", "cpu"])
+
+
+@pytest.mark.parametrize("shape", ["tiny-qwen3-moe", "tiny-gpt-oss"])
+def test_the_moe_shapes_run_our_training_path_with_lora_on_the_experts(shape):
+    """InternVL3.5-30B-A3B's and GPT-OSS-20B-A4B's LLMs, tiny: grouped experts, expert LoRA, sinks and windows in the
+    packed path; the MFU counts active parameters only."""
+    from internvl_tune.bench.ours import build_chat, run_ours
+
+    samples = synthetic_samples(4, seed=0, tiles=(1, 2), text=(16, 64))
+    row = run_ours(shape, samples, torch.device("cpu"), warmup=1, packed_tokens=1024, steps=2, lora_rank=4)
+    assert row["tokens_per_s"] > 0 and torch.isfinite(torch.tensor(row["loss_last"]))
+
+
+def test_moe_flops_count_the_active_experts():
+    """Each token runs 8 of Qwen3-30B-A3B's 128 experts: the LLM counts about 3.3B parameters (its name's A3B), not
+    30.5B; written out from the published widths."""
+    from internvl_tune.bench.common import param_counts
+    from internvl_tune.bench.shapes import native_config
+    from transformers import InternVLForConditionalGeneration
+
+    cfg = native_config("internvl3_5-30b-a3b")
+    with torch.device("meta"):
+        model = InternVLForConditionalGeneration(cfg)
+    hidden, layers, vocab = 2048, 48, 151678
+    attention = hidden * 32 * 128 * 2 + hidden * 4 * 128 * 2 + 2 * 128  # q, o; k, v; q/k norms
+    experts = 3 * hidden * 768  # gate, up, down of one expert
+    per_layer = attention + 2 * hidden + 128 * hidden + 8 * experts  # norms, router, 8 active experts
+    assert param_counts(model)["llm"] == layers * per_layer + hidden + vocab * hidden  # final norm, LM head

@@ -67,11 +67,21 @@ def measure_matmul_peak(device: torch.device, n: int = 8192, repeats: int = 10) 
 
 def param_counts(model) -> dict:
     """Parameters of a transformers ``InternVLForConditionalGeneration`` by part, for FLOP counts: ``llm`` (without
-    the embedding table, a lookup; with the LM head), ``vit`` and ``proj``."""
+    the embedding table, a lookup; with the LM head), ``vit`` and ``proj``.
+
+    A mixture-of-experts LLM counts its *active* parameters: each token runs through ``num_experts_per_tok`` of
+    ``num_experts`` experts, so every expert tensor counts that share of its size (routers in full); MFU is then
+    measured on the FLOPs the tokens need, as the MoE literature reports it."""
+    from internvl_tune.models.common.moe import experts_modules
+
     lm = model.model.language_model
     emb = lm.embed_tokens.weight.numel()
+    inactive = 0
+    for _, experts in experts_modules(lm):
+        share = 1 - lm.config.num_experts_per_tok / experts.num_experts
+        inactive += share * sum(p.numel() for name, p in experts.named_parameters() if not name.startswith("lora_"))
     return {
-        "llm": sum(p.numel() for p in lm.parameters()) - emb + model.lm_head.weight.numel(),
+        "llm": sum(p.numel() for p in lm.parameters()) - emb + model.lm_head.weight.numel() - int(inactive),
         "vit": sum(p.numel() for p in model.model.vision_tower.parameters()),
         "proj": sum(p.numel() for p in model.model.multi_modal_projector.parameters()),
     }

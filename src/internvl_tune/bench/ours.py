@@ -19,6 +19,8 @@ from internvl_tune.bench.common import SyntheticSample, materialize, param_count
 from internvl_tune.bench.compare import MemoryWatch, Repeat, timed
 from internvl_tune.bench.shapes import native_config
 from internvl_tune.data.batching import ChatCollator, PackedBatchSampler
+from internvl_tune.models.common import moe
+from internvl_tune.models.common.moe import experts_modules
 from internvl_tune.models.internvl_chat.chat import InternVLChat
 from internvl_tune.models.internvl_chat.config import original_from_native
 
@@ -38,6 +40,8 @@ def build_chat(shape: str, attn: str, device: torch.device) -> InternVLChat:
     finally:
         torch.set_default_dtype(default)
     model.model.vision_tower.requires_grad_(False)
+    if any(True for _ in experts_modules(model)):  # grouped experts, as load_pretrained sets for MoE checkpoints
+        model.model.language_model.set_experts_implementation(moe.register())
     # The benchmark feeds token ids directly, so a stand-in tokenizer only has to name the image token's id.
     tokenizer = SimpleNamespace(convert_tokens_to_ids=lambda token: cfg.image_token_id, pad_token_id=0)
     return InternVLChat(model, tokenizer, original_from_native(cfg.to_dict()))
@@ -196,7 +200,7 @@ def build_ours(shape: str, samples: list[SyntheticSample], device: torch.device,
             from internvl_tune.models.internvl_chat.lora import add_lora
 
             chat.model.requires_grad_(False)
-            add_lora(chat, llm_rank=lora_rank)
+            add_lora(chat, llm_rank=lora_rank, expert_lora=chat.is_moe)  # MoE: the experts too (--moe_experts auto)
         module = ChatTrainModule(chat)
         stepper, estimate, mode, note = prepare_step(module, chat, device, compile,
                                                      parse_grad_checkpoint(grad_checkpoint), packed_tokens,

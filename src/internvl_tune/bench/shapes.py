@@ -38,15 +38,33 @@ LLMS.update({name: dict(_QWEN3, hidden_size=hidden, num_hidden_layers=layers, nu
                  "qwen3-8b": (4096, 36, 32, 12288), "qwen3-14b": (5120, 40, 40, 17408),
                  "qwen3-32b": (5120, 64, 64, 25600)}.items()})
 
+# Mixture-of-experts LLMs of InternVL3.5: Qwen3-30B-A3B, Qwen3-235B-A22B (128 experts, 8 per token) and gpt-oss-20b
+# (32 experts, 4 per token, sinks, a 128-token window on every other layer; its vocabulary)
+_QWEN3_MOE = dict(_QWEN3, model_type="qwen3_moe", num_key_value_heads=4, num_experts=128, num_experts_per_tok=8,
+                  norm_topk_prob=True)
+LLMS["qwen3-30b-a3b"] = dict(_QWEN3_MOE, hidden_size=2048, num_hidden_layers=48, num_attention_heads=32,
+                             intermediate_size=6144, moe_intermediate_size=768)
+LLMS["qwen3-235b-a22b"] = dict(_QWEN3_MOE, hidden_size=4096, num_hidden_layers=94, num_attention_heads=64,
+                               intermediate_size=12288, moe_intermediate_size=1536)
+LLMS["gpt-oss-20b"] = dict(model_type="gpt_oss", hidden_size=2880, num_hidden_layers=24, num_attention_heads=64,
+                           num_key_value_heads=8, head_dim=64, intermediate_size=2880, num_local_experts=32,
+                           num_experts_per_tok=4, sliding_window=128, vocab_size=201088)
+
 VIT_TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                 norm_type="layer_norm", use_qk_norm=False, attention_bias=True)
 LLMS["tiny"] = dict(model_type="qwen2", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, intermediate_size=128, vocab_size=1000)
 LLMS["tiny-qwen3"] = dict(LLMS["tiny"], model_type="qwen3", head_dim=24)
+LLMS["tiny-qwen3-moe"] = dict(LLMS["tiny-qwen3"], model_type="qwen3_moe", num_experts=8, num_experts_per_tok=2,
+                              moe_intermediate_size=32, norm_topk_prob=True)
+LLMS["tiny-gpt-oss"] = dict(LLMS["tiny"], model_type="gpt_oss", head_dim=24, intermediate_size=32,
+                            num_local_experts=8, num_experts_per_tok=2, sliding_window=4)
 
 SHAPES = {
     "tiny": (VIT_TINY, "tiny"),  # CPU smoke tests of the benchmark code
     "tiny-qwen3": (VIT_TINY, "tiny-qwen3"),
+    "tiny-qwen3-moe": (VIT_TINY, "tiny-qwen3-moe"),
+    "tiny-gpt-oss": (VIT_TINY, "tiny-gpt-oss"),
     "internvl2-1b": (VIT_300M, "qwen2-0.5b"),
     "internvl2-2b": (VIT_300M, "internlm2-1.8b"),
     "internvl2-4b": (VIT_300M, "phi3-mini"),
@@ -60,6 +78,9 @@ SHAPES = {
     "internvl3_5-8b": (VIT_300M, "qwen3-8b"),
     "internvl3_5-14b": (VIT_300M, "qwen3-14b"),
     "internvl3_5-38b": (VIT_6B, "qwen3-32b"),
+    "internvl3_5-30b-a3b": (VIT_300M, "qwen3-30b-a3b"),
+    "internvl3_5-241b-a28b": (VIT_6B, "qwen3-235b-a22b"),
+    "internvl3_5-gpt-oss-20b-a4b": (VIT_300M, "gpt-oss-20b"),
 }
 
 
@@ -72,7 +93,11 @@ def native_config(shape: str, attn_implementation: str = "sdpa"):
     vision = dict(vit, image_size=[448, 448], patch_size=[14, 14], use_mean_pooling=True, layer_norm_eps=1e-6)
     cfg = InternVLConfig(vision_config=vision, text_config=text, image_token_id=text["vocab_size"] - 1,
                          downsample_ratio=0.5, vision_feature_layer=-1, tie_word_embeddings=False)
+    from internvl_tune.models.internvl_chat import families
+
     cfg._attn_implementation = attn_implementation
-    cfg.text_config._attn_implementation = attn_implementation
+    # GPT-OSS runs with eager attention outside training (its sinks); training swaps in the varlen backend
+    family = families.by_native_type(text["model_type"])
+    cfg.text_config._attn_implementation = (family and family.attn_implementation) or attn_implementation
     cfg.vision_config._attn_implementation = "sdpa"
     return cfg

@@ -401,9 +401,16 @@ def memory_shape(chat, tokens_per_micro_batch: int, lora_dropout: float, tiles_p
         side = chat.image_size // chat.patch_size
         vision = dict(hidden=vit.hidden_size, ffn=vit.intermediate_size, num_layers=vit.num_hidden_layers,
                       tokens=tiles_per_micro_batch * (side * side + 1))
-    return dict(tokens_per_micro_batch=tokens_per_micro_batch, hidden=text.hidden_size, ffn=text.intermediate_size,
+    ffn, moe = text.intermediate_size, None
+    if chat.is_moe:  # activations follow the experts a token runs through; all their weights are model states
+        from internvl_tune.models.internvl_chat import families
+
+        layout, llm = families.get(chat.family).moe, chat.original_config["llm_config"]
+        moe = dict(top_k=llm[layout.top_k_key], experts=llm[layout.num_experts_key])
+        ffn = moe["top_k"] * llm.get("moe_intermediate_size", text.intermediate_size)
+    return dict(tokens_per_micro_batch=tokens_per_micro_batch, hidden=text.hidden_size, ffn=ffn,
                 num_layers=text.num_hidden_layers, vocab=text.vocab_size, lora_dropout_width=dropout_width,
-                vision=vision)
+                vision=vision, moe=moe)
 
 
 def _save_into(chat, output_dir: Path) -> None:
