@@ -120,7 +120,7 @@ def test_bench_train_refuses_fewer_than_three_rounds():
 def test_the_moe_shapes_run_our_training_path_with_lora_on_the_experts(shape):
     """InternVL3.5-30B-A3B's and GPT-OSS-20B-A4B's LLMs, tiny: grouped experts, expert LoRA, sinks and windows in the
     packed path; the MFU counts active parameters only."""
-    from internvl_tune.bench.ours import build_chat, run_ours
+    from internvl_tune.bench.ours import run_ours
 
     samples = synthetic_samples(4, seed=0, tiles=(1, 2), text=(16, 64))
     row = run_ours(shape, samples, torch.device("cpu"), warmup=1, packed_tokens=1024, steps=2, lora_rank=4)
@@ -130,9 +130,10 @@ def test_the_moe_shapes_run_our_training_path_with_lora_on_the_experts(shape):
 def test_moe_flops_count_the_active_experts():
     """Each token runs 8 of Qwen3-30B-A3B's 128 experts: the LLM counts about 3.3B parameters (its name's A3B), not
     30.5B; written out from the published widths."""
+    from transformers import InternVLForConditionalGeneration
+
     from internvl_tune.bench.common import param_counts
     from internvl_tune.bench.shapes import native_config
-    from transformers import InternVLForConditionalGeneration
 
     cfg = native_config("internvl3_5-30b-a3b")
     with torch.device("meta"):
