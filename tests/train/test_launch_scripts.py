@@ -60,7 +60,8 @@ def test_every_sourced_file_exists(script):
 # ------------------------------------------------------------------------------------------------------ InternVL3.5
 SCRIPTS_3_5 = REPO / "shell" / "internvl3.5"
 SIZES_3_5 = {"1b": ("1B", 0.0), "2b": ("2B", 0.0), "4b": ("4B", 0.0), "8b": ("8B", 0.1), "14b": ("14B", 0.1),
-             "38b": ("38B", 0.4)}  # the reference's drop_path_rate per size
+             "38b": ("38B", 0.4), "30b": ("30B-A3B", 0.1), "241b": ("241B-A28B", 0.4)}  # drop_path_rate per size
+SFT_LR_3_5 = {"241b": 2e-5}  # the reference's SFT learning rate where it is not 8e-5
 
 
 def _torchrun_argv(script: Path, tmp_path: Path, **env) -> list[str]:
@@ -105,7 +106,9 @@ def test_internvl3_5_scripts_pass_the_reference_settings(script, tmp_path):
         assert d.use_packed_ds and (d.max_packed_tokens, d.num_images_expected, d.loss_reduction) == (32768, 96, "square")
         assert d.max_seq_length == 32768 and cfg.preference.objective == "sft"
     if kind == "sft":
-        assert (t.learning_rate, m.drop_path_rate, m.use_llm_lora, m.freeze_llm) == (8e-5, drop_path, 0, False)
+        assert (t.learning_rate, m.drop_path_rate, m.use_llm_lora, m.freeze_llm) == \
+            (SFT_LR_3_5.get(size, 8e-5), drop_path, 0, False)
+        assert (m.moe_experts, m.moe_router) == ("auto", "auto")  # MoE: experts and routers train, as the reference
     if kind == "sft_lora":
         assert (m.use_llm_lora, m.freeze_llm, m.freeze_backbone, m.freeze_mlp) == (16, True, True, True)
         assert (t.learning_rate, t.num_train_epochs, m.drop_path_rate) == (4e-5, 1, 0.0)
@@ -113,11 +116,13 @@ def test_internvl3_5_scripts_pass_the_reference_settings(script, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script, steps", [("internvl3_5_8b_sft.sh", 2), ("internvl3_5_1b_sft_lora.sh", 1),
-                                           ("internvl3_5_38b_mpo.sh", 1)])
+                                           ("internvl3_5_38b_mpo.sh", 1), ("internvl3_5_30b_sft.sh", 1),
+                                           ("internvl3_5_241b_sft_lora.sh", 1)])
 def test_internvl3_5_scripts_train_a_tiny_model(script, steps, tmp_path):
     from internvl_tune.testing.tiny_chat import write_tiny_checkpoint
 
-    like = "internvl3_5-" + script.split("_")[2]
+    size = script.split("_")[2]
+    like = "internvl3_5-" + {"30b": "30b-a3b", "241b": "241b-a28b"}.get(size, size)
     model = write_tiny_checkpoint(like, tmp_path / "model")
     out = tmp_path / "run"
     meta = REPO / "examples" / "sample" / ("preference_meta.json" if "mpo" in script else "meta.json")
@@ -130,7 +135,8 @@ def test_internvl3_5_scripts_train_a_tiny_model(script, steps, tmp_path):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     log = " ".join(proc.stdout.split())
     assert proc.returncode == 0, proc.stdout[-3000:]
-    assert "(qwen3), template internvl2_5" in log and f"done: {steps} steps" in log
+    family = "qwen3_moe" if size in ("30b", "241b") else "qwen3"
+    assert f"({family}), template internvl2_5" in log and f"done: {steps} steps" in log
     assert "Warning" not in proc.stdout and (out / "config.json").is_file()
     assert ("packed rows" in log) == ("mpo" not in script) and ("objective mpo" in log) == ("mpo" in script)
     assert (out / "adapter").is_dir() == ("lora" in script)
