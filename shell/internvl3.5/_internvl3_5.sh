@@ -23,8 +23,8 @@ OUTPUT_DIR=${OUTPUT_DIR:-work_dirs/$PROJECT_NAME/$TASK_NAME}
 LAUNCHER=pytorch  # torchrun on every node, as the reference's scripts (no srun)
 . "$(dirname "$0")/../internvl_chat_launch.sh"
 
-# The reference's SFT settings (32k-token packed rows, square loss reduction, 8000 steps from the -Pretrained model).
-launch_sft() {
+# The flags every reference InternVL3.5 script passes.
+launch_internvl3_5() {
   launch \
     --conv_style internvl2_5 \
     --use_fast_tokenizer False \
@@ -39,17 +39,11 @@ launch_sft() {
     --vision_select_layer -1 \
     --dataloader_num_workers 16 \
     --bf16 True \
-    --max_steps 8000 \
     --save_strategy steps \
-    --save_steps 500 \
-    --save_total_limit 100 \
-    --learning_rate 8e-5 \
     --weight_decay 0.05 \
     --warmup_ratio 0.03 \
     --lr_scheduler_type cosine \
     --logging_steps 1 \
-    --max_seq_length 32768 \
-    --split_annotations True \
     --do_train True \
     --grad_checkpoint True \
     --gradient_checkpointing True \
@@ -60,6 +54,19 @@ launch_sft() {
     --use_custom_flash_attn False \
     --report_to tensorboard \
     --deepspeed zero_stage3_config.json \
+    --seed 42 \
+    "$@"
+}
+
+# The reference's SFT settings (32k-token packed rows, square loss reduction, 8000 steps from the -Pretrained model).
+launch_sft() {
+  launch_internvl3_5 \
+    --max_steps 8000 \
+    --save_steps 500 \
+    --save_total_limit 100 \
+    --learning_rate 8e-5 \
+    --max_seq_length 32768 \
+    --split_annotations True \
     --use_packed_ds True \
     --num_images_expected 96 \
     --max_packed_tokens 32768 \
@@ -70,50 +77,20 @@ launch_sft() {
     --allow_overflow False \
     --remove_unused_columns False \
     --loss_reduction square \
-    --seed 42 \
     "$@"
 }
 
 # The reference's MPO settings (from the -Instruct model: 0.8 x sigmoid + 0.2 x bco_pair + 1 x NLL, which the
 # reference sets in its code and --objective mpo defaults to).
 launch_mpo() {
-  launch \
+  launch_internvl3_5 \
     --objective mpo \
-    --conv_style internvl2_5 \
-    --use_fast_tokenizer False \
-    --force_image_size 448 \
-    --max_dynamic_patch 12 \
-    --down_sample_ratio 0.5 \
-    --min_num_frame 8 \
-    --max_num_frame 32 \
-    --freeze_llm False \
-    --freeze_mlp False \
-    --freeze_backbone False \
-    --vision_select_layer -1 \
-    --dataloader_num_workers 16 \
-    --bf16 True \
     --num_train_epochs 1 \
-    --save_strategy steps \
     --save_steps 200 \
     --save_total_limit 50 \
     --learning_rate 2e-7 \
-    --weight_decay 0.05 \
-    --warmup_ratio 0.03 \
-    --lr_scheduler_type cosine \
-    --logging_steps 1 \
     --max_seq_length 16384 \
     --split_annotations False \
-    --do_train True \
-    --grad_checkpoint True \
-    --gradient_checkpointing True \
-    --group_by_length False \
-    --dynamic_image_size True \
-    --use_thumbnail True \
-    --ps_version v2 \
-    --use_custom_flash_attn False \
-    --report_to tensorboard \
-    --deepspeed zero_stage3_config.json \
-    --seed 42 \
     "$@"
 }
 

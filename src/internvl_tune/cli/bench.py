@@ -8,8 +8,8 @@ import argparse
 SCRIPTS = {
     "verify": ("internvl_tune.bench.verify",
                "every GPU claim in one command under 9 minutes: matmul peak, compiled = eager, 8B LoRA and 1B vs the "
-               "plain loops, e2e, QLoRA 76B, DPO / MPO, InternVL-14B full, --grad_checkpoint auto; verify.json + "
-               "verify.md (CUDA; --tiny on the CPU)"),
+               "plain loops, e2e, QLoRA 76B, DPO / MPO, InternVL-14B full, the automatic checkpointing choice; "
+               "verify.json + verify.md (CUDA; tiny shapes on the CPU)"),
     "train": ("internvl_tune.bench.train_throughput",
               "training tokens/s, MFU and peak memory: our path against a plain transformers loop (CUDA)"),
     "eval": ("internvl_tune.bench.eval_speed",

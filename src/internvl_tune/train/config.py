@@ -51,6 +51,10 @@ class TrainArgs:
     save_total_limit: int | None = option(None, "keep only the newest N checkpoints")
     save_strategy: str = option("steps", "when to checkpoint", ("steps", "epoch", "no"))
     eval_steps: int = option(0, "validation loss every N steps, for runs with a validation set (0 = at each save)")
+    eval_generate: int = option(0, "at each validation, also generate answers for N validation samples (spread "
+                                   "over the set) and log their scores (exact match, ANLS, ...) beside the loss; the "
+                                   "answers go to eval_predictions/step-N.jsonl (0 = off)")
+    eval_generate_tokens: int = option(128, "most new tokens per answer of --eval_generate")
     report_to: str = option("tensorboard", "metric sinks besides metrics.jsonl/csv and the PNG plots, comma-separated: "
                                            "tensorboard, wandb, mlflow (each needs its package) or none")
     dataloader_num_workers: int = option(2, "data-loading worker processes per rank")

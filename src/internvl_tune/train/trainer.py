@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from internvl_tune.dist import all_reduce_sum, barrier, init_distributed, shutdown
+from internvl_tune.dist import all_gather_object_ordered, all_reduce_sum, barrier, init_distributed, shutdown
 from internvl_tune.dist.parallelize import (
     clean_name,
     compile_enabled,
@@ -33,6 +35,7 @@ from internvl_tune.dist.parallelize import (
     reshard,
 )
 from internvl_tune.errors import UserError
+from internvl_tune.report.run import DATA_SUMMARY, PREDICTIONS_DIR
 from internvl_tune.train.checkpoint import Checkpointer
 from internvl_tune.train.config import RunConfig, save_config
 from internvl_tune.train.memory import choose_grad_checkpoint, estimate_training_memory
@@ -73,6 +76,14 @@ class Recipe(Protocol):
     def export(self, state: dict[str, torch.Tensor], output_dir: Path) -> None:
         """Write the final model from the gathered state of the training module (rank 0)."""
 
+    def data_summary(self) -> dict | None:
+        """The run report's data table: ``{"samples", "datasets", "kinds", "tiles", "token_histogram"}`` (any may be
+        missing), or None."""
+
+    def generate_eval(self, samples: int, max_new_tokens: int, rank: int, world_size: int, gather) -> tuple:
+        """``--eval_generate``: answers for ``samples`` validation samples and their scores, ``(means, rows)`` on
+        rank 0; called on every rank, only for runs with a validation set."""
+
 
 @dataclass
 class TrainResult:
@@ -112,6 +123,9 @@ class Trainer:
         # the data first: the memory estimate (and so --grad_checkpoint auto) needs the samples' lengths
         self.train_set, self.val_set, self.collate, self.sampler = recipe.build_data(
             t.seed, info.rank, info.world_size, t.per_device_train_batch_size, t.gradient_accumulation_steps)
+        if t.eval_generate and self.val_set is None:
+            raise UserError(f"--eval_generate {t.eval_generate} answers validation samples at each evaluation: add "
+                            "--eval_meta_path VAL.json (a meta JSON of held-out samples)")
         self.grad_checkpoint, self.grad_checkpoint_note = self._resolve_grad_checkpoint(
             parse_grad_checkpoint(recipe.grad_checkpoint))
         parallelize(module, module.blocks(), world_size=info.world_size, param_dtype=self.compute_dtype,
@@ -149,6 +163,7 @@ class Trainer:
                                      config=cfg.to_dict())
         if info.is_main:
             save_config(cfg, self.output_dir / "config.yaml")
+            (self.output_dir / DATA_SUMMARY).write_text(json.dumps(recipe.data_summary(), ensure_ascii=False) + "\n")
         self.stepper = StepRunner(self.module, self.optimizer, self.schedule, info, t.max_grad_norm)
 
     # ------------------------------------------------------------------ the loop
@@ -203,6 +218,8 @@ class Trainer:
             progress.print(f"stopped by signal at step {self.step}; resume with --resume_from_checkpoint auto")
         self.metrics.close()
         self._write_results(time.perf_counter() - started, interrupted)
+        if info.is_main:
+            self._write_report()
         return TrainResult(self.output_dir, self.step, self._losses, interrupted)
 
     def _due(self, every: int) -> bool:
@@ -258,7 +275,33 @@ class Trainer:
         self._eval_loss = self.evaluate()
         self.metrics.log(self.step, {"eval_loss": self._eval_loss})
         self.progress.print(f"step {self.step}: eval_loss {self._eval_loss:.4f}")
+        if self.cfg.train.eval_generate:
+            self._generate_and_log()
         self._restart_window()
+
+    def _generate_and_log(self) -> None:
+        """``--eval_generate N``: the model answers N validation samples; their mean scores are logged beside the
+        loss (``eval_gen_*``) and the answers written to ``eval_predictions/step-N.jsonl``."""
+        from torch.distributed.fsdp import FSDPModule
+
+        t, info = self.cfg.train, self.info
+        self.module.eval()
+        if isinstance(self.module, FSDPModule):  # generation calls the model below the root: gather the root's own
+            self.module.unshard()
+        means, rows = self.recipe.generate_eval(t.eval_generate, t.eval_generate_tokens, info.rank, info.world_size,
+                                                all_gather_object_ordered)
+        self.module.train()
+        reshard(self.module)
+        if not info.is_main:
+            return
+        scores = {k: v for k, v in means.items() if isinstance(v, float)}
+        self.metrics.log(self.step, {f"eval_gen_{k}": v for k, v in scores.items()})
+        folder = self.output_dir / PREDICTIONS_DIR
+        folder.mkdir(exist_ok=True)
+        (folder / f"step-{self.step}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                                                        encoding="utf-8")
+        self.progress.print(f"step {self.step}: {len(rows)} generated answers: "
+                            + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -332,7 +375,9 @@ class Trainer:
     def plan_lines(self) -> list[str]:
         t, info, s = self.cfg.train, self.info, self.sampler
         unit = "packs" if hasattr(s, "padding_waste") else "samples"
-        lines = self.recipe.describe() + [
+        program = Path(sys.argv[0]).name
+        program = "python -m internvl_tune.cli" if program == "__main__.py" else program
+        lines = [f"command: {program} {shlex.join(sys.argv[1:])}"] + self.recipe.describe() + [
             f"parameters: {self.trainable / 1e6:.2f}M of {self.total_params / 1e6:.2f}M trainable",
             f"data: {len(self.train_set)} samples, global batch {s.global_batch} {unit} "
             f"({s.global_batch // (info.world_size * t.gradient_accumulation_steps)} x {info.world_size} ranks x "
@@ -378,6 +423,16 @@ class Trainer:
             self.progress.print(f"done: {self.step} steps in {seconds / 60:.1f} min, last loss {last}, "
                                 f"{results[f'{unit}_per_s'] or 0:.0f} {unit}/s")
         self.progress.close()
+
+    def _write_report(self) -> None:
+        """``report.html`` from the run's files; a report that cannot be built never fails the run."""
+        from internvl_tune.report import write_run_report
+
+        try:
+            print(f"report: {write_run_report(self.output_dir)}")
+        except Exception as exc:  # noqa: BLE001 - the run's own files are written; say why the page is missing
+            print(f"warning: report.html not written ({type(exc).__name__}: {exc}); rebuild it with "
+                  f"`internvl-tune report {self.output_dir}`")
 
 
 def run(recipe: Recipe, cfg: RunConfig) -> TrainResult:

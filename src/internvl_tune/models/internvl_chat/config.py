@@ -1,4 +1,4 @@
-"""InternVL chat configs (InternVL2, 2.5, 3): the original ``InternVLChatConfig`` JSON <-> transformers' ``InternVLConfig``.
+"""InternVL chat configs (InternVL2, 2.5, 3, 3.5): the original ``InternVLChatConfig`` JSON <-> transformers' ``InternVLConfig``.
 
 The original ``config.json`` (``model_type: internvl_chat``) nests ``vision_config`` (InternViT) and ``llm_config``
 (its family, ``families.py``, picked by ``llm_config.architectures[0]``) and carries chat settings
