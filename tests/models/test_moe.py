@@ -235,3 +235,40 @@ def test_qwen3_moe_per_expert_keys_round_trip(tiny_dirs, tmp_path):
     back = load_pretrained(tmp_path / "native", dtype=None)
     for key, value in chat.model.state_dict().items():
         assert torch.equal(back.model.state_dict()[key], value), key
+
+
+def _moe_steps(model, meta, out, extra) -> list[float]:
+    import os
+
+    from train_helpers import run_chat
+
+    from internvl_tune.data.config import DataConfig
+    from internvl_tune.models.internvl_chat.recipe import ModelArgs
+    from internvl_tune.train.config import RunConfig, TrainArgs
+
+    world = int(os.environ["WORLD_SIZE"])
+    cfg = RunConfig(
+        model=ModelArgs(model_name_or_path=model, freeze_backbone=True, grad_checkpoint="False", **extra),
+        data=DataConfig(meta_path=meta, max_dynamic_patch=2, max_seq_length=1024),
+        train=TrainArgs(output_dir=out, max_steps=3, per_device_train_batch_size=4 // world, learning_rate=1e-3,
+                        logging_steps=1, save_steps=1000, dataloader_num_workers=0, report_to="none", seed=0,
+                        device="cpu"))
+    return run_chat(cfg).losses
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_train_a_moe_model_as_one(tiny_dirs, tmp_path):
+    """FSDP2 over two processes, each decoder layer (its experts and router included) one unit: the same losses as
+    one process, the load-balancing loss trained on (GPT-OSS's default 0.9), experts and routers trained in full."""
+    from chat_helpers import SAMPLE
+    from train_helpers import spawn
+
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"sample_image": {"root": str(SAMPLE / "images"), "annotation": str(SAMPLE / "image.jsonl"),
+                                                 "data_augment": False, "repeat_time": 1, "length": 14}}))
+    model = str(tiny_dirs(GPT))
+    one = spawn(1, _moe_steps, model, str(meta), str(tmp_path / "one"), {})
+    two = spawn(2, _moe_steps, model, str(meta), str(tmp_path / "two"), {})
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), (one, two)

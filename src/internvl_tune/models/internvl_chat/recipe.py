@@ -332,6 +332,12 @@ class ChatRecipe:
                  + (" + thumbnail" if d.use_thumbnail else "") if d.dynamic_image_size else "one tile per image")
         parts = ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in self.trainable_parts.items())
         quantized = ", LLM linear layers in 4 bits (NF4)" if self.args.load_in_4bit else ""
+        if chat.mxfp4_dequantized:
+            quantized += f", {chat.mxfp4_dequantized} MXFP4 expert tensors dequantized to bf16 on load"
+        if chat.is_moe:
+            experts, router = moe_modes(self.args)
+            quantized += (f", experts {experts} (grouped), routers {router}, load-balancing loss x "
+                          f"{aux_loss_coef(chat, self.args):g}")
         return [f"model: {self.args.model_name_or_path} ({chat.family}){quantized}, template {template}, "
                 f"{d.force_image_size} px tiles x {d.num_image_token} tokens, {tiles}; trainable: {parts}"]
 
