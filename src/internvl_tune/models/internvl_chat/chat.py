@@ -18,6 +18,7 @@ from internvl_tune.errors import CheckpointError, UserError
 from internvl_tune.models.common.drop_path import add_drop_path
 from internvl_tune.models.common.quantize import check_4bit_device, to_4bit_linears
 from internvl_tune.models.internvl_chat import config as cfg
+from internvl_tune.models.internvl_chat import families
 from internvl_tune.models.internvl_chat.key_map import LayoutSpec
 from internvl_tune.models.internvl_chat.loading import build_empty_model, load_weights
 from internvl_tune.models.internvl_chat.tokenizers import load_tokenizer
@@ -101,8 +102,6 @@ class InternVLChat:
     @property
     def is_moe(self) -> bool:
         """True when the LLM is a mixture of experts (its family has a ``MoeLayout``)."""
-        from internvl_tune.models.internvl_chat import families
-
         return families.get(self.family).moe is not None
 
     # ----------------------------------------------------------------------------------------------- features
@@ -207,7 +206,7 @@ class InternVLChat:
         inputs = self.tokenizer(prompt, return_tensors="pt")
         out = self.generate(inputs.input_ids, pixel_values, inputs.attention_mask,
                             **self._generation_args(sep, generation_config))
-        response = self.tokenizer.batch_decode(out, skip_special_tokens=True)[0].split(sep.strip())[0].strip()
+        response = self._answers(out, sep)[0]
         history.append((question, response))
         return (response, history) if return_history else response
 
@@ -228,7 +227,13 @@ class InternVLChat:
             self.tokenizer.padding_side = side
         out = self.generate(inputs.input_ids, pixel_values, inputs.attention_mask,
                             **self._generation_args(sep, generation_config))
-        return [r.split(sep.strip())[0].strip() for r in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        return self._answers(out, sep)
+
+    def _answers(self, out: torch.Tensor, sep: str) -> list[str]:
+        """The generated rows as text up to the stop text, decoded as the reference's chat of the model's series does
+        (``Family.answers_keep_special_tokens``; a kept row's padding after its stop token goes with the cut)."""
+        skip = not families.get(self.family).answers_keep_special_tokens
+        return [r.split(sep.strip())[0].strip() for r in self.tokenizer.batch_decode(out, skip_special_tokens=skip)]
 
     def set_system_message(self, system_message: str | None) -> None:
         """Use ``system_message`` (None: the template's default) in chat and record it in the config it is saved

@@ -134,6 +134,9 @@ class Family:
             config.json (Qwen3-MoE's ``num_experts`` is written as ``num_local_experts``).
         attn_implementation: the attention transformers must run this family with outside training (GPT-OSS:
             ``eager``, the only one of transformers' own that applies its attention sinks); None: the caller's.
+        answers_keep_special_tokens: ``chat`` / ``batch_chat`` answers keep the special tokens generated before the
+            stop text, as the reference's chat of this family's InternVL series decodes them (InternVL3.5's
+            ``internvl_chat_gpt_oss`` keeps them; ``internvl_chat``, of the earlier series, drops them).
     """
 
     name: str
@@ -150,6 +153,7 @@ class Family:
     moe: MoeLayout | None = None
     native_names: tuple[tuple[str, str], ...] = ()
     attn_implementation: str | None = None
+    answers_keep_special_tokens: bool = False
 
     @property
     def default_lora_targets(self) -> tuple[str, ...]:
@@ -255,6 +259,7 @@ register(Family(
     extra_keys=("head_dim", "attention_bias", "sliding_window", "use_sliding_window", "max_window_layers",
                 "layer_types"),
     tokenizer_class="Qwen2Tokenizer",
+    answers_keep_special_tokens=True,
 ))
 
 # InternVL3.5 mixture-of-experts. Qwen3-MoE: the files hold one gate/up/down linear per expert (the layout of
@@ -272,6 +277,7 @@ register(Family(
     lora_targets=ATTENTION_PROJECTIONS,
     moe=MoeLayout(experts="mlp.experts", router="mlp.gate", expert_parts=_QWEN_EXPERTS),
     native_names=(("num_experts", "num_local_experts"),),
+    answers_keep_special_tokens=True,
 ))
 register(Family(
     # GPT-OSS keeps its grouped experts in every layout (gate_up_proj [E, H, 2I] with gate and up columns
@@ -286,4 +292,5 @@ register(Family(
     moe=MoeLayout(experts="mlp.experts", router="mlp.router", mxfp4_params=("gate_up_proj", "down_proj"),
                   num_experts_key="num_local_experts", aux_loss_always=True),
     attn_implementation="eager",
+    answers_keep_special_tokens=True,
 ))
