@@ -229,7 +229,7 @@ def _add_expert_lora(chat, settings: LoraSettings) -> None:
         add_expert_lora(experts, settings.llm_rank, settings.llm_alpha, settings.lora_dropout, settings.expert_targets)
 
 
-def _expert_file_key(experts: str, settings: LoraSettings, param: str, matrix: str) -> str:
+def expert_file_key(experts: str, settings: LoraSettings, param: str, matrix: str) -> str:
     """peft's key of an expert LoRA matrix: its ``ParamWrapper`` s nest in ``target_parameters`` order, the last
     outermost (``mlp.experts.lora_A.weight`` for ``down_proj``, ``mlp.experts.base_layer.lora_A.weight`` for
     ``gate_up_proj``)."""
@@ -239,14 +239,24 @@ def _expert_file_key(experts: str, settings: LoraSettings, param: str, matrix: s
 
 def expert_lora_tensors(chat) -> dict[str, torch.Tensor]:
     """The expert LoRA matrices in peft's layout: A [E, r, in] as [E * r, in]; B [E, out, r] as [out, r * E]
-    (column ``j * E + e``), keyed as :func:`_expert_file_key`."""
+    (column ``j * E + e``), keyed as :func:`expert_file_key`."""
     out = {}
     for name, experts in experts_modules(chat.model):
         for param in getattr(experts, "lora_A", {}):
             a, b = experts.lora_A[param].detach(), experts.lora_B[param].detach()
-            out[_expert_file_key(name, chat.lora_config, param, "A")] = a.reshape(-1, a.shape[-1])
-            out[_expert_file_key(name, chat.lora_config, param, "B")] = b.permute(1, 2, 0).reshape(b.shape[1], -1)
+            out[expert_file_key(name, chat.lora_config, param, "A")] = a.reshape(-1, a.shape[-1])
+            out[expert_file_key(name, chat.lora_config, param, "B")] = b.permute(1, 2, 0).reshape(b.shape[1], -1)
     return out
+
+
+def grouped_lora_a(a: torch.Tensor, experts: int) -> torch.Tensor:
+    """peft's expert LoRA A [E * r, in] -> the grouped [E, r, in] (inverse of :func:`expert_lora_tensors`)."""
+    return a.reshape(experts, -1, a.shape[-1])
+
+
+def grouped_lora_b(b: torch.Tensor, experts: int) -> torch.Tensor:
+    """peft's expert LoRA B [out, r * E] (column ``j * E + e``) -> the grouped [E, out, r]."""
+    return b.reshape(b.shape[0], -1, experts).permute(2, 0, 1)
 
 
 def _expert_lora_as_own(chat, settings: LoraSettings, lora: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -255,12 +265,12 @@ def _expert_lora_as_own(chat, settings: LoraSettings, lora: dict[str, torch.Tens
     for name, experts in experts_modules(chat.model) if settings.expert_targets else ():
         count = experts.gate_up_proj.shape[0]
         for param in settings.expert_targets:
-            a = lora.pop(_expert_file_key(name, settings, param, "A"), None)
-            b = lora.pop(_expert_file_key(name, settings, param, "B"), None)
+            a = lora.pop(expert_file_key(name, settings, param, "A"), None)
+            b = lora.pop(expert_file_key(name, settings, param, "B"), None)
             if a is not None:
-                lora[f"{name}.lora_A.{param}"] = a.reshape(count, -1, a.shape[-1])
+                lora[f"{name}.lora_A.{param}"] = grouped_lora_a(a, count)
             if b is not None:
-                lora[f"{name}.lora_B.{param}"] = b.reshape(b.shape[0], -1, count).permute(2, 0, 1)
+                lora[f"{name}.lora_B.{param}"] = grouped_lora_b(b, count)
     return lora
 
 
