@@ -1,8 +1,8 @@
 # Shared launcher for the InternVL chat 2nd-finetune scripts in shell/internvl2.0/2nd_finetune and
 # shell/internvl2.5/2nd_finetune, the MPO scripts and the InternVL3.5 scripts (sourced, not run).
 #
-# The calling script sets MODEL, OUTPUT_DIR and the GPUS / BATCH_SIZE / PER_DEVICE_BATCH_SIZE (and MAX_SEQ_LENGTH)
-# defaults, then calls `launch <model-specific flags> "$@"`. Environment (same names as the reference):
+# The calling script sets MODEL (empty: it names the model's parts, --vision_path / --llm_path, instead), OUTPUT_DIR
+# and the GPUS / BATCH_SIZE / PER_DEVICE_BATCH_SIZE (and MAX_SEQ_LENGTH) defaults, then calls `launch <model-specific flags> "$@"`. Environment (same names as the reference):
 #   GPUS                    total GPUs (processes)              BATCH_SIZE           global batch
 #   PER_DEVICE_BATCH_SIZE   samples per GPU per micro-step      MASTER_PORT          rendezvous port (34229)
 #   MAX_SEQ_LENGTH          tokens per sample (4096, InternVL2's; the InternVL2.5 scripts set 8192)
@@ -33,7 +33,7 @@ echo "gpus: $GPUS, per-device batch: $PER_DEVICE_BATCH_SIZE, accumulation: $GRAD
 
 launch() {
   set -- \
-    --model_name_or_path "$MODEL" \
+    ${MODEL:+--model_name_or_path "$MODEL"} \
     --output_dir "$OUTPUT_DIR" \
     --meta_path "$META_PATH" \
     --overwrite_output_dir True \

@@ -140,3 +140,100 @@ def test_internvl3_5_scripts_train_a_tiny_model(script, steps, tmp_path):
     assert "Warning" not in proc.stdout and (out / "config.json").is_file()
     assert ("packed rows" in log) == ("mpo" not in script) and ("objective mpo" in log) == ("mpo" in script)
     assert (out / "adapter").is_dir() == ("lora" in script)
+
+
+# ------------------------------------------------------------------------------------------- InternVL3.5-GPT-OSS
+SCRIPTS_GPT_OSS = REPO / "shell" / "internvl3.5_gpt_oss"
+# the reference's settings of each stage: (learning rate, max_steps, global batch, trained parts, seed)
+GPT_OSS_STAGES = {
+    "stage0_mlp_warmup": (1e-3, 5000, 256, "projector", 22110),
+    "stage1_pretrain": (2e-5, 15000, 512, "all", 42),
+    "stage2_sft": (8e-5, 8000, 512, "all", 42),
+    "stage3_mpo": (2e-7, -1, 256, "all", 42),
+    "sft_lora": (4e-5, -1, 16, "lora", 42),
+}
+
+
+@pytest.mark.parametrize("stage", list(GPT_OSS_STAGES))
+def test_gpt_oss_scripts_pass_the_reference_settings(stage, tmp_path):
+    """The GPT-OSS stages, on two 8-GPU nodes: the harmony template, each stage's model (stage 0: the ViT and LLM it
+    builds the model from), learning rate, steps, batch, what trains and seed, as the reference's scripts."""
+    from internvl_tune.cli import build_parser
+    from internvl_tune.cli.train import sections
+    from internvl_tune.train.config import load_config
+
+    script = SCRIPTS_GPT_OSS / f"internvl3_5_gpt_oss_20b_{stage}.sh"
+    argv = _torchrun_argv(script, tmp_path, NPROC_PER_NODE="8", WORLD_SIZE="2", RANK="0", MASTER_ADDR="10.0.0.1",
+                          MODEL="")
+    args = argv[argv.index("internvl_tune.cli") + 1:-2]  # without the test's own --max_steps 3
+    cfg = load_config(build_parser(args).parse_args(args), sections())
+    m, d, t = cfg.model, cfg.data, cfg.train
+    lr, steps, batch, trains, seed = GPT_OSS_STAGES[stage]
+    assert d.conv_style == "internvl3_5_gpt_oss" and (t.learning_rate, t.max_steps, t.seed) == (lr, steps, seed)
+    assert t.per_device_train_batch_size * t.gradient_accumulation_steps * 16 == batch
+    models = {"stage0_mlp_warmup": None,
+              "stage1_pretrain": "work_dirs/internvl3_5_gpt_oss_20b_pretrain/internvl3_5_gpt_oss_20b_stage0_mlp_warmup",
+              "stage2_sft": "work_dirs/internvl3_5_gpt_oss_20b_pretrain/internvl3_5_gpt_oss_20b_stage1_pretrain",
+              "stage3_mpo": "work_dirs/internvl3_5_gpt_oss_20b_sft/internvl3_5_gpt_oss_20b_stage2_sft",
+              "sft_lora": "./pretrained/InternVL3_5-GPT-OSS-20B-A4B-Preview"}
+    assert m.model_name_or_path == models[stage]
+    if stage == "stage0_mlp_warmup":
+        assert (m.vision_path, m.llm_path) == ("./pretrained/InternViT-300M-448px-V2_5", "./pretrained/gpt-oss-20b")
+        assert (d.max_seq_length, t.warmup_ratio, t.save_total_limit) == (16384, 0.01, 20)
+    frozen = {"projector": (True, True, False), "all": (False, False, False), "lora": (True, True, True)}[trains]
+    assert (m.freeze_llm, m.freeze_backbone, m.freeze_mlp) == frozen and (m.use_llm_lora == 16) == (trains == "lora")
+    assert (cfg.preference.objective == "mpo") == (stage == "stage3_mpo") and d.use_packed_ds == (stage != "stage3_mpo")
+    assert t.output_dir.endswith(f"/internvl3_5_gpt_oss_20b_{stage}")
+
+
+def _run_script(script: Path, tmp_path: Path, out: Path, steps: int = 1, **env) -> str:
+    meta = REPO / "examples" / "sample" / ("preference_meta.json" if "mpo" in script.name else "meta.json")
+    env = {**os.environ, "NPROC_PER_NODE": "1", "BATCH_SIZE": "2", "PYTHON": sys.executable, "OUTPUT_DIR": str(out),
+           "META_PATH": str(meta), "MASTER_PORT": str(29000 + os.getpid() % 1000), "PYTHONPATH": str(REPO / "src"),
+           "OMP_NUM_THREADS": "1", **env}
+    proc = subprocess.run(["sh", str(script), "--bf16", "False", "--max_steps", str(steps), "--force_image_size", "56",
+                           "--max_dynamic_patch", "2", "--max_packed_tokens", "1024", "--dataloader_num_workers", "0",
+                           "--report_to", "none", "--device", "cpu"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "Warning" not in proc.stdout and (out / "config.json").is_file()
+    return " ".join(proc.stdout.split())
+
+
+@pytest.mark.slow
+def test_gpt_oss_stages_0_and_1_build_a_model_from_parts_and_train_it(tmp_path):
+    """Stage 0 builds the model from a tiny InternViT and a tiny gpt-oss (MXFP4 experts, no InternVL tokens) and
+    trains only its new projector; stage 1 trains everything from stage 0's output."""
+    import torch
+    from chat_helpers import write_tiny_parts
+    from safetensors.torch import load_file
+
+    _, vit, llm = write_tiny_parts("internvl3_5-gpt-oss-20b-a4b", tmp_path / "parts", mxfp4_experts=True)
+    stage0 = tmp_path / "stage0"
+    log = _run_script(SCRIPTS_GPT_OSS / "internvl3_5_gpt_oss_20b_stage0_mlp_warmup.sh", tmp_path, stage0, steps=2,
+                      VISION_PATH=str(vit), LLM_PATH=str(llm))  # 2 steps: the first one's warm-up rate is 0
+    assert f"building the model from parts: ViT {vit} + LLM {llm} + projector (new)" in log
+    assert "(gpt_oss), experts frozen (grouped), routers frozen, load-balancing loss x 0.9" in log
+    assert "template internvl3_5_gpt_oss" in log and "done: 2 steps" in log
+    initial, trained = load_file(str(stage0 / "initial_model" / "model.safetensors")), {}
+    assert not any(k.endswith("_blocks") for k in initial)  # gpt-oss's MXFP4 experts, dequantized
+    for file in stage0.glob("model*.safetensors"):
+        trained.update(load_file(str(file)))
+    changed = {k for k in initial if not torch.equal(initial[k].float(), trained[k].float())}
+    assert changed == {f"mlp1.{i}.{w}" for i in (0, 1, 3) for w in ("weight", "bias")}  # only the projector trained
+    log = _run_script(SCRIPTS_GPT_OSS / "internvl3_5_gpt_oss_20b_stage1_pretrain.sh", tmp_path, tmp_path / "stage1",
+                      MODEL=str(stage0))
+    assert "(gpt_oss), experts train (grouped), routers train, load-balancing loss x 0.9" in log
+    assert "done: 1 steps" in log
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["stage3_mpo", "sft_lora"])  # stage 2 runs as stage 1 does
+def test_gpt_oss_scripts_train_a_tiny_model(stage, tmp_path):
+    from internvl_tune.testing.tiny_chat import write_tiny_checkpoint
+
+    model = write_tiny_checkpoint("internvl3_5-gpt-oss-20b-a4b", tmp_path / "model")
+    out = tmp_path / "run"
+    log = _run_script(SCRIPTS_GPT_OSS / f"internvl3_5_gpt_oss_20b_{stage}.sh", tmp_path, out, MODEL=str(model))
+    assert "(gpt_oss)" in log and "template internvl3_5_gpt_oss" in log and "done: 1 steps" in log
+    assert ("objective mpo" in log) == (stage == "stage3_mpo") and (out / "adapter").is_dir() == (stage == "sft_lora")

@@ -4,6 +4,8 @@ flag names."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from pathlib import Path
 
 EPILOG = """examples:
   internvl-tune train --model_name_or_path ./pretrained/InternVL2-1B --meta_path ./shell/data/my_finetune.json \\
@@ -56,14 +58,37 @@ def register(subparsers, name: str, help_text: str) -> None:
 
 def recipe(cfg):
     """The chat recipe of ``cfg``: supervised (``--objective sft``) or preference tuning (dpo, mpo)."""
-    from internvl_tune.models.internvl_chat.recipe import ChatRecipe
+    from internvl_tune.models.internvl_chat.recipe import ChatRecipe, check_parts
 
+    model = cfg.model
+    if check_parts(model):
+        model = dataclasses.replace(model, model_name_or_path=str(model_from_parts(cfg)))
     if cfg.preference.resolve().objective == "sft":
-        return ChatRecipe(cfg.model, cfg.data)
+        return ChatRecipe(model, cfg.data)
     from internvl_tune.dist import all_reduce_sum
     from internvl_tune.models.internvl_chat.preference import PreferenceRecipe
 
-    return PreferenceRecipe(cfg.model, cfg.data, cfg.preference, all_reduce_sum)
+    return PreferenceRecipe(model, cfg.data, cfg.preference, all_reduce_sum)
+
+
+def model_from_parts(cfg) -> Path:
+    """``--vision_path`` + ``--llm_path`` (+ ``--mlp_path``): rank 0 builds the model and saves it as
+    OUTPUT_DIR/initial_model (kept when a folder built from the same parts is there: a resumed run); the other ranks
+    wait for it (OUTPUT_DIR must be shared by the nodes, as for checkpoints)."""
+    from internvl_tune.dist import barrier, init_distributed
+    from internvl_tune.models.internvl_chat.assemble import save_model_from_parts
+    from internvl_tune.models.internvl_chat.recipe import parts_settings
+
+    m, t = cfg.model, cfg.train
+    out = Path(t.output_dir) / "initial_model"
+    info = init_distributed(t.device)
+    if info.is_main:
+        print(f"building the model from parts: ViT {m.vision_path} + LLM {m.llm_path}"
+              f" + projector {m.mlp_path or '(new)'} -> {out}", flush=True)
+        if not save_model_from_parts(out, m.vision_path, m.llm_path, parts_settings(m, cfg.data), m.mlp_path, t.seed):
+            print(f"{out}: built from the same parts already, kept", flush=True)
+    barrier()
+    return out
 
 
 def run(args: argparse.Namespace) -> int:

@@ -292,6 +292,11 @@ def native_config(original: dict, image_token_id: int, attn_implementation: str 
     )
     # a family whose attention only transformers' eager code applies fully (GPT-OSS's sinks) runs with it
     config._attn_implementation = family_of(original, where).attn_implementation or attn_implementation
+    # The load-balancing loss comes from router hooks (models/common/moe.py), and transformers' InternVL output has
+    # no field for router logits (its forward fails when the text model returns them): a checkpoint saying
+    # output_router_logits true (the reference's GPT-OSS training saves it so) keeps it in its original config only.
+    if getattr(config.text_config, "output_router_logits", False):
+        config.text_config.output_router_logits = False
     return config
 
 

@@ -11,7 +11,7 @@ the same shape and every parameter must be filled, otherwise one CheckpointError
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -84,31 +84,35 @@ def load_weights(
     spec: LayoutSpec,
     dtype: torch.dtype | None,
     device: torch.device | str,
+    tensors: Iterable[tuple[str, torch.Tensor, Path]] | None = None,
 ) -> int:
     """Fill every meta parameter of ``model`` from the checkpoint in ``path``, strictly.
 
     Per-expert tensors (``key_map.ExpertSlot``) fill their slot of the grouped parameter, which counts as filled once
     every slot is; MXFP4 expert tensors (``<param>_blocks`` + ``<param>_scales``) are dequantized to ``dtype`` (bf16
-    when None) as soon as both halves have been read.
+    when None) as soon as both halves have been read. Parameters that are not on the meta device are filled already
+    (a new projector, ``assemble.py``): a tensor for one of them is unexpected.
 
     Args:
         model: built by ``build_empty_model``.
-        path: checkpoint directory.
+        path: checkpoint directory (named in errors).
         layout: ``original`` or ``native`` (which key names the files use).
         spec: the checkpoint's shape facts and family.
         dtype: parameter dtype after loading (checkpoint tensors are cast; 4-bit layers quantize the cast tensor).
         device: where the parameters go (and where 4-bit weights are quantized).
+        tensors: ``(key, tensor, file)`` to read instead of ``path``'s files (a model assembled from several
+            checkpoints).
 
     Returns:
         How many MXFP4 parameters were dequantized (for the run's plan line).
     """
-    expected = dict(model.named_parameters())
+    expected = {name: p for name, p in model.named_parameters() if p.is_meta}
     filled: set[str] = set()
     slots: dict[str, set[tuple[int, int]]] = {}  # grouped parameter -> (expert, part) slots filled so far
     halves: dict[str, dict[str, tuple[torch.Tensor, Path]]] = {}  # MXFP4 parameter -> the halves read so far
     dequantized = 0
     unexpected, misshaped, bad_dtype, duplicated = [], [], [], []
-    for key, tensor, file in iter_tensors(path):
+    for key, tensor, file in iter_tensors(path) if tensors is None else tensors:
         if found := _mxfp4_base(key, spec):
             base, suffix = found
             halves.setdefault(base, {})[suffix] = (tensor, file)

@@ -52,6 +52,12 @@ class ModelArgs:
 
     model_name_or_path: str | None = option(None, "checkpoint directory (original InternVL layout or "
                                                   "transformers-native), e.g. ./pretrained/InternVL2-8B")
+    vision_path: str | None = option(None, "instead of --model_name_or_path: build a new model from an InternViT "
+                                           "checkpoint and --llm_path, with a new projector (the reference's stage 0; "
+                                           "written to OUTPUT_DIR/initial_model first, see docs/training.md)")
+    llm_path: str | None = option(None, "the LLM checkpoint of a model built from parts (with --vision_path)")
+    mlp_path: str | None = option(None, "a model built from parts takes this projector (mlp1's six tensors, e.g. "
+                                        "a warm-up run's) instead of a new one")
     freeze_llm: bool = option(False, "freeze the language model and its LM head")
     freeze_backbone: bool = option(False, "freeze the vision encoder (InternViT)")
     freeze_mlp: bool = option(False, "freeze the vision-language projector (mlp1)")
@@ -93,6 +99,37 @@ class ModelArgs:
                                                       "llm_config.router_aux_loss_coef, applied always for GPT-OSS "
                                                       "(0.9 in its release) and for Qwen3-MoE only when "
                                                       "llm_config.output_router_logits is true (0 otherwise)")
+
+
+def parts_settings(model: ModelArgs, data: DataConfig) -> dict:
+    """The chat settings of a model built from parts (``assemble.SETTINGS``): the flags, else the reference's
+    fine-tuning defaults (``REFERENCE_DEFAULTS``; the tile size: the ViT's own)."""
+    from internvl_tune.data.config import REFERENCE_DEFAULTS as ref
+
+    def given(value, default):
+        return default if value is None else value
+
+    return {"template": given(data.conv_style, ref.template),
+            "downsample_ratio": given(data.down_sample_ratio, ref.downsample_ratio),
+            "ps_version": model.ps_version, "select_layer": model.vision_select_layer,
+            "dynamic_image_size": given(data.dynamic_image_size, ref.dynamic_image_size),
+            "use_thumbnail": given(data.use_thumbnail, ref.use_thumbnail),
+            "min_dynamic_patch": given(data.min_dynamic_patch, ref.min_dynamic_patch),
+            "max_dynamic_patch": given(data.max_dynamic_patch, ref.max_dynamic_patch),
+            "force_image_size": data.force_image_size}
+
+
+def check_parts(model: ModelArgs) -> bool:
+    """True when the model is to be built from parts (``--vision_path`` / ``--llm_path``); refuses half of it."""
+    if not (model.vision_path or model.llm_path or model.mlp_path):
+        return False
+    if model.model_name_or_path:
+        raise UserError("--model_name_or_path and --vision_path / --llm_path / --mlp_path name the model twice: give "
+                        "a checkpoint, or the InternViT and LLM to build one from")
+    if not (model.vision_path and model.llm_path):
+        raise UserError("--vision_path and --llm_path build a new model together (an InternViT checkpoint and an LLM "
+                        "checkpoint); --mlp_path adds a trained projector to them")
+    return True
 
 
 def moe_modes(args: ModelArgs) -> tuple[str, str]:
@@ -225,7 +262,8 @@ class ChatRecipe:
 
     def __init__(self, model: ModelArgs, data: DataConfig):
         if not model.model_name_or_path:
-            raise UserError("--model_name_or_path is required (a checkpoint directory such as ./pretrained/InternVL2-1B)")
+            raise UserError("--model_name_or_path is required (a checkpoint directory such as ./pretrained/InternVL2-1B; "
+                            "or --vision_path and --llm_path to build a new model from an InternViT and an LLM)")
         if not data.meta_path:
             raise UserError("--meta_path is required (a meta JSON naming your JSONL datasets)")
         if model.load_in_4bit:

@@ -70,13 +70,16 @@ def add_internvl_tokens(tokenizer) -> int:
     return tokenizer.add_tokens(list(SPECIAL_TOKENS), special_tokens=True)
 
 
-def load_tokenizer(path: str | Path, family: str | None = None, model_max_length: int | None = None):
+def load_tokenizer(path: str | Path, family: str | None = None, model_max_length: int | None = None,
+                   internvl_tokens: bool = True):
     """Load the tokenizer of an InternVL checkpoint (any family) and add the InternVL special tokens.
 
     Args:
         path: checkpoint directory holding the tokenizer files.
         family: the checkpoint's LLM family name (``families.FAMILIES``); the class is read from the files when None.
         model_max_length: overrides the saved maximum length (the reference sets it to ``max_seq_length``).
+        internvl_tokens: False leaves the InternVL tokens to the caller (:func:`add_internvl_tokens`, which says how
+            many were new).
 
     Returns:
         A transformers tokenizer with the InternVL tokens registered; no end-of-sequence token is appended on encode.
@@ -98,5 +101,6 @@ def load_tokenizer(path: str | Path, family: str | None = None, model_max_length
         tokenizer = cls.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: cannot load the tokenizer ({name}): {exc}") from exc
-    add_internvl_tokens(tokenizer)
+    if internvl_tokens:
+        add_internvl_tokens(tokenizer)
     return tokenizer
