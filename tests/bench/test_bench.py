@@ -151,3 +151,41 @@ def test_moe_flops_count_the_active_experts():
     experts = 3 * hidden * 768  # gate, up, down of one expert
     per_layer = attention + 2 * hidden + 128 * hidden + 8 * experts  # norms, router, 8 active experts
     assert param_counts(model)["llm"] == layers * per_layer + hidden + vocab * hidden  # final norm, LM head
+
+
+@pytest.mark.parametrize("shape", ["tiny-qwen3", "tiny-qwen3-moe", "tiny-gpt-oss"])
+def test_the_plain_loop_trains_the_internvl3_5_shapes_with_peft(shape):
+    """The baseline on InternVL3.5's LLMs: peft LoRA on the attention and MLP linears, and for a mixture of experts
+    on transformers' own grouped experts too (peft's target_parameters, no dropout), every LoRA matrix trained."""
+    from internvl_tune.bench.common import synthetic_samples
+    from internvl_tune.bench.plain import PlainLoop
+
+    samples = synthetic_samples(2, seed=0, tiles=(1, 1), text=(16, 32))
+    loop = PlainLoop(shape, samples, torch.device("cpu"), lora_rank=4, grad_checkpoint=True)
+    trained = [n for n, p in loop.model.named_parameters() if p.requires_grad]
+    experts = [n for n in trained if ".mlp.experts." in n]
+    assert all("lora_" in n for n in trained)
+    assert len(experts) == (0 if shape == "tiny-qwen3" else 2 * 2 * 2)  # 2 layers x gate_up / down x A / B
+    assert any(".mlp.gate_proj.lora_A" in n for n in trained) == (shape == "tiny-qwen3")
+    if experts:
+        assert loop.model.base_model.model.model.language_model.config._experts_implementation == "grouped_mm"
+    tokens, flops, loss, count = loop._steps([0, 1])
+    assert count == 2 and math.isfinite(loss) and flops > 0
+    assert all(p.grad is None for p in loop.model.parameters())  # the step zeroed what it trained
+
+
+def test_bench_train_cuts_the_llm_to_llm_layers(tmp_path):
+    """--llm_layers: both loops run that many of the LLM's layers (a MoE shape twice on one GPU)."""
+    from internvl_tune.bench.train_throughput import main as bench_train
+
+    out = tmp_path / "bench.json"
+    assert bench_train(["--shape", "tiny-gpt-oss", "--samples", "4", "--warmup", "1", "--steps", "1",
+                        "--packed_tokens", "512", "--variants", "plain+lora4,ours+lora4", "--llm_layers", "1",
+                        "--device", "cpu", "--out", str(out)]) == 0
+    plain, ours = json.loads(out.read_text())
+    assert plain["llm_layers"] == ours["llm_layers"] == 1 and ours["x_plain"] > 0
+    from internvl_tune.bench.shapes import native_config
+
+    assert native_config("internvl3_5-30b-a3b", llm_layers=12).text_config.num_hidden_layers == 12
+    with pytest.raises(ValueError, match="has 48 LLM layers, not 49"):
+        native_config("internvl3_5-30b-a3b", llm_layers=49)

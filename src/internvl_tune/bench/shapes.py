@@ -84,12 +84,17 @@ SHAPES = {
 }
 
 
-def native_config(shape: str, attn_implementation: str = "sdpa"):
-    """A transformers ``InternVLConfig`` with the shape of ``shape`` (448 px tiles, 256 tokens per tile)."""
+def native_config(shape: str, attn_implementation: str = "sdpa", llm_layers: int | None = None):
+    """A transformers ``InternVLConfig`` with the shape of ``shape`` (448 px tiles, 256 tokens per tile);
+    ``llm_layers``: that many of the LLM's decoder layers (a model too large to run twice on one GPU, cut in depth)."""
     from transformers import InternVLConfig
 
     vit, llm = SHAPES[shape]
     text = dict(LLMS[llm], max_position_embeddings=32768, tie_word_embeddings=False)
+    if llm_layers is not None:
+        if not 0 < llm_layers <= text["num_hidden_layers"]:
+            raise ValueError(f"{shape} has {text['num_hidden_layers']} LLM layers, not {llm_layers}")
+        text["num_hidden_layers"] = llm_layers
     vision = dict(vit, image_size=[448, 448], patch_size=[14, 14], use_mean_pooling=True, layer_norm_eps=1e-6)
     cfg = InternVLConfig(vision_config=vision, text_config=text, image_token_id=text["vocab_size"] - 1,
                          downsample_ratio=0.5, vision_feature_layer=-1, tie_word_embeddings=False)
