@@ -140,11 +140,11 @@ def test_a_thinking_run_records_its_system_message_for_chat(tiny_dirs, tmp_path,
 
 
 def test_thinking_mode_resolution_and_its_refusals():
-    from internvl_tune.data.config import REFERENCE_DEFAULTS, DataConfig
+    from internvl_tune.data.config import RELEASE_DEFAULTS, DataConfig
     from internvl_tune.data.templates import is_thinking_answer
     from internvl_tune.errors import UserError
 
-    own = dataclasses.replace(REFERENCE_DEFAULTS, template="internvl2_5", system_message="Be brief.")
+    own = dataclasses.replace(RELEASE_DEFAULTS, template="internvl2_5", system_message="Be brief.")
     assert [DataConfig(thinking_mode=m).resolve(own).system_message for m in ("auto", "on", "off")] == \
         ["Be brief.", THINKING_SYSTEM_MESSAGE, None]
     with pytest.raises(UserError, match="plain template has no place for"):

@@ -54,9 +54,9 @@ def load_model(path: str, base: str | None, **load_kwargs):
     from internvl_tune.errors import UserError
     from internvl_tune.models.internvl_chat import load_pretrained
     from internvl_tune.models.internvl_chat.lora import adapter_dir_of, load_with_adapter
-    from internvl_tune.train.checkpoint import STATE_FILE, load_checkpoint_model
+    from internvl_tune.models.internvl_chat.training_checkpoint import is_training_checkpoint, load_checkpoint_model
 
-    if (Path(path) / STATE_FILE).is_file():
+    if is_training_checkpoint(path):
         if base is not None:
             raise UserError(f"{path} is a training checkpoint; it records its base model — drop --base")
         return load_checkpoint_model(path, **load_kwargs)
@@ -82,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     chat.system_message = thinking_system_message(args.thinking_mode, chat.system_message)
     pixel_values, tiles = None, None
     if args.image:
-        pixel_values, tiles = chat.image_processor([load_image(p) for p in args.image], max_tiles=args.max_tiles)
+        pixel_values, tiles = chat.image_processor([load_image(p, where="--image") for p in args.image],
+                                                   max_tiles=args.max_tiles)
         pixel_values = pixel_values.to(device=device, dtype=dtype)
     sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
     answer = chat.chat(pixel_values=pixel_values, tiles_per_image=tiles, question=args.question,

@@ -102,7 +102,8 @@ class PreferenceDataset(SupervisedDataset):
 
     def messages(self, item: dict, where: str):
         question, chosen, rejected = preference_fields(item, self.template, where)
-        return None, [(HUMAN, question), (GPT, (chosen, rejected))]
+        same = ["`chosen` and `rejected` are the same text, so the pair teaches no preference"] if chosen == rejected else []
+        return None, [(HUMAN, question), (GPT, (chosen, rejected))], same
 
     def _encode(self, messages, system, counts: list[int], where: str, text_only: bool = False) -> PairEncoded:
         *prompt, (role, answers) = messages

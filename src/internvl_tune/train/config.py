@@ -62,6 +62,10 @@ class TrainArgs:
                                         "(fused norms, RoPE and activations; about a minute at start): auto = on GPUs",
                                 ("auto", "True", "False"))
     max_bad_steps: int = option(10, "stop after this many skipped steps with non-finite loss or gradients")
+    max_skipped_samples: str = option("0", "unusable samples (bad line, missing or corrupt image, ...) to replace by "
+                                           "the next usable one before the run stops: a count, or a fraction of the "
+                                           "samples seen such as 0.01; 0 stops at the first (each one is listed in "
+                                           "skipped_samples.jsonl and train.log)")
     device: str | None = option(None, "cuda or cpu (default: cuda when available)")
     dry_run: bool = option(False, "load model and data, print the plan and memory estimate, then exit")
 

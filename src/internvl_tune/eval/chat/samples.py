@@ -65,10 +65,10 @@ class GenerationDataset(SupervisedDataset):
     def messages(self, item: dict, where: str):
         """The turns up to and including the last ``gpt`` turn (whose text is the reference)."""
         if "conversations" not in item and "question" in item:  # a VQA line, or a preference pair (its chosen answer)
-            return None, self._vqa_messages(item, where)
-        system, messages, _ = conversation_messages(item, self.template, where)
+            return None, self._vqa_messages(item, where), []
+        system, messages, warnings = conversation_messages(item, self.template, where)
         last = max(k for k, (role, _) in enumerate(messages) if role == GPT)
-        return system, messages[: last + 1]
+        return system, messages[: last + 1], warnings
 
     def _vqa_messages(self, item: dict, where: str) -> list[tuple[str, object]]:
         answer = item.get("answer", item.get("chosen"))

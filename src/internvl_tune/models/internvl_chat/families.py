@@ -100,6 +100,8 @@ class MoeLayout:
 
 # LLM keys of the families whose InternVL checkpoints keep the transformers names (everything but InternLM2).
 SAME_NAMES = ((LM + "{rest}", T + "{rest}"), ("language_model.lm_head.weight", "lm_head.weight"))
+# The files of Qwen's byte-level BPE tokenizers (Qwen2, Qwen2.5, Qwen3): the slow files, or the fast tokenizer.json.
+QWEN_BPE_FILES = (("vocab.json", "merges.txt"), ("tokenizer.json",))
 # The reference's LLM LoRA targets of the families with transformers' separate projections (same leaf names).
 SEPARATE_PROJECTIONS = tuple((name, (name.rsplit(".", 1)[-1],)) for name in (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
@@ -128,6 +130,8 @@ class Family:
         fused_qkv: a fused q/k/v the native model splits, or None.
         tokenizer_class: the tokenizer class to load (ours or transformers'); None: the class that
             ``tokenizer_config.json`` names.
+        tokenizer_files: the files the tokenizer is built from, as alternatives (one must be complete); checked
+            before loading, so a checkpoint without them is named instead of loading an empty vocabulary.
         lora_targets: the reference's LLM LoRA targets: (reference leaf name, native leaf names) pairs.
         moe: mixture-of-experts layout (None: dense).
         native_names: (llm_config key, native config key) pairs where transformers writes another name into a native
@@ -149,6 +153,7 @@ class Family:
     key_rows: tuple[tuple[str, str], ...] = SAME_NAMES
     fused_qkv: FusedQKV | None = None
     tokenizer_class: str | None = None
+    tokenizer_files: tuple[tuple[str, ...], ...] = (("tokenizer.model",), ("tokenizer.json",))
     lora_targets: tuple[tuple[str, tuple[str, ...]], ...] = SEPARATE_PROJECTIONS
     moe: MoeLayout | None = None
     native_names: tuple[tuple[str, str], ...] = ()
@@ -209,7 +214,7 @@ def architectures() -> list[str]:
 register(Family(
     "qwen2", ("Qwen2ForCausalLM",), "qwen2",  # Qwen2 and Qwen2.5
     extra_keys=("sliding_window", "use_sliding_window", "max_window_layers"),
-    tokenizer_class="Qwen2Tokenizer",
+    tokenizer_class="Qwen2Tokenizer", tokenizer_files=QWEN_BPE_FILES,
 ))
 register(Family(
     "internlm2", ("InternLM2ForCausalLM",), "llama", native_owner=False,  # InternLM2 and InternLM2.5
@@ -227,7 +232,7 @@ register(Family(
         ("language_model.output.weight", "lm_head.weight"),
     ),
     fused_qkv=FusedQKV(LM + "layers.{n}.attention.wqkv.{w}", T + "layers.{n}.self_attn.{p}_proj.{w}", grouped=True),
-    tokenizer_class="InternLM2Tokenizer",
+    tokenizer_class="InternLM2Tokenizer", tokenizer_files=(("tokenizer.model",),),
     lora_targets=(("attention.wqkv", ("q_proj", "k_proj", "v_proj")), ("attention.wo", ("o_proj",)),
                   ("feed_forward.w1", ("gate_proj",)), ("feed_forward.w3", ("up_proj",)),
                   ("feed_forward.w2", ("down_proj",))),
@@ -237,7 +242,7 @@ register(Family(
     # apart; Llama's attention_bias covers q/k/v and o_proj alike, so only equal values load.
     "internlm3", ("InternLM3ForCausalLM",), "llama", native_owner=False, extra_keys=("head_dim",),
     biases=BiasSwitches(attention=("qkv_bias", "bias"), mlp="bias", default=False),
-    tokenizer_class="InternLM3Tokenizer",
+    tokenizer_class="InternLM3Tokenizer", tokenizer_files=(("tokenizer.model",),),
 ))
 register(Family(
     "phi3", ("Phi3ForCausalLM",), "phi3",
@@ -258,7 +263,7 @@ register(Family(
     "qwen3", ("Qwen3ForCausalLM",), "qwen3",
     extra_keys=("head_dim", "attention_bias", "sliding_window", "use_sliding_window", "max_window_layers",
                 "layer_types"),
-    tokenizer_class="Qwen2Tokenizer",
+    tokenizer_class="Qwen2Tokenizer", tokenizer_files=QWEN_BPE_FILES,
     answers_keep_special_tokens=True,
 ))
 
@@ -273,7 +278,7 @@ register(Family(
     extra_keys=("head_dim", "attention_bias", "sliding_window", "use_sliding_window", "max_window_layers",
                 "num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
                 "router_aux_loss_coef", "output_router_logits", "decoder_sparse_step", "mlp_only_layers"),
-    tokenizer_class="Qwen2Tokenizer",
+    tokenizer_class="Qwen2Tokenizer", tokenizer_files=QWEN_BPE_FILES,
     lora_targets=ATTENTION_PROJECTIONS,
     moe=MoeLayout(experts="mlp.experts", router="mlp.gate", expert_parts=_QWEN_EXPERTS),
     native_names=(("num_experts", "num_local_experts"),),

@@ -4,7 +4,10 @@ Each family names the class its checkpoints load with (``families.Family.tokeniz
 ``Qwen2Tokenizer`` (vocab.json + merges.txt), our ``InternLM2Tokenizer`` / ``InternLM3Tokenizer`` (tokenizer.model,
 whose releases name a remote-code class), or none, meaning the transformers class that ``tokenizer_config.json``
 names (Phi-3, Yi: ``LlamaTokenizer``; Llama-3: ``PreTrainedTokenizerFast``). Without a family the class is read from
-the files.
+the files. The files a family's tokenizer is built from (``Family.tokenizer_files``) are checked before loading,
+because the loaders fail late or not at all without them: ``Qwen2Tokenizer`` builds an empty vocabulary (the InternVL
+tokens then get ids 0-8 and ``<IMG_CONTEXT>`` id 3 is written into the model), the sentencepiece and Llama classes
+fail with messages about missing packages, and ``AutoTokenizer`` offers to run the checkpoint's remote code.
 
 After loading, the nine InternVL tokens (``<img>`` ... ``</box>``) are added as special tokens in the reference order,
 so checkpoints that already carry them keep their ids and fresh LLMs get the same new ids the reference gives them.
@@ -47,7 +50,7 @@ def _named_class(path: Path) -> str | None:
 
 def tokenizer_class(path: str | Path, family: str | None = None) -> str:
     """The tokenizer class to load the checkpoint directory ``path`` with: the family's, else the one its files name
-    (``AutoTokenizer`` for a ``tokenizer.model`` / ``tokenizer.json`` naming none)."""
+    (``PreTrainedTokenizerFast`` / ``LlamaTokenizer`` for a ``tokenizer.json`` / ``tokenizer.model`` naming none)."""
     from internvl_tune.models.internvl_chat import families
 
     path = Path(path)
@@ -57,12 +60,30 @@ def tokenizer_class(path: str | Path, family: str | None = None) -> str:
         return name
     if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
         return "Qwen2Tokenizer"
-    if (path / "tokenizer.model").is_file() or (path / "tokenizer.json").is_file():
-        return "AutoTokenizer"
+    if (path / "tokenizer.json").is_file():  # never AutoTokenizer: without tokenizer_config.json it reads config.json,
+        return "PreTrainedTokenizerFast"  # which names the release's remote code
+    if (path / "tokenizer.model").is_file():
+        return "LlamaTokenizer"
     raise CheckpointError(
         f"{path}: no tokenizer files found (tokenizer_config.json with vocab.json+merges.txt, tokenizer.model or "
         "tokenizer.json) — copy the tokenizer files of the checkpoint into this directory"
     )
+
+
+def check_tokenizer_files(path: Path, family: str) -> None:
+    """Raise a CheckpointError naming the missing files when ``path`` lacks what the ``family`` tokenizer needs."""
+    from internvl_tune.models.internvl_chat import families
+
+    options = families.get(family).tokenizer_files
+    missing = [[name for name in option if not (path / name).is_file()] for option in options]
+    if any(not m for m in missing):
+        return
+    needs = ", or ".join(" and ".join(option) for option in options)
+    partial = [m for m, option in zip(missing, options) if len(m) < len(option)]
+    found = f"missing: {', '.join(min(partial, key=len))}" if partial else "none of them is there"
+    raise CheckpointError(f"{path}: the {family} tokenizer needs {needs}; {found} — copy the "
+                          "tokenizer files of the base model (the release this checkpoint was trained from) into "
+                          "this directory")
 
 
 def add_internvl_tokens(tokenizer) -> int:
@@ -85,6 +106,8 @@ def load_tokenizer(path: str | Path, family: str | None = None, model_max_length
         A transformers tokenizer with the InternVL tokens registered; no end-of-sequence token is appended on encode.
     """
     path = Path(path)
+    if family:
+        check_tokenizer_files(path, family)
     name = tokenizer_class(path, family)
     kwargs: dict = {} if model_max_length is None else {"model_max_length": model_max_length}
     if name in _ADD_EOS_FLAG:
