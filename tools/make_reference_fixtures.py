@@ -28,8 +28,9 @@ libraries first on the path (nothing else changes; the test suite itself never n
         --out tests/fixtures/reference [--only internvl3_5-30b-a3b ...]
 
 Adding a model family is one entry in ``CHAT_FIXTURES`` (a ``RELEASES`` name of ``internvl_tune.testing.tiny_chat``;
-``reference`` names the folder of the checkout whose ``internvl`` package builds it, when not ``internvl_chat``);
-``tests/models/test_reference_chat.py`` picks every fixture of the manifest up by itself.
+``reference`` names the folder of the checkout whose ``internvl`` package builds it, when not ``internvl_chat``, and
+``transformers`` the version that folder runs with); ``tests/models/test_reference_chat.py`` picks every fixture of
+the manifest up by itself (a mixture-of-experts family also records the reference's load-balancing loss).
 """
 
 from __future__ import annotations
