@@ -14,10 +14,9 @@ from PIL import Image
 
 from internvl_tune.constants import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from internvl_tune.data.config import DataConfig
-from internvl_tune.data.dataset import SupervisedDataset, conversation_messages, resolve_path
+from internvl_tune.data.dataset import SupervisedDataset, resolve_path
 from internvl_tune.data.images import load_image, num_tiles
 from internvl_tune.data.meta import DatasetSpec, JsonlIndex, read_meta, sample_kind
-from internvl_tune.data.preference import PreferenceDataset, preference_fields
 from internvl_tune.data.preprocess import tokenizer_info
 from internvl_tune.data.templates import GPT, HUMAN, get_template
 from internvl_tune.data.video import load_video_frames
@@ -107,7 +106,7 @@ def check_meta(
     tokenizer=None,
     progress=None,
     show: int = 0,
-    preference: bool = False,
+    reader: type[SupervisedDataset] = SupervisedDataset,
 ) -> CheckReport:
     """Check every dataset, line, image and video of ``meta_path``.
 
@@ -117,7 +116,8 @@ def check_meta(
         tokenizer: when given, every sample is also tokenized: lengths, truncation, supervised tokens.
         progress: optional callable(advance: int, total: int | None) for a progress bar.
         show: render this many samples into ``report.shown`` (needs a tokenizer).
-        preference: the lines are preference pairs (``question``, ``chosen``, ``rejected``; ``data/preference.py``).
+        reader: the dataset class that reads the lines (the training objective's: conversations, preference pairs
+            ``data/preference.py``, ...); its ``line_messages`` gives the turns the structural checks look at.
     """
     report = CheckReport()
     try:
@@ -141,15 +141,14 @@ def check_meta(
     usable = [(s, ix) for s, ix in zip(specs, indexes) if ix is not None]
     dataset = None
     if tokenizer is not None and usable:
-        kind = PreferenceDataset if preference else SupervisedDataset
-        dataset = kind([s for s, _ in usable], tokenizer, cfg, is_train=False, strict=True)
+        dataset = reader([s for s, _ in usable], tokenizer, cfg, is_train=False, strict=True)
     for k, (spec, index) in enumerate(usable):
-        _check_dataset(report, spec, index, template, cfg, dataset, k, progress, show, preference)
+        _check_dataset(report, spec, index, template, cfg, dataset, k, progress, show, reader)
     return report
 
 
 def _check_dataset(report, spec: DatasetSpec, index: JsonlIndex, template, cfg, dataset, k: int, progress, show: int,
-                   preference: bool):
+                   reader: type[SupervisedDataset]):
     n_lines = len(index)
     report.lines[spec.name] = n_lines
     if spec.length is not None and spec.length != n_lines:
@@ -167,7 +166,7 @@ def _check_dataset(report, spec: DatasetSpec, index: JsonlIndex, template, cfg, 
     start = int(dataset.starts[k]) if dataset is not None else 0
     for line in range(checked):
         where = f"{spec.annotation}:{index.line_number(line)}"
-        problems = _check_line(report, spec, index, line, where, template, cfg, repeats[line], preference)
+        problems = _check_line(report, spec, index, line, where, template, cfg, repeats[line], reader)
         if not problems and dataset is not None:
             problems = _check_tokens(report, dataset, start + line, repeats[line], show)
         report.problems.extend(problems)
@@ -175,22 +174,12 @@ def _check_dataset(report, spec: DatasetSpec, index: JsonlIndex, template, cfg, 
             progress(1, None)
 
 
-def _messages(item: dict, template, where: str, preference: bool) -> tuple[list[tuple[str, str]], list[str]]:
-    """The turns of a line (a preference line: the question and both answers) and the warnings about them."""
-    if not preference:
-        _, messages, warnings = conversation_messages(item, template, where)
-        return messages, warnings
-    question, chosen, rejected = preference_fields(item, template, where)
-    same = ["`chosen` and `rejected` are the same text, so the pair teaches no preference"] if chosen == rejected else []
-    return [(HUMAN, question), (GPT, chosen), (GPT, rejected)], same
-
-
-def _check_line(report, spec, index, line, where, template, cfg, repeats: int, preference: bool) -> list[Problem]:
+def _check_line(report, spec, index, line, where, template, cfg, repeats: int, reader) -> list[Problem]:
     """Structural and file checks of one line; records kind counts and tiles."""
     try:
         item = index.read(line)
         kind = sample_kind(item, where)
-        messages, warnings = _messages(item, template, where, preference)
+        messages, warnings = reader.line_messages(item, template, where)
     except DataError as exc:
         return [Problem(exc.where, _message(exc), exc.fix)]
     report.samples[(spec.name, kind)] += repeats

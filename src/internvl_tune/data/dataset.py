@@ -180,6 +180,12 @@ class SupervisedDataset(Dataset):
         tiles, encoded, notes = builder(item, messages, system, spec, max_patch, rng, where)
         return Prepared(sample_id, where, kind, encoded, tiles, augment, notes)
 
+    @staticmethod
+    def line_messages(item: dict, template, where: str) -> tuple[list[tuple[str, str]], list[str]]:
+        """The turns of a line as ``data check`` inspects them (placeholders, kinds), and warnings about them."""
+        _, messages, warnings = conversation_messages(item, template, where)
+        return messages, warnings
+
     def messages(self, item: dict, where: str) -> tuple[str | None, list[tuple[str, str]]]:
         """The system message (None: the template's) and the turns of a line."""
         system, messages, _ = conversation_messages(item, self.template, where)

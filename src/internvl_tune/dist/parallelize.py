@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -181,6 +182,29 @@ def reshard(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, FSDPModule):
             m.reshard()
+
+
+@contextmanager
+def gathered(module: nn.Module):
+    """A context in which every FSDP unit of ``module`` holds its whole parameters, also between forward calls.
+
+    Generation runs one small forward per new token; FSDP2 would all-gather each block before it and free it after
+    (a collective per block and token, which also makes every rank's token count matter). Here each unit is
+    gathered once and kept; on exit the units shard again as :func:`parallelize` set them up.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    several = dist.is_initialized() and dist.get_world_size() > 1
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield module
+    finally:
+        for unit in units:
+            unit.set_reshard_after_forward(several, recurse=False)
+            unit.reshard()
 
 
 def _average_over_ranks(grad: torch.Tensor, world_size: int) -> torch.Tensor:

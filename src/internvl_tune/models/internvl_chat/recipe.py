@@ -19,11 +19,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from internvl_tune.data.batching import ChatBatch
+from internvl_tune.data.batching import ChatBatch, ChatCollator
 from internvl_tune.data.config import DataConfig
+from internvl_tune.data.dataset import SupervisedDataset
 from internvl_tune.errors import UserError
 from internvl_tune.models.common import varlen_attention
 from internvl_tune.models.common.quantize import require_bitsandbytes, set_trainable
+from internvl_tune.models.common.recipe import Recipe
 from internvl_tune.models.internvl_chat.loss import weighted_lm_loss_sum
 from internvl_tune.options import option
 
@@ -143,10 +145,15 @@ class ChatTrainModule(nn.Module):
         return out.last_hidden_state
 
 
-class ChatRecipe:
-    """InternVL2 chat fine-tuning for ``train/trainer.py`` (see its ``Recipe`` protocol)."""
+class ChatRecipe(Recipe):
+    """InternVL2 chat fine-tuning for ``train/trainer.py`` (the ``Recipe`` protocol, ``models/common/recipe.py``).
+
+    Supervised fine-tuning (``--objective sft``) as it is; the other objectives of ``objectives/`` subclass it.
+    ``dataset_class`` reads the objective's lines and ``collator_class`` batches them.
+    """
 
     name, unit = "train", "tokens"
+    dataset_class, collator_class = SupervisedDataset, ChatCollator
 
     def __init__(self, model: ModelArgs, data: DataConfig):
         if not model.model_name_or_path:
@@ -159,8 +166,13 @@ class ChatRecipe:
                 raise UserError("--load_in_4bit keeps the LLM's linear layers frozen in 4 bits: add --use_llm_lora R "
                                 "(QLoRA) or --freeze_llm True")
         self.args, self.data = model, data
-        self.chat = None
+        self.chat = self.module = None
         self.trainable_parts: dict[str, int] = {}
+
+    @classmethod
+    def from_objective(cls, model: ModelArgs, data: DataConfig, args, collectives) -> ChatRecipe:
+        """The recipe of ``--objective sft`` (no flags or collectives of its own)."""
+        return cls(model, data)
 
     def _load_chat(self, dtype: torch.dtype, weights: bool, device="cpu", load_in_4bit: bool = False):
         from internvl_tune.models.internvl_chat.chat import load_pretrained
@@ -186,10 +198,11 @@ class ChatRecipe:
                             "the bf16 model over the ranks")
         chat = self._load_chat(dtype, weights, device if quantized else "cpu", quantized)
         self.trainable_parts = apply_trainable_flags(chat, self.args)
+        module = self._training_module(chat, dtype, weights)
         if self.chat is None:  # the first build is the trained one (a second, on rank 0, only sources weights)
             self.data = self.data.resolve(data_defaults(chat.original_config), self.args.model_name_or_path)
-            self.chat = chat
-        return self._training_module(chat, dtype, weights)
+            self.chat, self.module = chat, module
+        return module
 
     def _training_module(self, chat, dtype: torch.dtype, weights: bool) -> nn.Module:
         return ChatTrainModule(chat)
@@ -198,16 +211,12 @@ class ChatRecipe:
     def grad_checkpoint(self) -> str:
         return self.args.grad_checkpoint
 
-    def param_groups_scale(self) -> None:
-        """One learning rate for every parameter."""
-        return None
-
     def build_data(self, seed: int, rank: int, world_size: int, per_device_batch: int, grad_accum: int):
         """``(train_set, val_set or None, collate, sampler)``."""
         from internvl_tune.data.batching import GlobalBatchSampler, PackedBatchSampler
 
         d, chat = self.data, self.chat
-        dataset, collator = self._data_classes()
+        dataset, collator = self.dataset_class, self.collator_class
         train = dataset(d.meta_path, chat.tokenizer, d, is_train=True, seed=seed)
         val = dataset(d.eval_meta_path, chat.tokenizer, d, is_train=False, seed=seed) if d.eval_meta_path else None
         pad_id = chat.tokenizer.pad_token_id if chat.tokenizer.pad_token_id is not None else 0
@@ -220,13 +229,6 @@ class ChatRecipe:
             sampler = GlobalBatchSampler(train.lengths, per_device_batch, world_size, rank, grad_accum, seed,
                                          d.group_by_length)
         return train, val, collate, sampler
-
-    def _data_classes(self) -> tuple[type, type]:
-        """The dataset and collator classes of this recipe's samples."""
-        from internvl_tune.data.batching import ChatCollator
-        from internvl_tune.data.dataset import SupervisedDataset
-
-        return SupervisedDataset, ChatCollator
 
     def tokens_per_micro_batch(self, per_device_batch: int) -> int:
         """LLM tokens of the largest micro-batch: the packing budget, or the longest sample times the batch size."""

@@ -24,10 +24,11 @@ import torch
 from torch import nn
 
 from internvl_tune.data.config import DataConfig
+from internvl_tune.data.preference import PreferenceCollator, PreferenceDataset
 from internvl_tune.errors import UserError
 from internvl_tune.models.common.lora import lora_modules
 from internvl_tune.models.internvl_chat.loss import sample_log_prob_sums
-from internvl_tune.models.internvl_chat.preference_loss import PreferenceArgs, RewardShift, preference_losses
+from internvl_tune.models.internvl_chat.objectives.preference_loss import PreferenceArgs, RewardShift, preference_losses
 from internvl_tune.models.internvl_chat.recipe import ChatRecipe, ChatTrainModule, ModelArgs
 
 REFERENCE_PREFIX = "reference."
@@ -99,12 +100,18 @@ class PreferenceRecipe(ChatRecipe):
     """DPO / MPO on preference data for ``train/trainer.py``: :class:`ChatRecipe` with pairs, a reference model and
     the preference losses."""
 
+    dataset_class, collator_class = PreferenceDataset, PreferenceCollator
+
     def __init__(self, model: ModelArgs, data: DataConfig, preference: PreferenceArgs, all_reduce_sum):
         super().__init__(model, data)
         self.preference = preference.resolve()
         self.name = self.preference.objective
         self.all_reduce_sum = all_reduce_sum
         self.reference_params, self.reference_dtype = 0, None
+
+    @classmethod
+    def from_objective(cls, model: ModelArgs, data: DataConfig, args: PreferenceArgs, collectives) -> PreferenceRecipe:
+        return cls(model, data, args, collectives.all_reduce_sum)
 
     def _training_module(self, chat, dtype: torch.dtype, weights: bool) -> PreferenceTrainModule:
         from internvl_tune.models.internvl_chat.lora import has_lora
@@ -125,10 +132,12 @@ class PreferenceRecipe(ChatRecipe):
             self.reference_dtype = str(dtype).removeprefix("torch.")
         return PreferenceTrainModule(chat, self.preference, self.all_reduce_sum, reference)
 
-    def _data_classes(self) -> tuple[type, type]:
-        from internvl_tune.data.preference import PreferenceCollator, PreferenceDataset
+    def run_state(self) -> dict:
+        """The training module's bco_pair reward shift (two numbers)."""
+        return self.module.run_state()
 
-        return PreferenceDataset, PreferenceCollator
+    def load_run_state(self, state: dict) -> None:
+        self.module.load_run_state(state)
 
     def describe(self) -> list[str]:
         """The chat plan lines, the objective with its weights, and how the reference model is held."""
