@@ -31,6 +31,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from internvl_tune.errors import UserError
 
 WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
+RECOMPILE_LIMIT = 32  # graphs per compiled code object (see parallelize)
 
 
 def clean_name(name: str) -> str:
@@ -149,10 +150,16 @@ def parallelize(module: nn.Module, blocks: list[nn.Module], *, world_size: int, 
         The blocks as they now sit in the model (wrapped where checkpointed).
     """
     if compile:
+        import torch._dynamo.config as dynamo_config
         import torch._functorch.config as functorch_config
 
         # the partitioner of every compiled block's forward + backward reads it when the block first runs
         functorch_config.activation_memory_budget = memory_budget(grad_checkpoint)
+        # Every block kind (ViT layer, LLM layer) shares one compiled code object (transformers' layer forward), and
+        # each way a run calls it is one graph: trained (first LLM layer and the others: their input needs grad or
+        # not), a reference pass (no grad, eval mode, LoRA off), generation. Preference tuning needs 6 on the CPU;
+        # past dynamo's default limit of 8 the next ones would silently run uncompiled.
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
         for block in blocks:
             block.compile(dynamic=True)
     else:
