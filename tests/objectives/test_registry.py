@@ -17,7 +17,7 @@ from internvl_tune.options import option
 
 
 def test_each_entry_names_its_recipe_flags_and_reader():
-    assert {"sft", "dpo", "mpo"} <= set(OBJECTIVES)
+    assert list(OBJECTIVES) == ["sft", "dpo", "mpo", "grpo", "gspo"]
     assert (OBJECTIVES["sft"].recipe, OBJECTIVES["sft"].args, OBJECTIVES["sft"].reader) == \
         (ChatRecipe, None, SupervisedDataset)
     assert OBJECTIVES["mpo"].recipe is PreferenceRecipe and OBJECTIVES["mpo"].reader is PreferenceDataset
@@ -111,7 +111,8 @@ def test_a_new_objective_is_one_registry_entry(monkeypatch, capsys):
             main(["train", "--help"])
         out = " ".join(capsys.readouterr().out.split())
         assert "toy (a toy objective)" in out and "--toy_temperature TOY_TEMPERATURE toy: how warm" in out
-        assert "dpo, mpo: KL coefficient of the preference losses (default: 0.1); toy: toy KL coefficient" in out
+        assert "--beta BETA dpo, mpo: KL coefficient of the preference losses (default: 0.1); grpo, gspo:" in out
+        assert "; toy: toy KL coefficient (default: 1)" in out
     finally:
         objective_section.cache_clear()
 

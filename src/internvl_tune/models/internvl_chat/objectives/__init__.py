@@ -4,6 +4,7 @@
 |--------------|------------------|--------------------|---------------------------------------------------|
 | ``sft``      | none             | ``ChatRecipe``     | ``SupervisedDataset`` (conversations)             |
 | ``dpo, mpo`` | ``PreferenceArgs`` | ``PreferenceRecipe`` | ``PreferenceDataset`` (question / chosen / rejected) |
+| ``grpo, gspo`` | ``GRPOArgs``   | ``GRPORecipe``     | ``PromptDataset`` (conversations ending with the question) |
 
 An entry names the recipe class (its ``dataset_class`` is the data reader: training and ``data check`` read lines
 with it) and the dataclass of the objective's flags. Adding an objective is one module (a flags dataclass with an
@@ -26,6 +27,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 from internvl_tune.errors import UserError
+from internvl_tune.models.internvl_chat.objectives.grpo import GRPORecipe
+from internvl_tune.models.internvl_chat.objectives.grpo_loss import GRPOArgs
 from internvl_tune.models.internvl_chat.objectives.preference import PreferenceRecipe
 from internvl_tune.models.internvl_chat.objectives.preference_loss import PreferenceArgs
 from internvl_tune.models.internvl_chat.recipe import ChatRecipe
@@ -71,6 +74,9 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
               PreferenceRecipe, PreferenceArgs),
     Objective("mpo", "mixed preference optimisation (preference + quality + generation losses) on preference lines",
               PreferenceRecipe, PreferenceArgs),
+    Objective("grpo", "online RL on prompt lines: completions sampled from the policy, scored by --reward_funcs, a "
+                      "clipped token-level policy loss on group-normalised advantages (GRPO)", GRPORecipe, GRPOArgs),
+    Objective("gspo", "grpo with one importance ratio per completion (GSPO)", GRPORecipe, GRPOArgs),
 )}
 
 
