@@ -30,7 +30,7 @@ STEP = _step_runner_call()
 
 
 def graphs_per_step(monkeypatch, tiny, out, objective: str, model_flags: dict, backend: str = "eager",
-                    steps: int = 4) -> list[int]:
+                    steps: int = 4, **objective_flags) -> list[int]:
     """Train ``steps`` compiled steps (3 per epoch) and return dynamo's count of compiled graphs after each."""
     from torch._dynamo.utils import counters
 
@@ -49,14 +49,14 @@ def graphs_per_step(monkeypatch, tiny, out, objective: str, model_flags: dict, b
     monkeypatch.setattr(step_module.StepRunner, "__call__", counted)
     torch._dynamo.reset()
     counters.clear()
-    meta = SAMPLE / ("meta.json" if objective == "sft" else "preference_meta.json")
+    meta = SAMPLE / {"sft": "meta.json", "grpo": "prompts_meta.json"}.get(objective, "preference_meta.json")
     cfg = RunConfig(
         model=ModelArgs(model_name_or_path=str(tiny), grad_checkpoint="True", freeze_backbone=True, **model_flags),
         data=DataConfig(meta_path=str(meta), conv_style="Hermes-2", force_image_size=56, dynamic_image_size=True,
-                        max_dynamic_patch=2),
+                        max_dynamic_patch=2, max_seq_length=400),
         train=TrainArgs(output_dir=str(out), max_steps=steps, save_steps=100, per_device_train_batch_size=2,
                         learning_rate=1e-3, dataloader_num_workers=0, report_to="none", torch_compile="True"),
-        objective=objective_section()(objective=objective),
+        objective=objective_section()(objective=objective, **objective_flags),
     )
     if objective == "sft":
         cfg.data.meta_path = str(_text_image_meta(out.parent))
@@ -82,6 +82,13 @@ def test_lora_dpo_compiles_its_reference_pass_once(monkeypatch, tiny_1b, tmp_pat
     assert sft[0] == sft[-1] and dpo == [dpo[0]] * 4, (sft, dpo)  # nothing new after the first step
     # the reference pass adds at most one graph per graph of training (ViT, first LLM layer, other LLM layers)
     assert sft[0] < dpo[0] <= 2 * sft[0], (sft, dpo)
+
+
+def test_grpo_rollouts_add_no_graph_and_its_reference_pass_one_set(monkeypatch, tiny_1b, tmp_path):
+    # generation runs past the per-block graphs; the update and the reference pass (--beta) compile on step 1
+    grpo = graphs_per_step(monkeypatch, tiny_1b, tmp_path / "grpo", "grpo", LORA, steps=3, num_generations=2,
+                           max_completion_length=3, beta=0.1)
+    assert grpo == [grpo[0]] * 3 and grpo[0] <= 6, grpo
 
 
 @pytest.mark.slow

@@ -177,3 +177,13 @@ def test_generation_bypasses_the_layers_training_graphs(tiny_1b):
     embeds, mask = prompts(chat, QUESTIONS)
     Generator(chat.model).generate(embeds, mask, Sampling(max_new_tokens=4, temperature=0))
     assert counters["stats"]["unique_graphs"] == 0
+
+
+def test_suppressed_tokens_are_never_generated():
+    logits = torch.zeros(500, 8)
+    logits[:, 3] = 10.0  # token 3 would win almost every draw, and every greedy pick
+    keys = torch.tensor([stream_key(5, i) for i in range(500)])
+    for sampling in (Sampling(max_new_tokens=1, suppress_token_ids=(3, 4)),
+                     Sampling(max_new_tokens=1, temperature=0, suppress_token_ids=(3,))):
+        tokens = sample_tokens(logits, sampling, keys, 0)
+        assert not torch.isin(tokens, torch.tensor(sampling.suppress_token_ids)).any()

@@ -126,3 +126,13 @@ def test_bad_reward_specs_and_results_are_clear_errors(tmp_path):
         RewardSet.from_flags(f"{path}:short", None)(["q"] * 2, ["a", "b"], [[1], [2]], [{}] * 2, ["f:1", "f:2"])
     with pytest.raises(UserError, match="reward text returned 'good' for the completion of f:1"):
         RewardSet.from_flags(f"{path}:text", None)(["q"], ["a"], [[1]], [{}], ["f:1"])
+
+
+@pytest.mark.parametrize("text,value", [("42", 42.0), ("-2.5", -2.5), (".5", 0.5), ("1,234", 1234.0),
+                                        ("1,234.5", 1234.5), ("1e3", 1000.0), ("3/4", 0.75), ("50%", 0.5),
+                                        ("$12", 12.0), ("\\frac{3}{4}", 0.75), ("e1", None), ("+", None),
+                                        ("1.2.3", None), ("cat", None)])
+def test_numbers(text, value):
+    from internvl_tune.models.internvl_chat.objectives.rewards import parse_number
+
+    assert parse_number(text) == value

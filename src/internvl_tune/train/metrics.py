@@ -1,4 +1,4 @@
-"""Run metrics: JSONL (the source of truth), CSV, PNG plots of loss / lr / grad-norm, and the sinks of
+"""Run metrics: JSONL (the source of truth), CSV, PNG plots of loss / lr / grad-norm (and reward), and the sinks of
 ``--report_to`` (TensorBoard, Weights & Biases, MLflow).
 
 Sink tags are grouped as the transformers Trainer groups them: ``train/loss``, ``train/lr``, ``eval/loss``.
@@ -161,8 +161,9 @@ def write_csv(rows: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
-PLOTS = {"loss.png": ("loss", "eval_loss"), "lr.png": ("lr",), "grad_norm.png": ("grad_norm",)}
-SMOOTHED = ("loss", "grad_norm")  # noisy per-step series get a smoothed line beside the raw one
+PLOTS = {"loss.png": ("loss", "eval_loss"), "lr.png": ("lr",), "grad_norm.png": ("grad_norm",),
+         "reward.png": ("reward",)}  # (online RL runs log a reward)
+SMOOTHED = ("loss", "grad_norm", "reward")  # noisy per-step series get a smoothed line beside the raw one
 
 
 def smooth(values: list[float], weight: float = 0.9) -> list[float]:
@@ -175,7 +176,8 @@ def smooth(values: list[float], weight: float = 0.9) -> list[float]:
 
 
 def write_plots(rows: list[dict], out_dir: Path) -> list[Path]:
-    """``loss.png`` (train + eval loss), ``lr.png`` and ``grad_norm.png`` against the optimizer step."""
+    """``loss.png`` (train + eval loss), ``lr.png``, ``grad_norm.png`` and, where logged, ``reward.png`` against
+    the optimizer step."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -47,6 +47,8 @@ class Sampling:
         top_k: keep the ``top_k`` most likely tokens (0 = all).
         stop_token_ids: tokens that end a completion (kept as its last token).
         pad_token_id: what fills a row after it stopped.
+        suppress_token_ids: tokens never generated (InternVL's image tokens: a completion holding ``<IMG_CONTEXT>``
+            would ask for image features that do not exist).
     """
 
     max_new_tokens: int
@@ -55,6 +57,7 @@ class Sampling:
     top_k: int = 0
     stop_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
+    suppress_token_ids: tuple[int, ...] = ()
 
     @property
     def greedy(self) -> bool:
@@ -120,6 +123,8 @@ def filter_logits(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
 
 def sample_tokens(logits: torch.Tensor, sampling: Sampling, keys: torch.Tensor | None, position) -> torch.Tensor:
     """The next token of each row: greedy, or drawn from the filtered distribution at the rows' uniform numbers."""
+    if sampling.suppress_token_ids:
+        logits = logits.index_fill(1, torch.tensor(sampling.suppress_token_ids, device=logits.device), float("-inf"))
     if sampling.greedy or keys is None:
         return logits.argmax(dim=-1)
     probs = filter_logits(logits, sampling).softmax(dim=-1).double()
@@ -191,6 +196,7 @@ class Generator:
         params = inspect.signature(self.llm.layers[0].forward).parameters
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
         self._steps: dict = {}
+        self._caches: dict = {}  # static caches are kept: a replayed CUDA graph reads its buffers at fixed addresses
 
     # ---- the pieces of a forward over the cache
     def _layers(self, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: KVCache):
@@ -217,6 +223,20 @@ class Generator:
         if stop is not None:
             done = done | torch.isin(nxt, stop)
         return nxt, done, key_valid
+
+    def _cache(self, batch: int, slots: int, dtype, device) -> KVCache:
+        """A new cache, or for a static one the same buffers as the last call with these shapes (every slot a call
+        reads is written first or masked)."""
+        key = (batch, slots, dtype, device)
+        if self.static and key in self._caches:
+            return self._caches[key]
+        text = self.llm.config
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        cache = KVCache(len(self.llm.layers), batch, slots, text.num_key_value_heads, head_dim, dtype, device,
+                        self.static)
+        if self.static:
+            self._caches = {key: cache}  # one shape at a time: the buffers of older shapes are freed
+        return cache
 
     def _decode_step(self, batch: int, slots: int, sampling: Sampling):
         """The decode function for these shapes (compiled once per shape when ``compile``)."""
@@ -257,11 +277,8 @@ class Generator:
         slots = length + sampling.max_new_tokens
         if self.static:
             slots = -(-slots // SLOT_ROUNDING) * SLOT_ROUNDING
-        text = self.llm.config
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         weight = self.model.lm_head.weight
-        cache = KVCache(len(self.llm.layers), batch, slots, text.num_key_value_heads, head_dim, weight.dtype, device,
-                        self.static)
+        cache = self._cache(batch, slots, weight.dtype, device)
 
         # prefill: each prompt once, causal over its real tokens (a padding row attends to itself: no NaN)
         real = attention_mask.to(device=device, dtype=torch.bool)
@@ -294,6 +311,8 @@ class Generator:
             position = last + 1 + steps
             with compiled:
                 token, done, key_valid = step(cache, token, position, slot, key_valid, keys, done, sampling)
+            if self.compile:  # a CUDA graph's outputs are overwritten by its next replay: keep copies
+                token, done, key_valid = token.clone(), done.clone(), key_valid.clone()
             out.append(token)
             steps += 1
         tokens = torch.stack(out, dim=1)

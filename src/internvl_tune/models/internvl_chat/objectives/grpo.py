@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from internvl_tune.constants import IGNORE_INDEX, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 from internvl_tune.data.batching import ChatBatch, ChatCollator, GlobalBatchSampler
 from internvl_tune.data.config import DataConfig
 from internvl_tune.data.prompts import PromptBatch, PromptCollator, PromptDataset
@@ -147,6 +148,27 @@ class Rollout:
         return cls(state["step"], [MicroRollout(**m) for m in state["micro"]], state["logs"], tuple(state["scales"]))
 
 
+def training_batch(prompts: PromptBatch, micro: MicroRollout, args: GRPOArgs, collator: ChatCollator,
+                   scales: tuple[float, float]) -> GRPOBatch:
+    """The training rows of a micro-batch of prompts: each prompt followed by each of its completions, one row each
+    (padded, or one packed row), sharing the prompt's tiles; ``scales`` = (token_scale, row_scale)."""
+    rows, owners = [], []
+    for p, sample in enumerate(prompts.samples):
+        for k in range(args.num_generations):
+            completion = torch.tensor(micro.completions[p * args.num_generations + k], dtype=torch.long)
+            prompt = sample["input_ids"]
+            rows.append({"input_ids": torch.cat([prompt, completion]),
+                         "labels": torch.cat([torch.full_like(prompt, IGNORE_INDEX), completion])})
+            owners.append(p)
+    fields = collator.fields(rows, prompts.samples, owners)
+    tokens = len(fields["loss_index"])
+    as_tensor = lambda v: torch.tensor(v, dtype=torch.float32) if v is not None else None  # noqa: E731
+    return GRPOBatch(**fields, weight=float(loss_weight(args.loss_type, len(rows), tokens)), rows=len(rows),
+                     advantages=torch.tensor(micro.advantages, dtype=torch.float32),
+                     old_log_probs=as_tensor(micro.old_log_probs), ref_log_probs=as_tensor(micro.ref_log_probs),
+                     token_scale=scales[0], row_scale=scales[1])
+
+
 class GRPORecipe(ReferenceRecipe):
     """GRPO / GSPO for ``train/trainer.py``: prompt lines, rollouts in :meth:`prepare_step`, the policy loss."""
 
@@ -246,7 +268,9 @@ class GRPORecipe(ReferenceRecipe):
         if tok.eos_token_id is not None:
             stop.add(tok.eos_token_id)
         g = self.grpo
-        return Sampling(g.max_completion_length, g.temperature, g.top_p, g.top_k, tuple(sorted(stop)), self.pad_id)
+        image_tokens = tuple(tok.convert_tokens_to_ids(t) for t in (IMG_CONTEXT_TOKEN, IMG_START_TOKEN, IMG_END_TOKEN))
+        return Sampling(g.max_completion_length, g.temperature, g.top_p, g.top_k, tuple(sorted(stop)), self.pad_id,
+                        image_tokens)
 
     @torch.no_grad()
     def _roll_out(self, module: GRPOTrainModule, batches: list[PromptBatch], step: int) -> Rollout:
@@ -355,24 +379,7 @@ class GRPORecipe(ReferenceRecipe):
         return logs, (weight / tokens, weight / completions)
 
     def _training_batch(self, prompts: PromptBatch, micro: MicroRollout, scales: tuple | None = None) -> GRPOBatch:
-        """Each prompt followed by each of its completions, one row each, sharing the prompt's tiles."""
-        g = self.grpo
-        rows, owners = [], []
-        for p, sample in enumerate(prompts.samples):
-            for k in range(g.num_generations):
-                completion = torch.tensor(micro.completions[p * g.num_generations + k], dtype=torch.long)
-                prompt = sample["input_ids"]
-                rows.append({"input_ids": torch.cat([prompt, completion]),
-                             "labels": torch.cat([torch.full_like(prompt, -100), completion])})
-                owners.append(p)
-        fields = self.rows_collator.fields(rows, prompts.samples, owners)
-        tokens = len(fields["loss_index"])
-        token_scale, row_scale = scales if scales is not None else self.rollout.scales
-        as_tensor = lambda v: torch.tensor(v, dtype=torch.float32) if v is not None else None  # noqa: E731
-        return GRPOBatch(**fields, weight=float(loss_weight(g.loss_type, len(rows), tokens)), rows=len(rows),
-                         advantages=torch.tensor(micro.advantages, dtype=torch.float32),
-                         old_log_probs=as_tensor(micro.old_log_probs), ref_log_probs=as_tensor(micro.ref_log_probs),
-                         token_scale=token_scale, row_scale=row_scale)
+        return training_batch(prompts, micro, self.grpo, self.rows_collator, scales or self.rollout.scales)
 
     def _log_completions(self, context: StepContext, batches: list[PromptBatch]) -> None:
         """Append the step's sample of prompts, completions and rewards to ``completions.jsonl`` (rank 0)."""

@@ -39,7 +39,7 @@ import torch
 
 from internvl_tune.errors import UserError
 
-_NUMBER = r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:[eE][-+]?\d+)?"
+_NUMBER = r"[-+]?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
 NUMBER_RE = re.compile(rf"(?<![\w.]){_NUMBER}(?:\s*/\s*\d+)?%?")
 ANSWER_RE = re.compile(r"(?:final\s+answer|answer)\s*(?:is)?\s*[:：]?\s*", re.IGNORECASE)
 THINK_RE = re.compile(r"^\s*<think>(?:(?!<think>).)*?</think>\s*\S", re.DOTALL)
@@ -92,7 +92,7 @@ def parse_number(text: str) -> float | None:
     text = text.strip().strip("$").strip().rstrip(".").strip()
     text = text.replace("\\%", "%").replace("\\frac", "")
     match = re.fullmatch(rf"({_NUMBER})\s*(?:/\s*(\d+))?\s*(%?)", text)
-    if not match or not match.group(1) or match.group(1) in "+-":
+    if not match:
         braces = re.fullmatch(r"\{(\d+)\}\{(\d+)\}", text)  # \frac{3}{4} with \frac removed
         return int(braces.group(1)) / int(braces.group(2)) if braces and int(braces.group(2)) else None
     value = float(match.group(1).replace(",", ""))
