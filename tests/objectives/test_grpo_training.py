@@ -113,7 +113,19 @@ def test_cli_gspo_with_packing_logs_rewards_and_exports_the_adapter(tiny_1b, tmp
     tags = EventAccumulator(str(out / "tensorboard")).Reload().Tags()["scalars"]
     assert {"train/reward", "train/rewards/format/mean", "train/kl", "train/completions/mean_length"} <= set(tags)
     assert len((out / "completions.jsonl").read_text().splitlines()) == 2 * 2 * 2  # 2 steps x 2 prompts x 2
+    assert (out / "reward.png").stat().st_size > 0
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_qlora_with_the_kl_reference_pass(tiny_1b, tmp_path):
+    # 4-bit LLM linears under LoRA (bitsandbytes' CPU kernels): generation, the adapters-off reference, the update
+    pytest.importorskip("bitsandbytes")
+    result = _run(tiny_1b, tmp_path / "q", {**LORA, "load_in_4bit": True}, max_steps=2, save_steps=0,
+                  grpo={"num_iterations": 1})
+    rows = _rows(tmp_path / "q")
+    assert result.steps == 2 and all(v is not None for v in rows[2]), rows
+    assert "LLM linear layers in 4 bits" in (tmp_path / "q" / "train.log").read_text()
 
 
 def test_bad_flags_are_refused_before_loading(tiny_1b, tmp_path):

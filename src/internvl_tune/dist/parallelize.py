@@ -203,6 +203,10 @@ def gathered(module: nn.Module):
 
     units = [m for m in module.modules() if isinstance(m, FSDPModule)]
     several = dist.is_initialized() and dist.get_world_size() > 1
+    if isinstance(module, FSDPModule):
+        # Generation calls the blocks, not the root: FSDP2 must have set the root up first (a root forward would),
+        # else the first block called claims to be a root. There is no public call for it; this one is idempotent.
+        module._get_fsdp_state()._lazy_init()
     for unit in units:
         unit.set_reshard_after_forward(False, recurse=False)
         unit.unshard()
