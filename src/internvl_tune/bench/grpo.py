@@ -20,6 +20,7 @@ import argparse
 import json
 import statistics
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -108,7 +109,8 @@ def generation_speed(chat, batches, args, device, dtype) -> dict:
                                    attention_mask=mask.repeat_interleave(g, 0), do_sample=True, temperature=1.0,
                                    top_p=1.0, top_k=0, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
 
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():  # transformers' generate warns about its own layer calls
+        warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
         theirs_s, theirs = _timed(transformers_generate, args.repeats, device)
     if out.tokens.shape != (rows, n) or theirs.shape != (rows, n):  # both must have generated the same work
         raise RuntimeError(f"generated {tuple(out.tokens.shape)} and {tuple(theirs.shape)} tokens, not {(rows, n)}")

@@ -33,6 +33,7 @@ from internvl_tune.constants import IGNORE_INDEX, IMG_CONTEXT_TOKEN, IMG_END_TOK
 from internvl_tune.data.batching import ChatBatch, ChatCollator, GlobalBatchSampler
 from internvl_tune.data.config import DataConfig
 from internvl_tune.data.prompts import PromptBatch, PromptCollator, PromptDataset
+from internvl_tune.data.templates import get_template
 from internvl_tune.errors import UserError
 from internvl_tune.models.common.recipe import PreparedStep, StepContext
 from internvl_tune.models.internvl_chat.generation import Generator, Sampling, stream_key
@@ -211,7 +212,6 @@ class GRPORecipe(ReferenceRecipe):
         self.rows_collator = ChatCollator(d.use_packed_ds, self.pad_id, chat.img_context_token_id,
                                           chat.num_image_token, "token")
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.per_device_batch = per_device_batch
         self.lengths = train.lengths
         sampler = GlobalBatchSampler(train.lengths, per_device_batch, world_size, rank, grad_accum, seed,
                                      d.group_by_length)
@@ -256,11 +256,11 @@ class GRPORecipe(ReferenceRecipe):
             module.captured.clear()
 
     def _sampling(self) -> Sampling:
-        tok, template = self.chat.tokenizer, self.data.conv_style
-        from internvl_tune.data.templates import get_template
-
+        """Stop at the template's end of turn (as ``InternVLChat.chat``) or the tokenizer's end of text; never sample
+        an image token."""
+        tok = self.chat.tokenizer
         stop = set()
-        sep = get_template(template).sep.strip()
+        sep = get_template(self.data.conv_style).sep.strip()
         if sep:
             sep_id = tok.convert_tokens_to_ids(sep)
             if sep_id is not None and sep_id != tok.unk_token_id:
