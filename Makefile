@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install install-dev demo test lint clean java
+.PHONY: install install-dev demo test lint mutants clean java chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,7 @@ $(STAMP)-dev: pyproject.toml $(STAMP)-core
 	touch $@
 
 install: $(STAMP)-core java
-install-dev: $(STAMP)-dev java
+install-dev: $(STAMP)-dev java chromium
 
 # Caption metrics (METEOR, PTB tokenizer) run on Java.
 java:
@@ -30,6 +30,13 @@ java:
 	  echo "java not found: installing default-jre-headless"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q default-jre-headless; }
+
+# The report test renders report.html in a real headless browser (tests/report/test_browser.py).
+chromium:
+	@command -v /usr/bin/chromium >/dev/null 2>&1 || { \
+	  echo "chromium not found: installing chromium and chromium-driver"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium chromium-driver; }
 
 demo: install
 	$(BIN)/internvl-tune demo
@@ -39,6 +46,10 @@ test: install-dev
 
 lint: install-dev
 	$(BIN)/ruff check src tests
+
+# Plant known bugs one at a time in a scratch copy and check that the tests catch each (tools/mutants.py).
+mutants: install-dev
+	$(BIN)/python tools/mutants.py
 
 clean:
 	rm -rf runs .pytest_cache .hypothesis

@@ -10,17 +10,29 @@ class UserError(Exception):
     """
 
 
+def problem_line(message: str, where: str | None = None, fix: str | None = None) -> str:
+    """``where: message — fix``: how every data problem is printed (training, ``data check``, skip lists)."""
+    text = f"{where}: {message}" if where else message
+    return text + (f" — {fix}" if fix else "")
+
+
 class DataError(UserError):
     """A problem in a dataset file; ``where`` is ``file:line`` when known."""
 
     def __init__(self, message: str, where: str | None = None, fix: str | None = None):
+        self.message = message
         self.where = where
         self.fix = fix
-        text = f"{where}: {message}" if where else message
-        if fix:
-            text += f" — {fix}"
-        super().__init__(text)
+        super().__init__(problem_line(message, where, fix))
 
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be loaded exactly (missing, unexpected or mis-shaped tensors, bad config)."""
+
+
+class MediaError(DataError):
+    """An image or video file a sample names that cannot be used (missing, empty, not decodable, too large).
+
+    A separate class because training meets these at run time too: a file that `data check` read may have gone or
+    changed since, so the message differs from that of a mistake in the line itself.
+    """

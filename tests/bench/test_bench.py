@@ -1,6 +1,7 @@
 """The benchmark code runs (tiny shape, CPU), and its command explains itself where it cannot run."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -15,8 +16,15 @@ def test_our_training_path_runs_on_packed_synthetic_samples():
 
     samples = synthetic_samples(8, seed=0, tiles=(1, 2), text=(16, 64))
     row = run_ours("tiny", samples, torch.device("cpu"), warmup=1, packed_tokens=1024, steps=3)
-    assert row["tokens_per_s"] > 0 and row["tflops"] > 0 and torch.isfinite(torch.tensor(row["loss_last"]))
-    assert 0 <= row["padding_waste"] < 1 and row["estimate_gib"] > 0
+    assert row["tokens_per_s"] > 0 and row["tflops"] > 0 and row["estimate_gib"] > 0
+    # a freshly initialised model (weights of std 0.02) predicts its 1000 tokens almost uniformly, and three steps
+    # at lr 1e-5 do not change that: the mean loss stays near log(1000)
+    assert abs(row["loss_last"] - math.log(1000)) < 0.1, row["loss_last"]
+    # packs of at most 1024 tokens: the waste is the share of their budget the samples leave empty, so the samples'
+    # tokens over the used share is a whole number of packs, fewer than the samples and no fewer than the budget needs
+    total = sum(s.tokens for s in samples)
+    packs = total / ((1 - row["padding_waste"]) * 1024)
+    assert abs(packs - round(packs)) < 1e-6 and math.ceil(total / 1024) <= round(packs) < len(samples), packs
 
 
 def test_e2e_loader_only_times_the_trainers_loader_on_jpegs(tmp_path):
@@ -65,3 +73,25 @@ def test_bench_plot_help_and_folder(tmp_path, capsys):
 ])
 def test_torch_compile_setting(setting, device, expected):
     assert compile_enabled(setting, torch.device(device)) is expected
+
+
+def test_bench_train_alternates_ours_with_the_plain_loop(tmp_path, capsys):
+    """`bench train`'s own code on the CPU (tiny shape): the plain row first, ours with its ratio and spread."""
+    from internvl_tune.bench.train_throughput import main as bench_train
+
+    out = tmp_path / "bench.json"
+    assert bench_train(["--shape", "tiny", "--samples", "6", "--warmup", "1", "--steps", "1", "--packed_tokens", "512",
+                        "--variants", "plain+lora4,ours+lora4", "--device", "cpu", "--out", str(out)]) == 0
+    plain, ours = json.loads(out.read_text())
+    assert plain["variant"].startswith("plain") and ours["variant"] == "ours + LoRA r4"
+    assert plain["repeats"] == ours["repeats"] == 3
+    assert ours["x_plain"] == pytest.approx(ours["tokens_per_s"] / plain["tokens_per_s"])
+    assert "x plain (range)" in capsys.readouterr().out
+
+
+def test_bench_train_refuses_fewer_than_three_rounds():
+    from internvl_tune.bench.train_throughput import main as bench_train
+    from internvl_tune.errors import UserError
+
+    with pytest.raises(UserError, match="at least 3"):
+        bench_train(["--shape", "tiny", "--repeats", "2", "--device", "cpu"])

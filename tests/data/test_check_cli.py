@@ -73,3 +73,34 @@ def test_strict_fails_on_warnings(sample_copy, capsys):
     (sample_copy / "meta.json").write_text(json.dumps(meta))
     assert main(["data", "check", str(sample_copy / "meta.json")]) == 0
     assert main(["data", "check", str(sample_copy / "meta.json"), "--strict"]) == 1
+
+
+def test_a_file_ending_in_a_blank_line_is_clean_and_counts_its_lines(tmp_path, capsys):
+    """`echo >> train.jsonl` after the final newline (issue 20.1): no "invalid JSON" at a phantom line, no false
+    `length` warning, and no phantom sample."""
+    from internvl_tune.data import RELEASE_DEFAULTS, DataConfig, SupervisedDataset
+
+    rows = [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}] * 2
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n \t\n")
+    (tmp_path / "meta.json").write_text(json.dumps({"d": {"root": ".", "annotation": str(tmp_path / "d.jsonl"),
+                                                          "length": 2}}))
+    assert main(["data", "check", str(tmp_path / "meta.json")]) == 0
+    assert "clean: 0 error(s), 0 warning(s)" in capsys.readouterr().out
+    ds = SupervisedDataset(tmp_path / "meta.json", None, DataConfig().resolve(RELEASE_DEFAULTS))
+    assert len(ds) == 2
+
+
+def test_a_root_found_in_two_places_is_named_once(tmp_path, monkeypatch, capsys):
+    """Issue 20.8: the current directory wins, and data check says which folder it used."""
+    data, work = tmp_path / "data", tmp_path / "work"
+    for folder in (data / "images", work / "images"):
+        folder.mkdir(parents=True)
+    (data / "d.jsonl").write_text(json.dumps({"conversations": [{"from": "human", "value": "Hi"},
+                                                                {"from": "gpt", "value": "Hello"}]}) + "\n")
+    (data / "meta.json").write_text(json.dumps({"d": {"root": "images", "annotation": "d.jsonl"}}))
+    monkeypatch.chdir(work)
+    assert main(["data", "check", str(data / "meta.json")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.count("root 'images' exists both") == 1
+    assert (f"note dataset 'd': root 'images' exists both in the current directory ({work / 'images'}) and beside the "
+            f"meta file ({data / 'images'}); using {work / 'images'}") in out

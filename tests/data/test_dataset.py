@@ -111,8 +111,10 @@ def test_too_long_samples_are_retiled_then_cut_then_dropped(qwen2, caplog):
     assert any(n.startswith("truncated") for n in p.notes) and len(p.encoded.input_ids) == 70
     with pytest.raises(DataError, match="no answer token"):  # one tile fits but cutting would remove the answer
         ds.prepare(by_id(ds, "sample_image:3"))
-    s = ds[by_id(ds, "sample_image:3")]  # training replaces it with a later usable sample and counts it
-    assert s["sample_id"] != "sample_image:3" and ds.stats["skipped"] >= 1 and len(s["input_ids"]) <= 70
+    s = ds[by_id(ds, "sample_image:3")]  # training replaces it with a later usable sample and says so
+    assert s["sample_id"] != "sample_image:3" and len(s["input_ids"]) <= 70
+    (record,) = s["skipped"]
+    assert record.sample_id == "sample_image:3" and "no answer token" in record.message and not record.media
 
 
 def test_broken_sample_is_skipped_and_strict_raises(qwen2, sample_copy):
@@ -123,7 +125,10 @@ def test_broken_sample_is_skipped_and_strict_raises(qwen2, sample_copy):
     (sample_copy / "image.jsonl").write_text("\n".join(lines) + "\n")
     ds = SupervisedDataset(sample_copy / "meta.json", qwen2, _config(**CFG), is_train=False)
     i = by_id(ds, "sample_image:1")
-    assert ds[i]["sample_id"] == "sample_image:2" and ds.stats["skipped"] == 1
+    replaced = ds[i]
+    assert replaced["sample_id"] == "sample_image:2" and [r.sample_id for r in replaced["skipped"]] == ["sample_image:1"]
+    assert replaced["skipped"][0].media and replaced["skipped"][0].where == f"{sample_copy / 'image.jsonl'}:1"
+    assert "skipped" not in ds[i + 1]
     strict = SupervisedDataset(sample_copy / "meta.json", qwen2, _config(**CFG), is_train=False, strict=True)
     with pytest.raises(DataError, match=r"image.jsonl:1: image not found"):
         strict[i]
@@ -148,3 +153,82 @@ def test_pad_rows():
     assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 0, 0]]
     assert batch["attention_mask"].tolist() == [[True, True, True], [True, False, False]]  # a real pad-id token counts
     assert batch["sample_index"].tolist() == [[0, 0, 0], [1, 1, 1]]
+
+
+# ---- issue 20: one validator for data check and training -----------------------------------------------------------
+
+def _turns(question, answer="A cat."):
+    return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+
+
+DISAGREED = [  # lines `data check` refused while training used them (placeholders as literal text, a video ignored)
+    ("image_count", {"image": ["chelsea.jpg", "coffee.jpg"], "conversations": _turns("<image>\nCompare.")},
+     "`image` lists 2 image(s) but the human turns hold 1 <image> placeholder(s)"),
+    ("two_for_one", {"image": "chelsea.jpg", "conversations": _turns("<image>\n<image>\nWhat?")},
+     "single-image sample has 2 <image> placeholder(s)"),
+    ("in_answer", {"image": "chelsea.jpg", "conversations": _turns("<image>\nWhat?", "This <image> shows a cat.")},
+     "a gpt answer contains <image> or <video>"),
+    ("text_with_placeholder", {"conversations": _turns("<image>\nWhat?")}, "pure-text sample"),
+    ("video_placeholder_in_image", {"image": "chelsea.jpg", "conversations": _turns("<image>\n<video>\nWhat?")},
+     "image sample contains 1 <video> placeholder(s) but no `video`"),
+    ("image_and_video", {"image": "chelsea.jpg", "video": "x.mp4", "conversations": _turns("<image>\nWhat?")},
+     "the line has both `image` and `video`"),
+]
+
+
+def test_training_refuses_exactly_what_data_check_refuses(qwen2, tmp_path):
+    """Each line is an error for `data check` and the same DataError, word for word, for the training dataset."""
+    from internvl_tune.data.check import check_meta
+
+    rows = [case for _, case, _ in DISAGREED] + [{"image": "chelsea.jpg", "conversations": _turns("What?")}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "meta.json").write_text(json.dumps({"d": {"root": str(SAMPLE / "images"),
+                                                          "annotation": str(tmp_path / "d.jsonl")}}))
+    cfg = _config(**CFG)
+    report = check_meta(str(tmp_path / "meta.json"), cfg, qwen2)
+    reported = {p.where: str(p) for p in report.errors}
+    ds = SupervisedDataset(tmp_path / "meta.json", qwen2, cfg, strict=True)
+    for number, (name, _, message) in enumerate(DISAGREED, start=1):
+        where = f"{tmp_path / 'd.jsonl'}:{number}"
+        with pytest.raises(DataError) as err:
+            ds[number - 1]
+        assert message in str(err.value) and reported[where] == str(err.value), name
+    assert len(report.errors) == len(DISAGREED) and ds[len(DISAGREED)]["sample_id"] == f"d:{len(DISAGREED) + 1}"
+
+
+@pytest.mark.parametrize("content, repeat", [("", 1), ("\n  \n", 1), ('{"conversations": []}\n', 0)],
+                         ids=["empty_file", "blank_lines_only", "repeat_time_0"])
+def test_a_meta_json_that_gives_no_samples_is_a_data_error_for_both(qwen2, tmp_path, content, repeat):
+    from internvl_tune.data.check import check_meta
+
+    (tmp_path / "d.jsonl").write_text(content)
+    (tmp_path / "meta.json").write_text(json.dumps({"d": {"root": ".", "annotation": str(tmp_path / "d.jsonl"),
+                                                          "repeat_time": repeat}}))
+    with pytest.raises(DataError, match="the meta JSON gives no samples: dataset 'd' has") as err:
+        SupervisedDataset(tmp_path / "meta.json", qwen2, _config(**CFG))
+    assert err.value.where == f"{tmp_path / 'meta.json'}:1" and "repeat_time above 0" in err.value.fix
+    report = check_meta(str(tmp_path / "meta.json"), _config(**CFG))
+    assert [str(p) for p in report.errors] == [str(err.value)]
+
+
+def test_an_image_missing_under_the_chosen_root_says_where_it_is(qwen2, tmp_path, monkeypatch):
+    """root "images" exists in the current directory and beside the meta file; the image only in the latter."""
+    data, work = tmp_path / "data", tmp_path / "work"
+    (data / "images").mkdir(parents=True)
+    (work / "images").mkdir(parents=True)
+    (data / "images" / "cat.jpg").write_bytes((SAMPLE / "images" / "chelsea.jpg").read_bytes())
+    (data / "d.jsonl").write_text(json.dumps({"image": "cat.jpg", "conversations": _turns("<image>\nWhat?")}) + "\n")
+    (data / "meta.json").write_text(json.dumps({"d": {"root": "images", "annotation": "d.jsonl"}}))
+    monkeypatch.chdir(work)
+    ds = SupervisedDataset(data / "meta.json", qwen2, _config(**CFG), strict=True)
+    assert ds.notices and "using " + str(work / "images") in ds.notices[0]
+    with pytest.raises(DataError) as err:
+        ds[0]
+    assert (f"image not found: {work / 'images' / 'cat.jpg'}; it exists at {data / 'images' / 'cat.jpg'}, but root "
+            "'images' is taken from the current directory first") in str(err.value)
+    (work / "images").rmdir()  # then the root beside the meta file is the only one, and used from anywhere
+    assert SupervisedDataset(data / "meta.json", qwen2, _config(**CFG), strict=True)[0]["sample_id"] == "d:1"
+    (data / "images" / "cat.jpg").unlink()
+    with pytest.raises(DataError, match=f"image not found: cat.jpg \\(looked for {work / 'images' / 'cat.jpg'} and "
+                                        f"{data / 'images' / 'cat.jpg'}\\)"):
+        SupervisedDataset(data / "meta.json", qwen2, _config(**CFG), strict=True)[0]

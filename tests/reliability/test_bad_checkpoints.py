@@ -140,6 +140,9 @@ def test_chat_input_mistakes(tiny_checkpoints, tmp_path, cli, question, images, 
     flags = [x for name in images for x in ("--image", tmp_path / "media" / name)]
     result = cli("chat", tiny_checkpoints["internvl2-2b"], question, *flags, "--max-new-tokens", "2")
     assert result.code == 2 and fragment in result.err, result.err
+    assert "dataset root" not in result.err and "dataset's root" not in result.err  # chat has none (issue 20)
+    if images:
+        assert "error: --image: " in result.err and str(tmp_path / "media" / images[0]) in result.err
 
 
 def test_truncated_internvl_cg_shard_is_a_clear_error(tmp_path):

@@ -54,7 +54,7 @@ CORPUS = [
      ["`image` lists 2 image(s) but the human turns hold 1 <image>"]),
     ("placeholder_without_image", line(), "error", ["pure-text sample", "contains 1 placeholder"]),
     ("placeholder_in_answer", line(image="ok.jpg", conversations=turns(answer="see <image>")), "error", ["<image>"]),
-    ("missing_image", line(image="nope.jpg"), "error", ["image not found", "nope.jpg", "relative to the dataset `root`"]),
+    ("missing_image", line(image="nope.jpg"), "error", ["image not found: nope.jpg (looked for", "media/nope.jpg)", "relative to the dataset's root"]),
     ("zero_byte_image", line(image="zero.jpg"), "error", ["cannot decode image", "zero.jpg", "re-encode it"]),
     ("truncated_image", line(image="truncated.jpg"), "error", ["cannot decode image", "truncated.jpg"]),
     ("html_saved_as_jpg", line(image="not_an_image.jpg"), "error", ["cannot decode image", "not_an_image.jpg"]),
@@ -67,8 +67,10 @@ CORPUS = [
     ("width_wrong", line(image="ok.jpg", width=640, height=480), "warning", ["width/height say 640x480",
                                                                             "the image is 64x48"]),
     ("missing_video", line(video="nope.mp4", conversations=turns("<video>\nx")), "error", ["video not found"]),
-    ("zero_byte_video", line(video="zero.mp4", conversations=turns("<video>\nx")), "error", ["cannot decode video"]),
-    ("garbage_video", line(video="garbage.mp4", conversations=turns("<video>\nx")), "error", ["cannot decode video"]),
+    ("zero_byte_video", line(video="zero.mp4", conversations=turns("<video>\nx")), "error",
+     ["cannot decode video", "zero.mp4: the file is empty (0 bytes)"]),
+    ("garbage_video", line(video="garbage.mp4", conversations=turns("<video>\nx")), "error",
+     ["cannot decode video", "garbage.mp4: Invalid data found when processing input — re-encode"]),
     ("dotdot_escape", line(image="../../../../etc/passwd"), "error",
      ["'../../../../etc/passwd' points outside the dataset root", "--allow_outside_root"]),
     ("absolute_path", line(image="/etc/passwd"), "error", ["'/etc/passwd' points outside the dataset root"]),
@@ -124,6 +126,7 @@ def test_each_bad_line_is_reported_with_line_and_fix(report, number, case):
     reported = by_line.get(number, [])
     assert any(r.startswith(severity) and all(f in r for f in fragments) for r in reported), (name, reported)
     assert all(" — " in r for r in reported), reported  # every problem carries its fix
+    assert not any("Errno" in r for r in reported), reported  # words, not FFmpeg's error numbers
 
 
 def test_accepted_oddities_are_not_reported_and_totals_add_up(report):
@@ -231,8 +234,8 @@ def test_data_check_takes_tile_size_and_template_from_the_checkpoint(token_corpu
     small = cli("data", "check", token_corpus / "meta.json", "--model_name_or_path", tiny_checkpoints["internvl2-2b"])
     released = cli("data", "check", token_corpus / "meta.json", "--model_name_or_path",
                    tiny_checkpoints["internvl2-2b-448"])
-    assert "4 tokens per tile" in small.out and "256 tokens per tile" in released.out
-    assert "template internlm2-chat" in small.out and "dynamic tiles on, up to 12" in small.out  # the config's
+    assert "56 px tiles x 4 tokens" in small.out and "448 px tiles x 256 tokens" in released.out
+    assert "template internlm2-chat" in small.out and "dynamic tiles 1-12 + thumbnail" in small.out  # the config's
     phi3 = cli("data", "check", token_corpus / "meta.json", "--model_name_or_path", tiny_checkpoints["internvl2-4b"])
     assert "template phi3-chat" in phi3.out
     wrong = cli("data", "check", token_corpus / "meta.json", "--model_name_or_path", tiny_checkpoints["internvl2-2b"],
@@ -249,11 +252,46 @@ def test_template_that_does_not_match_the_tokenizer(token_corpus, tiny_checkpoin
 
 
 def test_training_dataset_refuses_a_mismatched_template_at_start(token_corpus, tiny_checkpoints):
-    from internvl_tune.data.config import REFERENCE_DEFAULTS, DataConfig
+    from internvl_tune.data.config import RELEASE_DEFAULTS, DataConfig
     from internvl_tune.data.dataset import SupervisedDataset
     from internvl_tune.errors import DataError
     from internvl_tune.models.internvl_chat.tokenizers import load_tokenizer
 
     tok = load_tokenizer(tiny_checkpoints["internvl2-2b"])
     with pytest.raises(DataError, match="phi3-chat template needs"):
-        SupervisedDataset(token_corpus / "meta.json", tok, DataConfig(conv_style="phi3-chat").resolve(REFERENCE_DEFAULTS))
+        SupervisedDataset(token_corpus / "meta.json", tok, DataConfig(conv_style="phi3-chat").resolve(RELEASE_DEFAULTS))
+
+
+def test_data_check_prints_no_tokenizer_length_warning(token_corpus, tiny_checkpoints, cli):
+    """A 400-word text is longer than --max_seq_length 200 (and the tokenizer's model_max_length): data check fits it
+    itself, so transformers' "Token indices sequence length is longer" warning is noise (issue 20)."""
+    import logging
+
+    class Keep(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    keep = Keep()
+    logging.getLogger("transformers").addHandler(keep)  # its own handler writes to the stderr of import time
+    try:
+        result = cli("data", "check", token_corpus / "meta.json", "--model_name_or_path",
+                     tiny_checkpoints["internvl2-2b"], "--max_seq_length", "200")
+    finally:
+        logging.getLogger("transformers").removeHandler(keep)
+    assert result.code == 1 and "no answer token is left within --max_seq_length 200" in result.out
+    assert not [m for m in keep.messages if "sequence length is longer" in m], keep.messages
+
+
+def test_data_check_without_a_model_tiles_as_training_on_a_released_checkpoint(token_corpus, tiny_checkpoints, cli):
+    """wide.jpg (900x448) gets 2 tiles and a thumbnail from a released checkpoint's config (dynamic tiling 1-12 with
+    a thumbnail); without a model, data check used to assume one tile per image."""
+    bare = cli("data", "check", token_corpus / "meta.json")
+    with_model = cli("data", "check", token_corpus / "meta.json", "--model_name_or_path",
+                     tiny_checkpoints["internvl2-2b-448"])
+    assert "tiles per image (video frames count as 1): 3 tiles: 1" in bare.out
+    assert "tiles per image (video frames count as 1): 3 tiles: 1" in with_model.out
+    assert "dynamic tiles 1-12 + thumbnail; no model given: the released checkpoints' settings" in bare.out

@@ -3,6 +3,7 @@
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -25,6 +26,29 @@ def _rank_slice(x, r, world, itm=False):
     if itm:  # [neg; pos] halves, each sharded
         return torch.cat([x[r * rows:(r + 1) * rows], x[B + r * rows:B + (r + 1) * rows]])
     return x[r * rows:(r + 1) * rows]
+
+
+def test_itm_and_itc_of_three_pairs_by_hand():
+    """B = 3 pairs; the numbers below are worked out by hand from the reference's definitions.
+
+    ITM: negatives first (label 0), then positives (label 1). Logits neg (2,0) (0,0) (1,0), pos (0,1) (0,3) (0,0):
+    cross-entropies log(1+e^-2), log 2, log(1+e^-1) | log(1+e^-1), log(1+e^-3), log 2; mean 0.3647222.
+    ITC: image_itc rows e1, 2 e2, 3 e3 (normalised: e1 e2 e3), text_itc e2 e3 e1, backbone e1 e2 e3, scale 2, image
+    ids (1, 2, 1): captions 0 and 2 show one image, so target rows are (.5, 0, .5), (0, 1, 0), (.5, 0, .5). Every
+    similarity row holds one 2 (the rest 0), so log-softmax is -b = 2 - a at the 2 and -a elsewhere, with
+    a = log(e^2 + 2) = 2.2395448, b = a - 2. text->image: row 0's 2 is at image 1 (cost a), row 1's at image 2 (a),
+    row 2's at image 0 ((a + b) / 2): (2a + (a + b) / 2) / 3 = 1.9062114; image->text and both backbone terms come out
+    the same by the same count, so loss_itc = (t2i + i2t) / 2 + (bb_t2i + bb_i2t) / 2 = 3.8124229.
+    """
+    e = torch.eye(3)
+    out = retrieval_loss(
+        itm_logits=torch.tensor([[2.0, 0], [0, 0], [1, 0], [0, 1], [0, 3], [0, 0]]),
+        image_itc=e * torch.tensor([[1.0], [2.0], [3.0]]), text_itc=e[[1, 2, 0]], backbone=e,
+        logit_scale=torch.tensor(2.0), image_ids=torch.tensor([1, 2, 1]))
+    assert out["loss_itm"].item() == pytest.approx(0.3647222, abs=1e-6)
+    assert out["loss_itc"].item() == pytest.approx(3.8124229, abs=1e-6)
+    assert out["loss"].item() == pytest.approx(0.3647222 + 3.8124229, abs=1e-6)
+    assert out["neg_match_acc"].item() == 1.0 and out["pos_match_acc"].item() == pytest.approx(2 / 3)
 
 
 def test_soft_targets_by_hand():

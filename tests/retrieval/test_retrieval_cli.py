@@ -31,8 +31,36 @@ def test_seed_command_writes_clip_benchmark_json(tiny_ckpt, sample_dir, tmp_path
     data = json.loads(out.read_text())
     assert list(data) == ["dataset", "model", "pretrained", "task", "metrics", "language"]
     assert data["dataset"] == "flickr30k" and data["task"] == "zeroshot_retrieval" and data["language"] == "en"
-    assert list(data["metrics"]) == KEYS and all(0 <= v <= 1 for v in data["metrics"].values())
-    assert data["metrics"]["image_retrieval_recall@10"] == 1.0  # 6 images: every caption's image is in the top 10
+    assert list(data["metrics"]) == KEYS
+    # the values: the checkpoint's embeddings of the whole test split (6 images, 30 captions), counted by rank
+    expected = _recall_by_rank(tiny_ckpt, sample_dir / "flickr30k", "flickr30k_test_karpathy.txt", [1, 5, 10])
+    for key in KEYS:
+        assert abs(data["metrics"][key] - expected[key]) < 1e-6, (key, data["metrics"], expected)
+    assert 0 < data["metrics"]["image_retrieval_recall@1"] < 1  # a random tiny model: a discriminating number
+
+
+def _recall_by_rank(ckpt, root: Path, annotation: str, ks: list[int]) -> dict[str, float]:
+    """clip_benchmark's recall@k, by its definition: a caption hits when fewer than k images score higher than its
+    own; an image hits when, for one of its captions, fewer than k captions score higher than that one."""
+    from internvl_tune.data.retrieval import flickr_eval_set, tokenize_retrieval
+    from internvl_tune.eval.retrieval import compute_embeddings
+    from internvl_tune.models.internvl_cg.loading import load_internvl_cg
+    from internvl_tune.models.internvl_cg.tokenizer import load_tokenizer
+
+    model = load_internvl_cg(ckpt, dtype="fp32")
+    tokenizer = load_tokenizer(ckpt, add_eos_token=True)
+    dataset = flickr_eval_set(root / annotation, root / "Images")
+    images, texts = compute_embeddings(model, dataset, lambda t: tokenize_retrieval(tokenizer, t)[0], "InternVL-C",
+                                       model.config.image_size, batch_size=4)
+    scores, owner = (texts @ images.t()).tolist(), dataset.text_image_index()
+    out = {}
+    for k in ks:
+        t2i = [sum(s > row[owner[t]] for s in row) < k for t, row in enumerate(scores)]
+        i2t = [any(sum(scores[u][i] > scores[t][i] for u in range(len(scores))) < k
+                   for t in range(len(scores)) if owner[t] == i) for i in range(len(images))]
+        out[f"image_retrieval_recall@{k}"] = sum(t2i) / len(t2i)
+        out[f"text_retrieval_recall@{k}"] = sum(i2t) / len(i2t)
+    return out
 
 
 @pytest.mark.parametrize("dataset,language", [("flickr30k", "cn"), ("coco", "en")])

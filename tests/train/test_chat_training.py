@@ -107,24 +107,15 @@ def _spawn(world, model, meta, out, **extra):
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_match_one_process(tiny_1b, tmp_path, subset_meta):
-    meta = subset_meta(tmp_path, 4)
-    one = _spawn(1, tiny_1b, meta, tmp_path / "one")
-    two = _spawn(2, tiny_1b, meta, tmp_path / "two")
-    assert len(one) == len(two) == 3
-    for a, b in zip(one, two):
-        assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (one, two)
-
-
-@pytest.mark.slow
 def test_two_gloo_processes_train_lora_from_rank0_weights(tiny_1b, tmp_path, subset_meta):
-    # ranks > 0 build LoRA on the meta device and receive every tensor from rank 0 (dropout differs per rank, so
-    # the curve is not compared with one process; the first loss is taken before any dropout-dependent update)
+    # ranks > 0 build LoRA on the meta device and receive every tensor from rank 0. Dropout differs per rank, so the
+    # curve is not compared with one process; but the first loss is exact: LoRA's B starts at 0, so the dropped-out
+    # inputs of the LoRA branch change nothing before the first update.
     meta = subset_meta(tmp_path, 4)
     one = _spawn(1, tiny_1b, meta, tmp_path / "one", use_llm_lora=4)
     two = _spawn(2, tiny_1b, meta, tmp_path / "two", use_llm_lora=4)
     assert len(two) == 3 and all(math.isfinite(x) for x in two)
-    assert abs(one[0] - two[0]) <= 0.05 * abs(one[0])  # same weights; only the dropout masks differ
+    assert abs(one[0] - two[0]) <= 1e-5 * max(1.0, abs(one[0])), (one, two)
 
 
 def _cli(model, meta, out, *extra) -> list[str]:

@@ -1,6 +1,7 @@
 """Preference tuning end to end on a tiny InternVL2 and the bundled preference sample (CPU): exact resume, the CLI
 with packing and TensorBoard tags, and the MPO launch script."""
 
+import math
 import os
 import shutil
 import subprocess
@@ -99,8 +100,12 @@ def test_cli_dpo_with_packing_and_validation_logs_the_terms_grouped_and_exports_
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
     assert len(rows) == 3 and all(0.0 <= r["rewards/accuracies"] <= 1.0 for r in rows)
     assert "nll_loss" not in rows[0] and rows[0]["sigmoid_loss"] == rows[0]["loss"]
+    # before the first update the policy is its reference (LoRA's B is 0): every margin is 0, each pair's loss
+    # -log sigmoid(0) = log 2
+    assert abs(rows[0]["loss"] - math.log(2)) < 1e-6 and rows[0]["rewards/margins"] == 0.0
     evals = [r["eval_loss"] for r in read_jsonl(out / "metrics.jsonl") if "eval_loss" in r]
-    assert len(evals) == 1 and 0.0 < evals[0] < 1.0  # the mean DPO loss over the 6 pairs
+    # three steps on these pairs: the policy now prefers their chosen answers more than the reference does
+    assert len(evals) == 1 and evals[0] < math.log(2) - 1e-3, evals
     tags = EventAccumulator(str(out / "tensorboard")).Reload().Tags()["scalars"]
     assert {"train/loss", "train/sigmoid_loss", "train/rewards/chosen", "train/rewards/margins",
             "train/logps/rejected"} <= set(tags)

@@ -45,18 +45,46 @@ def materialize(sample: SyntheticSample, image_token_id: int, vocab: int, seed: 
             "image_flags": torch.ones(sample.tiles, dtype=torch.long), "sample_id": str(seed)}
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (a no-op on the CPU, where nothing is queued)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def measure_matmul_peak(device: torch.device, n: int = 8192, repeats: int = 10) -> float:
     """bf16 TFLOP/s of an ``n^3`` matmul on random data (the MFU denominator, measured in the same run)."""
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     for _ in range(3):
         a @ b
-    torch.cuda.synchronize(device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
-    torch.cuda.synchronize(device)
+    sync(device)
     return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def param_counts(model) -> dict:
+    """Parameters of a transformers ``InternVLForConditionalGeneration`` by part, for FLOP counts: ``llm`` (without
+    the embedding table, a lookup; with the LM head), ``vit`` and ``proj``."""
+    lm = model.model.language_model
+    emb = lm.embed_tokens.weight.numel()
+    return {
+        "llm": sum(p.numel() for p in lm.parameters()) - emb + model.lm_head.weight.numel(),
+        "vit": sum(p.numel() for p in model.model.vision_tower.parameters()),
+        "proj": sum(p.numel() for p in model.model.multi_modal_projector.parameters()),
+    }
+
+
+def step_flops(counts: dict, text_config, samples: list[SyntheticSample], lora: bool = False) -> float:
+    """Model FLOPs of training on ``samples`` (:func:`train_flops`); with ``lora`` the frozen LLM counts 4·N·T
+    (forward + input gradients) instead of 6·N·T."""
+    t = text_config
+    tokens = sum(s.tokens for s in samples)
+    flops = train_flops(counts["llm"], True, counts["vit"], counts["proj"], tokens, sum(s.tiles for s in samples),
+                        t.num_hidden_layers, t.hidden_size, [s.tokens for s in samples])
+    return flops - (2 * counts["llm"] * tokens if lora else 0)
 
 
 def train_flops(llm_params: int, trainable_llm: bool, vit_params: int, proj_params: int, llm_tokens: int, tiles: int,
@@ -71,3 +99,17 @@ def train_flops(llm_params: int, trainable_llm: bool, vit_params: int, proj_para
     vit = 2 * vit_params * tiles * VIT_TOKENS_PER_TILE
     proj = 6 * proj_params * tiles * TOKENS_PER_TILE
     return float(llm + attn + vit + proj)
+
+
+def phase_flops(counts: dict, text_config, samples: list[SyntheticSample], lora: bool) -> tuple[float, float]:
+    """``(forward, backward)`` model FLOPs of training on ``samples``, the backward without any recomputation (the
+    split of :func:`step_flops`): the frozen ViT runs forward only; the LLM's backward costs 4·N·T when it trains
+    (input and weight gradients) and 2·N·T under LoRA (input gradients; LoRA's own matrices are negligible);
+    attention's backward is twice its forward."""
+    t = text_config
+    tokens, tiles = sum(s.tokens for s in samples), sum(s.tiles for s in samples)
+    attention = sum(2 * s.tokens * s.tokens * t.hidden_size * t.num_hidden_layers for s in samples)  # forward
+    projector = 2 * counts["proj"] * tiles * TOKENS_PER_TILE
+    forward = 2 * counts["llm"] * tokens + attention + 2 * counts["vit"] * tiles * VIT_TOKENS_PER_TILE + projector
+    backward = (2 if lora else 4) * counts["llm"] * tokens + 2 * attention + (0 if lora else 2 * projector)
+    return float(forward), float(backward)

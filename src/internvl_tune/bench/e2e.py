@@ -128,7 +128,8 @@ def loader_rate(argv: list[str], workers: int, batches: int) -> dict:
     loader = iter(make_loader(train, micro, collate, workers))
     next(loader)
     start, tokens, samples = time.perf_counter(), 0, 0
-    for batch in loader:
+    for loaded in loader:
+        batch = loaded.batch
         tokens += batch.num_tokens
         samples += int(batch.cu_seq_lens.numel()) - 1
     seconds = time.perf_counter() - start

@@ -4,10 +4,16 @@
 2. a retrieval *head* fine-tune step (batch ``--batch``, 224 px): images/s and peak memory;
 3. InternVL-G caption generation (5 beams, 8-30 new tokens): the reference-style batch-1 loop against batched
    generation, with the number of identical captions;
-4. the *full* 364 px retrieval recipe's step (every parameter trains, drop path 0.3, activation checkpointing): the
-   forward and backward of the largest batch that fits one GPU, with bf16 gradients. Its fp32 master weights and
-   AdamW moments (16 bytes a parameter, 222 GB for 13.9B) cannot fit one GPU; the memory of the 8-GPU run (FSDP2
-   shards them) is estimated from the measured activations.
+4. the *full* 364 px retrieval recipe's step (every parameter trains, drop path 0.3, activation checkpointing,
+   batch 32 per GPU as the reference scripts): its fp32 master weights and AdamW moments (16 bytes a parameter,
+   222 GB for 13.9B) fit only when sharded over 8 GPUs, and even its bf16 weights and gradients with activations
+   (no batch of 8 or more) do not fit one 80 GB GPU. So it measures what one GPU of an 8-GPU FSDP2 run computes,
+   on the model cut to 1/8 and 1/4 of its depth (6 + 4 and 12 + 8 of the 48 ViT + 32 QLLaMA layers): the
+   forward + backward time and the activation memory are linear in depth (a constant for the embeddings, the heads
+   and the loss, plus a cost per layer), so the two points give the full depth's by a straight line. Reported: the
+   per-GPU step time and images/s of the full model (compute only: FSDP's gathers and reductions and the optimizer
+   step are not in it), and the per-GPU peak of the 8-GPU run (sharded states + two gathered blocks + the scaled
+   activations). Eager: compiling the two block kinds would cost more time than the measurement.
 
 Run: ``python -m internvl_tune.bench.eval_speed`` on a GPU box; prints a table and writes ``--out`` JSON.
 """
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -33,30 +40,44 @@ SHAPE_14B = {
 }
 
 
-def build_14b(device: torch.device, image_size: int = 224, drop_path_rate: float = 0.0):
-    """A random InternVL-14B-shaped model in bf16 on ``device`` (position embeddings for ``image_size``)."""
+def build_14b(device: torch.device, image_size: int = 224, drop_path_rate: float = 0.0, depth: float = 1.0,
+              tiny: bool = False, dtype: torch.dtype = torch.bfloat16):
+    """A random InternVL-14B-shaped model in ``dtype`` on ``device`` (position embeddings for ``image_size``), with
+    ``depth`` of its ViT and QLLaMA layers; ``tiny``: the toy sizes of ``testing/tiny_cg.py`` (8 + 8 layers at full
+    depth), for CPU tests."""
     from internvl_tune.models.internvl_cg.config import InternVLCGConfig
     from internvl_tune.models.internvl_cg.model import InternVLModel
     from internvl_tune.testing.tiny_cg import tiny_config_dict
 
-    d = tiny_config_dict(vocab_size=SHAPE_14B["qllama"]["vocab_size"], image_size=224,
-                         num_query_token=SHAPE_14B["num_query_token"])
-    d.update({k: v for k, v in SHAPE_14B.items() if not isinstance(v, dict)})
-    d["vision_config"].update(SHAPE_14B["vision"], drop_path_rate=drop_path_rate)
-    d["qllama_config"].update(SHAPE_14B["qllama"])
-    d["force_image_size"] = image_size if image_size != 224 else None
+    if tiny:
+        d = tiny_config_dict(vocab_size=1000, image_size=28)
+        layers = {"vision": 8, "qllama": 8}
+    else:
+        d = tiny_config_dict(vocab_size=SHAPE_14B["qllama"]["vocab_size"], image_size=224,
+                             num_query_token=SHAPE_14B["num_query_token"])
+        d.update({k: v for k, v in SHAPE_14B.items() if not isinstance(v, dict)})
+        d["vision_config"].update(SHAPE_14B["vision"])
+        d["qllama_config"].update(SHAPE_14B["qllama"])
+        layers = {"vision": SHAPE_14B["vision"]["num_hidden_layers"], "qllama": SHAPE_14B["qllama"]["num_hidden_layers"]}
+    d["vision_config"].update(drop_path_rate=drop_path_rate, num_hidden_layers=max(1, round(layers["vision"] * depth)))
+    d["qllama_config"]["num_hidden_layers"] = max(1, round(layers["qllama"] * depth))
+    base = d["vision_config"]["image_size"]
+    d["force_image_size"] = image_size if image_size != base else None
     default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
+    torch.set_default_dtype(dtype)
     try:
         with device:
             model = InternVLModel(InternVLCGConfig.from_dict(d))
     finally:
         torch.set_default_dtype(default)
+    with torch.no_grad():  # the model leaves it to the checkpoint (torch.empty): random memory, NaN at times
+        model.text_projection.normal_(std=model.text_projection.shape[0] ** -0.5)
     return model.eval()
 
 
-def _sync():
-    torch.cuda.synchronize()
+def _sync(device: torch.device | None = None):
+    if torch.cuda.is_available() and (device is None or device.type == "cuda"):
+        torch.cuda.synchronize()
 
 
 def bench_embedding(model, n_images: int, n_captions: int, device) -> dict:
@@ -158,48 +179,68 @@ def bench_captions(model, n_images: int, batch: int, device, n_single: int | Non
             "caption_speedup": batched_rate / single_rate, "caption_identical": f"{same}/{n_single}"}
 
 
-def bench_full_step(device, batches=(64, 48, 32, 24, 16, 8), steps: int = 3, image_size: int = 364) -> dict:
-    """The full-recipe step at ``image_size``: the largest batch of ``batches`` whose forward and backward fit."""
+def eight_gpu_gib(params: int, activations_gib: float, gpus: int = 8) -> float:
+    """Per-GPU peak of full fine-tuning over ``gpus`` GPUs with FSDP2: fp32 master weights, gradients and AdamW
+    moments sharded (16 bytes a parameter / gpus), about two gathered bf16 blocks (of 48 + 32: ~2/48 of the model),
+    and one GPU's activations."""
+    return 16 * params / gpus / 2**30 + 2 * 2 * params / 48 / 2**30 + activations_gib
+
+
+def linear_fit(xs: list[float], ys: list[float], x: float) -> float:
+    """The straight line through two points ``(xs, ys)``, at ``x``."""
+    (x0, x1), (y0, y1) = xs, ys
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+def bench_full_step(device: torch.device, batch: int = 32, depths=(0.125, 0.25), steps: int = 2,
+                    image_size: int = 364, tiny: bool = False) -> dict:
+    """The full-recipe step of one GPU of an 8-GPU run, from two reduced depths (item 4 of the module docstring)."""
     from internvl_tune.data.retrieval import RetrievalBatch
-    from internvl_tune.dist import init_distributed
-    from internvl_tune.dist.parallelize import parallelize
+    from internvl_tune.dist.parallelize import apply_activation_checkpointing
     from internvl_tune.models.internvl_cg.recipe import RetrievalTrainModule
 
-    init_distributed("cuda")
-    model = build_14b(device, image_size, drop_path_rate=0.3).train()
-    params = sum(p.numel() for p in model.parameters())
-    module = RetrievalTrainModule(model, gather_fn=lambda x: x)
-    parallelize(module, module.blocks(), world_size=1, param_dtype=None, grad_checkpoint=1.0)
-    g = torch.Generator(device=device).manual_seed(3)
-    for batch in batches:
-        try:
-            ids = lambda: torch.randint(3, 49000, (batch, 80), device=device, generator=g)  # noqa: E731
-            mask = torch.ones(batch, 80, dtype=torch.long, device=device)
-            data = RetrievalBatch(torch.randn(batch, 3, image_size, image_size, device=device, generator=g,
-                                              dtype=torch.bfloat16), ids(), mask, ids(), mask, ids(), mask,
-                                  torch.arange(batch, device=device), work=batch)
+    cuda = device.type == "cuda"
+    points = []
+    for depth in depths:
+        dtype = torch.bfloat16 if cuda else torch.float32  # (bf16 matmuls are slow on CPUs)
+        model = build_14b(device, image_size, drop_path_rate=0.3, depth=depth, tiny=tiny, dtype=dtype).train()
+        cfg = model.config
+        params = sum(p.numel() for p in model.parameters())
+        module = RetrievalTrainModule(model, gather_fn=lambda x: x)
+        apply_activation_checkpointing(module, module.blocks(), 1.0)
+        vocab = cfg.qllama_config.vocab_size
+        g = torch.Generator(device=device).manual_seed(3)
+        ids = lambda: torch.randint(3, vocab - 1, (batch, 80), device=device, generator=g)  # noqa: E731
+        mask = torch.ones(batch, 80, dtype=torch.long, device=device)
+        data = RetrievalBatch(torch.randn(batch, 3, image_size, image_size, device=device, generator=g, dtype=dtype),
+                              ids(), mask, ids(), mask, ids(), mask, torch.arange(batch, device=device), work=batch)
+        if cuda:
             torch.cuda.reset_peak_memory_stats()
-            for i in range(steps + 1):
-                if i == 1:
-                    _sync()
-                    start = time.perf_counter()
-                module(data)["loss"].backward()
-                module.zero_grad(set_to_none=False)  # keep the bf16 gradients allocated, as a real step would
-            _sync()
-            seconds = (time.perf_counter() - start) / steps
-            peak = torch.cuda.max_memory_allocated() / 2**30
-            break
-        except torch.OutOfMemoryError:
-            module.zero_grad(set_to_none=True)
+        for i in range(steps + 1):
+            if i == 1:
+                _sync(device)
+                start = time.perf_counter()
+            loss = module(data)["loss"]
+            loss.backward()
+            module.zero_grad(set_to_none=False)  # keep the bf16 gradients allocated, as a real step would
+        _sync(device)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+        points.append({"depth": depth, "vit_layers": cfg.vision_config.num_hidden_layers,
+                       "qllama_layers": cfg.qllama_config.num_hidden_layers, "params": params,
+                       "step_s": (time.perf_counter() - start) / steps, "peak_gib": peak,
+                       "activations_gib": peak - 2 * 2 * params / 2**30 if cuda else 0.0, "loss": float(loss.detach())})
+        del model, module, data
+        if cuda:
             torch.cuda.empty_cache()
-    else:
-        return {"full_error": f"no batch of {batches} fits"}
-    weights_and_grads = 2 * 2 * params / 2**30  # bf16 weights + bf16 gradients held during the measured step
-    activations = peak - weights_and_grads
-    eight = 16 * params / 8 / 2**30 + 2 * 2 * params / 48 / 2**30 + activations  # states/8 + ~2 gathered blocks + acts
-    return {"full_image_size": image_size, "full_batch_per_gpu": batch, "full_step_s": seconds,
-            "full_images_per_s": batch / seconds, "full_peak_gib_bf16_grads": peak,
-            "full_activations_gib": activations, "full_estimate_gib_per_gpu_8_gpus": eight}
+    at = [p["depth"] for p in points]
+    params = round(linear_fit(at, [p["params"] for p in points], 1.0))
+    seconds = linear_fit(at, [p["step_s"] for p in points], 1.0)
+    activations = linear_fit(at, [p["activations_gib"] for p in points], 1.0)
+    return {"full_image_size": image_size, "full_batch_per_gpu": batch, "full_points": points,
+            "full_params_scaled": params, "full_step_s_per_gpu": seconds, "full_images_per_s_per_gpu": batch / seconds,
+            "full_activations_gib": activations,
+            "full_estimate_gib_per_gpu_8_gpus": eight_gpu_gib(params, activations) if cuda else 0.0,
+            "full_losses_finite": all(math.isfinite(p["loss"]) for p in points)}
 
 
 def build_parser() -> argparse.ArgumentParser:

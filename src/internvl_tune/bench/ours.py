@@ -1,35 +1,31 @@
-"""Our training path on a random-weight InternVL2 shape: the same modules the trainer uses, fed synthetic packs."""
+"""Our training path on a random-weight InternVL2 shape: the same modules the trainer uses, fed synthetic packs.
+
+:class:`StepLoop` runs the trainer's step (``train.step.StepRunner``: fused AdamW, no host sync inside a step, the
+previous step read back while the next runs) on batches collated beforehand, as data-loader workers would hand them
+over (bf16 pixels, pinned memory on a GPU). :func:`build_ours` sets it up for chat fine-tuning as ``internvl-tune
+train --use_packed_ds True --bf16 True`` does; ``bench/preference.py`` sets it up for DPO / MPO.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import time
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import torch
+from torch import nn
 
-from internvl_tune.bench.common import materialize
+from internvl_tune.bench.common import SyntheticSample, materialize, param_counts, step_flops
+from internvl_tune.bench.compare import MemoryWatch, Repeat, timed
 from internvl_tune.bench.shapes import native_config
 from internvl_tune.data.batching import ChatCollator, PackedBatchSampler
-from internvl_tune.dist import init_distributed
-from internvl_tune.dist.parallelize import parallelize, parse_grad_checkpoint
-from internvl_tune.models.common import varlen_attention
 from internvl_tune.models.internvl_chat.chat import InternVLChat
 from internvl_tune.models.internvl_chat.config import original_from_native
-from internvl_tune.models.internvl_chat.recipe import ChatTrainModule, memory_shape
-from internvl_tune.train.memory import estimate_training_memory
-from internvl_tune.train.optim import build_adamw, build_param_groups, fp32_master_weights
-from internvl_tune.train.schedule import LRSchedule
-from internvl_tune.train.step import StepRunner
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def build_chat(shape: str, attn: str, device: torch.device) -> InternVLChat:
-    """A random-weight InternVL2 of ``shape``: frozen ViT in bf16, trainable LLM + projector in fp32 (master)."""
+    """A random-weight InternVL2 of ``shape`` in bf16 with a frozen ViT (the trainer then keeps fp32 masters of what
+    trains: ``train.optim.fp32_master_weights``)."""
     from transformers import InternVLForConditionalGeneration
 
     cfg = native_config(shape, attn)
@@ -47,98 +43,195 @@ def build_chat(shape: str, attn: str, device: torch.device) -> InternVLChat:
     return InternVLChat(model, tokenizer, original_from_native(cfg.to_dict()))
 
 
-def run_ours(shape: str, samples, device, warmup: int, packed_tokens: int, compile: bool = False,
-             grad_checkpoint: str = "False", lora_rank: int = 0, steps: int | None = None, profile: bool = False) -> dict:
-    """Train on packs of ``samples`` as ``internvl-tune train`` does and time it: tokens/s, TFLOP/s, peak memory."""
-    from internvl_tune.bench.train_throughput import _flops, _param_counts
-
-    info = init_distributed(device.type)
-    cuda = device.type == "cuda"
-    chat = build_chat(shape, "sdpa", device)
-    counts = _param_counts(chat.model)
-    if lora_rank:
-        from internvl_tune.models.internvl_chat.lora import add_lora
-
-        chat.model.requires_grad_(False)
-        add_lora(chat, llm_rank=lora_rank)
-    fp32_master_weights(chat.model)
-    module = ChatTrainModule(chat)
-    mode = parse_grad_checkpoint(grad_checkpoint)
-    blocks = parallelize(module, module.blocks(), world_size=1, param_dtype=torch.bfloat16, grad_checkpoint=mode,
-                         compile=compile)
-    shape = memory_shape(chat, packed_tokens, lora_dropout=0.05 if lora_rank else 0.0, tiles_per_micro_batch=64)
-    estimate = estimate_training_memory(module, blocks, world_size=1, grad_checkpoint=mode, compiled=compile, **shape)
-    groups = build_param_groups(module.named_parameters(), 1e-5, 0.0)
-    optimizer = build_adamw(groups, (0.9, 0.999), 1e-8)
-    stepper = StepRunner(module, optimizer, LRSchedule("constant", 0, 10**6), info, 1.0)
-    cfg = chat.model.config
-    lengths = [s.tokens for s in samples]
-    packer = PackedBatchSampler(lengths, packed_tokens, 1, 0, 1, seed=0, tiles=[s.tiles for s in samples], max_tiles=64)
-    packs = [p for _, micros in packer.epoch_steps(0) for p in micros]
-    if steps is not None:
-        packs = (packs * (1 + (steps + warmup) // len(packs)))[: steps + warmup]
-    data = {i: materialize(s, cfg.image_token_id, cfg.text_config.vocab_size, i) for i, s in enumerate(samples)}
-    collate = ChatCollator(True, 0, chat.img_context_token_id, chat.num_image_token)
-    batches = []
-    for p in packs:  # as the data loader hands them over: bf16 pixels, pinned memory
-        batch = collate([data[i] for i in p])
-        batch = dataclasses.replace(batch, pixel_values=batch.pixel_values.to(torch.bfloat16))
-        batches.append(batch.pin_memory() if cuda else batch)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    tokens, timed, start, previous = 0, [], None, None
-    for i, batch in enumerate(batches):
-        if i == warmup:
-            _sync(device)
-            start, tokens = time.perf_counter(), 0
-        if profile and i == warmup - 1:
-            _profile_step(stepper, batch, i, device)
-            continue
-        pending = stepper([batch], i)
-        if previous is not None:  # as the trainer: read step n - 1 back while step n runs
-            last = previous.result()
-        previous = pending
-        if i >= warmup:
-            tokens += batch.num_tokens
-            timed.extend(packs[i])
-    last = previous.result()
-    _sync(device)
-    elapsed = time.perf_counter() - start
-    timed_samples = [samples[i] for i in timed]
-    flops = _flops(counts, cfg, timed_samples)
-    if lora_rank:  # a frozen LLM costs 4·N·T (forward + input gradients), not 6·N·T
-        flops -= 2 * counts["llm"] * sum(s.tokens for s in timed_samples)
-    name = "ours" + (" + compile" if compile else "") + (f" + ckpt {grad_checkpoint}" if mode else "")
-    name += f" + LoRA r{lora_rank}" if lora_rank else ""
-    return {"variant": name, "tokens_per_s": tokens / elapsed, "tflops": flops / elapsed / 1e12,
-            "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0,
-            "padding_waste": packer.padding_waste(), "loss_last": last["loss"], "estimate_gib": estimate.total,
-            "varlen_kernel": varlen_attention.VARLEN_KERNEL is not None, **_compile_stats(compile)}
+def packs_of(samples: list[SyntheticSample], packed_tokens: int) -> tuple[list[list[int]], float]:
+    """The packs of one epoch over ``samples`` (the trainer's packer, at most 64 tiles a pack) and their padding."""
+    packer = PackedBatchSampler([s.tokens for s in samples], packed_tokens, 1, 0, 1, seed=0,
+                                tiles=[s.tiles for s in samples], max_tiles=64)
+    return [p for _, micros in packer.epoch_steps(0) for p in micros], packer.padding_waste()
 
 
-def _profile_step(stepper: StepRunner, batch: dict, step: int, device: torch.device) -> None:
-    """Run one step under the PyTorch profiler; print the top kernels and the GPU's busy share of the wall time."""
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = device.type == "cuda"
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    wall = time.perf_counter()
-    with profile(activities=acts) as prof:
-        stepper([batch], step).result()
-        _sync(device)
-    wall = time.perf_counter() - wall
-    events = prof.key_averages()
-    busy = sum(e.self_device_time_total for e in events) / 1e6 if cuda else 0.0
-    print(f"profiled step: {wall * 1e3:.1f} ms wall, {busy * 1e3:.1f} ms of GPU kernels", flush=True)
-    print(events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=30,
-                       max_name_column_width=60), flush=True)
-    print(events.table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=60), flush=True)
-
-
-def _compile_stats(compiled: bool) -> dict:
-    """How many graphs ``torch.compile`` built (one per distinct guard set; a growing count means recompiles)."""
-    if not compiled:
-        return {}
+def compiled_graphs() -> int:
+    """How many graphs ``torch.compile`` has built in this process (a count that grows means recompilation)."""
     from torch._dynamo.utils import counters
 
-    return {"compiled_graphs": int(counters["stats"]["unique_graphs"])}
+    return int(counters["stats"]["unique_graphs"])
+
+
+class StepLoop:
+    """Our trainer's step on pre-collated batches (see the module docstring).
+
+    Args:
+        name: the variant's name.
+        module: the training module, ``parallelize``d, with its optimizer in ``stepper``.
+        stepper: a ``train.step.StepRunner`` over ``module``.
+        make_batch: pack (tuple of sample indices) -> the collated batch.
+        flops: pack -> model FLOPs of a step on it.
+        memory: holding what building the module allocated (``MemoryWatch.holding``).
+        estimate_gib: what ``internvl-tune train`` prints as its memory estimate for this run.
+    """
+
+    def __init__(self, name: str, module: nn.Module, stepper, make_batch: Callable, flops: Callable,
+                 device: torch.device, memory: MemoryWatch, estimate_gib: float, extra: dict | None = None):
+        self.name, self.module, self.stepper, self.device, self.memory = name, module, stepper, device, memory
+        self.make_batch, self.flops, self.estimate_gib = make_batch, flops, estimate_gib
+        self.extra = extra or {}  # what the builder wants reported with the loop's numbers
+        self.cache: dict[tuple, object] = {}
+        self.step, self.nonfinite = 0, 0
+
+    def batch(self, pack: list[int]):
+        key = tuple(pack)
+        if key not in self.cache:  # as the data loader hands it over: bf16 pixels, pinned memory on a GPU
+            batch = self.make_batch(key)
+            batch = dataclasses.replace(batch, pixel_values=batch.pixel_values.to(torch.bfloat16))
+            self.cache[key] = batch.pin_memory() if self.device.type == "cuda" else batch
+        return self.cache[key]
+
+    def _steps(self, packs: list[list[int]]) -> tuple[int, float, float, int]:
+        tokens, previous = 0, None
+        for pack in packs:
+            pending = self.stepper([self.batch(pack)], self.step)
+            self.step += 1
+            if previous is not None:  # as the trainer: read step n - 1 back while step n runs
+                self._read(previous)
+            previous = pending
+            tokens += self.batch(pack).work
+        last = self._read(previous)
+        return tokens, sum(self.flops(tuple(p)) for p in packs), last["loss"], sum(len(p) for p in packs)
+
+    def _read(self, pending) -> dict:
+        result = pending.result()
+        self.nonfinite += not result["finite"]
+        return result
+
+    def warm(self, packs: list[list[int]]) -> None:
+        self.prepare(packs)
+        with self.memory.holding():  # optimizer state, compiled graphs' constants
+            self._steps(packs)
+
+    def prepare(self, packs: list[list[int]]) -> None:
+        """Collate ``packs`` now, so that no timed repeat collates."""
+        for pack in packs:
+            self.batch(pack)
+
+    def run(self, packs: list[list[int]]) -> Repeat:
+        return timed(self.device, lambda: self._steps(packs), self.memory)
+
+    def profile(self, pack: list[int], forward_flops: float = 0.0, backward_flops: float = 0.0) -> dict:
+        """One step on ``pack`` under the profiler (``bench/profile.py``)."""
+        from internvl_tune.bench.profile import profile_step
+
+        batch = self.batch(pack)
+
+        def step():
+            self._read(self.stepper([batch], self.step))
+            self.step += 1
+
+        inner = self.module.model.model  # the transformers InternVLModel: ViT, projector, language model
+        marked = {"vision": inner.vision_tower, "language_model": inner.language_model}
+        return profile_step(step, self.device, marked, forward_flops=forward_flops, backward_flops=backward_flops)
+
+
+def prepare_step(module: nn.Module, chat: InternVLChat, device: torch.device, compile: bool, mode: float | str,
+                 tokens_per_micro_batch: int, lora_dropout: float, lr: float = 1e-5):
+    """``(stepper, memory estimate, mode, note)``: parallelize ``module`` as the trainer does on one GPU (bf16
+    compute, fp32 masters), a fused AdamW and the trainer's memory estimate for packs of ``tokens_per_micro_batch``.
+    ``mode`` ``"auto"`` is resolved as the trainer resolves ``--grad_checkpoint auto`` (``note`` says how)."""
+    from internvl_tune.dist import init_distributed
+    from internvl_tune.dist.parallelize import parallelize
+    from internvl_tune.models.internvl_chat.recipe import memory_shape
+    from internvl_tune.train.memory import estimate_training_memory
+    from internvl_tune.train.optim import build_adamw, build_param_groups, fp32_master_weights
+    from internvl_tune.train.schedule import LRSchedule
+    from internvl_tune.train.step import StepRunner
+
+    info = init_distributed(device.type)
+    fp32_master_weights(chat.model)
+    shape = memory_shape(chat, tokens_per_micro_batch, lora_dropout=lora_dropout, tiles_per_micro_batch=64)
+
+    def estimate(fraction):
+        return estimate_training_memory(module, module.blocks(), world_size=1, grad_checkpoint=fraction,
+                                        compiled=compile, **shape)
+
+    note = ""
+    if mode == "auto":
+        mode, note = auto_mode(estimate, device)
+    parallelize(module, module.blocks(), world_size=1, param_dtype=torch.bfloat16, grad_checkpoint=mode,
+                compile=compile)
+    optimizer = build_adamw(build_param_groups(module.named_parameters(), lr, 0.0), (0.9, 0.999), 1e-8)
+    return StepRunner(module, optimizer, LRSchedule("constant", 0, 10**6), info, 1.0), estimate(mode), mode, note
+
+
+def auto_mode(estimate: Callable, device: torch.device) -> tuple[float, str]:
+    """``--grad_checkpoint auto`` as ``train/trainer.py`` resolves it on one GPU: the fewest checkpointed blocks whose
+    estimate + 15 % fits the free memory plus what this process already holds; every block without a GPU."""
+    from internvl_tune.train.memory import choose_grad_checkpoint
+
+    if device.type != "cuda":
+        return 1.0, "auto: every block (no GPU memory to fit)"
+    free, _ = torch.cuda.mem_get_info(device)
+    available = (free + torch.cuda.memory_reserved(device)) / 2**30
+    fraction, chosen = choose_grad_checkpoint(estimate, available)
+    return fraction, f"auto: {fraction:g} of the blocks (estimate {chosen.total:.1f} GiB, +15 % fits {available:.1f} GiB)"
+
+
+def variant_name(base: str, compile: bool, grad_checkpoint: str, mode: float | str, lora_rank: int) -> str:
+    """``ours + compile + ckpt True + LoRA r16``: the variant as its options name it (``auto``: with its choice)."""
+    ckpt = f"auto = {mode:g}" if str(grad_checkpoint).lower() == "auto" else grad_checkpoint
+    return (base + (" + compile" if compile else "") + (f" + ckpt {ckpt}" if mode or ckpt != grad_checkpoint else "")
+            + (f" + LoRA r{lora_rank}" if lora_rank else ""))
+
+
+def build_ours(shape: str, samples: list[SyntheticSample], device: torch.device, packed_tokens: int,
+               compile: bool = False, grad_checkpoint: str = "False", lora_rank: int = 0) -> StepLoop:
+    """Chat fine-tuning as ``internvl-tune train --use_packed_ds True --bf16 True`` runs it, on packs of
+    ``samples`` (frozen ViT; with ``lora_rank``: LoRA with dropout 0.05 on the LLM, the rest frozen)."""
+    from internvl_tune.dist.parallelize import parse_grad_checkpoint
+    from internvl_tune.models.internvl_chat.recipe import ChatTrainModule
+
+    memory = MemoryWatch(device)
+    with memory.holding():
+        chat = build_chat(shape, "sdpa", device)
+        counts = param_counts(chat.model)
+        if lora_rank:
+            from internvl_tune.models.internvl_chat.lora import add_lora
+
+            chat.model.requires_grad_(False)
+            add_lora(chat, llm_rank=lora_rank)
+        module = ChatTrainModule(chat)
+        stepper, estimate, mode, note = prepare_step(module, chat, device, compile,
+                                                     parse_grad_checkpoint(grad_checkpoint), packed_tokens,
+                                                     0.05 if lora_rank else 0.0)
+    cfg = chat.model.config
+    data = {}
+
+    def sample(i: int) -> dict:
+        if i not in data:
+            data[i] = materialize(samples[i], cfg.image_token_id, cfg.text_config.vocab_size, i)
+        return data[i]
+
+    collate = ChatCollator(True, 0, chat.img_context_token_id, chat.num_image_token)
+    return StepLoop(variant_name("ours", compile, grad_checkpoint, mode, lora_rank), module, stepper,
+                    lambda pack: collate([sample(i) for i in pack]),
+                    lambda pack: step_flops(counts, cfg.text_config, [samples[i] for i in pack], bool(lora_rank)),
+                    device, memory, estimate.total, {"counts": counts, "text_config": cfg.text_config,
+                                                     "lora": bool(lora_rank), "mode": mode, "auto": note,
+                                                     "samples": samples})
+
+
+def run_ours(shape: str, samples, device, warmup: int, packed_tokens: int, compile: bool = False,
+             grad_checkpoint: str = "False", lora_rank: int = 0, steps: int | None = None) -> dict:
+    """One timed run of our path after ``warmup`` steps (``steps`` packs, default one epoch): tokens/s, TFLOP/s,
+    peak memory, the estimate. (A ratio to a plain loop comes from ``bench/compare.py``'s alternation instead.)"""
+    from internvl_tune.bench.compare import schedule
+    from internvl_tune.models.common import varlen_attention
+
+    packs, waste = packs_of(samples, packed_tokens)
+    warm, timed_packs = schedule(packs, warmup, steps if steps is not None else len(packs), 1)
+    loop = build_ours(shape, samples, device, packed_tokens, compile, grad_checkpoint, lora_rank)
+    loop.warm(warm)
+    loop.prepare(timed_packs[0])
+    r = loop.run(timed_packs[0])
+    row = {"variant": loop.name, "tokens_per_s": r.tokens_per_s, "tflops": r.flops / r.seconds / 1e12,
+           "peak_gib": r.peak_gib, "padding_waste": waste, "loss_last": r.loss, "estimate_gib": loop.estimate_gib,
+           "varlen_kernel": varlen_attention.VARLEN_KERNEL is not None}
+    return row | ({"compiled_graphs": compiled_graphs()} if compile else {})

@@ -17,17 +17,19 @@ from internvl_tune.errors import UserError
 COMMANDS = [
     ("train", "internvl_tune.cli.train", "fine-tune an InternVL2 chat model (full or LoRA) on a meta JSON"),
     ("retrieval-train", "internvl_tune.cli.retrieval_train", "fine-tune InternVL-C/G (InternVL-14B) for image-text retrieval"),
-    ("eval", None, "evaluate: caption (BLEU/METEOR/ROUGE-L/CIDEr) or retrieval (recall@k)"),
+    ("eval", None, "evaluate: chat answers on held-out data, caption (BLEU/METEOR/ROUGE-L/CIDEr) or retrieval (recall@k)"),
     ("data", None, "validate (check) or prepare datasets before spending GPU hours"),
     ("convert", "internvl_tune.cli.convert", "convert a checkpoint between the original and transformers-native layouts"),
     ("merge-lora", "internvl_tune.cli.merge_lora", "merge a LoRA adapter into its base model"),
     ("tiny-model", "internvl_tune.cli.tiny_model", "write a tiny random checkpoint with the exact layout of a family"),
     ("chat", "internvl_tune.cli.chat", "chat with an InternVL2 checkpoint about images"),
+    ("report", "internvl_tune.cli.report", "rebuild a run's report.html, or compare several runs side by side"),
     ("demo", "internvl_tune.cli.demo", "the embedded default: tiny model, LoRA fine-tune on the bundled sample, chat"),
     ("bench", "internvl_tune.cli.bench", "throughput / memory benchmark against a plain transformers loop"),
 ]
 GROUPS = {
     "eval": [
+        ("chat", "internvl_tune.cli.eval_chat", "generate answers for held-out data (meta JSON) and score them"),
         ("caption", "internvl_tune.cli.eval_caption", "zero-shot caption evaluation on COCO / Flickr30K / NoCaps"),
         ("retrieval", "internvl_tune.cli.eval_retrieval", "image-text retrieval recall@1/5/10 (clip_benchmark flags)"),
     ],

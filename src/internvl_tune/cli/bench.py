@@ -1,10 +1,15 @@
-"""``internvl-tune bench train|eval|smoke|plot``: the benchmark scripts of ``internvl_tune.bench`` as one command."""
+"""``internvl-tune bench verify|train|eval|e2e|smoke|qlora|plot``: the benchmark scripts of ``internvl_tune.bench``
+as one command."""
 
 from __future__ import annotations
 
 import argparse
 
 SCRIPTS = {
+    "verify": ("internvl_tune.bench.verify",
+               "every GPU claim in one command under 9 minutes: matmul peak, compiled = eager, 8B LoRA and 1B vs the "
+               "plain loops, e2e, QLoRA 76B, DPO / MPO, InternVL-14B full, the automatic checkpointing choice; "
+               "verify.json + verify.md (CUDA; tiny shapes on the CPU)"),
     "train": ("internvl_tune.bench.train_throughput",
               "training tokens/s, MFU and peak memory: our path against a plain transformers loop (CUDA)"),
     "eval": ("internvl_tune.bench.eval_speed",
@@ -22,9 +27,11 @@ SCRIPTS = {
               "QLoRA (4-bit LLM + LoRA) steps on a random-weight shape: peak memory against the estimate (CUDA; "
               "the estimate alone anywhere)"),
 }
-NEEDS_CUDA = {"train", "eval"}  # (e2e and qlora check their own modes)
+NEEDS_CUDA = {"train", "eval"}  # (verify, e2e and qlora check their own modes)
 
 EPILOG = """examples:
+  internvl-tune bench verify --out verify/          (one GPU, < 9 minutes: verify.json, verify.md)
+  internvl-tune bench verify --out /tmp/v --tiny     (the same parts, tiny shapes, CPU)
   internvl-tune bench train --shape internvl2-2b --variants plain,ours+compile --out bench_2b.json
   internvl-tune bench train --help        (every option of one script)
   internvl-tune bench eval --parts caption --out eval.json

@@ -74,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
     chat = load_model(args.model, args.base, dtype=dtype, device=device)
     pixel_values, tiles = None, None
     if args.image:
-        pixel_values, tiles = chat.image_processor([load_image(p) for p in args.image], max_tiles=args.max_tiles)
+        pixel_values, tiles = chat.image_processor([load_image(p, where="--image") for p in args.image],
+                                                   max_tiles=args.max_tiles)
         pixel_values = pixel_values.to(device=device, dtype=dtype)
     sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
     answer = chat.chat(pixel_values=pixel_values, tiles_per_image=tiles, question=args.question,

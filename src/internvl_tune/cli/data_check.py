@@ -50,11 +50,11 @@ def run(args) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from internvl_tune.data.check import check_meta
-    from internvl_tune.data.config import REFERENCE_DEFAULTS
+    from internvl_tune.data.config import RELEASE_DEFAULTS
     from internvl_tune.models.internvl_chat.objectives import OBJECTIVES
 
     console = Console()
-    defaults = REFERENCE_DEFAULTS
+    defaults = RELEASE_DEFAULTS
     if args.model_name_or_path:
         from internvl_tune.models.internvl_chat.config import checkpoint_data_defaults
 
@@ -89,8 +89,13 @@ def _print_summary(console, report, cfg, tokenizer, args) -> None:
 
     from internvl_tune.data.check import length_histogram
 
-    console.print(f"[bold]data check[/] {args.meta}  (template {cfg.conv_style}, {cfg.num_image_token} tokens per tile, "
-                  f"dynamic tiles {'on, up to ' + str(cfg.max_dynamic_patch) if cfg.dynamic_image_size else 'off'})")
+    tiles = (f"dynamic tiles {cfg.min_dynamic_patch}-{cfg.max_dynamic_patch}" + (" + thumbnail" if cfg.use_thumbnail else "")
+             if cfg.dynamic_image_size else "one tile per image")
+    source = "" if args.model_name_or_path else "; no model given: the released checkpoints' settings"
+    console.print(f"[bold]data check[/] {escape(args.meta)}  (template {cfg.conv_style}, {cfg.force_image_size} px tiles x "
+                  f"{cfg.num_image_token} tokens, {tiles}{source})")
+    for notice in report.notices:
+        console.print(f"[yellow]note[/] {escape(notice)}", highlight=False, soft_wrap=True)
     if report.lines:
         table = Table(title="samples per epoch (repeat_time applied)")
         kinds = ("text", "image", "multi_image", "video")

@@ -2,8 +2,10 @@
 
 1. writes a tiny InternVL2-1B-layout checkpoint (real Qwen2 tokenizer, random weights);
 2. validates the bundled sample (``examples/sample/meta.json``) like ``internvl-tune data check``;
-3. fine-tunes it with LoRA (plus the LM head, which a random tiny model needs) on the sample, showing the loss fall;
-4. exports the merged model, reloads it, and chats about a sample photo.
+3. fine-tunes it with LoRA (plus the LM head, which a random tiny model needs) on the sample, showing the loss fall,
+   with validation and a few generated answers scored at each evaluation (``--eval_generate``);
+4. exports the merged model, reloads it, and chats about a sample photo;
+5. prints where the run's ``report.html`` is (curves, plan, data, answers beside their images: open it in a browser).
 """
 
 from __future__ import annotations
@@ -78,10 +80,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = RunConfig(
         model=ModelArgs(model_name_or_path=str(model_dir), freeze_backbone=True, freeze_llm=True, freeze_mlp=True,
                         use_llm_lora=args.lora_rank, unfreeze_lm_head=True, grad_checkpoint="False"),
-        data=DataConfig(meta_path=str(meta), max_dynamic_patch=6, max_seq_length=2048),
+        data=DataConfig(meta_path=str(meta), eval_meta_path=str(meta), max_dynamic_patch=6, max_seq_length=2048),
         train=TrainArgs(output_dir=str(run_dir), overwrite_output_dir=True, max_steps=args.steps,
                         per_device_train_batch_size=4, learning_rate=5e-3, warmup_steps=2, lr_scheduler_type="cosine",
-                        logging_steps=5, save_steps=20, save_total_limit=1, dataloader_num_workers=0, seed=0),
+                        logging_steps=5, save_steps=20, save_total_limit=1, dataloader_num_workers=0, seed=0,
+                        eval_generate=4, eval_generate_tokens=24),
     )
     result = run_trainer(ChatRecipe(cfg.model, cfg.data), cfg)
     first, last = result.losses[0], result.losses[-1]
@@ -104,4 +107,6 @@ def run(args: argparse.Namespace) -> int:
                        ("LoRA adapter", run_dir / "adapter"), ("merged model", run_dir / "config.json")):
         console.print(f"{what:>17}: {path}")
     console.print(f"view the curves: tensorboard --logdir {run_dir / 'tensorboard'}")
+    console.rule("5. the run report (open it in a browser; it needs no network)")
+    print(run_dir / "report.html")
     return 0

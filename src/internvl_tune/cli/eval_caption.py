@@ -81,8 +81,17 @@ def run(args) -> int:
         )
         if info.is_main:
             print(f"caption eval: {kind} on {', '.join(datasets)}, {info.world_size} process(es), {generation}")
-        evaluate_captions(captioner, cfg, rank=info.rank, world_size=info.world_size,
-                          gather=dist.all_gather_object_ordered)
+        results = evaluate_captions(captioner, cfg, rank=info.rank, world_size=info.world_size,
+                                    gather=dist.all_gather_object_ordered)
+        if info.is_main and results:
+            from pathlib import Path
+
+            from internvl_tune.eval.caption.datasets import get_benchmark, load_images
+            from internvl_tune.report import write_caption_report
+
+            images = {name: {i.image_id: i.path for i in load_images(get_benchmark(name), args.data_root)}
+                      for name in datasets}
+            print(f"report: {write_caption_report(Path(args.out_dir) / 'report.html', args.model, results, images)}")
         dist.barrier()  # ranks > 0 wait for rank 0's scoring so torchrun reports one outcome
     finally:
         dist.shutdown()

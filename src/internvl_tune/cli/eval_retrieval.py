@@ -4,10 +4,10 @@
         --dataset flickr30k --dataset_root ./data/flickr30k --model internvl_c_retrieval_hf \\
         --pretrained ./pretrained/InternVL-14B-224px --output result.json
 
-Datasets: ``flickr30k`` (``<root>/flickr30k_<split>_karpathy.txt``, or ``flickr30k_cn_<split>.txt`` with
-``--language cn``; images in ``<root>/Images``), ``coco`` / ``mscoco_captions`` (``<root>/annotations/
-coco_karpathy_<split>.json`` or clip_benchmark's ``<root>/coco_<split>_karpathy.json``), or a custom name with
-``flickr_format`` / ``coco_format`` registered in ``--datasets_file``. Runs as one process or under torchrun (each
+Datasets (one table, ``eval/retrieval.BENCHMARKS``): ``flickr30k`` (``<root>/flickr30k_<split>_karpathy.txt``, or
+``flickr30k_cn_<split>.txt`` with ``--language cn``; images in ``<root>/Images``), ``coco`` / ``mscoco_captions``
+(``<root>/annotations/coco_karpathy_<split>.json`` or clip_benchmark's ``<root>/coco_<split>_karpathy.json``), or a
+custom name with ``flickr_format`` / ``coco_format`` registered in ``--datasets_file``. Runs as one process or under torchrun (each
 rank embeds a shard of the images). The JSON written is clip_benchmark's:
 ``{"dataset", "model", "pretrained", "task", "metrics": {"image_retrieval_recall@k", "text_retrieval_recall@k", ...},
 "language"}``.
@@ -72,42 +72,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "verbose=%(default)s)")
 
 
-def resolve_dataset(name: str, root: str, split: str, language: str, annotation_file: str, registry: dict):
-    """The ``RetrievalEvalSet`` for a dataset name, with clip_benchmark's file conventions."""
-    from internvl_tune.data.retrieval import coco_eval_set, flickr_eval_set
-
-    root_p = Path(root)
-    if name in registry:
-        spec = registry[name]
-        reader = flickr_eval_set if "flickr_format" in name else coco_eval_set
-        return reader(annotation_file or spec["annotation"], spec["root"])
-    if name == "flickr30k":
-        default = f"flickr30k_cn_{split}.txt" if language == "cn" else f"flickr30k_{split}_karpathy.txt"
-        annotation = Path(annotation_file) if annotation_file else root_p / default
-        _require(annotation, "the Flickr30K retrieval annotation (see docs/retrieval.md for the download link)")
-        return flickr_eval_set(annotation, root_p / "Images")
-    if name in ("coco", "mscoco_captions"):
-        if annotation_file:
-            candidates = [Path(annotation_file)]
-        elif language == "cn":
-            candidates = [root_p / f"coco-cn_{split}.json"]
-        else:
-            candidates = [root_p / "annotations" / f"coco_karpathy_{split}.json", root_p / f"coco_{split}_karpathy.json"]
-        annotation = next((c for c in candidates if c.is_file()), candidates[0])
-        _require(annotation, "the COCO Karpathy annotation")
-        data = json.loads(annotation.read_text(encoding="utf-8"))
-        # clip_benchmark's captions-format file names images relative to the split folder
-        image_root = root_p / ("val2014" if split in ("val", "test") else "train2014") if isinstance(data, dict) and language != "cn" else root_p
-        return coco_eval_set(annotation, image_root)
-    raise UserError(f"unknown dataset {name!r}: use flickr30k, coco, or register a custom *_flickr_format / "
-                    "*_coco_format dataset with --datasets_file")
-
-
-def _require(path: Path, what: str) -> None:
-    if not path.is_file():
-        raise UserError(f"{path} not found: {what} is expected there — check --dataset_root / --annotation_file")
-
-
 def _gather_fn(world_size: int):
     if world_size == 1:
         return lambda x: x
@@ -122,7 +86,7 @@ def _gather_fn(world_size: int):
 
 def run(args) -> int:
     from internvl_tune.data.retrieval import load_dataset_registry, tokenize_retrieval
-    from internvl_tune.eval.retrieval import evaluate_retrieval
+    from internvl_tune.eval.retrieval import evaluate_retrieval, resolve_dataset
     from internvl_tune.models.internvl_cg.loading import load_internvl_cg
     from internvl_tune.models.internvl_cg.tokenizer import load_tokenizer
 
@@ -171,6 +135,9 @@ def run(args) -> int:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(dump) + "\n")
         say(f"Dump results to: {output}")
+        from internvl_tune.report import write_retrieval_report
+
+        say(f"report: {write_retrieval_report(Path(output).with_suffix('.html'), dump, dataset)}")
     if distributed:
         from internvl_tune.dist import shutdown
 

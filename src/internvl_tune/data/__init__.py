@@ -7,7 +7,7 @@ kinds), ``images`` / ``video`` (pixels), ``templates`` + ``preprocess`` (prompt,
 """
 
 from internvl_tune.data.batching import ChatBatch, ChatCollator
-from internvl_tune.data.config import REFERENCE_DEFAULTS, CheckpointDefaults, DataConfig
+from internvl_tune.data.config import RELEASE_DEFAULTS, CheckpointDefaults, DataConfig
 from internvl_tune.data.dataset import SupervisedDataset
 from internvl_tune.data.images import build_transform, choose_grid, dynamic_preprocess, load_image, num_tiles
 from internvl_tune.data.meta import KINDS, DatasetSpec, JsonlIndex, read_meta, sample_kind
@@ -17,7 +17,7 @@ from internvl_tune.data.video import frame_indices, load_video_frames
 
 __all__ = [
     "KINDS",
-    "REFERENCE_DEFAULTS",
+    "RELEASE_DEFAULTS",
     "TEMPLATES",
     "ChatBatch",
     "ChatCollator",

@@ -212,7 +212,13 @@ class TensorBatch:
         return self._map(lambda t: t.to(device, non_blocking=True))
 
     def pin_memory(self):
-        """Called by the DataLoader (``pin_memory=True``) so the host-to-GPU copies can be asynchronous."""
+        """Called by the DataLoader (``pin_memory=True``) so the host-to-GPU copies can be asynchronous.
+
+        ``Tensor.pin_memory`` copies into a buffer with the source's strides, so a field that is an overlapping
+        view (``expand``: several elements at one address) makes the copy fail ("more than one element of the
+        written-to tensor refers to a single memory location"). Collators therefore return no such views;
+        ``tests/data/test_pin_memory.py`` checks every batch kind for them on the CPU.
+        """
         return self._map(torch.Tensor.pin_memory)
 
 
@@ -328,7 +334,8 @@ def pad_rows(samples: list[dict], pad_token_id: int) -> dict:
         labels[row, :n] = s["labels"]
         position_ids[row, :n] = torch.arange(n)
         attention_mask[row, :n] = True
-    sample_index = torch.arange(batch)[:, None].expand(batch, longest)
+    # a real [B, L] tensor, not an expanded view: pinning a view whose elements share memory fails (TensorBatch)
+    sample_index = torch.arange(batch).repeat_interleave(longest).view(batch, longest)
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "sample_index": sample_index,
             "attention_mask": attention_mask}
 

@@ -12,15 +12,14 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from internvl_tune.constants import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from internvl_tune.data.config import DataConfig
-from internvl_tune.data.dataset import SupervisedDataset, resolve_path
+from internvl_tune.data.dataset import SupervisedDataset, media_path
 from internvl_tune.data.images import load_image, num_tiles
-from internvl_tune.data.meta import DatasetSpec, JsonlIndex, read_meta, sample_kind
+from internvl_tune.data.meta import DatasetSpec, JsonlIndex, read_meta, require_samples
 from internvl_tune.data.preprocess import tokenizer_info
-from internvl_tune.data.templates import GPT, HUMAN, get_template
+from internvl_tune.data.templates import get_template
 from internvl_tune.data.video import load_video_frames
-from internvl_tune.errors import DataError
+from internvl_tune.errors import DataError, problem_line
 
 _EXIF_ORIENTATION = 0x0112
 
@@ -33,8 +32,7 @@ class Problem:
     error: bool = True
 
     def __str__(self) -> str:
-        text = f"{self.where}: {self.message}" if self.where else self.message
-        return text + (f" — {self.fix}" if self.fix else "")
+        return problem_line(self.message, self.where, self.fix)
 
 
 @dataclass
@@ -49,6 +47,7 @@ class CheckReport:
         tiles_per_image: tiles of each checked image (thumbnail included); frames count one tile each.
         tokens_per_epoch: estimated tokens one epoch feeds the model (only with a tokenizer).
         shown: a few rendered samples (``--show``).
+        notices: facts about the meta JSON worth a line (a root found in two places: which one is used).
     """
 
     problems: list[Problem] = field(default_factory=list)
@@ -59,6 +58,7 @@ class CheckReport:
     tiles_per_image: Counter = field(default_factory=Counter)
     tokens_per_epoch: int = 0
     shown: list = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
 
     @property
     def errors(self) -> list[Problem]:
@@ -67,37 +67,6 @@ class CheckReport:
     @property
     def warnings(self) -> list[Problem]:
         return [p for p in self.problems if not p.error]
-
-
-def _placeholder_problems(item: dict, kind: str, messages: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Stricter ``<image>`` / ``<video>`` rules than the loader enforces: (message, fix) pairs."""
-    human = [text for role, text in messages if role == HUMAN]
-    gpt = [text for role, text in messages if role == GPT]
-    n_img = sum(t.count(IMAGE_PLACEHOLDER) for t in human)
-    n_vid = sum(t.count(VIDEO_PLACEHOLDER) for t in human)
-    out = []
-    if any(IMAGE_PLACEHOLDER in t or VIDEO_PLACEHOLDER in t for t in gpt):
-        out.append(("a gpt answer contains <image> or <video>", "placeholders belong in human turns only"))
-    if kind == "text" and (n_img or n_vid):
-        out.append((f"pure-text sample (no `image`/`video` field) contains {n_img + n_vid} placeholder(s)",
-                    "add the `image`/`video` field, or remove the placeholder"))
-    elif kind == "image":
-        first = human[0] if human else ""
-        if n_img > 1 or (n_img == 1 and IMAGE_PLACEHOLDER not in first):
-            out.append((f"single-image sample has {n_img} <image> placeholder(s) (or one outside the first human turn)",
-                        "use exactly one <image>, in the first human turn (or none: it is then prepended)"))
-    elif kind == "multi_image":
-        n = len(item["image"])
-        if n_img != n:
-            out.append((f"`image` lists {n} image(s) but the human turns hold {n_img} <image> placeholder(s)",
-                        "put one <image> per listed image, in the same order"))
-    elif kind == "video":
-        if n_vid > 1 or (n_vid == 1 and VIDEO_PLACEHOLDER not in (human[0] if human else "")):
-            out.append((f"video sample has {n_vid} <video> placeholder(s) (or one outside the first human turn)",
-                        "use one <video> in the first human turn, or none (it is then prepended)"))
-        if n_img:
-            out.append(("video sample contains <image>", "remove it: frames are inserted where <video> stands"))
-    return out
 
 
 def check_meta(
@@ -110,6 +79,9 @@ def check_meta(
 ) -> CheckReport:
     """Check every dataset, line, image and video of ``meta_path``.
 
+    The rules are the training dataset's own (``SupervisedDataset.parse`` and ``prepare``): a line reported as an
+    error here is one training refuses, and one that passes here trains.
+
     Args:
         meta_path: the meta JSON.
         cfg: the data settings training will use (template, tiles, lengths).
@@ -117,7 +89,7 @@ def check_meta(
         progress: optional callable(advance: int, total: int | None) for a progress bar.
         show: render this many samples into ``report.shown`` (needs a tokenizer).
         reader: the dataset class that reads the lines (the training objective's: conversations, preference pairs
-            ``data/preference.py``, ...); its ``line_messages`` gives the turns the structural checks look at.
+            ``data/preference.py``, prompts ``data/prompts.py``); its ``parse`` and ``prepare`` are the rules.
     """
     report = CheckReport()
     try:
@@ -126,72 +98,77 @@ def check_meta(
         if tokenizer is not None:  # a template/tokenizer mismatch is one problem, not one per line
             tokenizer_info(tokenizer).check_template(tokenizer, template)
     except DataError as exc:
-        report.problems.append(Problem(exc.where, str(exc).split(": ", 1)[-1] if exc.where else str(exc), None))
+        report.problems.append(Problem(exc.where, exc.message, exc.fix))
         return report
+    report.notices = [s.notice for s in specs if s.notice]
     indexes: list[JsonlIndex | None] = []
     for spec in specs:
         try:
-            indexes.append(JsonlIndex(spec.annotation))
+            indexes.append(JsonlIndex.of(spec))
         except DataError as exc:
-            report.problems.append(Problem(f"{spec.meta_path}", f"dataset {spec.name!r}: {exc}", None))
+            report.problems.append(Problem(exc.where, exc.message, exc.fix))
             indexes.append(None)
-    total = sum(len(ix) for ix in indexes if ix is not None)
+    usable = [(s, ix) for s, ix in zip(specs, indexes) if ix is not None]
+    try:
+        require_samples([s for s, _ in usable], [len(ix) for _, ix in usable])
+    except DataError as exc:
+        report.problems.append(Problem(exc.where, exc.message, exc.fix))
+        usable = []
+    total = sum(min(len(ix), s.num_samples(len(ix))) for s, ix in usable)
     if progress:
         progress(0, total)
-    usable = [(s, ix) for s, ix in zip(specs, indexes) if ix is not None]
-    dataset = None
-    if tokenizer is not None and usable:
-        dataset = reader([s for s, _ in usable], tokenizer, cfg, is_train=False, strict=True)
+    if not usable:
+        return report
+    dataset = reader([s for s, _ in usable], tokenizer, cfg, is_train=False, strict=True)
     for k, (spec, index) in enumerate(usable):
-        _check_dataset(report, spec, index, template, cfg, dataset, k, progress, show, reader)
+        _check_dataset(report, spec, index, cfg, dataset, k, progress, show)
     return report
 
 
-def _check_dataset(report, spec: DatasetSpec, index: JsonlIndex, template, cfg, dataset, k: int, progress, show: int,
-                   reader: type[SupervisedDataset]):
+def _check_dataset(report, spec: DatasetSpec, index: JsonlIndex, cfg, dataset, k: int, progress, show: int):
     n_lines = len(index)
     report.lines[spec.name] = n_lines
     if spec.length is not None and spec.length != n_lines:
-        report.problems.append(Problem(f"{spec.meta_path}", f"dataset {spec.name!r} declares length {spec.length} but "
-                                       f"{spec.annotation} has {n_lines} non-empty lines", "update `length`", error=False))
+        report.problems.append(Problem(spec.where, f"dataset {spec.name!r} declares length {spec.length} but "
+                                       f"{spec.annotation} has {n_lines} lines (blank lines not counted)",
+                                       "update `length`", error=False))
     size = spec.num_samples(n_lines)
     if size == 0:
-        report.problems.append(Problem(f"{spec.meta_path}", f"dataset {spec.name!r} contributes no samples "
+        report.problems.append(Problem(spec.where, f"dataset {spec.name!r} contributes no samples "
                                        f"(repeat_time {spec.repeat_time}, {n_lines} lines)", "raise repeat_time or add lines",
                                        error=False))
     checked = min(n_lines, size)  # a fraction uses only a prefix of the file
     repeats = [0] * checked
     for s in range(size):
         repeats[spec.line_of(s, n_lines)] += 1
-    start = int(dataset.starts[k]) if dataset is not None else 0
+    start = int(dataset.starts[k])
     for line in range(checked):
         where = f"{spec.annotation}:{index.line_number(line)}"
-        problems = _check_line(report, spec, index, line, where, template, cfg, repeats[line], reader)
-        if not problems and dataset is not None:
+        problems = _check_line(report, spec, index, line, where, cfg, dataset, repeats[line])
+        if not problems and dataset.tokenizer is not None:
             problems = _check_tokens(report, dataset, start + line, repeats[line], show)
         report.problems.extend(problems)
         if progress:
             progress(1, None)
 
 
-def _check_line(report, spec, index, line, where, template, cfg, repeats: int, reader) -> list[Problem]:
-    """Structural and file checks of one line; records kind counts and tiles."""
+def _check_line(report, spec, index, line, where, cfg, dataset, repeats: int) -> list[Problem]:
+    """The training dataset's rules for one line (``SupervisedDataset.parse``), then its files; records kind counts
+    and tiles."""
     try:
-        item = index.read(line)
-        kind = sample_kind(item, where)
-        messages, warnings = reader.line_messages(item, template, where)
+        parsed = dataset.parse(index.read(line), where)
     except DataError as exc:
-        return [Problem(exc.where, _message(exc), exc.fix)]
+        return [Problem(exc.where, exc.message, exc.fix)]
+    item, kind = parsed.item, parsed.kind
     report.samples[(spec.name, kind)] += repeats
-    problems = [Problem(where, w, None, error=False) for w in warnings]
-    problems += [Problem(where, msg, fix) for msg, fix in _placeholder_problems(item, kind, messages)]
+    problems = [Problem(where, w, None, error=False) for w in parsed.warnings]
     max_patch = spec.max_dynamic_patch or cfg.max_dynamic_patch
     try:
         if kind in ("image", "multi_image"):
             paths = [item["image"]] if kind == "image" else item["image"]
             budget = max_patch if kind == "image" else max(1, max_patch // len(paths))
             for rel in paths:
-                path = resolve_path(spec.root, rel, cfg.allow_outside_root, where)
+                path = media_path(spec, rel, cfg.allow_outside_root, where)
                 image = load_image(path, where)  # decodes every pixel, so truncated files show up here
                 tiles = num_tiles(*image.size, cfg.min_dynamic_patch, budget, cfg.use_thumbnail, cfg.force_image_size) \
                     if cfg.dynamic_image_size else 1
@@ -206,11 +183,11 @@ def _check_line(report, spec, index, line, where, template, cfg, repeats: int, r
                                             f"{image.size[1]}", "fix or drop width/height (used for length estimates)",
                                             error=False))
         elif kind == "video":
-            path = resolve_path(spec.root, item["video"], cfg.allow_outside_root, where)
+            path = media_path(spec, item["video"], cfg.allow_outside_root, where, "video")
             frames, _ = load_video_frames(path, cfg.max_num_frame, "middle", where=where)
             report.tiles_per_image[1] += len(frames)
     except DataError as exc:
-        problems.append(Problem(exc.where, _message(exc), exc.fix))
+        problems.append(Problem(exc.where, exc.message, exc.fix))
     return problems
 
 
@@ -238,7 +215,7 @@ def _check_tokens(report, dataset: SupervisedDataset, index: int, repeats: int, 
     try:
         prepared = dataset.prepare(index)
     except DataError as exc:
-        return [Problem(exc.where, _message(exc), exc.fix)]
+        return [Problem(exc.where, exc.message, exc.fix)]
     for row in getattr(prepared.encoded, "rows", (prepared.encoded,)):  # a preference pair has two token rows
         report.token_lengths.append((len(row.input_ids), repeats))
         report.tokens_per_epoch += len(row.input_ids) * repeats
@@ -247,15 +224,6 @@ def _check_tokens(report, dataset: SupervisedDataset, index: int, repeats: int, 
         report.shown.append(prepared)
     return [Problem(prepared.where, note, "raise --max_seq_length or shorten the sample", error=False)
             for note in prepared.notes]
-
-
-def _message(exc: DataError) -> str:
-    text = str(exc)
-    if exc.where and text.startswith(exc.where + ": "):
-        text = text[len(exc.where) + 2:]
-    if exc.fix and text.endswith(" — " + exc.fix):
-        text = text[: -len(exc.fix) - 3]
-    return text
 
 
 def length_histogram(lengths: list[tuple[int, int]], max_len: int) -> list[tuple[str, int]]:

@@ -29,10 +29,12 @@ class CheckpointDefaults:
     max_dynamic_patch: int
 
 
-# The reference's defaults (448 px tiles, 14 px patches, pixel shuffle 0.5 -> 256 tokens): used without a checkpoint.
-REFERENCE_DEFAULTS = CheckpointDefaults(template="internlm2-chat", image_size=448, downsample_ratio=0.5,
-                                        num_image_token=256, dynamic_image_size=False, use_thumbnail=False,
-                                        min_dynamic_patch=1, max_dynamic_patch=12)
+# What every released InternVL2 / 2.5 / 3 checkpoint's config.json says (448 px tiles, 14 px patches, pixel shuffle
+# 0.5 -> 256 tokens; dynamic tiling into 1-12 tiles plus a thumbnail), with the reference's default template. Used
+# where there is no checkpoint (`data check` without a model), so tiles and lengths are those training would use.
+RELEASE_DEFAULTS = CheckpointDefaults(template="internlm2-chat", image_size=448, downsample_ratio=0.5,
+                                      num_image_token=256, dynamic_image_size=True, use_thumbnail=True,
+                                      min_dynamic_patch=1, max_dynamic_patch=12)
 FROM_CHECKPOINT = {  # field -> CheckpointDefaults attribute
     "conv_style": "template",
     "force_image_size": "image_size",
@@ -83,7 +85,7 @@ class DataConfig:
         """A copy with every ``None`` setting taken from ``defaults``; sizes the model cannot take are refused.
 
         Args:
-            defaults: the checkpoint's settings (:data:`REFERENCE_DEFAULTS` when there is no checkpoint).
+            defaults: the checkpoint's settings (:data:`RELEASE_DEFAULTS` when there is no checkpoint).
             where: the checkpoint's name, for error messages.
         """
         for name, attr in (("force_image_size", "image_size"), ("down_sample_ratio", "downsample_ratio")):
@@ -93,7 +95,7 @@ class DataConfig:
                                 f"embeddings and projector are built for {own}; drop the flag or pass --{name} {own}")
         values = {name: getattr(defaults, attr) for name, attr in FROM_CHECKPOINT.items() if getattr(self, name) is None}
         if values.get("conv_style", "") is None:  # a checkpoint without a template: the reference's default
-            values["conv_style"] = REFERENCE_DEFAULTS.template
+            values["conv_style"] = RELEASE_DEFAULTS.template
         return dataclasses.replace(self, **values, num_image_token=defaults.num_image_token)
 
     @property

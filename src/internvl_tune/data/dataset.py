@@ -15,9 +15,7 @@ seeded with ``(seed, epoch, index)``, so a resumed run sees the same pixels.
 
 from __future__ import annotations
 
-import logging
 import os
-from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,15 +33,14 @@ from internvl_tune.data.images import (
     tiles_to_tensor,
 )
 from internvl_tune.data.lengths import conversation_texts, estimate_lines
-from internvl_tune.data.meta import DatasetSpec, JsonlIndex, read_meta, sample_kind
+from internvl_tune.data.meta import DatasetSpec, JsonlIndex, read_meta, require_samples, sample_kind
 from internvl_tune.data.preprocess import Encoded, build_conversation_ids, parse_conversations, tokenizer_info
-from internvl_tune.data.templates import HUMAN, get_template
+from internvl_tune.data.rules import check_rules
+from internvl_tune.data.templates import GPT, HUMAN, get_template
 from internvl_tune.data.video import load_video_frames
-from internvl_tune.errors import DataError
+from internvl_tune.errors import DataError, MediaError, problem_line
 
-logger = logging.getLogger(__name__)
-
-MAX_TRIES = 10  # like the reference: a broken sample is replaced, at most this many times in a row
+MAX_TRIES = 100  # a broken sample is replaced by the next usable one; this many unusable in a row stop the run
 
 
 def resolve_path(root: str, rel: str, allow_outside_root: bool, where: str | None = None) -> str:
@@ -62,6 +59,22 @@ def resolve_path(root: str, rel: str, allow_outside_root: bool, where: str | Non
             raise DataError(f"path {rel!r} points outside the dataset root {root!r}{link}", where,
                             "make it relative to `root`, or pass --allow_outside_root")
     return path
+
+
+def media_path(spec: DatasetSpec, rel: str, allow_outside_root: bool, where: str | None = None, what: str = "image") -> str:
+    """The file an ``image`` / ``video`` entry of ``spec`` names; a missing one is a MediaError naming every place
+    looked in (the root in the current directory, then beside the meta file: ``DatasetSpec.root_tried``)."""
+    path = resolve_path(spec.root, rel, allow_outside_root, where)
+    if os.path.lexists(path):
+        return path
+    tried = [os.path.join(r, rel) for r in spec.root_tried] or [os.path.abspath(path)]
+    elsewhere = [p for p in tried[1:] if os.path.exists(p)]
+    if elsewhere:
+        raise MediaError(f"{what} not found: {tried[0]}; it exists at {elsewhere[0]}, but root {spec.root!r} is taken "
+                         "from the current directory first", where,
+                         "run from the meta file's folder, or write the dataset's root as an absolute path")
+    raise MediaError(f"{what} not found: {rel} (looked for {' and '.join(tried)})", where,
+                     "fix the path (it is relative to the dataset's root) or the root in the meta JSON")
 
 
 def conversation_messages(item: dict, template, where: str | None = None):
@@ -102,6 +115,46 @@ class Prepared:
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass
+class Parsed:
+    """A line that passed every rule that needs no file: its kind, system message, ``(role, text)`` turns and warnings.
+
+    A gpt turn's text may be several: a preference pair's ``(chosen, rejected)``, an evaluation line's references.
+    """
+
+    item: dict
+    kind: str
+    system: str | None
+    messages: list[tuple[str, object]]
+    warnings: list[str]
+
+
+@dataclass(frozen=True)
+class SkipRecord:
+    """A sample training could not use: which, where, why (picklable, so data-loader workers can hand it over).
+
+    Attributes:
+        sample_id: ``dataset:line``.
+        where: ``file:line``.
+        message: what is wrong.
+        fix: how to fix it.
+        media: an image or video file failed (it may have changed since ``data check``), not the line itself.
+    """
+
+    sample_id: str
+    where: str
+    message: str
+    fix: str | None
+    media: bool
+
+    @classmethod
+    def of(cls, exc: DataError, sample_id: str, where: str) -> SkipRecord:
+        return cls(sample_id, exc.where or where, exc.message, exc.fix, isinstance(exc, MediaError))
+
+    def __str__(self) -> str:
+        return problem_line(self.message, self.where, self.fix)
+
+
 class SupervisedDataset(Dataset):
     """Map-style dataset over all datasets of a meta JSON (concatenated in meta order).
 
@@ -112,6 +165,9 @@ class SupervisedDataset(Dataset):
         is_train: training set (random frames, JPEG augmentation where ``data_augment``) or evaluation set.
         seed: base seed of every per-sample random choice.
         strict: raise on a broken sample instead of replacing it with the next one.
+
+    Raises:
+        DataError: when the datasets give no sample at all, or the tokenizer lacks the template's tokens.
     """
 
     rows_per_sample = 1  # token rows a sample becomes (a preference pair: 2), for the length estimates
@@ -127,10 +183,10 @@ class SupervisedDataset(Dataset):
         self.template = get_template(cfg.conv_style)
         self.is_train, self.seed, self.strict = is_train, seed, strict
         self.epoch = 0
-        self.indexes = [JsonlIndex(s.annotation) for s in self.specs]
+        self.indexes = [JsonlIndex.of(s) for s in self.specs]
+        require_samples(self.specs, [len(ix) for ix in self.indexes])
         self.sizes = [s.num_samples(len(ix)) for s, ix in zip(self.specs, self.indexes)]
         self.starts = np.cumsum([0] + self.sizes)
-        self.stats: Counter = Counter()
         self._lengths: list[int] | None = None
         self._kinds: list[str] | None = None
         self._tiles: list[int] | None = None
@@ -139,6 +195,11 @@ class SupervisedDataset(Dataset):
 
     def __len__(self) -> int:
         return int(self.starts[-1])
+
+    @property
+    def notices(self) -> list[str]:
+        """Things about the meta JSON worth one line in the run's log (a root found in two places)."""
+        return [s.notice for s in self.specs if s.notice]
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose random choices (frames, JPEG qualities) samples get."""
@@ -170,26 +231,30 @@ class SupervisedDataset(Dataset):
         spec, index = self.specs[k], self.indexes[k]
         where = f"{spec.annotation}:{index.line_number(line)}"
         sample_id = f"{spec.name}:{index.line_number(line)}"
-        item = index.read(line)
-        kind = sample_kind(item, where)
-        system, messages = self.messages(item, where)
+        parsed = self.parse(index.read(line), where)
+        item, kind = parsed.item, parsed.kind
         rng = self.rng(i)
         augment = self.is_train and spec.data_augment
         max_patch = spec.max_dynamic_patch or self.cfg.max_dynamic_patch
         builder = {"text": self._text, "image": self._image, "multi_image": self._multi_image, "video": self._video}[kind]
-        tiles, encoded, notes = builder(item, messages, system, spec, max_patch, rng, where)
+        tiles, encoded, notes = builder(item, parsed.messages, parsed.system, spec, max_patch, rng, where)
         return Prepared(sample_id, where, kind, encoded, tiles, augment, notes)
 
-    @staticmethod
-    def line_messages(item: dict, template, where: str) -> tuple[list[tuple[str, str]], list[str]]:
-        """The turns of a line as ``data check`` inspects them (placeholders, kinds), and warnings about them."""
-        _, messages, warnings = conversation_messages(item, template, where)
-        return messages, warnings
+    def parse(self, item: dict, where: str) -> Parsed:
+        """Every check of a line that needs no file: its kind, its turns and the rules of ``rules.py``.
 
-    def messages(self, item: dict, where: str) -> tuple[str | None, list[tuple[str, str]]]:
-        """The system message (None: the template's) and the turns of a line."""
-        system, messages, _ = conversation_messages(item, self.template, where)
-        return system, messages
+        ``data check`` calls this too, so what it reports as an error is exactly what training refuses.
+        """
+        kind = sample_kind(item, where)
+        system, messages, warnings = self.messages(item, where)
+        human = [text for role, text in messages if role == HUMAN]
+        gpt = [a for role, text in messages if role == GPT for a in (text if isinstance(text, (tuple, list)) else (text,))]
+        check_rules(kind, item, human, gpt, where)
+        return Parsed(item, kind, system, messages, warnings)
+
+    def messages(self, item: dict, where: str) -> tuple[str | None, list[tuple[str, object]], list[str]]:
+        """The system message (None: the template's), the turns of a line, and warnings about them."""
+        return conversation_messages(item, self.template, where)
 
     def _encode(self, messages, system, counts: list[int], where: str, text_only: bool = False) -> Encoded:
         return build_conversation_ids(messages, self.tokenizer, self.template, counts, system, text_only, where)
@@ -259,15 +324,13 @@ class SupervisedDataset(Dataset):
         h = first_human(messages)
         if IMAGE_PLACEHOLDER not in messages[h][1]:
             messages[h] = (messages[h][0], IMAGE_PLACEHOLDER + "\n" + messages[h][1])
-        path = resolve_path(spec.root, item["image"], self.cfg.allow_outside_root, where)
-        image = load_image(path, where)
+        image = load_image(media_path(spec, item["image"], self.cfg.allow_outside_root, where), where)
         tiles, enc = self._fit_images([image], messages, system, [max_patch], where, notes)
         return tiles, enc, notes
 
     def _multi_image(self, item, messages, system, spec, max_patch, rng, where):
         notes: list[str] = []
-        paths = [resolve_path(spec.root, p, self.cfg.allow_outside_root, where) for p in item["image"]]
-        images = [load_image(p, where) for p in paths]
+        images = [load_image(media_path(spec, p, self.cfg.allow_outside_root, where), where) for p in item["image"]]
         budget = max(1, max_patch // len(images))
         tiles, enc = self._fit_images(images, messages, system, [budget] * len(images), where, notes)
         return tiles, enc, notes
@@ -278,10 +341,8 @@ class SupervisedDataset(Dataset):
         h = first_human(messages)
         if VIDEO_PLACEHOLDER not in messages[h][1]:
             messages[h] = (messages[h][0], VIDEO_PLACEHOLDER + "\n" + messages[h][1])
-        path = resolve_path(spec.root, item["video"], cfg.allow_outside_root, where)
-        clip = item.get("clip")
-        if clip is not None and not (isinstance(clip, list) and len(clip) == 2 and all(isinstance(c, (int, float)) for c in clip)):
-            raise DataError(f"`clip` must be [start_seconds, end_seconds], got {clip!r}", where, 'write "clip": [1.5, 8.0]')
+        path = media_path(spec, item["video"], cfg.allow_outside_root, where, "video")
+        clip = item.get("clip")  # its form is checked by parse (rules.py)
         if self.is_train:
             wanted, sample = int(rng.integers(cfg.min_num_frame, cfg.max_num_frame + 1)), "rand"
         else:
@@ -309,8 +370,6 @@ class SupervisedDataset(Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, i, 1])  # pixels get their own stream
         pixel_values = tiles_to_tensor([t for group in p.tiles for t in group], transform, rng)
         flag = 0 if p.kind == "text" else 1
-        for note in p.notes:
-            self.stats[note.split(" ")[0]] += 1
         return {
             **self._token_fields(p.encoded),
             "pixel_values": pixel_values,
@@ -322,21 +381,28 @@ class SupervisedDataset(Dataset):
         return {"input_ids": encoded.input_ids, "labels": encoded.labels}
 
     def __getitem__(self, i: int) -> dict:
-        """Sample ``i``; a broken one is replaced by the next sample (counted, logged), as the reference replaces it."""
-        last: DataError | None = None
-        for attempt in range(MAX_TRIES):
-            j = (i + attempt) % len(self)
+        """Sample ``i``. Unless ``strict``, a broken one is replaced by the next usable sample (the reference draws a
+        random one), and its :class:`SkipRecord` rides along under ``"skipped"``: the trainer counts it against
+        ``--max_skipped_samples`` and writes it down. The replacement depends on the data only, so a resumed run
+        makes the same choice.
+
+        Raises:
+            DataError: ``strict`` and the sample is broken, or :data:`MAX_TRIES` samples in a row are.
+        """
+        try:
+            return self.build(i)
+        except DataError as exc:
+            if self.strict:
+                raise
+            record = SkipRecord.of(exc, self.sample_id(i), self.where(i))
+        for attempt in range(1, min(MAX_TRIES, len(self))):
             try:
-                return self.build(j)
-            except DataError as exc:
-                if self.strict:
-                    raise
-                last = exc
-                self.stats["skipped"] += 1
-                if self.stats["skipped"] <= 20 or self.stats["skipped"] % 1000 == 0:
-                    logger.warning("skipping sample (%d so far): %s", self.stats["skipped"], exc)
-        raise DataError(f"{MAX_TRIES} samples in a row starting at index {i} are unusable; the last one: {last}",
-                        fix="run `internvl-tune data check` on the meta JSON")
+                sample = self.build((i + attempt) % len(self))
+            except DataError:
+                continue  # recorded when its own turn comes
+            return {**sample, "skipped": [record]}
+        raise DataError(f"{min(MAX_TRIES, len(self))} samples in a row are unusable, from {record.sample_id} on (the "
+                        f"first: {record})", record.where, "run `internvl-tune data check` on the meta JSON")
 
     # ---- cheap per-sample estimates for length grouping and packing -----------------------------------------
 

@@ -7,6 +7,7 @@ optional thumbnail of the whole image. Every rule here follows the reference imp
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from collections.abc import Sequence
 from functools import lru_cache
@@ -16,7 +17,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from internvl_tune.constants import IMAGENET_MEAN, IMAGENET_STD, NORMALIZE
-from internvl_tune.errors import DataError
+from internvl_tune.errors import DataError, MediaError
 
 BICUBIC = Image.Resampling.BICUBIC
 JPEG_QUALITIES = range(75, 101)  # the reference draws the re-encode quality uniformly from 75..100
@@ -162,7 +163,7 @@ def build_transform(is_train: bool, input_size: int, pad2square: bool = False, n
 
 
 def load_image(path: str, where: str | None = None) -> Image.Image:
-    """Open ``path`` and decode it to RGB; a missing, unreadable or oversized file raises DataError naming ``where``.
+    """Open ``path`` and decode it to RGB; a missing, unreadable or oversized file raises MediaError naming ``where``.
 
     Images above PIL's pixel limit (``Image.MAX_IMAGE_PIXELS``, 89M pixels) are refused before decoding: PIL only
     warns between one and two times the limit, and decoding such a file (or a decompression bomb) stalls a worker.
@@ -173,13 +174,27 @@ def load_image(path: str, where: str | None = None) -> Image.Image:
             with Image.open(path) as im:
                 return im.convert("RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise DataError(f"image {path} is too large to decode safely ({exc})", where,
-                        "resize it (tiles are 448 px, at most a few thousand pixels a side are used) or drop the "
-                        "sample") from None
+        raise MediaError(f"image {path} is too large to decode safely ({exc})", where,
+                         "resize it (tiles are 448 px, at most a few thousand pixels a side are used) or drop the "
+                         "sample") from None
     except FileNotFoundError:
-        raise DataError(f"image not found: {path}", where, "fix the path (it is relative to the dataset `root`)") from None
+        raise MediaError(f"image not found: {path}", where, "check the path and that the file is there") from None
+    except IsADirectoryError:
+        raise MediaError(f"image {path} is a folder, not a file", where, "point the path at the image file") from None
+    except PermissionError:
+        raise MediaError(f"image {path} is not readable (permission denied)", where,
+                         "give the training user read access") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise DataError(f"cannot decode image {path}: {exc}", where, "re-encode it as JPEG/PNG or drop the sample") from None
+        reason = "the file is empty (0 bytes)" if _empty(path) else str(exc)
+        raise MediaError(f"cannot decode image {path}: {reason}", where,
+                         "re-encode it as JPEG/PNG or drop the sample") from None
+
+
+def _empty(path: str) -> bool:
+    try:
+        return os.path.getsize(path) == 0
+    except OSError:
+        return False
 
 
 def tiles_to_tensor(tiles: Sequence[Image.Image], transform: ImageTransform, rng: np.random.Generator | None) -> torch.Tensor:

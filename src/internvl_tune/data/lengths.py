@@ -74,7 +74,7 @@ def estimate_lines(index, lines, tokenizer, template: Template, cfg, max_patch: 
     def flush():
         if not pending:
             return
-        ids = tokenizer([p[4] for p in pending], add_special_tokens=False).input_ids
+        ids = tokenizer([p[4] for p in pending], add_special_tokens=False, verbose=False).input_ids  # (long is fine)
         for (line, kind, n_tiles, extra, _), toks in zip(pending, ids):
             out[line] = (min(rows * cfg.max_seq_length, len(toks) + extra), kind, n_tiles)
         pending.clear()

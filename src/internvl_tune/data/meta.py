@@ -5,11 +5,14 @@ Meta JSON, as the reference defines it::
     {"my-dataset": {"root": "images/", "annotation": "train.jsonl", "data_augment": false,
                     "repeat_time": 1, "length": 1234, "max_dynamic_patch": 6}}
 
-A relative ``root`` / ``annotation`` is looked up from the current directory first (the reference's behaviour) and
-then from the meta file's folder, so a meta JSON next to its data works from anywhere.
+A relative ``root`` / ``annotation`` is looked up in the current directory first (the reference's behaviour) and
+then in the meta file's folder, so a meta JSON next to its data works from anywhere unless the current directory
+holds a path of the same name. When both places hold it, the current directory's is used and the spec says so
+(``DatasetSpec.notice``); when neither does, messages name both absolute paths (``root_tried``).
 
 A JSONL file is opened by scanning it once for line starts (numpy over 16 MiB blocks) and keeping only an int64
-offset per non-empty line; a line is parsed when its sample is requested.
+offset per line that holds something; blank and whitespace-only lines are skipped (as JSON Lines readers do) and the
+others keep their line numbers in the file.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import math
 import mmap
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +31,8 @@ from internvl_tune.errors import DataError
 
 META_KEYS = {"root", "annotation", "data_augment", "repeat_time", "length", "max_dynamic_patch"}
 _BLOCK = 16 << 20
+_BOM = b"\xef\xbb\xbf"
+_BLANK = b" \t\r"  # JSON whitespace besides the newline that ends a line
 
 
 @dataclass
@@ -42,6 +48,11 @@ class DatasetSpec:
         length: the line count the user declared (informational; ``data check`` compares it).
         max_dynamic_patch: per-dataset tile budget overriding the command-line value.
         meta_path: the meta JSON this came from (for messages).
+        line: the line of the dataset's name in the meta JSON.
+        root_tried: the absolute folders ``root`` was looked up in, in order (empty: ``root`` is used as given).
+        annotation_tried: the same for ``annotation``.
+        notice: set when a relative ``root`` / ``annotation`` exists both in the current directory and beside the
+            meta file: which one is used.
     """
 
     name: str
@@ -52,6 +63,15 @@ class DatasetSpec:
     length: int | None = None
     max_dynamic_patch: int | None = None
     meta_path: str | None = None
+    line: int = 1
+    root_tried: tuple[str, ...] = ()
+    annotation_tried: tuple[str, ...] = ()
+    notice: str | None = None
+
+    @property
+    def where(self) -> str | None:
+        """``meta.json:line`` of this dataset, for messages."""
+        return f"{self.meta_path}:{self.line}" if self.meta_path else None
 
     def num_samples(self, num_lines: int) -> int:
         """Samples this dataset contributes per epoch, given its number of usable lines."""
@@ -64,22 +84,53 @@ class DatasetSpec:
         return sample % num_lines
 
 
-def _resolve(value: str, base: Path) -> str:
-    if os.path.isabs(value) or os.path.exists(value):
-        return value
-    beside = base / value
-    return str(beside) if beside.exists() else value
+def _locate(value: str, base: Path) -> tuple[str, tuple[str, ...], str | None]:
+    """``(path to use, absolute candidates tried, both-exist note)`` for a relative ``root`` / ``annotation``.
+
+    The current directory comes first (the reference's behaviour), then the meta file's folder ``base``.
+    """
+    if os.path.isabs(value):
+        return value, (), None
+    here, beside = os.path.abspath(value), os.path.normpath(base / value)
+    if here == beside:
+        return value, (here,), None
+    found = [p for p in (here, beside) if os.path.exists(p)]
+    note = None
+    if len(found) == 2 and not os.path.samefile(here, beside):
+        note = (f"{value!r} exists both in the current directory ({here}) and beside the meta file ({beside}); "
+                f"using {here} (the current directory comes first; write an absolute path to choose)")
+    return (beside if found == [beside] else value), (here, beside), note
+
+
+class _Object(dict):
+    """A JSON object that remembers the keys it held more than once (json keeps only the last value)."""
+
+    repeated: tuple[str, ...] = ()
+
+
+def _object(pairs: list[tuple[str, object]]) -> _Object:
+    obj = _Object(pairs)
+    seen: set[str] = set()
+    obj.repeated = tuple(k for k, _ in pairs if k in seen or seen.add(k))
+    return obj
+
+
+def _key_lines(text: str, key: str) -> list[int]:
+    """1-based lines where ``"key":`` occurs in the JSON ``text``."""
+    pattern = re.escape(json.dumps(key, ensure_ascii=False)) + r"\s*:"
+    return [text.count("\n", 0, m.start()) + 1 for m in re.finditer(pattern, text)]
 
 
 def read_meta(path: str | os.PathLike) -> list[DatasetSpec]:
-    """Parse and validate a meta JSON.
+    """Parse and validate a meta JSON (UTF-8, with or without a byte-order mark).
 
     Raises:
-        DataError: for a missing file, bad JSON, unknown or missing keys, or wrong value types, naming the dataset.
+        DataError: for a missing file, bad JSON, a dataset name or key given twice, unknown or missing keys, or wrong
+            value types, naming the file, line and dataset.
     """
     path = str(path)
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             text = f.read()
     except FileNotFoundError:
         raise DataError(f"meta file not found: {path}", fix="pass the path of your meta JSON (--meta_path)") from None
@@ -89,18 +140,29 @@ def read_meta(path: str | os.PathLike) -> list[DatasetSpec]:
     except OSError as exc:  # a directory, no permission, ...
         raise DataError(f"cannot read the meta JSON {path}: {exc.strerror}", fix="pass the path of your meta JSON file") from None
     try:
-        meta = json.loads(text)
+        meta = json.loads(text, object_pairs_hook=_object)
     except json.JSONDecodeError as exc:
         raise DataError(f"invalid JSON: {exc.msg} (column {exc.colno})", f"{path}:{exc.lineno}", "fix the JSON syntax") from None
     if not isinstance(meta, dict) or not meta:
         raise DataError("the meta JSON must be an object mapping dataset names to their settings", f"{path}:1",
                         'write {"name": {"root": "...", "annotation": "....jsonl", "data_augment": false, "repeat_time": 1}}')
+    for name in meta.repeated:
+        lines = _key_lines(text, name) or [1]
+        also = f" (also at line {lines[0]})" if lines[0] != lines[-1] else ""
+        raise DataError(f"dataset name {name!r} is given twice{also}; JSON keeps only the last entry, so the first "
+                        "dataset would be dropped", f"{path}:{lines[-1]}", "give each dataset its own name")
     base = Path(path).resolve().parent
     specs = []
     for name, entry in meta.items():
-        where = f"{path}:{_line_of_key(text, name)}"
+        lines = _key_lines(text, name)
+        line = lines[0] if lines else 1
+        where = f"{path}:{line}"
         if not isinstance(entry, dict):
             raise DataError(f"dataset {name!r} must be an object", where, "give root, annotation, data_augment, repeat_time")
+        for key in entry.repeated:
+            at = [n for n in _key_lines(text, key) if n >= line]
+            raise DataError(f"dataset {name!r}: key {key!r} is given twice; JSON keeps only the last value",
+                            f"{path}:{at[1] if len(at) > 1 else line}", "keep one")
         unknown = set(entry) - META_KEYS
         if unknown:
             raise DataError(f"dataset {name!r} has unknown key(s) {sorted(unknown)}", where,
@@ -133,37 +195,52 @@ def read_meta(path: str | os.PathLike) -> list[DatasetSpec]:
         if max_patch is not None and (isinstance(max_patch, bool) or not isinstance(max_patch, int) or max_patch < 1):
             raise DataError(f"dataset {name!r}: max_dynamic_patch must be an integer >= 1, got {max_patch!r}", where,
                             "write e.g. 6, or drop the key to use --max_dynamic_patch")
+        root, root_tried, root_note = _locate(entry["root"], base)
+        annotation, annotation_tried, annotation_note = _locate(entry["annotation"], base)
+        notes = [f"dataset {name!r}: {kind} {note}" for kind, note in (("root", root_note), ("annotation", annotation_note))
+                 if note]
         specs.append(DatasetSpec(
-            name=name, root=_resolve(entry["root"], base), annotation=_resolve(entry["annotation"], base),
-            data_augment=augment, repeat_time=repeat, length=length, max_dynamic_patch=max_patch, meta_path=path,
+            name=name, root=root, annotation=annotation, data_augment=augment, repeat_time=repeat, length=length,
+            max_dynamic_patch=max_patch, meta_path=path, line=line, root_tried=root_tried,
+            annotation_tried=annotation_tried, notice="; ".join(notes) or None,
         ))
     return specs
 
 
-def _line_of_key(text: str, key: str) -> int:
-    pos = text.find(json.dumps(key))
-    return text.count("\n", 0, pos) + 1 if pos >= 0 else 1
-
-
 class JsonlIndex:
-    """Random access to the non-empty lines of a JSONL file through a byte-offset index.
+    """Random access to the lines of a JSONL file that hold something, through a byte-offset index.
 
     Attributes:
         path: the file.
-        offsets: int64 start offset of each non-empty line.
+        offsets: int64 start offset of each line that is not blank.
         line_numbers: 1-based line number of each entry, or None when no line was skipped (then it is index + 1).
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, tried: tuple[str, ...] = ()):
         self.path = path
         try:
             self.offsets, self.line_numbers = scan_line_starts(path)
         except FileNotFoundError:
-            raise DataError(f"annotation file not found: {path}", fix="fix `annotation` in the meta JSON") from None
+            looked = f" (looked for {' and '.join(tried)})" if len(tried) > 1 else ""
+            raise DataError(f"annotation file not found: {path}{looked}",
+                            fix="fix `annotation` in the meta JSON (relative paths start from the current directory, "
+                                "then from the meta file's folder)") from None
         except IsADirectoryError:
             raise DataError(f"annotation {path} is a folder", fix="point `annotation` at the .jsonl file") from None
+        except PermissionError:
+            raise DataError(f"annotation {path} is not readable (permission denied)",
+                            fix="give the training user read access") from None
         self._mm: mmap.mmap | None = None
         self._pid = -1
+
+    @classmethod
+    def of(cls, spec: DatasetSpec) -> JsonlIndex:
+        """The index of a dataset's annotation file; an error names the dataset, its line in the meta JSON and, for
+        a missing file, every path tried."""
+        try:
+            return cls(spec.annotation, spec.annotation_tried)
+        except DataError as exc:
+            raise DataError(f"dataset {spec.name!r}: {exc.message}", spec.where, exc.fix) from None
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -177,7 +254,7 @@ class JsonlIndex:
         return int(self.line_numbers[i]) if self.line_numbers is not None else i + 1
 
     def raw(self, i: int) -> bytes:
-        """The bytes of the ``i``-th non-empty line, without its line break."""
+        """The bytes of the ``i``-th indexed line, without its line break."""
         if self._mm is None or self._pid != os.getpid():
             with open(self.path, "rb") as f:
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -188,7 +265,7 @@ class JsonlIndex:
         return line[:-1] if line.endswith(b"\r") else line
 
     def read(self, i: int) -> dict:
-        """Parse the ``i``-th non-empty line; bad JSON or a non-object raises DataError naming file:line."""
+        """Parse the ``i``-th indexed line; bad JSON or a non-object raises DataError naming file:line."""
         where = f"{self.path}:{self.line_number(i)}"
         try:
             item = json.loads(self.raw(i))
@@ -208,36 +285,56 @@ class JsonlIndex:
 
 
 def scan_line_starts(path: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """Offsets of the non-empty lines of ``path`` and, if some lines are empty, their 1-based line numbers."""
+    """Offsets of the lines of ``path`` that are not blank and, if some are, their 1-based line numbers.
+
+    A blank line holds nothing but spaces, tabs and a carriage return (a file's byte-order mark counts as nothing
+    too). The scan keeps each line's first byte as it goes; only lines that start with one of those bytes are read
+    again, so a file of ordinary lines costs one vectorised pass.
+    """
     size = os.path.getsize(path)
     if size == 0:
         return np.zeros(0, dtype=np.int64), None
-    starts = [np.zeros(1, dtype=np.int64)]
+    starts, firsts = [np.zeros(1, dtype=np.int64)], []
     with open(path, "rb") as f:
-        pos = 0
+        pos, line_starts_here, last = 0, True, 10
         while True:
             block = f.read(_BLOCK)
             if not block:
                 break
-            newlines = np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == 10)
+            data = np.frombuffer(block, dtype=np.uint8)
+            newlines = np.flatnonzero(data == 10)
+            if line_starts_here:  # the previous block ended with a newline (or this is the first block)
+                firsts.append(data[:1])
+            firsts.append(data[newlines[newlines + 1 < len(data)] + 1])
+            line_starts_here = len(newlines) > 0 and newlines[-1] == len(data) - 1
             starts.append(newlines.astype(np.int64) + (pos + 1))
-            pos += len(block)
-    starts = np.concatenate(starts)
-    starts = starts[starts < size]  # a final newline does not start a line
-    ends = np.append(starts[1:] - 1, size)  # exclusive end (the newline or EOF)
-    lengths = ends - starts
-    # A line of just "\r" (CRLF files) or one blank character counts as empty too.
-    empty = lengths == 0
-    if (lengths == 1).any():
-        with open(path, "rb") as f:
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            for i in np.flatnonzero(lengths == 1):
-                empty[i] = mm[int(starts[i])] in (13, 32, 9)
-            mm.close()
-    if not empty.any():
+            pos, last = pos + len(block), block[-1]
+        starts = np.concatenate(starts)
+        starts = starts[starts < size]  # a final newline does not start a line
+        firsts = np.concatenate(firsts)
+        ends = np.append(starts[1:] - 1, size - 1 if last == 10 else size)  # exclusive: the newline or EOF
+        blank = ends == starts
+        suspects = np.flatnonzero(~blank & np.isin(firsts, np.frombuffer(_BLANK + _BOM[:1], dtype=np.uint8)))
+        for i in suspects.tolist():
+            f.seek(int(starts[i]))
+            text = f.read(int(ends[i] - starts[i]))
+            blank[i] = not (text[3:] if i == 0 and text.startswith(_BOM) else text).strip(_BLANK)
+    if not blank.any():
         return starts, None
-    keep = ~empty
+    keep = ~blank
     return starts[keep], (np.flatnonzero(keep) + 1).astype(np.int64)
+
+
+def require_samples(specs: list[DatasetSpec], num_lines: list[int]) -> None:
+    """A meta JSON whose datasets give no sample at all (empty files, ``repeat_time`` 0) is an error.
+
+    ``num_lines`` are the usable lines of each dataset's annotation file.
+    """
+    if not specs or sum(s.num_samples(n) for s, n in zip(specs, num_lines)) > 0:
+        return
+    parts = [f"{s.name!r} has {n} line(s) and repeat_time {s.repeat_time}" for s, n in zip(specs, num_lines)]
+    raise DataError(f"the meta JSON gives no samples: dataset {'; '.join(parts)}", specs[0].where,
+                    "add lines to the annotation files, or give a dataset a repeat_time above 0")
 
 
 KINDS = ("text", "image", "multi_image", "video")
@@ -249,6 +346,9 @@ def sample_kind(item: dict, where: str | None = None) -> str:
     if image is not None and not isinstance(image, (str, list)):
         raise DataError(f"`image` must be a path or a list of paths, got {type(image).__name__}", where,
                         'write "image": "a.jpg" or "image": ["a.jpg", "b.jpg"]')
+    if image and video not in (None, ""):
+        raise DataError("the line has both `image` and `video`; a sample is one kind", where,
+                        "split it into an image line and a video line")
     if image:
         if isinstance(image, list) and not all(isinstance(p, str) and p for p in image):
             raise DataError("`image` list must hold non-empty path strings", where, 'write "image": ["a.jpg", "b.jpg"]')

@@ -100,17 +100,10 @@ class PreferenceDataset(SupervisedDataset):
     rows_per_sample = 2
     line_texts = staticmethod(preference_texts)
 
-    @staticmethod
-    def line_messages(item: dict, template, where: str) -> tuple[list[tuple[str, str]], list[str]]:
-        """The question and both answers as turns (for ``data check``), and a warning when the answers are equal."""
-        question, chosen, rejected = preference_fields(item, template, where)
-        same = ["`chosen` and `rejected` are the same text, so the pair teaches no preference"] if chosen == rejected \
-            else []
-        return [(HUMAN, question), (GPT, chosen), (GPT, rejected)], same
-
     def messages(self, item: dict, where: str):
         question, chosen, rejected = preference_fields(item, self.template, where)
-        return None, [(HUMAN, question), (GPT, (chosen, rejected))]
+        same = ["`chosen` and `rejected` are the same text, so the pair teaches no preference"] if chosen == rejected else []
+        return None, [(HUMAN, question), (GPT, (chosen, rejected))], same
 
     def _encode(self, messages, system, counts: list[int], where: str, text_only: bool = False) -> PairEncoded:
         *prompt, (role, answers) = messages

@@ -147,7 +147,9 @@ class _TokenizerInfo:
         self.checked: set[str] = set()
 
     def encode(self, tokenizer, text: str) -> list[int]:
-        return list(tokenizer(text, add_special_tokens=False).input_ids) if text else []
+        # verbose=False: texts longer than the tokenizer's model_max_length are expected (samples are fitted to
+        # --max_seq_length afterwards), so transformers' "sequence length is longer" warning would only be noise
+        return list(tokenizer(text, add_special_tokens=False, verbose=False).input_ids) if text else []
 
     def encode_cached(self, tokenizer, text: str) -> list[int]:
         if text not in self.cache:

@@ -33,8 +33,9 @@ from internvl_tune.errors import DataError
 PLACEHOLDER_ANSWER = "(the answer)"  # stands for the missing gpt turn while a prompt's turns are validated
 
 
-def prompt_turns(item: dict, template, where: str | None = None) -> tuple[str | None, list[tuple[str, str]], str | None]:
-    """``(system message, turns ending with a human turn, reference answer or None)`` of a prompt line."""
+def prompt_turns(item: dict, template, where: str | None = None) -> tuple[str | None, list[tuple[str, str]], str | None,
+                                                                         list[str]]:
+    """``(system message, turns ending with a human turn, reference answer or None, warnings)`` of a prompt line."""
     conversations = item.get("conversations")
     if not isinstance(conversations, list) or not conversations:
         extra = " (this line has `chosen`: a preference line, trained with --objective dpo or mpo)" \
@@ -50,13 +51,13 @@ def prompt_turns(item: dict, template, where: str | None = None) -> tuple[str | 
                         'write "conversations": [{"from": "human", "value": "Question?"}] (a last gpt turn is the '
                         "reference answer)")
     # the shared parser validates roles, order and reserved tokens; it wants an answer, so one stands in for it
-    system, messages, _ = parse_conversations(conversations + [{"from": GPT, "value": PLACEHOLDER_ANSWER}], template,
-                                              where)
+    system, messages, warnings = parse_conversations(conversations + [{"from": GPT, "value": PLACEHOLDER_ANSWER}],
+                                                     template, where)
     messages = messages[:-1]
     if not messages or messages[-1][0] != HUMAN:
         raise DataError("a prompt line must end with the human turn to answer (optionally followed by one gpt turn, "
                         "the reference answer)", where, "drop the trailing turns after the question")
-    return system, messages, reference
+    return system, messages, reference, warnings
 
 
 def prompt_texts(item: dict) -> list[str]:
@@ -67,6 +68,15 @@ def prompt_texts(item: dict) -> list[str]:
     if turns and isinstance(turns[-1], dict) and turns[-1].get("from") == GPT:
         turns = turns[:-1]
     return [t.get("value", "") for t in turns if isinstance(t, dict) and isinstance(t.get("value"), str)]
+
+
+def with_assistant_header(input_ids: torch.Tensor, tokenizer, template) -> torch.Tensor:
+    """A tokenized conversation as a generation prompt: without the tokenizer's end-of-text suffix (if it adds one),
+    then the assistant header, which the answer follows (as ``Template.generation_prompt`` writes it)."""
+    info = tokenizer_info(tokenizer)
+    ids = input_ids[: len(input_ids) - len(info.suffix)]
+    header = torch.tensor(info.encode_cached(tokenizer, template.roles[1]), dtype=torch.long)
+    return torch.cat([ids, header])
 
 
 def reward_fields(item: dict, reference: str | None) -> dict:
@@ -100,23 +110,16 @@ class PromptDataset(SupervisedDataset):
                                                                        completion_tokens), is_train, seed, strict)
         self.completion_tokens = completion_tokens
 
-    @staticmethod
-    def line_messages(item: dict, template, where: str) -> tuple[list[tuple[str, str]], list[str]]:
-        """The prompt's turns and its reference answer as a gpt turn (for ``data check``)."""
-        _, messages, reference = prompt_turns(item, template, where)
-        return messages + ([(GPT, reference)] if isinstance(reference, str) else []), []
-
     def messages(self, item: dict, where: str):
-        system, messages, _ = prompt_turns(item, self.template, where)
-        return system, messages
+        """The system message, the prompt's turns (without its reference answer) and warnings (``parse`` and
+        ``data check`` apply the shared rules to them)."""
+        system, messages, _, warnings = prompt_turns(item, self.template, where)
+        return system, messages, warnings
 
     def _encode(self, messages, system, counts: list[int], where: str, text_only: bool = False) -> Encoded:
         """The conversation's tokens, then the assistant header (what generation continues from)."""
         enc = super()._encode(messages, system, counts, where, text_only)
-        info = tokenizer_info(self.tokenizer)
-        ids = enc.input_ids[: len(enc.input_ids) - len(info.suffix)]  # no end-of-text after a prompt
-        header = torch.tensor(info.encode_cached(self.tokenizer, self.template.roles[1]), dtype=torch.long)
-        ids = torch.cat([ids, header])
+        ids = with_assistant_header(enc.input_ids, self.tokenizer, self.template)
         return Encoded(ids, torch.full_like(ids, IGNORE_INDEX), enc.image_end, enc.mismatch)
 
     def _finish(self, enc: Encoded, where: str, notes: list[str]) -> Encoded:
@@ -134,7 +137,7 @@ class PromptDataset(SupervisedDataset):
         sample = super().build(i)
         k, line = self.locate(i)
         item = self.indexes[k].read(line)
-        _, messages, reference = prompt_turns(item, self.template)
+        _, messages, reference, _ = prompt_turns(item, self.template)
         return {**sample, "index": i, "where": self.where(i), "prompt": messages[-1][1],
                 "fields": reward_fields(item, reference)}
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,11 +34,15 @@ from internvl_tune.options import option
 MAX_WORDS = 50
 RETRIEVAL_PREFIX = "summarize:"
 RETRIEVAL_MAX_LENGTH = 80
-# Training datasets of the reference fine-tuning scripts (paths relative to the working directory, like the reference).
+# Training datasets of the reference fine-tuning scripts (paths relative to the working directory, like the reference),
+# each with its annotation format (a key of READERS).
 BUILTIN_TRAIN_SETS = {
-    "flickr30k_en_train": {"root": "./data/flickr30k/Images/", "annotation": "./data/flickr30k/flickr30k_train_karpathy.txt"},
-    "flickr30k_cn_train": {"root": "./data/flickr30k/Images/", "annotation": "./data/flickr30k/flickr30k_cn_train.txt"},
-    "coco_karpathy_train": {"root": "./data/coco/", "annotation": "./data/coco/annotations/coco_karpathy_train.json"},
+    "flickr30k_en_train": {"root": "./data/flickr30k/Images/", "annotation": "./data/flickr30k/flickr30k_train_karpathy.txt",
+                           "format": "flickr_format"},
+    "flickr30k_cn_train": {"root": "./data/flickr30k/Images/", "annotation": "./data/flickr30k/flickr30k_cn_train.txt",
+                           "format": "flickr_format"},
+    "coco_karpathy_train": {"root": "./data/coco/", "annotation": "./data/coco/annotations/coco_karpathy_train.json",
+                            "format": "coco_format"},
 }
 
 
@@ -145,6 +150,50 @@ def coco_eval_set(annotation: str | Path, image_root: str | Path) -> RetrievalEv
                             [[pre_caption(c) for c in e["captions"]] for e in entries])
 
 
+def flickr_train_pairs(annotation: str | Path, root: str | Path) -> list[tuple[str, str, int]]:
+    """``[(image path, cleaned caption, image id)]`` of a Flickr txt; image ids are the integer file stems."""
+    pairs = []
+    for n, (image, caption) in enumerate(read_flickr_txt(annotation)):
+        stem = Path(image).stem
+        if not stem.isdigit():
+            raise DataError(f"Flickr image names must be integers, got {image!r}", f"{annotation}:{n + 2}")
+        pairs.append((str(Path(root) / image), pre_caption(caption), int(stem)))
+    return pairs
+
+
+def coco_train_pairs(annotation: str | Path, root: str | Path) -> list[tuple[str, str, int]]:
+    """``[(image path, cleaned caption, image id)]`` of a COCO Karpathy json, one pair per caption."""
+    return [(str(Path(root) / e["image"]), pre_caption(c), e["image_id"])
+            for e in read_coco_karpathy(annotation) for c in e["captions"]]
+
+
+@dataclass(frozen=True)
+class RetrievalReader:
+    """How one annotation format is read, for evaluation and for training."""
+
+    eval_set: Callable[[str | Path, str | Path], RetrievalEvalSet]  # (annotation, image root)
+    train_pairs: Callable[[str | Path, str | Path], list[tuple[str, str, int]]]  # (annotation, image root)
+
+
+# The annotation formats. A custom dataset's name carries its format's key (``my_flickr_format``), as in the
+# reference; a new format is one entry here.
+READERS = {
+    "flickr_format": RetrievalReader(flickr_eval_set, flickr_train_pairs),
+    "coco_format": RetrievalReader(coco_eval_set, coco_train_pairs),
+}
+
+
+def reader_for(name: str) -> RetrievalReader:
+    """The reader of a dataset: a built-in training set's own format, else the format its name carries."""
+    if name in BUILTIN_TRAIN_SETS:
+        return READERS[BUILTIN_TRAIN_SETS[name]["format"]]
+    key = next((k for k in READERS if k in name), None)
+    if key is None:
+        raise DataError(f"dataset name {name!r} names no annotation format",
+                        fix=f"rename it to contain one of {', '.join(READERS)} (that picks the reader)")
+    return READERS[key]
+
+
 def load_dataset_registry(path: str | Path) -> dict[str, dict]:
     """Read custom datasets ``{name: {"root": ..., "annotation": ...}}`` from a JSON or YAML file.
 
@@ -165,8 +214,8 @@ def load_dataset_registry(path: str | Path) -> dict[str, dict]:
         raise DataError("expected a mapping {name: {root, annotation}}", str(path))
     out = {}
     for name, spec in data.items():
-        if "flickr_format" not in name and "coco_format" not in name:
-            raise DataError(f"dataset name {name!r} must contain `flickr_format` or `coco_format`", str(path),
+        if not any(key in name for key in READERS):
+            raise DataError(f"dataset name {name!r} must contain {' or '.join(f'`{k}`' for k in READERS)}", str(path),
                             "rename it so the right annotation reader is used")
         if not isinstance(spec, dict) or not {"root", "annotation"} <= set(spec):
             raise DataError(f"{name}: needs `root` and `annotation`", str(path))
@@ -176,20 +225,8 @@ def load_dataset_registry(path: str | Path) -> dict[str, dict]:
 
 
 def train_pairs(name: str, spec: dict) -> list[tuple[str, str, int]]:
-    """``[(image path, cleaned caption, image id)]`` of a training set; the reader follows the name."""
-    root, annotation = spec["root"], spec["annotation"]
-    if "flickr" in name:
-        pairs = []
-        for n, (image, caption) in enumerate(read_flickr_txt(annotation)):
-            stem = Path(image).stem
-            if not stem.isdigit():
-                raise DataError(f"Flickr image names must be integers, got {image!r}", f"{annotation}:{n + 2}")
-            pairs.append((str(Path(root) / image), pre_caption(caption), int(stem)))
-        return pairs
-    if "coco" in name:
-        return [(str(Path(root) / e["image"]), pre_caption(c), e["image_id"])
-                for e in read_coco_karpathy(annotation) for c in e["captions"]]
-    raise DataError(f"unknown dataset {name!r}: its name must contain `flickr` or `coco`")
+    """``[(image path, cleaned caption, image id)]`` of a training set, read by the reader of its name."""
+    return reader_for(name).train_pairs(spec["annotation"], spec["root"])
 
 
 # ----------------------------------------------------------------------------------------------- text
@@ -278,7 +315,7 @@ def dataset_spec(d: RetrievalDataArgs) -> dict:
         return registry[d.dataset_name]
     if d.dataset_name in BUILTIN_TRAIN_SETS:  # the reference's ./data/... paths, re-rooted at --data_root
         return {k: str(Path(d.data_root) / Path(v).relative_to("data"))
-                for k, v in BUILTIN_TRAIN_SETS[d.dataset_name].items()}
+                for k, v in BUILTIN_TRAIN_SETS[d.dataset_name].items() if k in ("root", "annotation")}
     known = sorted(BUILTIN_TRAIN_SETS) + sorted(registry)
     raise UserError(f"--dataset_name {d.dataset_name!r} is unknown; choose one of {', '.join(known)}, or register it "
                     f"in a --custom_datasets file ({{name: {{root, annotation}}}}, name containing flickr_format or "

@@ -12,7 +12,8 @@ import re
 import numpy as np
 from PIL import Image
 
-from internvl_tune.errors import DataError
+from internvl_tune.data.images import load_image
+from internvl_tune.errors import MediaError
 
 _FRAME_NUMBER = re.compile(r"_(\d+)\.jpg$")
 
@@ -77,12 +78,8 @@ def load_video_frames(
         files = _folder_frames(path)
         idx = frame_indices(num_frames, len(files), sample, rng)
         if not idx:
-            raise DataError(f"video folder {path} holds no frames", where, "put the frame images (name_<n>.jpg) in it")
-        frames = []
-        for i in idx:
-            with Image.open(files[i]) as im:
-                frames.append(im.convert("RGB"))
-        return frames, idx
+            raise MediaError(f"video folder {path} holds no frames", where, "put the frame images (name_<n>.jpg) in it")
+        return [load_image(files[i], where) for i in idx], idx
 
     import av
 
@@ -109,9 +106,25 @@ def load_video_frames(
                 frames = [decoded[i].convert("RGB") for i in idx]
                 idx = [i + offset for i in idx]
     except FileNotFoundError:
-        raise DataError(f"video not found: {path}", where, "fix the path (it is relative to the dataset `root`)") from None
-    except (av.error.FFmpegError, IndexError, OSError) as exc:
-        raise DataError(f"cannot decode video {path}: {exc}", where, "re-encode it (e.g. H.264 MP4) or drop the sample") from None
+        raise MediaError(f"video not found: {path}", where, "check the path and that the file is there") from None
+    except PermissionError:
+        raise MediaError(f"video {path} is not readable (permission denied)", where,
+                         "give the training user read access") from None
+    except IndexError:  # streams.video[0]: a file with audio or subtitles only
+        raise MediaError(f"video {path} has no video stream", where, "re-encode it or drop the sample") from None
+    except (av.error.FFmpegError, OSError) as exc:
+        raise MediaError(f"cannot decode video {path}: {_reason(path, exc)}", where,
+                         "re-encode it (e.g. H.264 MP4) or drop the sample") from None
     if not frames:
-        raise DataError(f"video {path} has no decodable frames", where, "re-encode it or drop the sample")
+        raise MediaError(f"video {path} has no decodable frames", where, "re-encode it or drop the sample")
     return frames, idx
+
+
+def _reason(path: str, exc: Exception) -> str:
+    """What went wrong, in words: FFmpeg's own message without its errno (``[Errno 1094995529] ...``)."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "the file is empty (0 bytes)"
+    except OSError:
+        pass
+    return getattr(exc, "strerror", None) or str(exc)

@@ -15,15 +15,86 @@ the shards in rank order, then every rank scores the full set.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from internvl_tune.data.images import load_image
-from internvl_tune.data.retrieval import RetrievalEvalSet, eval_transform
+from internvl_tune.data.retrieval import READERS, RetrievalEvalSet, eval_transform, reader_for
+from internvl_tune.errors import UserError
 from internvl_tune.eval.sharding import shard_range
+
+
+# ----------------------------------------------------------------------------------------------- the benchmarks
+def coco_image_dir(annotation: Path, split: str, language: str) -> str:
+    """COCO's image folder under the dataset root: clip_benchmark's captions-format file (``images`` +
+    ``annotations``) names images inside the split's folder; the Karpathy list (and COCO-CN) names ``val2014/...``."""
+    data = json.loads(annotation.read_text(encoding="utf-8"))
+    return ("val2014" if split in ("val", "test") else "train2014") if isinstance(data, dict) and language != "cn" else ""
+
+
+@dataclass(frozen=True)
+class RetrievalBenchmark:
+    """One retrieval test set in clip_benchmark's layout under ``--dataset_root``, in the shape of the caption
+    (``eval/caption/datasets.py``) and chat (``eval/chat/datasets.py``) tables.
+
+    ``annotations`` maps a language to the candidate files (the first that exists is read; ``{split}`` is
+    ``--split``); ``image_dir`` is the images' folder under the root, or a function of (annotation, split, language)
+    for layouts that depend on the file.
+    """
+
+    name: str
+    format: str  # a key of data.retrieval.READERS
+    annotations: dict[str, tuple[str, ...]]
+    image_dir: str | Callable[[Path, str, str], str] = ""
+    aliases: tuple[str, ...] = ()
+
+    def eval_set(self, root: str | Path, split: str, language: str, annotation_file: str = "") -> RetrievalEvalSet:
+        if language not in self.annotations:
+            raise UserError(f"{self.name} has no {language!r} annotations; --language one of "
+                            f"{', '.join(self.annotations)}")
+        root = Path(root)
+        candidates = [Path(annotation_file)] if annotation_file else \
+            [root / c.format(split=split) for c in self.annotations[language]]
+        annotation = next((c for c in candidates if c.is_file()), candidates[0])
+        if not annotation.is_file():
+            raise UserError(f"{annotation} not found: the {self.name} annotation ({language}, {split}) is expected "
+                            "there — check --dataset_root / --annotation_file (docs/retrieval.md has the downloads)")
+        folder = self.image_dir(annotation, split, language) if callable(self.image_dir) else self.image_dir
+        return READERS[self.format].eval_set(annotation, root / folder)
+
+
+BENCHMARKS: dict[str, RetrievalBenchmark] = {b.name: b for b in (
+    RetrievalBenchmark("flickr30k", "flickr_format", {"en": ("flickr30k_{split}_karpathy.txt",),
+                                                      "cn": ("flickr30k_cn_{split}.txt",)}, "Images"),
+    RetrievalBenchmark("coco", "coco_format", {"en": ("annotations/coco_karpathy_{split}.json",
+                                                      "coco_{split}_karpathy.json"),
+                                               "cn": ("coco-cn_{split}.json",)}, coco_image_dir,
+                       aliases=("mscoco_captions",)),
+)}
+
+
+def resolve_dataset(name: str, root: str, split: str, language: str, annotation_file: str = "",
+                    registry: dict | None = None) -> RetrievalEvalSet:
+    """The test set called ``name``: a custom dataset of ``registry`` (``--datasets_file``: its root and
+    annotation, read by the format its name carries), or a benchmark of :data:`BENCHMARKS` (or an alias) under
+    ``root``."""
+    registry = registry or {}
+    if name in registry:
+        spec = registry[name]
+        return reader_for(name).eval_set(annotation_file or spec["annotation"], spec["root"])
+    bench = next((b for b in BENCHMARKS.values() if name == b.name or name in b.aliases), None)
+    if bench is None:
+        names = ", ".join(f"{b.name}" + (f" (alias {', '.join(b.aliases)})" if b.aliases else "")
+                          for b in BENCHMARKS.values())
+        raise UserError(f"unknown dataset {name!r}: use {names}, or register a custom "
+                        f"{' / '.join('*_' + k for k in READERS)} dataset with --datasets_file")
+    return bench.eval_set(root, split, language, annotation_file)
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:

@@ -51,6 +51,10 @@ class TrainArgs:
     save_total_limit: int | None = option(None, "keep only the newest N checkpoints")
     save_strategy: str = option("steps", "when to checkpoint", ("steps", "epoch", "no"))
     eval_steps: int = option(0, "validation loss every N steps, for runs with a validation set (0 = at each save)")
+    eval_generate: int = option(0, "at each validation, also generate answers for N validation samples (spread "
+                                   "over the set) and log their scores (exact match, ANLS, ...) beside the loss; the "
+                                   "answers go to eval_predictions/step-N.jsonl (0 = off)")
+    eval_generate_tokens: int = option(128, "most new tokens per answer of --eval_generate")
     report_to: str = option("tensorboard", "metric sinks besides metrics.jsonl/csv and the PNG plots, comma-separated: "
                                            "tensorboard, wandb, mlflow (each needs its package) or none")
     dataloader_num_workers: int = option(2, "data-loading worker processes per rank")
@@ -58,6 +62,10 @@ class TrainArgs:
                                         "(fused norms, RoPE and activations; about a minute at start): auto = on GPUs",
                                 ("auto", "True", "False"))
     max_bad_steps: int = option(10, "stop after this many skipped steps with non-finite loss or gradients")
+    max_skipped_samples: str = option("0", "unusable samples (bad line, missing or corrupt image, ...) to replace by "
+                                           "the next usable one before the run stops: a count, or a fraction of the "
+                                           "samples seen such as 0.01; 0 stops at the first (each one is listed in "
+                                           "skipped_samples.jsonl and train.log)")
     device: str | None = option(None, "cuda or cpu (default: cuda when available)")
     dry_run: bool = option(False, "load model and data, print the plan and memory estimate, then exit")
 

@@ -1,4 +1,4 @@
-"""Run metrics: JSONL (the source of truth), CSV, PNG plots of loss / lr / grad-norm (and reward), and the sinks of
+"""Run metrics: JSONL (the source of truth), CSV, PNG plots (loss, lr, grad norm, throughput and memory), and the sinks of
 ``--report_to`` (TensorBoard, Weights & Biases, MLflow).
 
 Sink tags are grouped as the transformers Trainer groups them: ``train/loss``, ``train/lr``, ``eval/loss``.
@@ -161,9 +161,15 @@ def write_csv(rows: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
-PLOTS = {"loss.png": ("loss", "eval_loss"), "lr.png": ("lr",), "grad_norm.png": ("grad_norm",),
-         "reward.png": ("reward",)}  # (online RL runs log a reward)
-SMOOTHED = ("loss", "grad_norm", "reward")  # noisy per-step series get a smoothed line beside the raw one
+# file -> (title, y label, keys on the left axis, keys on a right axis)
+PLOTS = {
+    "loss.png": ("loss", "loss", ("loss", "eval_loss"), ()),
+    "lr.png": ("learning rate", "lr", ("lr",), ()),
+    "grad_norm.png": ("gradient norm", "norm", ("grad_norm",), ()),
+    "throughput.png": ("throughput and memory", "per second", ("tokens_per_s", "samples_per_s"), ("memory_gib",)),
+    "reward.png": ("reward", "reward", ("reward",), ()),  # online RL (GRPO) runs
+}
+SMOOTHED = ("loss", "grad_norm", "tokens_per_s", "samples_per_s", "reward")  # noisy per-step series get a smoothed line
 
 
 def smooth(values: list[float], weight: float = 0.9) -> list[float]:
@@ -175,32 +181,67 @@ def smooth(values: list[float], weight: float = 0.9) -> list[float]:
     return out
 
 
-def write_plots(rows: list[dict], out_dir: Path) -> list[Path]:
-    """``loss.png`` (train + eval loss), ``lr.png``, ``grad_norm.png`` and, where logged, ``reward.png`` against
-    the optimizer step."""
+def _points(rows: list[dict], key: str) -> list[tuple[float, float]]:
+    return [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and not isinstance(r[key], bool)]
+
+
+def _draw(ax, rows: list[dict], keys: tuple[str, ...], colors) -> list:
+    """Plot ``keys`` on ``ax`` (raw + smoothed for noisy ones); returns the legend handles."""
+    handles = []
+    for key in keys:
+        points = _points(rows, key)
+        if not points or (key == "memory_gib" and not any(y for _, y in points)):  # no GPU: no memory to show
+            continue
+        xs, ys = zip(*points)
+        color = next(colors)
+        if key in SMOOTHED and len(xs) >= 10:
+            handles.append(ax.plot(xs, ys, color=color, alpha=0.3, label=f"{key} (raw)")[0])
+            handles.append(ax.plot(xs, smooth(list(ys)), color=color, label=f"{key} (smoothed)")[0])
+        else:
+            handles.append(ax.plot(xs, ys, color=color, marker="o" if len(xs) < 30 else None, markersize=3,
+                                   label=key)[0])
+    return handles
+
+
+def write_plots(rows: list[dict], out_dir: Path, run_name: str | None = None) -> list[Path]:
+    """``loss.png`` (train + eval loss), ``lr.png``, ``grad_norm.png``, ``throughput.png`` (tokens or samples per
+    second, GPU memory on the right) and, for online RL, ``reward.png`` against the optimizer step; each titled with the run's name, with an epoch scale
+    along the top when the rows carry epochs."""
+    import itertools
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter, MaxNLocator
 
+    name = run_name or Path(out_dir).name
+    epochs = _points(rows, "epoch")
     written = []
-    for filename, keys in PLOTS.items():
-        series = {k: [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))] for k in keys}
-        series = {k: v for k, v in series.items() if v}
-        if not series:
+    for filename, (title, y_label, left, right) in PLOTS.items():
+        if not any(_points(rows, k) for k in left):
             continue
-        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-        for key, points in series.items():
-            xs, ys = zip(*points)
-            if key in SMOOTHED and len(xs) >= 10:
-                line = ax.plot(xs, ys, alpha=0.3, label=f"{key} (raw)")[0]
-                ax.plot(xs, smooth(list(ys)), color=line.get_color(), label=f"{key} (smoothed)")
-            else:
-                ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=key)
+        colors = itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"])
+        fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=110)
+        handles = _draw(ax, rows, left, colors)
+        if right and any(any(y for _, y in _points(rows, k)) for k in right):
+            twin = ax.twinx()
+            handles += _draw(twin, rows, right, colors)
+            twin.set_ylabel("GiB")
+        ax.set_title(f"{name}: {title}", fontsize=11)
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel(keys[0])
+        ax.set_ylabel(y_label)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=8, integer=True))
+        ax.yaxis.set_major_formatter(EngFormatter(sep="") if filename == "throughput.png" else
+                                     matplotlib.ticker.ScalarFormatter(useMathText=True))
+        ax.tick_params(labelsize=9)
+        if epochs and epochs[-1][1] > 0:
+            per_epoch = epochs[-1][0] / epochs[-1][1]  # steps per epoch, from the last logged row
+            top = ax.secondary_xaxis("top", functions=(lambda x: x / per_epoch, lambda e: e * per_epoch))
+            top.set_xlabel("epoch", fontsize=9)
+            top.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(handles=handles, fontsize=8, loc="best")
         fig.tight_layout()
         tmp = out_dir / (filename + ".tmp.png")
         fig.savefig(tmp)

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from internvl_tune.dist import all_reduce_sum, barrier, init_distributed, shutdown
+from internvl_tune.dist import all_gather_object_ordered, all_reduce_sum, barrier, init_distributed, shutdown
 from internvl_tune.dist.parallelize import (
     clean_name,
     compile_enabled,
@@ -33,6 +35,7 @@ from internvl_tune.dist.parallelize import (
 )
 from internvl_tune.errors import UserError
 from internvl_tune.models.common.recipe import Recipe, StepContext
+from internvl_tune.report.run import DATA_SUMMARY, PREDICTIONS_DIR
 from internvl_tune.train.checkpoint import Checkpointer
 from internvl_tune.train.config import RunConfig, save_config
 from internvl_tune.train.memory import choose_grad_checkpoint, estimate_training_memory
@@ -41,6 +44,7 @@ from internvl_tune.train.optim import build_adamw, build_param_groups, count_par
 from internvl_tune.train.progress import StepProgress
 from internvl_tune.train.runtime import StopFlag, make_loader, memory_gib, prepare_output_dir
 from internvl_tune.train.schedule import LRSchedule, warmup_steps_for
+from internvl_tune.train.skips import SkipLedger
 from internvl_tune.train.step import StepRunner
 
 TEXT_LOG = "train.log"
@@ -85,6 +89,9 @@ class Trainer:
         # the data first: the memory estimate (and so --grad_checkpoint auto) needs the samples' lengths
         self.train_set, self.val_set, self.collate, self.sampler = recipe.build_data(
             t.seed, info.rank, info.world_size, t.per_device_train_batch_size, t.gradient_accumulation_steps)
+        if t.eval_generate and self.val_set is None:
+            raise UserError(f"--eval_generate {t.eval_generate} answers validation samples at each evaluation: add "
+                            "--eval_meta_path VAL.json (a meta JSON of held-out samples)")
         self.grad_checkpoint, self.grad_checkpoint_note = self._resolve_grad_checkpoint(
             parse_grad_checkpoint(recipe.grad_checkpoint))
         parallelize(module, module.blocks(), world_size=info.world_size, param_dtype=self.compute_dtype,
@@ -109,6 +116,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.output_dir, info, t.save_total_limit)
         self.step, self.bad_steps, self.seen = 0, 0, 0
         self.resumed_from = self.checkpointer.resolve(resume)
+        state = {}
         if self.resumed_from is not None:
             state = self.checkpointer.load(self.resumed_from, self.optimizer)
             seen = state.get("work_seen", state.get(f"{recipe.unit}_seen", 0))  # (the older name of the counter)
@@ -116,11 +124,14 @@ class Trainer:
             recipe.load_run_state(state.get("module", {}))  # e.g. a running mean, a rollout
         elif info.is_main:
             (self.output_dir / TEXT_LOG).unlink(missing_ok=True)
+        self.skips = SkipLedger(t.max_skipped_samples, self.output_dir, info, getattr(cfg.data, "meta_path", None),
+                                self.step if self.resumed_from is not None else None, state.get("skipped_samples"))
         self.metrics = MetricsLogger(self.output_dir, enabled=info.is_main, sinks=self.sinks,
                                      resume_step=self.step + 1 if self.resumed_from is not None else None,
                                      config=cfg.to_dict())
         if info.is_main:
             save_config(cfg, self.output_dir / "config.yaml")
+            (self.output_dir / DATA_SUMMARY).write_text(json.dumps(recipe.data_summary(), ensure_ascii=False) + "\n")
         self.stepper = StepRunner(self.module, self.optimizer, self.schedule, info, t.max_grad_norm)
 
     # ------------------------------------------------------------------ the loop
@@ -130,6 +141,7 @@ class Trainer:
         progress = self.progress = StepProgress(self.total_steps, self.recipe.name, enabled=info.is_main,
                                                 start=self.step, log_path=self.output_dir / TEXT_LOG)
         self._print_plan()
+        self.skips.say = progress.print
         self._losses: list[float] = []
         self._eval_loss = None
         interrupted = False
@@ -147,7 +159,8 @@ class Trainer:
                 pending = None  # the previous step, queued and not read back yet
                 for i in range(len(order)):
                     waited = time.perf_counter()
-                    batches = [next(loader) for _ in range(t.gradient_accumulation_steps)]
+                    batches = self.skips.take([next(loader) for _ in range(t.gradient_accumulation_steps)],
+                                              self.step + 1)
                     self._data_wait += time.perf_counter() - waited  # the host blocked on the data loader
                     logged = (self.step + 1) % t.logging_steps == 0 or self.step + 1 == self.total_steps
                     prepared = self.recipe.prepare_step(self.module, batches, StepContext(
@@ -177,6 +190,8 @@ class Trainer:
             progress.print(f"stopped by signal at step {self.step}; resume with --resume_from_checkpoint auto")
         self.metrics.close()
         self._write_results(time.perf_counter() - started, interrupted)
+        if info.is_main:
+            self._write_report()
         return TrainResult(self.output_dir, self.step, self._losses, interrupted)
 
     def _due(self, every: int) -> bool:
@@ -219,8 +234,8 @@ class Trainer:
         self._window, self._data_wait = (self.stepper.clock.mark(), 0), 0.0
 
     def save_checkpoint(self) -> Path:
-        state = {"bad_steps": self.bad_steps, "work_seen": self.seen, "config": self.cfg.to_dict()}
-        state["module"] = self.recipe.run_state()
+        state = {"bad_steps": self.bad_steps, "work_seen": self.seen, "config": self.cfg.to_dict(),
+                 "skipped_samples": self.skips.state(), "module": self.recipe.run_state()}
         path = self.checkpointer.save(self.step, self.optimizer, state)
         self.metrics.flush()
         self._restart_window()
@@ -231,7 +246,33 @@ class Trainer:
         self._eval_loss = self.evaluate()
         self.metrics.log(self.step, {"eval_loss": self._eval_loss})
         self.progress.print(f"step {self.step}: eval_loss {self._eval_loss:.4f}")
+        if self.cfg.train.eval_generate:
+            self._generate_and_log()
         self._restart_window()
+
+    def _generate_and_log(self) -> None:
+        """``--eval_generate N``: the model answers N validation samples; their mean scores are logged beside the
+        loss (``eval_gen_*``) and the answers written to ``eval_predictions/step-N.jsonl``."""
+        from torch.distributed.fsdp import FSDPModule
+
+        t, info = self.cfg.train, self.info
+        self.module.eval()
+        if isinstance(self.module, FSDPModule):  # generation calls the model below the root: gather the root's own
+            self.module.unshard()
+        means, rows = self.recipe.generate_eval(t.eval_generate, t.eval_generate_tokens, info.rank, info.world_size,
+                                                all_gather_object_ordered)
+        self.module.train()
+        reshard(self.module)
+        if not info.is_main:
+            return
+        scores = {k: v for k, v in means.items() if isinstance(v, float)}
+        self.metrics.log(self.step, {f"eval_gen_{k}": v for k, v in scores.items()})
+        folder = self.output_dir / PREDICTIONS_DIR
+        folder.mkdir(exist_ok=True)
+        (folder / f"step-{self.step}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                                                        encoding="utf-8")
+        self.progress.print(f"step {self.step}: {len(rows)} generated answers: "
+                            + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -249,7 +290,8 @@ class Trainer:
         total = torch.zeros((), dtype=torch.float64, device=info.device)
         weight = torch.zeros((), dtype=torch.float64, device=info.device)
         self.module.eval()
-        for batch, keep in zip(make_loader(self.val_set, batches, self.collate, 0), counted):
+        for loaded, keep in zip(make_loader(self.val_set, batches, self.collate, 0), counted):
+            (batch,) = self.skips.take([loaded], self.step, "validation", counted=keep)
             loss = self.module(batch.to(info.device))["loss"]
             if keep:
                 total += loss.double()
@@ -305,12 +347,15 @@ class Trainer:
     def plan_lines(self) -> list[str]:
         t, info, s = self.cfg.train, self.info, self.sampler
         unit = "packs" if hasattr(s, "padding_waste") else "samples"
-        lines = self.recipe.describe() + [
+        program = Path(sys.argv[0]).name
+        program = "python -m internvl_tune.cli" if program == "__main__.py" else program
+        lines = [f"command: {program} {shlex.join(sys.argv[1:])}"] + self.recipe.describe() + [
             f"parameters: {self.trainable / 1e6:.2f}M of {self.total_params / 1e6:.2f}M trainable",
             f"data: {len(self.train_set)} samples, global batch {s.global_batch} {unit} "
             f"({s.global_batch // (info.world_size * t.gradient_accumulation_steps)} x {info.world_size} ranks x "
             f"{t.gradient_accumulation_steps} accum), {s.steps_per_epoch} steps/epoch, {self.total_steps} steps"
             + (f", packed rows ({s.padding_waste():.1%} padding)" if hasattr(s, "padding_waste") else ""),
+            self.skips.describe(),
             f"device: {info.device} x {info.world_size}, compute dtype {self.compute_dtype or torch.float32}, "
             f"activation checkpointing {self.grad_checkpoint_note or self.recipe.grad_checkpoint}, torch.compile {'on' if self.compiled else 'off'}, "
             f"output: {self.output_dir}",
@@ -320,6 +365,8 @@ class Trainer:
             lines.append(estimate.describe())
         if self.resumed_from is not None:
             lines.append(f"resumed from {self.resumed_from} at step {self.step}")
+        for data in (self.train_set, self.val_set):  # e.g. a dataset root found in two places: which one is used
+            lines += [f"note: {n}" for n in getattr(data, "notices", ())]
         return lines
 
     def _print_plan(self) -> None:
@@ -343,7 +390,7 @@ class Trainer:
             "eval_loss": self._eval_loss, "train_runtime_s": round(seconds, 2),
             f"{unit}_per_s": (self.seen - self._seen_before) / seconds if seconds > 0 else None,
             f"{unit}_seen": self.seen, "peak_memory_gib": round(memory_gib(self.info.device), 2),
-            "skipped_steps": self.bad_steps, "interrupted": interrupted,
+            "skipped_steps": self.bad_steps, "skipped_samples": self.skips.count, "interrupted": interrupted,
         }
         if self.info.is_main:
             (self.output_dir / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
@@ -351,6 +398,16 @@ class Trainer:
             self.progress.print(f"done: {self.step} steps in {seconds / 60:.1f} min, last loss {last}, "
                                 f"{results[f'{unit}_per_s'] or 0:.0f} {unit}/s")
         self.progress.close()
+
+    def _write_report(self) -> None:
+        """``report.html`` from the run's files; a report that cannot be built never fails the run."""
+        from internvl_tune.report import write_run_report
+
+        try:
+            print(f"report: {write_run_report(self.output_dir)}")
+        except Exception as exc:  # noqa: BLE001 - the run's own files are written; say why the page is missing
+            print(f"warning: report.html not written ({type(exc).__name__}: {exc}); rebuild it with "
+                  f"`internvl-tune report {self.output_dir}`")
 
 
 def run(recipe: Recipe, cfg: RunConfig) -> TrainResult:

@@ -65,11 +65,11 @@ def _batches(items: Sequence[CaptionImage], batch_size: int, workers: int) -> It
             yield chunk, [f.result() for f in futures]
 
 
-class _Progress:
-    """A rich bar with ETA on a terminal; a plain line every ~10 % in logs (Slurm, CI)."""
+class EvalProgress:
+    """A rich bar with ETA on a terminal; a plain line every ~10 % in logs (Slurm, CI). ``unit`` names what is counted."""
 
-    def __init__(self, total: int, description: str, enabled: bool):
-        self.total, self.description, self.done = total, description, 0
+    def __init__(self, total: int, description: str, enabled: bool, unit: str = "images"):
+        self.total, self.description, self.done, self.unit = total, description, 0, unit
         self.enabled = enabled and total > 0
         self.start = time.monotonic()
         self.next_log = 0.1
@@ -88,7 +88,7 @@ class _Progress:
         elif self.enabled and self.done / self.total >= self.next_log:
             elapsed = time.monotonic() - self.start
             eta = elapsed / self.done * (self.total - self.done)
-            print(f"{self.description}: {self.done}/{self.total} images, {elapsed:.0f}s elapsed, eta {eta:.0f}s",
+            print(f"{self.description}: {self.done}/{self.total} {self.unit}, {elapsed:.0f}s elapsed, eta {eta:.0f}s",
                   file=sys.stderr, flush=True)
             self.next_log = self.done / self.total + 0.1
 
@@ -127,7 +127,7 @@ def generate_captions(
     if world_size > 1 and gather is None:
         raise ValueError("generate_captions needs a gather function when world_size > 1")
     shard = [images[i] for i in shard_range(len(images), rank, world_size)]
-    progress = _Progress(len(shard), description, show_progress)
+    progress = EvalProgress(len(shard), description, show_progress)
     local: list[tuple[int, str]] = []
     try:
         for chunk, pil_images in _batches(shard, batch_size, num_workers):

@@ -82,25 +82,52 @@ def score_captions(references: Mapping[int, Sequence[str]], predictions: Mapping
     if empty:
         raise DataError(f"{len(empty)} image(s) have no reference caption (e.g. {empty[:5]})",
                         fix="every ground-truth image needs at least one annotation")
-    require_java()
-    PTBTokenizer, Bleu, Meteor, Rouge, Cider = _import_pycocoevalcap()
-
     # Both sides keyed and ordered like the ground truth, as COCOEvalCap builds them.
+    gts, res = tokenize_pairs(references, predictions)
+    return score_tokenized(gts, res)[0]
+
+
+def tokenize_pairs(references: Mapping, predictions: Mapping) -> tuple[dict, dict]:
+    """PTB-tokenized ``(references, predictions)`` keyed and ordered like ``references`` (two Java calls).
+
+    Tokenize once, then score any subsets with :func:`score_tokenized` (the scorers themselves are pure Python).
+    """
+    require_java()
+    PTBTokenizer = _import_pycocoevalcap()[0]
     gts = _tokenize(PTBTokenizer(), {i: list(refs) for i, refs in references.items()})
     res = _tokenize(PTBTokenizer(), {i: [predictions[i]] for i in references})
+    return gts, res
 
-    scores: dict[str, float] = {}
-    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    scores.update(zip(METRIC_NAMES[:4], bleu))
-    meteor = Meteor()
-    try:
-        scores["METEOR"], _ = meteor.compute_score(gts, res)
-    finally:
-        del meteor  # its __del__ closes the Java process
-    scores["ROUGE_L"], _ = Rouge().compute_score(gts, res)
-    scores["CIDEr"], _ = Cider().compute_score(gts, res)
+
+def score_tokenized(gts: dict, res: dict, names: Sequence[str] = METRIC_NAMES) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """pycocoevalcap's scores of tokenized captions, in ``COCOEvalCap``'s order: ``(corpus scores, per-item scores)``.
+
+    Args:
+        gts, res: from :func:`tokenize_pairs` (or a subset of both with the same keys).
+        names: which of :data:`METRIC_NAMES` to compute (METEOR starts a Java process; the others do not).
+
+    Returns:
+        ``{name: corpus score}`` as Python floats, and ``{name: [score of each item, in key order]}``.
+    """
+    _, Bleu, Meteor, Rouge, Cider = _import_pycocoevalcap()
+    corpus: dict[str, float] = {}
+    items: dict[str, list[float]] = {}
+    if any(n.startswith("Bleu_") for n in names):
+        bleu, per_item = Bleu(4).compute_score(gts, res, verbose=0)
+        corpus.update(zip(METRIC_NAMES[:4], bleu))
+        items.update(zip(METRIC_NAMES[:4], per_item))
+    if "METEOR" in names:
+        meteor = Meteor()
+        try:
+            corpus["METEOR"], items["METEOR"] = meteor.compute_score(gts, res)
+        finally:
+            del meteor  # its __del__ closes the Java process
+    if "ROUGE_L" in names:
+        corpus["ROUGE_L"], items["ROUGE_L"] = Rouge().compute_score(gts, res)
+    if "CIDEr" in names:
+        corpus["CIDEr"], items["CIDEr"] = Cider().compute_score(gts, res)
     # ROUGE-L and CIDEr come back as numpy scalars; plain floats print like the reference's summary line.
-    return {name: float(scores[name]) for name in METRIC_NAMES}
+    return ({n: float(corpus[n]) for n in names}, {n: [float(v) for v in items[n]] for n in names})
 
 
 def mean_length(captions: Sequence[str]) -> float:

@@ -10,6 +10,8 @@ subclasses :class:`Recipe` gets them, and the trainer calls every hook unconditi
 | ``memory_shape``  | the plan's memory estimate, ``--grad_checkpoint auto`` | None (no estimate) | chat                  |
 | ``run_state`` / ``load_run_state`` | saving / resuming a checkpoint | nothing to keep  | DPO/MPO (reward shift), GRPO (rollout) |
 | ``prepare_step``  | before each optimizer step, on its micro-batches | the batches as they are | GRPO (rollouts)   |
+| ``data_summary``  | writing the run report's data table (rank 0)   | None (no table)  | chat, InternVL-C/G     |
+| ``generate_eval`` | ``--eval_generate`` at each evaluation          | refused          | chat                   |
 
 The train set ``build_data`` returns has ``set_epoch(epoch)``: the trainer calls it at the start of every epoch, so
 per-sample random choices depend on ``(seed, epoch, index)`` only and a resumed run sees the same samples.
@@ -82,6 +84,18 @@ class Recipe(Protocol):
     def memory_shape(self, per_device_batch: int) -> dict | None:
         """The LLM shape for the memory estimate (``train/memory.py``), or None when there is no estimate."""
         return None
+
+    def data_summary(self) -> dict | None:
+        """The run report's data table: ``{"samples", "datasets", "kinds", "tiles", "token_histogram"}`` (any may be
+        missing), or None."""
+        return None
+
+    def generate_eval(self, samples: int, max_new_tokens: int, rank: int, world_size: int, gather) -> tuple:
+        """``--eval_generate``: answers for ``samples`` validation samples and their scores, ``(means, rows)`` on
+        rank 0; called on every rank, only for runs with a validation set."""
+        from internvl_tune.errors import UserError
+
+        raise UserError(f"--eval_generate is not available for {self.name} runs: drop it")
 
     def run_state(self) -> dict:
         """What a checkpoint must keep besides the trained tensors, optimizer and RNG states, as JSON values.

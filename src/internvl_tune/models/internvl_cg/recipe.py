@@ -213,7 +213,14 @@ class RetrievalRecipe(Recipe):
         # every sample has the same shape, so length grouping has nothing to gain
         sampler = GlobalBatchSampler([1] * len(train), per_device_batch, world_size, rank, grad_accum, seed,
                                      group_by_length=False)
+        self.train_size = (len(train), len({p[2] for p in train.pairs}))
         return train, None, RetrievalBatch.collate, sampler
+
+    def data_summary(self) -> dict:
+        """The run report's data table: (image, caption) pairs and images of the training set."""
+        pairs, images = self.train_size
+        return {"samples": pairs, "kinds": ["images"], "datasets": {self.data.dataset_name: {"samples": pairs,
+                                                                                            "images": images}}}
 
     def param_groups_scale(self) -> Callable[[str], tuple[str, float]] | None:
         """Layer-wise lr decay with ``--use_custom_trainer`` (the reference's custom trainer), else None."""

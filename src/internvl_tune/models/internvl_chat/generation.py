@@ -193,8 +193,9 @@ class Generator:
     def __init__(self, model, static: bool = False, compile: bool = False):
         self.model, self.static, self.compile = model, static or compile, compile
         self.llm = model.model.language_model
-        params = inspect.signature(self.llm.layers[0].forward).parameters
-        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
+        # renamed in transformers 5.2x; asked of the LLM, whose layers may sit in checkpoint wrappers (eager training)
+        params = inspect.signature(type(self.llm).forward).parameters
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._steps: dict = {}
         self._caches: dict = {}  # static caches are kept: a replayed CUDA graph reads its buffers at fixed addresses
 

@@ -168,6 +168,8 @@ class ChatRecipe(Recipe):
         self.args, self.data = model, data
         self.chat = self.module = None
         self.trainable_parts: dict[str, int] = {}
+        self.train_set = None
+        self._generation_set = None  # the validation lines as prompts (--eval_generate), built at first use
 
     @classmethod
     def from_objective(cls, model: ModelArgs, data: DataConfig, args, collectives) -> ChatRecipe:
@@ -222,6 +224,7 @@ class ChatRecipe(Recipe):
         pad_id = chat.tokenizer.pad_token_id if chat.tokenizer.pad_token_id is not None else 0
         collate = collator(d.use_packed_ds, pad_id, chat.img_context_token_id, chat.num_image_token, d.loss_reduction)
         self.lengths = train.lengths
+        self.train_set = train
         if d.use_packed_ds:
             sampler = PackedBatchSampler(train.lengths, d.max_packed_tokens, world_size, rank, grad_accum, seed,
                                          tiles=train.tiles, max_tiles=d.num_images_expected)
@@ -254,6 +257,52 @@ class ChatRecipe(Recipe):
         quantized = ", LLM linear layers in 4 bits (NF4)" if self.args.load_in_4bit else ""
         return [f"model: {self.args.model_name_or_path} ({chat.family}){quantized}, template {template}, "
                 f"{d.force_image_size} px tiles x {d.num_image_token} tokens, {tiles}; trainable: {parts}"]
+
+    def data_summary(self) -> dict:
+        """The run report's data table (estimates, as ``data check`` prints them): samples per dataset and kind,
+        tiles per sample, a histogram of tokens per sample."""
+        from collections import Counter
+
+        from internvl_tune.data.check import length_histogram
+        from internvl_tune.data.meta import KINDS
+
+        train = self.train_set
+        names = [spec.name for spec, size in zip(train.specs, train.sizes) for _ in range(size)]
+        datasets: dict[str, dict] = {}
+        for name, kind in zip(names, train.kinds):
+            row = datasets.setdefault(name, {"samples": 0, **dict.fromkeys(KINDS, 0)})
+            row["samples"] += 1
+            row[kind] = row.get(kind, 0) + 1
+        return {"samples": len(train), "kinds": list(KINDS), "datasets": datasets,
+                "tiles": {str(t): n for t, n in sorted(Counter(train.tiles).items())},
+                "token_histogram": length_histogram([(n, 1) for n in train.lengths], self.data.max_seq_length),
+                "max_seq_length": self.data.max_seq_length}
+
+    def generate_eval(self, samples: int, max_new_tokens: int, rank: int, world_size: int, gather):
+        """``--eval_generate``: answer ``samples`` validation samples (spread over the set) with the model in
+        training and score them (``eval/chat``). Returns ``(overall means, rows)`` on rank 0, ``(None, [])``
+        elsewhere. Every rank takes part: with several ranks each answers a shard in lockstep (the same number of
+        ``generate`` steps everywhere, as the sharded model gathers its weights collectively).
+
+        BLEU-4 / ROUGE-L / CIDEr are included when Java and pycocoevalcap are installed.
+        """
+        import importlib.util
+        import shutil
+
+        from internvl_tune.eval.chat.run import GenerationSettings, generate_answers, pick_samples, score_rows
+        from internvl_tune.eval.chat.samples import GenerationDataset
+
+        if self._generation_set is None:
+            self._generation_set = GenerationDataset(self.data.eval_meta_path, self.chat.tokenizer, self.data,
+                                                     strict=False)
+        dataset = self._generation_set
+        rows = generate_answers(self.chat, dataset, pick_samples(dataset, samples, spread=True),
+                                GenerationSettings(max_new_tokens), rank=rank, world_size=world_size, gather=gather,
+                                lockstep=world_size > 1, show_progress=False)
+        if rank != 0:
+            return None, []
+        text = shutil.which("java") is not None and importlib.util.find_spec("pycocoevalcap") is not None
+        return score_rows(rows, text_metrics=text)["overall"], rows
 
     def export(self, state: dict[str, torch.Tensor], output_dir: Path) -> None:
         """Write the final model into ``output_dir`` in the original InternVL layout (LoRA: adapter + merged).

@@ -212,7 +212,7 @@ class GRPORecipe(ReferenceRecipe):
         self.rows_collator = ChatCollator(d.use_packed_ds, self.pad_id, chat.img_context_token_id,
                                           chat.num_image_token, "token")
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.lengths = train.lengths
+        self.lengths, self.train_set = train.lengths, train
         sampler = GlobalBatchSampler(train.lengths, per_device_batch, world_size, rank, grad_accum, seed,
                                      d.group_by_length)
         collate = PromptCollator(self.pad_id, chat.img_context_token_id, chat.num_image_token)
