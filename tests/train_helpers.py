@@ -13,6 +13,24 @@ def run_chat(cfg):
     return run(ChatRecipe(cfg.model, cfg.data), cfg)
 
 
+def train_config(model, meta, out, **kw):
+    """A tiny chat run's config: full fine-tune of the LLM and projector, 2 steps, a checkpoint after each."""
+    from internvl_tune.data.config import DataConfig
+    from internvl_tune.models.internvl_chat.recipe import ModelArgs
+    from internvl_tune.train.config import RunConfig, TrainArgs
+
+    m = ModelArgs(model_name_or_path=str(model), freeze_backbone=True, grad_checkpoint="False")
+    d = DataConfig(meta_path=str(meta), conv_style="Hermes-2", force_image_size=56, max_dynamic_patch=2,
+                   max_seq_length=512)
+    t = TrainArgs(output_dir=str(out), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3,
+                  lr_scheduler_type="constant", save_steps=1, dataloader_num_workers=0, report_to="none", seed=0,
+                  device="cpu")
+    for key, value in kw.items():
+        section = next(s for s in (m, d, t) if hasattr(s, key))
+        setattr(section, key, value)
+    return RunConfig(model=m, data=d, train=t)
+
+
 def run_retrieval(cfg):
     """``internvl-tune retrieval-train`` in-process."""
     from internvl_tune.dist import gather_with_grad

@@ -36,3 +36,11 @@ class MediaError(DataError):
     A separate class because training meets these at run time too: a file that `data check` read may have gone or
     changed since, so the message differs from that of a mistake in the line itself.
     """
+
+
+class StorageError(UserError):
+    """An output could not be written: the disk is full, over quota, read-only or not writable for this user.
+
+    Kept apart from other user errors so that scripts can tell "free some space and resume" from "fix the input":
+    the CLI exits with its own status (``cli.EXIT_STORAGE``).
+    """

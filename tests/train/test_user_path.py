@@ -184,9 +184,9 @@ def test_ctrl_c_under_tee_still_writes_the_stop_checkpoint(tiny_1b, tmp_path, su
     os.killpg(proc.pid, signal.SIGINT)
     proc.wait(timeout=180)
     deadline = time.time() + 180  # tee is gone; python finishes its step, saves, and says so in its own log
-    while time.time() < deadline and "stopped by signal" not in (out / "train.log").read_text():
+    while time.time() < deadline and "stopped by SIGINT" not in (out / "train.log").read_text():
         time.sleep(0.2)
-    assert "stopped by signal" in (out / "train.log").read_text()
+    assert "stopped by SIGINT at step" in (out / "train.log").read_text()
     assert list(out.glob("checkpoint-*/trainer_state.json")), "Ctrl-C under tee must still leave the stop checkpoint"
 
 

@@ -11,7 +11,14 @@ import importlib
 import os
 import sys
 
-from internvl_tune.errors import UserError
+from internvl_tune.errors import StorageError, UserError
+
+# Exit statuses (docs/reliability.md): 0 done; 1 `data check` found problems; 2 a user error (bad input, flag or
+# checkpoint); 74 an output could not be written (disk full, quota, read-only: EX_IOERR of sysexits.h), so a job
+# script can tell "free space and resume" from "fix the input"; 128 + N stopped by signal N after a clean stop
+# (130 Ctrl-C / SIGINT, 143 SIGTERM), so `train && merge-lora` does not go on after an interrupted run.
+EXIT_USER = 2
+EXIT_STORAGE = 74
 
 # (command, module, one-line help). Groups ("data", "eval") hold sub-commands of their own.
 COMMANDS = [
@@ -85,15 +92,28 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     try:
         return int(func(args) or 0)
+    except StorageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_STORAGE
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USER
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as exc:  # a write no command wrapped (a log line, an evaluation result) on a full or read-only disk
+        import errno
+
+        from internvl_tune.storage import storage_error
+
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):  # (EACCES may be a read: left as it is)
+            raise
+        error = storage_error(exc, "output", exc.filename or "")
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_STORAGE
 
 
 if __name__ == "__main__":

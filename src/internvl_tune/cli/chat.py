@@ -48,9 +48,9 @@ def load_model(path: str, base: str | None, **load_kwargs):
     from internvl_tune.errors import UserError
     from internvl_tune.models.internvl_chat import load_pretrained
     from internvl_tune.models.internvl_chat.lora import adapter_dir_of, load_with_adapter
-    from internvl_tune.train.checkpoint import STATE_FILE, load_checkpoint_model
+    from internvl_tune.models.internvl_chat.training_checkpoint import is_training_checkpoint, load_checkpoint_model
 
-    if (Path(path) / STATE_FILE).is_file():
+    if is_training_checkpoint(path):
         if base is not None:
             raise UserError(f"{path} is a training checkpoint; it records its base model — drop --base")
         return load_checkpoint_model(path, **load_kwargs)

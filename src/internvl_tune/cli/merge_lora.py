@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 EPILOG = """examples:
   internvl-tune merge-lora work_dirs/my_lora_run/adapter --out work_dirs/merged
@@ -41,9 +40,9 @@ def run(args: argparse.Namespace) -> int:
     from internvl_tune.cli.chat import load_model
     from internvl_tune.models.internvl_chat.loading import iter_tensors
     from internvl_tune.models.internvl_chat.lora import find_adapter, has_lora, merge_lora
-    from internvl_tune.train.checkpoint import STATE_FILE
+    from internvl_tune.models.internvl_chat.training_checkpoint import is_training_checkpoint
 
-    if not (Path(args.adapter) / STATE_FILE).is_file():
+    if not is_training_checkpoint(args.adapter):
         find_adapter(args.adapter)  # a plain checkpoint has nothing to merge: say what an adapter folder holds
     chat = load_model(args.adapter, args.base, dtype=torch.float32)
     if has_lora(chat):

@@ -66,4 +66,4 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("retrieval-train has no validation pass; evaluate checkpoints with "
                         "`internvl-tune eval retrieval --pretrained OUTPUT_DIR`")
     result = run_trainer(RetrievalRecipe(cfg.model, cfg.data, gather_with_grad), cfg)
-    return 0 if result.steps > 0 or not result.interrupted else 1
+    return result.exit_status

@@ -76,4 +76,4 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args, sections())
     result = run_trainer(recipe(cfg), cfg)
-    return 0 if result.steps > 0 or not result.interrupted else 1
+    return result.exit_status

@@ -1,35 +1,58 @@
-"""Atomic, resumable training checkpoints in safetensors (no pickle), one file per rank.
+"""Atomic, verified, reshardable training checkpoints in safetensors (no pickle), one file per rank.
 
-Layout of ``<output_dir>/checkpoint-<step>/``::
-
-    trainer_state.json                      step, world size, counters, the run's resolved config (rank 0)
-    rank00000-of-00002.safetensors          this rank's shards of the trainable parameters, their AdamW
-    rank00001-of-00002.safetensors          moments and step, and its RNG states
+The files (``trainer_state.json``, ``rankNNNNN-of-MMMMM.safetensors``, ``manifest.json``) and how they are read are
+described in ``models/common/checkpoint_files.py``; this module writes them and restores a run from them.
 
 Tensors are named after the optimizer's parameter names (``param.<name>``, ``optim.<name>.<moment>``), the names of
 the checkpoint without wrapper prefixes, so what a checkpoint holds never depends on module identities, wrappers
 or whether FSDP currently has a parameter gathered. Frozen parameters are not stored: they come back from the base
-checkpoint (``trainer_state.json`` names it, so :func:`read_trainable_params` can rebuild the trained model). Each
-rank writes its own local shard (``DTensor.to_local()``), so saving is parallel and needs no gather; resuming needs
-the same world size (a clear error says so). A checkpoint is written into ``checkpoint-<step>.partial`` and renamed only after every rank has
-finished and fsynced, so a crash or a full disk can never leave a half-written checkpoint that looks complete.
+checkpoint (``trainer_state.json`` names it). Each rank writes its own local shard (``DTensor.to_local()``) with the
+rows it covers, so saving is parallel and needs no gather.
+
+**Writing.** Into ``checkpoint-<step>.partial``; each rank fsyncs and hashes its file, rank 0 writes the state and
+then the manifest, and the folder is renamed only after that, so a crash or a full disk never leaves a half-written
+checkpoint that looks complete. A rank that cannot write (disk full, quota, read-only) is known to all ranks at the
+next step of the save, so none waits forever; the partial folder is removed, the previous checkpoint stays, and the
+error is one line (``internvl_tune.storage``).
+
+**Resuming.** ``auto`` takes the newest checkpoint whose files match their manifest (the ranks share the hashing)
+and warns about each damaged one it skips; an explicit path that is damaged is an error. The trainable state is
+resharded on load: each rank reads the rows of every parameter and AdamW moment that its current FSDP2 shard
+covers, from whichever rank files hold them, so a run written by N processes resumes on M. What depends on the
+number of processes:
+
+- the data position: the step count, valid for any world size *with the same global batch* (the order of an epoch
+  depends on it); another global batch is refused with the combinations that give the old one (converting the
+  position into samples would not give the same next samples: the epoch's order changes with the global batch);
+- RNG states (dropout, drop path): rank r continues rank r's stream; ranks the old run did not have start from
+  ``seed * 1_000_003 + step * 1_009 + r``; states of ranks beyond the new world size are dropped.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from internvl_tune.dist import DistInfo, barrier
-from internvl_tune.errors import UserError
+from internvl_tune.dist import DistInfo, all_gather_object_ordered
+from internvl_tune.errors import CheckpointError, StorageError, UserError
+from internvl_tune.models.common.checkpoint_files import (
+    MANIFEST,
+    ROWS_KEY,
+    STATE_FILE,
+    RankFiles,
+    digest,
+    listed_files,
+    problems,
+    rank_file,
+    read_state,
+)
+from internvl_tune.storage import fsync_dir, save_safetensors, storage_error
 
-STATE_FILE = "trainer_state.json"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -37,16 +60,30 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _rows(t: torch.Tensor) -> tuple[int, int] | None:
+    """``(first row, global rows)`` of this rank's slice of a tensor FSDP2 shards along dim 0; None when whole.
+
+    FSDP2 cuts dim 0 as ``torch.chunk`` does: ``ceil(n / world)`` rows per rank, in rank order, the last ones
+    shorter or empty.
+    """
+    if not hasattr(t, "placements"):
+        return None
+    from torch.distributed.tensor import Replicate, Shard
+
+    if all(isinstance(p, Replicate) for p in t.placements):
+        return None
+    if len(t.placements) != 1 or t.placements[0] != Shard(0):
+        raise NotImplementedError(f"checkpoints hold dim-0 shards on a 1-D mesh, not {t.placements}")
+    total, world, rank = t.shape[0], t.device_mesh.size(), t.device_mesh.get_local_rank()
+    chunk = -(-total // world)
+    first = min(rank * chunk, total)
+    if _local(t).shape[0] != max(0, min(total, first + chunk) - first):
+        raise NotImplementedError(f"unexpected FSDP2 shard: {tuple(_local(t).shape)} of {tuple(t.shape)} on rank {rank}")
+    return first, total
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints in ``output_dir``, oldest first."""
+    """Complete (renamed into place) checkpoints in ``output_dir``, oldest first; intact or not."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
@@ -59,37 +96,53 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 
 
 class Checkpointer:
-    """Saves and restores the trainable state of a run (see the module docstring for the layout)."""
+    """Saves and restores the trainable state of a run (see the module docstring)."""
 
     def __init__(self, output_dir: Path, info: DistInfo, keep: int | None = None):
         self.output_dir = Path(output_dir)
         self.info = info
         self.keep = keep
 
-    def _file(self, rank: int) -> str:
-        return rank_file(rank, self.info.world_size)
-
+    # ------------------------------------------------------------------ saving
     def save(self, step: int, optimizer: torch.optim.Optimizer, state: dict) -> Path:
         """Write ``checkpoint-<step>`` atomically; every rank must call this. Returns the final path."""
+        info = self.info
         final = self.output_dir / f"checkpoint-{step}"
         partial = self.output_dir / f"checkpoint-{step}.partial"
-        if self.info.is_main:
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True)
-        barrier()
-        tensors = _trainable_state(optimizer)
+        tensors, rows = _trainable_state(optimizer)
         tensors["rng.cpu"] = torch.get_rng_state()
-        if self.info.device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.info.device).cpu()
-        path = partial / self._file(self.info.rank)
-        save_file(tensors, str(path), metadata={"step": str(step)})
-        with open(path, "rb+") as fh:
-            os.fsync(fh.fileno())
-        barrier()
-        if self.info.is_main:
-            record = {**state, "step": step, "world_size": self.info.world_size}
+        if info.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(info.device).cpu()
+        needed = sum(t.numel() * t.element_size() for t in tensors.values())
+        previous = [p.name for p in list_checkpoints(self.output_dir) if p != final]
+        fix = ("free space there (--save_total_limit N keeps fewer checkpoints) or move --output_dir to a larger disk; "
+               + (f"{previous[-1]} is intact: resume from it with --resume_from_checkpoint auto" if previous
+                  else "no earlier checkpoint exists"))
+        what = f"{final.name}" + (f" (rank {info.rank}'s part)" if info.world_size > 1 else "")
+
+        def prepare():
+            if info.is_main:
+                shutil.rmtree(partial, ignore_errors=True)
+                partial.mkdir(parents=True)
+
+        def write_own_file():
+            file = partial / rank_file(info.rank, info.world_size)
+            metadata = {"step": str(step), ROWS_KEY: json.dumps(rows)}
+            save_safetensors(tensors, file, metadata=metadata, fsync=True)
+            return file.name, digest(file)
+
+        self._together(prepare, what, needed, fix, partial)
+        entries = all_gather_object_ordered([self._together(write_own_file, what, needed, fix, partial)])
+
+        def finish():
+            if not info.is_main:
+                return
+            record = {**state, "step": step, "world_size": info.world_size}
             (partial / STATE_FILE).write_text(json.dumps(record, indent=2))
-            _fsync_dir(partial)
+            files = dict(entries)
+            files[STATE_FILE] = digest(partial / STATE_FILE)
+            (partial / MANIFEST).write_text(json.dumps({"hash": "sha256", "files": files}, indent=2) + "\n")
+            fsync_dir(partial)
             if final.exists():  # re-saving a step after a resume: replace the old copy last
                 stale = final.with_name(final.name + ".old")
                 final.rename(stale)
@@ -97,10 +150,39 @@ class Checkpointer:
                 shutil.rmtree(stale)
             else:
                 partial.rename(final)
-            _fsync_dir(self.output_dir)
+            fsync_dir(self.output_dir)
             self._prune()
-        barrier()
+
+        self._together(finish, final.name, needed, fix, partial)
         return final
+
+    def _together(self, fn, what: str, needed: int, fix: str, partial: Path):
+        """Run ``fn`` on every rank and agree on the outcome (this is also the barrier between save phases).
+
+        If any rank failed, rank 0 removes ``partial`` and every rank raises: the failing one its own error (one
+        line for a full or read-only disk), the others one naming the failing rank.
+        """
+        failure, result = None, None
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001 (re-raised below, after the other ranks know)
+            failure = storage_error(exc, what, partial, needed, fix) or exc
+        outcomes = all_gather_object_ordered([None if failure is None else
+                                              (isinstance(failure, StorageError), str(failure))])
+        failed = [(rank, o) for rank, o in enumerate(outcomes) if o is not None]
+        if not failed:
+            return result
+        if self.info.is_main:
+            shutil.rmtree(partial, ignore_errors=True)
+        if failure is not None:
+            raise failure
+        rank, (is_storage, text) = failed[0]
+        raise (StorageError if is_storage else RuntimeError)(f"rank {rank}: {text}")
+
+    def newest(self) -> Path | None:
+        """The newest checkpoint in the output directory (intact or not), or None."""
+        found = list_checkpoints(self.output_dir)
+        return found[-1] if found else None
 
     def _prune(self) -> None:
         if not self.keep:
@@ -108,37 +190,63 @@ class Checkpointer:
         for old in list_checkpoints(self.output_dir)[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 
+    # ------------------------------------------------------------------ choosing and verifying
+    def problems(self, path: Path) -> list[str]:
+        """What is damaged in the checkpoint ``path`` ([] when intact); the ranks share the hashing."""
+        try:
+            names = listed_files(path)
+        except CheckpointError as exc:
+            return [str(exc)]
+        mine = problems(path, names[self.info.rank :: self.info.world_size])
+        return all_gather_object_ordered(mine)
+
     def resolve(self, resume: str | None) -> Path | None:
-        """The checkpoint to resume from: an explicit path, the newest one for ``"auto"``, or None."""
+        """The checkpoint to resume from: an explicit path (which must be intact), the newest intact one for
+        ``"auto"`` (each damaged newer one named in a warning), or None."""
         if not resume:
             return None
         if resume == "auto":
             found = list_checkpoints(self.output_dir)
-            return found[-1] if found else None
+            for path in reversed(found):
+                damaged = self.problems(path)
+                if not damaged:
+                    return path
+                if self.info.is_main:
+                    print(f"warning: {path.name} is damaged ({damaged[0]}); trying an earlier checkpoint",
+                          file=sys.stderr, flush=True)
+            if found:
+                raise CheckpointError(f"every checkpoint in {self.output_dir} is damaged ({', '.join(p.name for p in found)}"
+                                      ") — start over with --overwrite_output_dir True")
+            return None
         path = Path(resume)
         if not (path / STATE_FILE).is_file():
             raise UserError(f"--resume_from_checkpoint {path}: not a complete checkpoint (no {STATE_FILE})")
+        damaged = self.problems(path)
+        if damaged:
+            raise CheckpointError(f"--resume_from_checkpoint {path}: the checkpoint is damaged: "
+                                  f"{'; '.join(damaged[:5])} — resume from an earlier one (--resume_from_checkpoint "
+                                  "auto picks the newest intact one)")
         return path
 
+    # ------------------------------------------------------------------ loading
     def load(self, path: Path, optimizer: torch.optim.Optimizer) -> dict:
-        """Restore trainable parameters, optimizer moments and RNG states; returns the saved trainer state."""
-        state = json.loads((Path(path) / STATE_FILE).read_text())
-        if state["world_size"] != self.info.world_size:
-            raise UserError(
-                f"{path} was written by {state['world_size']} processes and this run has {self.info.world_size}; "
-                f"resume with the same number of processes (GPUs)"
-            )
-        tensors = load_file(str(Path(path) / self._file(self.info.rank)))
-        _restore_trainable_state(optimizer, tensors, path)
-        torch.set_rng_state(tensors["rng.cpu"])
-        if "rng.cuda" in tensors and self.info.device.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng.cuda"], self.info.device)
+        """Restore trainable parameters, optimizer moments and RNG states, resharded onto this run's ranks (see the
+        module docstring); returns the saved trainer state."""
+        info = self.info
+        state = read_state(path)
+        if state["world_size"] != info.world_size and "global_batch" not in state:
+            raise UserError(f"{path} was written by {state['world_size']} processes, before checkpoints recorded "
+                            f"their global batch; resume it with {state['world_size']} processes")
+        files = RankFiles(Path(path), state["world_size"])
+        _restore_trainable_state(optimizer, files, path)
+        if info.rank < state["world_size"]:
+            torch.set_rng_state(files.read("rng.cpu", rank=info.rank))
+            if files.has("rng.cuda", info.rank) and info.device.type == "cuda":
+                torch.cuda.set_rng_state(files.read("rng.cuda", rank=info.rank), info.device)
+        else:  # a rank the old run did not have
+            seed = state.get("config", {}).get("train", {}).get("seed", 0)
+            torch.manual_seed(seed * 1_000_003 + state["step"] * 1_009 + info.rank)
         return state
-
-
-def rank_file(rank: int, world_size: int) -> str:
-    """The file name of one rank's part of a checkpoint."""
-    return f"rank{rank:05d}-of-{world_size:05d}.safetensors"
 
 
 def _named_params(optimizer: torch.optim.Optimizer):
@@ -148,112 +256,53 @@ def _named_params(optimizer: torch.optim.Optimizer):
             yield name, p, group
 
 
-def _trainable_state(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+def _trainable_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
+    """This rank's tensors and, for each sharded one, ``[first row, global rows]``."""
     out: dict[str, torch.Tensor] = {}
+    rows: dict[str, list[int]] = {}
     for name, p, _ in _named_params(optimizer):
-        out[f"param.{name}"] = _local(p.detach()).contiguous().cpu()
-        for key, value in optimizer.state.get(p, {}).items():
-            out[f"optim.{name}.{key}"] = _local(value).detach().contiguous().cpu()
-    return out
+        items = [(f"param.{name}", p.detach())]
+        items += [(f"optim.{name}.{key}", value) for key, value in optimizer.state.get(p, {}).items()]
+        for key, value in items:
+            out[key] = _local(value).detach().contiguous().cpu()
+            where = _rows(value) if value.shape == p.shape else None
+            if where is not None:
+                rows[key] = list(where)
+    return out, rows
 
 
-def _restore_trainable_state(optimizer: torch.optim.Optimizer, tensors: dict, path) -> None:
-    expected = {f"param.{name}": _local(p).shape for name, p, _ in _named_params(optimizer)}
-    stored = {k for k in tensors if k.startswith("param.")}
+def _restore_trainable_state(optimizer: torch.optim.Optimizer, files: RankFiles, path) -> None:
+    expected = {f"param.{name}": p for name, p, _ in _named_params(optimizer)}
+    stored = {k for k in files.keys() if k.startswith("param.")}
     if set(expected) != stored:
         missing, extra = sorted(set(expected) - stored), sorted(stored - set(expected))
         raise UserError(
             f"{path} does not match this run's trainable parameters (missing {missing[:5]}, unexpected {extra[:5]}); "
             f"resume with the same freeze / LoRA flags"
         )
-    wrong = [f"{k[len('param.'):]}: {tuple(tensors[k].shape)} stored, {tuple(shape)} now"
-             for k, shape in expected.items() if tensors[k].shape != shape]
+    wrong = [f"{k[len('param.'):]}: {files.shape(k)} stored, {tuple(p.shape)} now"
+             for k, p in expected.items() if files.shape(k) != tuple(p.shape)]
     if wrong:
         raise UserError(f"{path} holds trainable parameters of other shapes ({'; '.join(wrong[:3])}): it was written "
                         f"with other LoRA ranks or model settings; resume with the flags of that run (its "
                         f"{STATE_FILE} lists them under 'config'), or start a new --output_dir")
+    moments: dict[str, list[str]] = {}
+    for key in files.keys():
+        if key.startswith("optim."):
+            moments.setdefault(key[len("optim."):].rpartition(".")[0], []).append(key)
     with torch.no_grad():
         for name, p, group in _named_params(optimizer):
-            local = _local(p)
-            local.copy_(tensors[f"param.{name}"].to(local.device, local.dtype))
-            prefix = f"optim.{name}."
+            local, where = _local(p), _rows(p)
+            span = () if where is None else (where[0], where[0] + local.shape[0])
+            local.copy_(files.read(f"param.{name}", *span).to(local.device, local.dtype))
             st = {}
-            for key in [k for k in tensors if k.startswith(prefix)]:
-                value, field = tensors[key], key[len(prefix):]
+            for key in moments.get(name, []):
+                field = key[len(f"optim.{name}."):]
                 if field == "step":
-                    st[field] = value.to(local.device if group.get("fused") else "cpu")
+                    st[field] = files.read(key).to(local.device if group.get("fused") else "cpu")
                 else:
                     holder = torch.zeros_like(p)
-                    _local(holder).copy_(value.to(_local(holder).device))
+                    _local(holder).copy_(files.read(key, *span).to(_local(holder).device))
                     st[field] = holder
             if st:
                 optimizer.state[p] = st
-
-
-def read_trainable_params(path: str | Path) -> tuple[dict, dict[str, list[torch.Tensor]]]:
-    """The trainer state of a checkpoint and its trainable parameters, as the ranks stored them.
-
-    Returns:
-        ``(trainer_state, {name: [rank 0's part, rank 1's part, ...]})``; FSDP shards each parameter along its first
-        dimension in rank order, so ``torch.cat(parts)`` (or ``parts[0]`` for a replicated one) is the full tensor.
-    """
-    path = Path(path)
-    if not (path / STATE_FILE).is_file():
-        raise UserError(f"{path}: not a complete training checkpoint (no {STATE_FILE})")
-    state = json.loads((path / STATE_FILE).read_text())
-    world = state["world_size"]
-    parts: dict[str, list[torch.Tensor]] = {}
-    for rank in range(world):
-        file = path / rank_file(rank, world)
-        if not file.is_file():
-            raise UserError(f"{file} is missing: the checkpoint is incomplete")
-        for key, value in load_file(str(file)).items():
-            if key.startswith("param."):
-                parts.setdefault(key[len("param."):], []).append(value)
-    return state, parts
-
-
-def load_checkpoint_model(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu"):
-    """A chat fine-tuning checkpoint (``checkpoint-N``) as an ``InternVLChat``: the base model its run started from,
-    the run's trainable flags (LoRA layers included) and the trained tensors of the checkpoint.
-
-    The run's configuration comes from the checkpoint's ``trainer_state.json`` (or, for checkpoints of older
-    versions, the run directory's ``config.yaml``).
-    """
-    import dataclasses
-
-    import yaml
-
-    from internvl_tune.models.internvl_chat.chat import load_pretrained
-    from internvl_tune.models.internvl_chat.recipe import ModelArgs, apply_trainable_flags
-
-    path = Path(path)
-    state, parts = read_trainable_params(path)
-    config = state.get("config")
-    if config is None and (path.parent / "config.yaml").is_file():
-        config = yaml.safe_load((path.parent / "config.yaml").read_text())
-    if not config or "model_name_or_path" not in config.get("model", {}):
-        raise UserError(f"{path}: neither {STATE_FILE} nor {path.parent / 'config.yaml'} says which model the run "
-                        "trained — not a checkpoint of `internvl-tune train`")
-    known = {f.name for f in dataclasses.fields(ModelArgs)}
-    args = ModelArgs(**{k: v for k, v in config["model"].items() if k in known})
-    base = Path(args.model_name_or_path)
-    if not base.is_dir():
-        raise UserError(f"{path} was trained from {base}, which is not there any more — put the base checkpoint back "
-                        "at that path")
-    chat = load_pretrained(base, dtype=torch.float32, select_layer=args.vision_select_layer,
-                           ps_version=args.ps_version)
-    apply_trainable_flags(chat, args)
-    params = dict(chat.model.named_parameters())
-    with torch.no_grad():
-        for name, pieces in parts.items():
-            key = name.removeprefix("model.")
-            if key not in params:
-                raise UserError(f"{path}: trained tensor {name} has no place in {base} with the run's flags")
-            target = params[key]
-            full = pieces[0] if pieces[0].shape == target.shape else torch.cat(pieces)
-            if full.shape != target.shape:
-                raise UserError(f"{path}: {name} has shape {tuple(full.shape)}, the model {tuple(target.shape)}")
-            target.copy_(full)
-    chat.model.to(device=device, dtype=dtype).eval()
-    return chat

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -33,9 +35,11 @@ from internvl_tune.dist.parallelize import (
     parse_grad_checkpoint,
     reshard,
 )
-from internvl_tune.errors import UserError
+from internvl_tune.errors import StorageError, UserError
+from internvl_tune.models.common.checkpoint_files import read_state
 from internvl_tune.models.common.recipe import Recipe, StepContext
 from internvl_tune.report.run import DATA_SUMMARY, PREDICTIONS_DIR
+from internvl_tune.storage import writing
 from internvl_tune.train.checkpoint import Checkpointer
 from internvl_tune.train.config import RunConfig, save_config
 from internvl_tune.train.memory import choose_grad_checkpoint, estimate_training_memory
@@ -49,6 +53,7 @@ from internvl_tune.train.step import StepRunner
 
 TEXT_LOG = "train.log"
 RESULTS = "train_results.json"
+WARMUP_STEPS = 2  # steps of each process left out of the steady-state throughput (compilation, allocator, workers)
 
 
 @dataclass
@@ -59,6 +64,23 @@ class TrainResult:
     steps: int
     losses: list[float]
     interrupted: bool = False
+    signal: int | None = None  # the stop signal of an interrupted run (the CLI exits with 128 + it)
+    already_finished: bool = False  # a re-run of a finished run: nothing was done
+
+    @property
+    def exit_status(self) -> int:
+        """0, or 128 + the signal after a clean stop (130 Ctrl-C, 143 SIGTERM), as a shell reports a process the
+        signal ended: ``train && merge-lora`` must not go on after an interrupted run."""
+        return 128 + self.signal if self.signal else 0
+
+
+class AlreadyFinished(Exception):
+    """Raised during set-up when ``--resume_from_checkpoint auto`` meets a run that finished with the same
+    schedule: nothing is loaded, trained, exported or rewritten."""
+
+    def __init__(self, step: int, is_main: bool):
+        super().__init__(step)
+        self.step, self.is_main = step, is_main
 
 
 class Trainer:
@@ -70,6 +92,10 @@ class Trainer:
         self.sinks = parse_report_to(t.report_to)  # an unknown sink fails before minutes of loading
         self.info = info = init_distributed(t.device)
         self.output_dir, resume = prepare_output_dir(t, info)
+        if resume == "auto":
+            finished = _finished_step(self.output_dir, _schedule(t, info.world_size))
+            if finished is not None:
+                raise AlreadyFinished(finished, info.is_main)
         self.compute_dtype = torch.bfloat16 if (t.bf16 and info.device.type == "cuda") else None
         load_dtype = torch.bfloat16 if self.compute_dtype is not None else torch.float32
 
@@ -118,6 +144,7 @@ class Trainer:
         self.resumed_from = self.checkpointer.resolve(resume)
         state = {}
         if self.resumed_from is not None:
+            self._check_global_batch(read_state(self.resumed_from))
             state = self.checkpointer.load(self.resumed_from, self.optimizer)
             seen = state.get("work_seen", state.get(f"{recipe.unit}_seen", 0))  # (the older name of the counter)
             self.step, self.bad_steps, self.seen = state["step"], state["bad_steps"], seen
@@ -146,10 +173,12 @@ class Trainer:
         self._eval_loss = None
         interrupted = False
         started, self._seen_before = time.perf_counter(), self.seen
+        self._steady, self._steps_run = [0, 0.0], 0  # work and seconds after the warm-up steps
+        self._saved_step = None
         self.module.train()
         steps_per_epoch = self.sampler.steps_per_epoch
         self._restart_window()
-        with StopFlag() as stop:
+        with StopFlag(info.world_size) as stop:
             while self.step < self.total_steps and not interrupted:
                 epoch, in_epoch = divmod(self.step, steps_per_epoch)
                 self.train_set.set_epoch(epoch)
@@ -172,7 +201,7 @@ class Trainer:
                     pending = (self.step, handle)
                     saving = t.save_strategy == "steps" and self._due(t.save_steps)
                     evaluating = self.val_set is not None and self._due(t.eval_steps or t.save_steps)
-                    stopping = stop.requested
+                    stopping = stop.poll()  # every rank gets the same answer at the same step
                     if saving or evaluating or stopping or i == len(order) - 1:
                         self._record(*pending)
                         pending = None
@@ -185,14 +214,22 @@ class Trainer:
                         break
                 if t.save_strategy == "epoch" and not interrupted:
                     self.save_checkpoint()
-        if interrupted:
-            self.save_checkpoint()
-            progress.print(f"stopped by signal at step {self.step}; resume with --resume_from_checkpoint auto")
+        if stop.broken is not None:  # the signal broke the step it came in (StopFlag): nothing consistent to save
+            interrupted, newest = True, self.checkpointer.newest()
+            progress.print(f"stopped by {signal.Signals(stop.signum).name} during step {self.step + 1}, which it "
+                           f"broke ({stop.broken}); no checkpoint of it: "
+                           + (f"--resume_from_checkpoint auto resumes from {newest.name}" if newest else
+                              "no earlier checkpoint exists"))
+        elif interrupted:
+            path = self.save_checkpoint() if self._saved_step != self.step else self._saved_path
+            progress.print(f"stopped by {signal.Signals(stop.signum).name} at step {self.step}: {path.name} written; "
+                           "resume with --resume_from_checkpoint auto")
         self.metrics.close()
         self._write_results(time.perf_counter() - started, interrupted)
         if info.is_main:
             self._write_report()
-        return TrainResult(self.output_dir, self.step, self._losses, interrupted)
+        return TrainResult(self.output_dir, self.step, self._losses, interrupted,
+                           signal=stop.signum if interrupted else None)
 
     def _due(self, every: int) -> bool:
         return every > 0 and self.step % every == 0
@@ -202,6 +239,11 @@ class Trainer:
         t = self.cfg.train
         out = handle.result()
         self.seen += out["work"]
+        self._steps_run += 1
+        if self._steps_run > WARMUP_STEPS:  # this step's own time: from the previous finish mark to its own
+            self._steady[0] += out["work"]
+            self._steady[1] += self.stepper.clock.seconds(self._step_start, out["end"])
+        self._step_start = out["end"]
         start, work = self._window
         work += out["work"]
         self._window = (start, work)
@@ -232,14 +274,41 @@ class Trainer:
         ``data_wait`` is the share of that time the host spent waiting for the data loader.
         """
         self._window, self._data_wait = (self.stepper.clock.mark(), 0), 0.0
+        self._step_start = self._window[0]
 
     def save_checkpoint(self) -> Path:
         state = {"bad_steps": self.bad_steps, "work_seen": self.seen, "config": self.cfg.to_dict(),
-                 "skipped_samples": self.skips.state(), "module": self.recipe.run_state()}
+                 "skipped_samples": self.skips.state(), "global_batch": self.sampler.global_batch,
+                 "module": self.recipe.run_state()}
         path = self.checkpointer.save(self.step, self.optimizer, state)
+        self._saved_step, self._saved_path = self.step, path
         self.metrics.flush()
         self._restart_window()
         return path
+
+    def _check_global_batch(self, state: dict) -> None:
+        """Refuse to resume with another global batch (the data order of an epoch depends on it), naming the
+        per-device batch and accumulation steps that give the checkpoint's on this many processes."""
+        t, info, s = self.cfg.train, self.info, self.sampler
+        old = state.get("global_batch")
+        if old is None or old == s.global_batch:
+            return
+        packed = hasattr(s, "padding_waste")
+        unit = "packs" if packed else "samples"
+        per_device = 1 if packed else t.per_device_train_batch_size
+        now = (f"{info.world_size} processes x {t.gradient_accumulation_steps} accumulation steps" if packed else
+               f"{per_device} per device x {info.world_size} processes x {t.gradient_accumulation_steps} "
+               "accumulation steps")
+        options = [(b, old // (b * info.world_size)) for b in ([1] if packed else range(1, old + 1))
+                   if old % (b * info.world_size) == 0]
+        hint = ("; e.g. " + " or ".join(
+            f"--gradient_accumulation_steps {a}" if packed else
+            f"--per_device_train_batch_size {b} --gradient_accumulation_steps {a}" for b, a in options[-2:])
+            if options else f"; no setting gives it on {info.world_size} processes: use a number of processes that "
+                            f"divides {old}")
+        raise UserError(f"{self.resumed_from} was trained with a global batch of {old} {unit} per step; this run's is "
+                        f"{s.global_batch} ({now}). The data order of an epoch depends on the global batch, so a "
+                        f"resume must keep it{hint}")
 
     # ------------------------------------------------------------------ validation
     def _evaluate_and_log(self) -> None:
@@ -307,7 +376,14 @@ class Trainer:
 
         full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.info.is_main:
-            self.recipe.export(full, self.output_dir)
+            try:
+                with writing("the final model", self.output_dir):
+                    self.recipe.export(full, self.output_dir)
+            except StorageError as exc:  # one line (the recipe's own, or the one above) plus what to do next
+                newest = self.checkpointer.newest()
+                raise StorageError(f"{exc}; then run again with --resume_from_checkpoint auto: " + (
+                    f"it resumes from {newest.name} and writes the final model" if newest else
+                    "no checkpoint was saved, so it trains again")) from exc
             print(f"final model written to {self.output_dir}")
         barrier()
         return self.output_dir
@@ -381,23 +457,48 @@ class Trainer:
         self.progress.close()
 
     def _write_results(self, seconds: float, interrupted: bool) -> None:
-        """``train_results.json``: the run's summary (as the transformers Trainer writes one), and the last lines."""
+        """``train_results.json``: the run's summary (as the transformers Trainer writes one), and the last lines.
+
+        Throughput twice: the wall-clock average (``<unit>_per_s``: all this process's work over its whole time,
+        compilation, checkpoints and validation included) and the steady state (``steady_<unit>_per_s``: the steps
+        after the first ``WARMUP_STEPS`` of this process, each timed between two step finish marks, so pauses for
+        checkpoints and validation are left out too). ``finished`` turns true once the final model is written
+        (:meth:`finish`); a re-run with ``--resume_from_checkpoint auto`` then does nothing.
+        """
         unit = self.recipe.unit
-        results = {
+        work, busy = self._steady
+        self.results = {
             "global_step": self.step, "epoch": round(self.step / self.sampler.steps_per_epoch, 4),
             "train_loss": self._losses[-1] if self._losses else None,
             "train_loss_mean": sum(self._losses) / len(self._losses) if self._losses else None,
             "eval_loss": self._eval_loss, "train_runtime_s": round(seconds, 2),
             f"{unit}_per_s": (self.seen - self._seen_before) / seconds if seconds > 0 else None,
+            f"steady_{unit}_per_s": work / busy if busy > 0 else None, "steady_after_steps": WARMUP_STEPS,
             f"{unit}_seen": self.seen, "peak_memory_gib": round(memory_gib(self.info.device), 2),
             "skipped_steps": self.bad_steps, "skipped_samples": self.skips.count, "interrupted": interrupted,
+            "finished": False, "schedule": _schedule(self.cfg.train, self.info.world_size),
         }
         if self.info.is_main:
-            (self.output_dir / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
-            last = "n/a" if results["train_loss"] is None else f"{results['train_loss']:.4f}"
+            self._save_results()
+            last = "n/a" if self.results["train_loss"] is None else f"{self.results['train_loss']:.4f}"
+            steady = self.results[f"steady_{unit}_per_s"]
+            steady = (f"{steady:.0f} {unit}/s steady (after the first {WARMUP_STEPS} steps)" if steady is not None
+                      else f"no steady-state figure (the first {WARMUP_STEPS} steps are warm-up)")
             self.progress.print(f"done: {self.step} steps in {seconds / 60:.1f} min, last loss {last}, "
-                                f"{results[f'{unit}_per_s'] or 0:.0f} {unit}/s")
+                                f"{self.results[f'{unit}_per_s'] or 0:.0f} {unit}/s wall-clock average, {steady}")
         self.progress.close()
+
+    def _save_results(self) -> None:
+        with writing(RESULTS, self.output_dir):
+            tmp = self.output_dir / (RESULTS + ".tmp")
+            tmp.write_text(json.dumps(self.results, indent=2) + "\n")
+            os.replace(tmp, self.output_dir / RESULTS)
+
+    def finish(self) -> None:
+        """Mark the run finished in ``train_results.json`` (after the final model is written)."""
+        if self.info.is_main:
+            self.results["finished"] = True
+            self._save_results()
 
     def _write_report(self) -> None:
         """``report.html`` from the run's files; a report that cannot be built never fails the run."""
@@ -413,13 +514,39 @@ class Trainer:
 def run(recipe: Recipe, cfg: RunConfig) -> TrainResult:
     """Train (or describe, with ``--dry_run``), export the final model, and tear down the process group."""
     try:
-        trainer = Trainer(recipe, cfg)
+        try:
+            trainer = Trainer(recipe, cfg)
+        except AlreadyFinished as done:
+            if done.is_main:
+                print(f"{cfg.train.output_dir}: already finished at step {done.step}; nothing was changed (to train "
+                      "further raise --max_steps or --num_train_epochs; to start over pass --overwrite_output_dir "
+                      "True)", flush=True)
+            return TrainResult(Path(cfg.train.output_dir), done.step, [], already_finished=True)
         if cfg.train.dry_run:
             trainer.describe()
             return TrainResult(trainer.output_dir, trainer.step, [])
         result = trainer.train()
         if not result.interrupted:
             trainer.export()
+            trainer.finish()
         return result
     finally:
         shutdown()
+
+
+def _schedule(t, world_size: int) -> dict:
+    """The settings that decide how long a run is: a re-run with the same ones has nothing more to do."""
+    return {"max_steps": t.max_steps, "num_train_epochs": t.num_train_epochs, "world_size": world_size,
+            "per_device_train_batch_size": t.per_device_train_batch_size,
+            "gradient_accumulation_steps": t.gradient_accumulation_steps}
+
+
+def _finished_step(output_dir: Path, schedule: dict) -> int | None:
+    """The final step of a run in ``output_dir`` that finished (final model written) with ``schedule``, or None."""
+    try:
+        results = json.loads((Path(output_dir) / RESULTS).read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(results, dict) and results.get("finished") and results.get("schedule") == schedule:
+        return results.get("global_step")
+    return None

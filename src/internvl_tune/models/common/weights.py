@@ -3,6 +3,8 @@
 Shared by the InternVL2 and InternVL-C/G loaders and savers. safetensors shards (through ``model.safetensors.index.json``) are
 preferred; legacy ``.bin`` files are read only with ``torch.load(weights_only=True)``, never as arbitrary pickles.
 A truncated or corrupt file (a partial download, a full disk) gives a CheckpointError naming it, not a crash.
+Shards are written with a plain file's mode (``internvl_tune.storage.save_safetensors``: safetensors alone makes
+them 0600, unreadable for a server running as another user).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch
 
 from internvl_tune.errors import CheckpointError
+from internvl_tune.storage import save_safetensors
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -111,14 +114,12 @@ def write_shards(out: Path, state: dict[str, torch.Tensor], num_shards: int | No
             so tied tensors must be cloned by the caller).
         num_shards: force this many shards; default: as many as needed to stay under ``max_shard_bytes`` each.
     """
-    from safetensors.torch import save_file
-
     keys = list(state)
     sizes = [state[k].numel() * state[k].element_size() for k in keys]
     total = sum(sizes)
     count = num_shards or max(1, -(-total // max_shard_bytes))
     if count == 1:
-        save_file({k: state[k].contiguous() for k in keys}, str(out / "model.safetensors"), metadata={"format": "pt"})
+        save_safetensors({k: state[k].contiguous() for k in keys}, out / "model.safetensors", metadata={"format": "pt"})
         return
     # Greedy split in key order so each shard holds about total/count bytes.
     target, groups, current, current_size = total / count, [], [], 0
@@ -132,7 +133,7 @@ def write_shards(out: Path, state: dict[str, torch.Tensor], num_shards: int | No
     weight_map = {}
     for i, group in enumerate(groups, 1):
         name = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
-        save_file({k: state[k].contiguous() for k in group}, str(out / name), metadata={"format": "pt"})
+        save_safetensors({k: state[k].contiguous() for k in group}, out / name, metadata={"format": "pt"})
         weight_map.update({k: name for k in group})
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")

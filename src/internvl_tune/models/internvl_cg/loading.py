@@ -200,5 +200,5 @@ def save_internvl_cg(model: InternVLModel, out_dir: str | Path, tokenizer_dir: s
     if tokenizer_dir is not None:
         for name in TOKENIZER_FILES:
             if (Path(tokenizer_dir) / name).is_file():
-                shutil.copy2(Path(tokenizer_dir) / name, out / name)
+                shutil.copyfile(Path(tokenizer_dir) / name, out / name)  # (the umask decides the mode)
     return out

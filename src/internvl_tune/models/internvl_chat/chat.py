@@ -268,7 +268,7 @@ def load_pretrained(path, dtype: torch.dtype | None = torch.float32, device="cpu
     if overrides.get("drop_path_rate") is not None:
         original["vision_config"]["drop_path_rate"] = overrides["drop_path_rate"]
     family = cfg.family_of(original, str(path / "config.json"))
-    tokenizer = load_tokenizer(path, "llama" if family == "phi3" else family)
+    tokenizer = load_tokenizer(path, family)
     vocab = original["llm_config"]["vocab_size"]
     native = cfg.native_config(original, tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN), attn_implementation)
     if load_in_4bit and weights:

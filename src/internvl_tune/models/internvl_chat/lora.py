@@ -39,6 +39,8 @@ import torch
 
 from internvl_tune.errors import CheckpointError, UserError
 from internvl_tune.models.common.lora import lora_modules, merge_lora_layers
+from internvl_tune.models.internvl_chat.saving import atomic_directory
+from internvl_tune.storage import save_safetensors
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -288,17 +290,16 @@ def save_adapter(chat, out_dir, base: str | Path | None = None) -> Path:
     trained = {f"{m}.{k}": v for m in whole for k, v in _plain_state(chat.model.get_submodule(m)).items()}
     adapter = Adapter(settings, fingerprint(chat), _recorded_base(chat, base), lora, trained, whole)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_adapter_files(out, adapter)
+    with atomic_directory(out, overwrite=True) as tmp:  # a full disk never leaves half an adapter
+        write_adapter_files(tmp, adapter)
     return out
 
 
 def write_files(out: Path, state: dict[str, torch.Tensor], peft_fields: dict, info: dict) -> None:
     from peft import LoraConfig
-    from safetensors.torch import save_file
 
     state = {PEFT_PREFIX + k: v.detach().cpu().contiguous() for k, v in state.items()}
-    save_file(state, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    save_safetensors(state, out / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     LoraConfig(**peft_fields, inference_mode=True).save_pretrained(str(out))
     (out / ADAPTER_INFO).write_text(json.dumps({"format_version": FORMAT_VERSION, **info}, indent=2) + "\n")
 

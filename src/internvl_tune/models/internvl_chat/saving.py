@@ -1,7 +1,8 @@
 """Saving InternVL2 checkpoints in the original layout (reference, vLLM, lmdeploy) or the transformers-native one.
 
 Both layouts are written into a temporary sibling directory that is renamed into place at the end, so an interrupted
-save never leaves a half-written checkpoint under the target name. Tokenizer, generation, processor and remote-code
+save never leaves a half-written checkpoint under the target name; a full or read-only disk is one StorageError line,
+and files and folders get the modes the umask gives (``internvl_tune.storage``). Tokenizer, generation, processor and remote-code
 files are copied from the source checkpoint (an allowlist: a training run's logs, metrics and checkpoints stay
 behind). The native layout also gets what ``transformers.AutoProcessor`` reads (``write_processor_files``).
 """
@@ -12,7 +13,6 @@ import copy
 import fnmatch
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ from internvl_tune.errors import CheckpointError
 from internvl_tune.models.common.weights import write_shards
 from internvl_tune.models.internvl_chat.config import SIDECAR
 from internvl_tune.models.internvl_chat.key_map import LayoutSpec, to_original
+from internvl_tune.storage import make_temp_dir, writing
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 # The files of a checkpoint that are neither weights nor configs: copied from the source (nothing else is).
@@ -72,7 +73,7 @@ def copy_aux_files(source: Path | None, out: Path) -> None:
         return
     for file in sorted(source.iterdir()):
         if file.is_file() and any(fnmatch.fnmatchcase(file.name, pattern) for pattern in AUX_FILE_PATTERNS):
-            shutil.copy2(file, out / file.name)
+            shutil.copyfile(file, out / file.name)  # (copy2 would keep the source's mode, not the umask's)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -169,18 +170,23 @@ def write_processor_files(out: Path, chat) -> None:
     _write_json(out / "tokenizer_config.json", config)
 
 
-def atomic_directory(target: Path, overwrite: bool):
-    """Context manager yielding a temp directory that replaces ``target`` when the block succeeds."""
+def atomic_directory(target: Path, overwrite: bool, needed: int | None = None):
+    """Context manager yielding a temp directory that replaces ``target`` when the block succeeds.
+
+    ``needed``: the bytes the block writes, for the message of a full disk.
+    """
     import contextlib
 
     @contextlib.contextmanager
     def _ctx():
         if target.exists() and any(target.iterdir()) and not overwrite:
             raise CheckpointError(f"{target} already exists and is not empty — choose a new directory or overwrite it")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        with writing("the model files", target, needed):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = make_temp_dir(target.parent, prefix=f".{target.name}.tmp-")
         try:
-            yield tmp
+            with writing("the model files", target, needed):
+                yield tmp
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -210,7 +216,7 @@ def save_chat(chat, out_dir: str | Path, layout: str = "original", overwrite: bo
         raise CheckpointError("the model still holds LoRA adapters — merge them (merge_lora) or save the adapter alone")
     target = Path(out_dir)
     state = {k: v.detach().cpu() for k, v in chat.model.state_dict().items()}
-    with atomic_directory(target, overwrite) as tmp:
+    with atomic_directory(target, overwrite, needed=sum(v.numel() * v.element_size() for v in state.values())) as tmp:
         copy_aux_files(chat.source_dir, tmp)
         if chat.tokens_added:
             chat.tokenizer.save_pretrained(str(tmp))

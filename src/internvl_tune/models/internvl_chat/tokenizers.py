@@ -34,6 +34,17 @@ _CLASS_TO_FAMILY = {
     "PreTrainedTokenizerFast": "llama",
 }
 FAMILIES = ("qwen2", "internlm2", "internlm3", "phi3", "llama")
+# The files each family's tokenizer is built from: one of the alternatives must be complete. Checked before loading,
+# because the loaders fail late or not at all without them: Qwen2Tokenizer builds an empty vocabulary (the InternVL
+# tokens then get ids 0-8 and <IMG_CONTEXT> id 3 is written into the model), the sentencepiece and Llama classes
+# fail with messages about missing packages, and AutoTokenizer offers to run the checkpoint's remote code.
+TOKENIZER_FILES = {
+    "qwen2": (("vocab.json", "merges.txt"), ("tokenizer.json",)),
+    "internlm2": (("tokenizer.model",),),
+    "internlm3": (("tokenizer.model",),),
+    "phi3": (("tokenizer.model",), ("tokenizer.json",)),
+    "llama": (("tokenizer.model",), ("tokenizer.json",)),  # Yi: tokenizer.model; Llama-3: tokenizer.json
+}
 
 
 def tokenizer_family(path: str | Path) -> str:
@@ -52,6 +63,20 @@ def tokenizer_family(path: str | Path) -> str:
         f"{path}: no tokenizer files found (tokenizer_config.json with vocab.json+merges.txt, tokenizer.model or "
         "tokenizer.json) — copy the tokenizer files of the checkpoint into this directory"
     )
+
+
+def check_tokenizer_files(path: Path, family: str) -> None:
+    """Raise a CheckpointError naming the missing files when ``path`` lacks what the ``family`` tokenizer needs."""
+    options = TOKENIZER_FILES[family]
+    missing = [[name for name in option if not (path / name).is_file()] for option in options]
+    if any(not m for m in missing):
+        return
+    needs = ", or ".join(" and ".join(option) for option in options)
+    partial = [m for m, option in zip(missing, options) if len(m) < len(option)]
+    found = f"missing: {', '.join(min(partial, key=len))}" if partial else "none of them is there"
+    raise CheckpointError(f"{path}: the {family} tokenizer needs {needs}; {found} — copy the "
+                          "tokenizer files of the base model (the release this checkpoint was trained from) into "
+                          "this directory")
 
 
 def add_internvl_tokens(tokenizer) -> int:
@@ -74,6 +99,7 @@ def load_tokenizer(path: str | Path, family: str | None = None, model_max_length
     family = family or tokenizer_family(path)
     if family not in FAMILIES:
         raise CheckpointError(f"unknown tokenizer family {family!r}; expected one of {', '.join(FAMILIES)}")
+    check_tokenizer_files(path, family)
     # The reference loads every tokenizer with add_eos_token=False: prompts never get an automatic end token.
     kwargs: dict = {} if model_max_length is None else {"model_max_length": model_max_length}
     try:
@@ -91,7 +117,10 @@ def load_tokenizer(path: str | Path, family: str | None = None, model_max_length
 
             # The class named in tokenizer_config.json, from transformers itself (never remote code).
             config_file = path / "tokenizer_config.json"
-            name = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
+            if config_file.is_file():
+                name = json.loads(config_file.read_text()).get("tokenizer_class")
+            else:  # without it AutoTokenizer would read config.json, which names remote code
+                name = "PreTrainedTokenizerFast" if (path / "tokenizer.json").is_file() else "LlamaTokenizer"
             cls = getattr(transformers, name if name in _CLASS_TO_FAMILY else "AutoTokenizer")
             # Only the sentencepiece Llama classes had add_eos_token under the reference's transformers 4.37; a
             # tokenizer.json-only tokenizer (Llama-3) kept its post-processor, BOS included. Passing the flag to

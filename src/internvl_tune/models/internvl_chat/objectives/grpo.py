@@ -397,6 +397,8 @@ class GRPORecipe(ReferenceRecipe):
         return {"rollouts": self.collectives.all_gather_objects([self.rollout.state()])}
 
     def load_run_state(self, state: dict) -> None:
+        """Each rank takes its own block of completions back; resumed on another number of processes (whose ranks
+        hold other prompts) the rest of the block samples afresh."""
         rollouts = state.get("rollouts")
-        if rollouts:
+        if rollouts and len(rollouts) == self.world_size:
             self.rollout = Rollout.from_state(rollouts[self.rank])
