@@ -100,11 +100,11 @@ def test_internvl3_5_scripts_pass_the_reference_settings(script, tmp_path):
     batch = {"sft": 512, "mpo": 256, "sft_lora": 16}[kind]
     assert t.per_device_train_batch_size * t.gradient_accumulation_steps * 16 == batch
     if kind == "mpo":
-        assert cfg.preference.objective == "mpo" and t.learning_rate == 2e-7 and d.max_seq_length == 16384
+        assert cfg.objective.objective == "mpo" and t.learning_rate == 2e-7 and d.max_seq_length == 16384
         assert not d.use_packed_ds and m.drop_path_rate == drop_path
     else:
         assert d.use_packed_ds and (d.max_packed_tokens, d.num_images_expected, d.loss_reduction) == (32768, 96, "square")
-        assert d.max_seq_length == 32768 and cfg.preference.objective == "sft"
+        assert d.max_seq_length == 32768 and cfg.objective.objective == "sft"
     if kind == "sft":
         assert (t.learning_rate, m.drop_path_rate, m.use_llm_lora, m.freeze_llm) == \
             (SFT_LR_3_5.get(size, 8e-5), drop_path, 0, False)
@@ -182,7 +182,7 @@ def test_gpt_oss_scripts_pass_the_reference_settings(stage, tmp_path):
         assert (d.max_seq_length, t.warmup_ratio, t.save_total_limit) == (16384, 0.01, 20)
     frozen = {"projector": (True, True, False), "all": (False, False, False), "lora": (True, True, True)}[trains]
     assert (m.freeze_llm, m.freeze_backbone, m.freeze_mlp) == frozen and (m.use_llm_lora == 16) == (trains == "lora")
-    assert (cfg.preference.objective == "mpo") == (stage == "stage3_mpo") and d.use_packed_ds == (stage != "stage3_mpo")
+    assert (cfg.objective.objective == "mpo") == (stage == "stage3_mpo") and d.use_packed_ds == (stage != "stage3_mpo")
     assert t.output_dir.endswith(f"/internvl3_5_gpt_oss_20b_{stage}")
 
 

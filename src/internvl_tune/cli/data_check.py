@@ -11,7 +11,6 @@ from internvl_tune.cli.flags import add_bool_flag
 from internvl_tune.constants import IGNORE_INDEX, IMG_CONTEXT_TOKEN
 from internvl_tune.data.config import DataConfig
 from internvl_tune.data.templates import THINKING_SYSTEM_MESSAGE
-from internvl_tune.models.internvl_chat.preference_loss import PreferenceArgs
 
 # training-only settings that change nothing a check looks at
 NOT_CHECKED = {"meta_path", "eval_meta_path", "use_packed_ds", "max_packed_tokens", "num_images_expected",
@@ -28,7 +27,11 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--tokenizer", help="tokenizer directory, if not the checkpoint's")
     group = p.add_argument_group("data settings (as for training; the checkpoint's when not given)")
     add_dataclass_flags(group, DataConfig, skip=NOT_CHECKED)
-    add_dataclass_flags(group, PreferenceArgs, skip={f.name for f in dataclasses.fields(PreferenceArgs)} - {"objective"})
+    from internvl_tune.models.internvl_chat.objectives import OBJECTIVES
+
+    group.add_argument("--objective", choices=tuple(OBJECTIVES), default="sft",
+                       help="the training objective whose lines these are: " + "; ".join(
+                           f"{o.name}: {o.reader.__name__}" for o in OBJECTIVES.values()) + " (default: sft)")
     p.add_argument("--max_errors", type=int, default=50, help="list at most this many problems (default: 50)")
     add_bool_flag(p, "strict", False, "warnings count as errors too (default: False)")
     p.add_argument("--show", type=int, default=0, metavar="N",
@@ -49,6 +52,7 @@ def run(args) -> int:
 
     from internvl_tune.data.check import check_meta
     from internvl_tune.data.config import RELEASE_DEFAULTS
+    from internvl_tune.models.internvl_chat.objectives import OBJECTIVES
 
     console = Console()
     defaults = RELEASE_DEFAULTS
@@ -74,7 +78,7 @@ def run(args) -> int:
             bar.advance(task, n)
 
         report = check_meta(args.meta, cfg, tokenizer, progress=advance, show=args.show if tokenizer else 0,
-                            preference=args.objective != "sft")
+                            reader=OBJECTIVES[args.objective].reader)
     _print_summary(console, report, cfg, tokenizer, args)
     failing = report.problems if args.strict else report.errors
     return 1 if failing else 0

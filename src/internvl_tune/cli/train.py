@@ -1,5 +1,5 @@
-"""``internvl-tune train``: InternVL2 chat fine-tuning (supervised, or DPO / MPO preference tuning) with the reference's
-flag names."""
+"""``internvl-tune train``: InternVL2 chat fine-tuning with the reference's flag names, for every training objective of
+the registry (``models/internvl_chat/objectives``: supervised, DPO / MPO preference tuning, ...)."""
 
 from __future__ import annotations
 
@@ -23,13 +23,13 @@ Precedence: command-line flags > --config YAML > defaults. The resolved config i
 
 
 def sections() -> dict:
-    """The run-config sections of chat fine-tuning."""
+    """The run-config sections of chat fine-tuning (``objective``: built from the objectives' registry)."""
     from internvl_tune.data.config import DataConfig
-    from internvl_tune.models.internvl_chat.preference_loss import PreferenceArgs
+    from internvl_tune.models.internvl_chat.objectives import objective_section
     from internvl_tune.models.internvl_chat.recipe import ModelArgs
     from internvl_tune.train.config import TrainArgs
 
-    return {"model": ModelArgs, "data": DataConfig, "train": TrainArgs, "preference": PreferenceArgs}
+    return {"model": ModelArgs, "data": DataConfig, "train": TrainArgs, "objective": objective_section()}
 
 
 # other fine-tuning tools' spellings of --load_in_4bit (LLaMA-Factory, ms-swift), accepted as hidden aliases
@@ -56,19 +56,25 @@ def register(subparsers, name: str, help_text: str) -> None:
                             help=argparse.SUPPRESS)
 
 
+def collectives():
+    """The process group's collectives, for the objectives' recipes (the library never imports ``dist``)."""
+    from internvl_tune.dist import all_gather_object_ordered, all_reduce_sum
+    from internvl_tune.dist.parallelize import gathered
+    from internvl_tune.models.internvl_chat.objectives import Collectives
+
+    return Collectives(all_reduce_sum=all_reduce_sum, all_gather_objects=all_gather_object_ordered, gathered=gathered)
+
+
 def recipe(cfg):
-    """The chat recipe of ``cfg``: supervised (``--objective sft``) or preference tuning (dpo, mpo)."""
-    from internvl_tune.models.internvl_chat.recipe import ChatRecipe, check_parts
+    """The recipe of ``cfg``'s objective (``--objective``: one entry of the objectives' registry); a model built
+    from parts (``--vision_path`` + ``--llm_path``) first."""
+    from internvl_tune.models.internvl_chat.objectives import build_recipe
+    from internvl_tune.models.internvl_chat.recipe import check_parts
 
     model = cfg.model
     if check_parts(model):
         model = dataclasses.replace(model, model_name_or_path=str(model_from_parts(cfg)))
-    if cfg.preference.resolve().objective == "sft":
-        return ChatRecipe(model, cfg.data)
-    from internvl_tune.dist import all_reduce_sum
-    from internvl_tune.models.internvl_chat.preference import PreferenceRecipe
-
-    return PreferenceRecipe(model, cfg.data, cfg.preference, all_reduce_sum)
+    return build_recipe(model, cfg.data, cfg.objective, collectives())
 
 
 def model_from_parts(cfg) -> Path:

@@ -16,7 +16,6 @@ from internvl_tune.data.config import DataConfig
 from internvl_tune.data.dataset import SupervisedDataset, media_path
 from internvl_tune.data.images import load_image, num_tiles
 from internvl_tune.data.meta import DatasetSpec, JsonlIndex, read_meta, require_samples
-from internvl_tune.data.preference import PreferenceDataset
 from internvl_tune.data.preprocess import tokenizer_info
 from internvl_tune.data.templates import GPT, get_template, is_thinking_answer
 from internvl_tune.data.video import load_video_frames
@@ -80,7 +79,7 @@ def check_meta(
     tokenizer=None,
     progress=None,
     show: int = 0,
-    preference: bool = False,
+    reader: type[SupervisedDataset] = SupervisedDataset,
 ) -> CheckReport:
     """Check every dataset, line, image and video of ``meta_path``.
 
@@ -93,7 +92,8 @@ def check_meta(
         tokenizer: when given, every sample is also tokenized: lengths, truncation, supervised tokens.
         progress: optional callable(advance: int, total: int | None) for a progress bar.
         show: render this many samples into ``report.shown`` (needs a tokenizer).
-        preference: the lines are preference pairs (``question``, ``chosen``, ``rejected``; ``data/preference.py``).
+        reader: the dataset class that reads the lines (the training objective's: conversations, preference pairs
+            ``data/preference.py``, prompts ``data/prompts.py``); its ``parse`` and ``prepare`` are the rules.
     """
     report = CheckReport()
     try:
@@ -123,8 +123,7 @@ def check_meta(
         progress(0, total)
     if not usable:
         return report
-    kind = PreferenceDataset if preference else SupervisedDataset
-    dataset = kind([s for s, _ in usable], tokenizer, cfg, is_train=False, strict=True)
+    dataset = reader([s for s, _ in usable], tokenizer, cfg, is_train=False, strict=True)
     for k, (spec, index) in enumerate(usable):
         _check_dataset(report, spec, index, cfg, dataset, k, progress, show)
     return report

@@ -25,6 +25,7 @@ from torch import nn
 from internvl_tune.data.retrieval import RetrievalBatch, RetrievalDataArgs
 from internvl_tune.errors import UserError
 from internvl_tune.models.common.quantize import set_trainable
+from internvl_tune.models.common.recipe import Recipe
 from internvl_tune.models.internvl_cg.loss import retrieval_loss
 from internvl_tune.options import option
 
@@ -165,8 +166,8 @@ def checkpoint_state(full: dict[str, torch.Tensor], reference: nn.Module) -> dic
     return out
 
 
-class RetrievalRecipe:
-    """InternVL-C/G retrieval fine-tuning for ``train/trainer.py`` (see its ``Recipe`` protocol)."""
+class RetrievalRecipe(Recipe):
+    """InternVL-C/G retrieval fine-tuning for ``train/trainer.py`` (the ``Recipe`` protocol, ``models/common/recipe.py``)."""
 
     name, unit = "retrieval-train", "samples"
 

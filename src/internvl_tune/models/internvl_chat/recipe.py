@@ -19,12 +19,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from internvl_tune.data.batching import ChatBatch
+from internvl_tune.data.batching import ChatBatch, ChatCollator
 from internvl_tune.data.config import DataConfig
+from internvl_tune.data.dataset import SupervisedDataset
 from internvl_tune.data.templates import THINKING_SYSTEM_MESSAGE
 from internvl_tune.errors import UserError
 from internvl_tune.models.common import varlen_attention
 from internvl_tune.models.common.quantize import require_bitsandbytes, set_trainable
+from internvl_tune.models.common.recipe import Recipe
 from internvl_tune.models.internvl_chat.loss import weighted_lm_loss_sum
 from internvl_tune.options import option
 
@@ -255,10 +257,15 @@ class ChatTrainModule(nn.Module):
         return out.last_hidden_state
 
 
-class ChatRecipe:
-    """InternVL2 chat fine-tuning for ``train/trainer.py`` (see its ``Recipe`` protocol)."""
+class ChatRecipe(Recipe):
+    """InternVL2 chat fine-tuning for ``train/trainer.py`` (the ``Recipe`` protocol, ``models/common/recipe.py``).
+
+    Supervised fine-tuning (``--objective sft``) as it is; the other objectives of ``objectives/`` subclass it.
+    ``dataset_class`` reads the objective's lines and ``collator_class`` batches them.
+    """
 
     name, unit = "train", "tokens"
+    dataset_class, collator_class = SupervisedDataset, ChatCollator
 
     def __init__(self, model: ModelArgs, data: DataConfig):
         if not model.model_name_or_path:
@@ -276,10 +283,15 @@ class ChatRecipe:
         # the checkpoint's config.json fixes the template and the tiling: settled here, before any weight is read
         self.args, self.data = model, data.resolve(checkpoint_data_defaults(model.model_name_or_path),
                                                    model.model_name_or_path)
-        self.chat = None
+        self.chat = self.module = None
         self.trainable_parts: dict[str, int] = {}
         self.train_set = None
         self._generation_set = None  # the validation lines as prompts (--eval_generate), built at first use
+
+    @classmethod
+    def from_objective(cls, model: ModelArgs, data: DataConfig, args, collectives) -> ChatRecipe:
+        """The recipe of ``--objective sft`` (no flags or collectives of its own)."""
+        return cls(model, data)
 
     def _load_chat(self, dtype: torch.dtype, weights: bool, device="cpu", load_in_4bit: bool = False):
         from internvl_tune.models.internvl_chat.chat import load_pretrained
@@ -303,9 +315,10 @@ class ChatRecipe:
                             "the bf16 model over the ranks")
         chat = self._load_chat(dtype, weights, device if quantized else "cpu", quantized)
         self.trainable_parts = apply_trainable_flags(chat, self.args)
+        module = self._training_module(chat, dtype, weights)
         if self.chat is None:  # the first build is the trained one (a second, on rank 0, only sources weights)
-            self.chat = chat
-        return self._training_module(chat, dtype, weights)
+            self.chat, self.module = chat, module
+        return module
 
     def _training_module(self, chat, dtype: torch.dtype, weights: bool) -> nn.Module:
         return ChatTrainModule(chat, aux_loss_coef(chat, self.args))
@@ -314,16 +327,12 @@ class ChatRecipe:
     def grad_checkpoint(self) -> str:
         return self.args.grad_checkpoint
 
-    def param_groups_scale(self) -> None:
-        """One learning rate for every parameter."""
-        return None
-
     def build_data(self, seed: int, rank: int, world_size: int, per_device_batch: int, grad_accum: int):
         """``(train_set, val_set or None, collate, sampler)``."""
         from internvl_tune.data.batching import GlobalBatchSampler, PackedBatchSampler
 
         d, chat = self.data, self.chat
-        dataset, collator = self._data_classes()
+        dataset, collator = self.dataset_class, self.collator_class
         train = dataset(d.meta_path, chat.tokenizer, d, is_train=True, seed=seed)
         val = dataset(d.eval_meta_path, chat.tokenizer, d, is_train=False, seed=seed) if d.eval_meta_path else None
         pad_id = chat.tokenizer.pad_token_id if chat.tokenizer.pad_token_id is not None else 0
@@ -337,13 +346,6 @@ class ChatRecipe:
             sampler = GlobalBatchSampler(train.lengths, per_device_batch, world_size, rank, grad_accum, seed,
                                          d.group_by_length)
         return train, val, collate, sampler
-
-    def _data_classes(self) -> tuple[type, type]:
-        """The dataset and collator classes of this recipe's samples."""
-        from internvl_tune.data.batching import ChatCollator
-        from internvl_tune.data.dataset import SupervisedDataset
-
-        return SupervisedDataset, ChatCollator
 
     def tokens_per_micro_batch(self, per_device_batch: int) -> int:
         """LLM tokens of the largest micro-batch: the packing budget, or the longest sample times the batch size."""
