@@ -1,11 +1,13 @@
 # Shared launcher for the InternVL chat 2nd-finetune scripts in shell/internvl2.0/2nd_finetune and
-# shell/internvl2.5/2nd_finetune (sourced, not run).
+# shell/internvl2.5/2nd_finetune, the MPO scripts and the InternVL3.5 scripts (sourced, not run).
 #
-# The calling script sets MODEL, OUTPUT_DIR and the GPUS / BATCH_SIZE / PER_DEVICE_BATCH_SIZE (and MAX_SEQ_LENGTH)
-# defaults, then calls `launch <model-specific flags> "$@"`. Environment (same names as the reference):
+# The calling script sets MODEL (empty: it names the model's parts, --vision_path / --llm_path, instead), OUTPUT_DIR
+# and the GPUS / BATCH_SIZE / PER_DEVICE_BATCH_SIZE (and MAX_SEQ_LENGTH) defaults, then calls `launch <model-specific flags> "$@"`. Environment (same names as the reference):
 #   GPUS                    total GPUs (processes)              BATCH_SIZE           global batch
 #   PER_DEVICE_BATCH_SIZE   samples per GPU per micro-step      MASTER_PORT          rendezvous port (34229)
 #   MAX_SEQ_LENGTH          tokens per sample (4096, InternVL2's; the InternVL2.5 scripts set 8192)
+#   NNODES, NODE_RANK       torchrun over several nodes (default 1, 0): GPUS counts all of them, this node runs
+#   MASTER_ADDR             GPUS / NNODES processes and meets the others at MASTER_ADDR (127.0.0.1)
 #   PARTITION               set it to launch through Slurm srun (multi-node; LAUNCHER=pytorch forces torchrun,
 #                           e.g. to smoke-test the largest full scripts on one machine); GPUS_PER_NODE, CPUS_PER_TASK,
 #                           QUOTA_TYPE (passed only when set: plain Slurm has no --quotatype) and SRUN_ARGS
@@ -17,6 +19,9 @@ META_PATH=${META_PATH:-./shell/data/internvl_1_2_finetune_custom.json}
 MASTER_PORT=${MASTER_PORT:-34229}
 MAX_SEQ_LENGTH=${MAX_SEQ_LENGTH:-4096}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 CPUS_PER_TASK=${CPUS_PER_TASK:-10}
 PYTHON=${PYTHON:-python3}
 GRADIENT_ACC=$((BATCH_SIZE / PER_DEVICE_BATCH_SIZE / GPUS))
@@ -28,7 +33,7 @@ echo "gpus: $GPUS, per-device batch: $PER_DEVICE_BATCH_SIZE, accumulation: $GRAD
 
 launch() {
   set -- \
-    --model_name_or_path "$MODEL" \
+    ${MODEL:+--model_name_or_path "$MODEL"} \
     --output_dir "$OUTPUT_DIR" \
     --meta_path "$META_PATH" \
     --overwrite_output_dir True \
@@ -67,8 +72,8 @@ launch() {
         ${QUOTA_TYPE:+--quotatype="$QUOTA_TYPE"} ${SRUN_ARGS:-} \
         "$PYTHON" -u -m internvl_tune.cli train "$@"
     else
-      "$PYTHON" -m torch.distributed.run --nnodes=1 --node_rank=0 --master_addr=127.0.0.1 \
-        --nproc_per_node="$GPUS" --master_port="$MASTER_PORT" \
+      "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR" \
+        --nproc_per_node="$((GPUS / NNODES))" --master_port="$MASTER_PORT" \
         -m internvl_tune.cli train "$@"
     fi
     echo $? > "$status_file"

@@ -13,17 +13,24 @@ inputs: the tiny release configs (``testing.tiny_chat``, ``testing.tiny_cg``) an
       NAME.json                token inputs, scalar outputs (losses), generated token ids and text, margins
       NAME.safetensors         tensor outputs (logits, logsumexp, vision features, embeddings ...)
 
-The reference was written for transformers 4.37, which it pins; run this with the reference's versions on the path
-(nothing else changes; the test suite itself never needs them):
+The reference's ``internvl_chat`` and ``internvl_g`` were written for transformers 4.37, which they pin;
+``internvl_chat_gpt_oss`` (InternVL3.5) for 4.55. Each fixture names its version (``transformers``) and a run writes
+the fixtures of the transformers on its path and keeps the others, so run it once per group with that group's
+libraries first on the path (nothing else changes; the test suite itself never needs them):
 
     pip install --target /tmp/refdeps "transformers==4.37.2" "tokenizers==0.15.2" "huggingface-hub<0.25" \\
         "peft==0.10.0" "accelerate==0.27.2" einops
     PYTHONPATH=/tmp/refdeps:src python tools/make_reference_fixtures.py --reference /path/to/InternVL \\
         --out tests/fixtures/reference [--only internvl2-2b ...]
+    pip install --target /tmp/refdeps35 --no-deps "transformers==4.55.0" "tokenizers==0.21.4" \\
+        "huggingface-hub==0.34.3" "accelerate==1.9.0" "einops==0.8.1"
+    PYTHONPATH=/tmp/refdeps35:src python tools/make_reference_fixtures.py --reference /path/to/InternVL \\
+        --out tests/fixtures/reference [--only internvl3_5-30b-a3b ...]
 
 Adding a model family is one entry in ``CHAT_FIXTURES`` (a ``RELEASES`` name of ``internvl_tune.testing.tiny_chat``;
-``reference`` names the folder of the checkout whose ``internvl`` package builds it, when not ``internvl_chat``);
-``tests/models/test_reference_chat.py`` picks every fixture of the manifest up by itself.
+``reference`` names the folder of the checkout whose ``internvl`` package builds it, when not ``internvl_chat``, and
+``transformers`` the version that folder runs with); ``tests/models/test_reference_chat.py`` picks every fixture of
+the manifest up by itself (a mixture-of-experts family also records the reference's load-balancing loss).
 """
 
 from __future__ import annotations
@@ -69,24 +76,35 @@ class ChatFixture:
             outputs are stored under ``VARIANT/``-prefixed tensor names, the default's under ``default/``.
         long_prompt: also run a prompt longer than the LLM's ``original_max_position_embeddings`` (Phi-3's long RoPE).
         reference: the folder of the reference checkout that holds the ``internvl`` package building this model.
+        transformers: the transformers version that folder's code is run with (its pinned one): a fixture is written
+            only under that version, so a run with other libraries on the path never rewrites it.
     """
 
     like: str
     variants: dict = field(default_factory=dict)
     long_prompt: bool = False
     reference: str = "internvl_chat"
+    transformers: str = "4.37.2"
 
 
 # name -> fixture. Every LLM family the reference's InternVLChatModel builds (Qwen2, InternLM2, Phi-3, Llama), both
 # InternViT variants (300M: LayerNorm + qkv bias, in 1B / 2B / 4B / InternVL3-1B; 6B: RMSNorm + qk-norm, no qkv bias,
-# in 76B) and the InternVL3 config (Qwen2.5 with dynamic RoPE scaling, InternViT-300M-V2_5, the internvl2_5 template).
+# in 76B), the InternVL3 config (Qwen2.5 with dynamic RoPE scaling, InternViT-300M-V2_5, the internvl2_5 template) and
+# InternVL3.5's LLMs, built by internvl_chat_gpt_oss, whose code needs the transformers of its requirements.txt
+# (4.55.0, tokenizers 0.21.4): Qwen3 (q/k-norm, head_dim apart from hidden / heads), Qwen3-MoE (per-expert modules,
+# softmax-then-top-k routing) and GPT-OSS (grouped experts with biases, top-k-then-softmax routing, attention sinks,
+# a sliding window on every other layer, the harmony template).
 _V1_SECOND_LAST = {"ps_v1_layer_m2": {"ps_version": "v1", "select_layer": -2}}
+_V3_5 = dict(reference="internvl_chat_gpt_oss", transformers="4.55.0")
 CHAT_FIXTURES = {
     "internvl2-1b": ChatFixture("internvl2-1b", variants=_V1_SECOND_LAST),
     "internvl2-2b": ChatFixture("internvl2-2b"),
     "internvl2-4b": ChatFixture("internvl2-4b", long_prompt=True),
     "internvl2-76b": ChatFixture("internvl2-76b", variants=_V1_SECOND_LAST),
     "internvl3-1b": ChatFixture("internvl3-1b"),
+    "internvl3_5-1b": ChatFixture("internvl3_5-1b", **_V3_5),
+    "internvl3_5-30b-a3b": ChatFixture("internvl3_5-30b-a3b", **_V3_5),
+    "internvl3_5-gpt-oss-20b-a4b": ChatFixture("internvl3_5-gpt-oss-20b-a4b", **_V3_5),
 }
 
 
@@ -96,6 +114,7 @@ class CGFixture:
 
     num_query_token: int = 96  # the reference's decoder layers hard-code InternVL-14B's 96 queries
     reference: str = "internvl_g"
+    transformers: str = "4.37.2"
 
 
 CG_FIXTURES = {"internvl-14b": CGFixture()}
@@ -119,6 +138,7 @@ class DropPath(nn.Module):
     def forward(self, x):
         return x
 """,
+    "timm/layers.py": "from timm.models.layers import DropPath\n",  # where internvl_chat_gpt_oss imports it from
     "torchvision/__init__.py": "",
     "torchvision/transforms.py": "InterpolationMode = None\n",
 }
@@ -190,8 +210,10 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
             p.copy_(0.02 * noise)
         elif name.endswith(("query_tokens", "class_embedding", "position_embedding")):
             p.copy_(0.5 * noise)
-        elif "embed_tokens" in name or "tok_embeddings" in name or "embed_in" in name:
+        elif "embed_tokens" in name or "tok_embeddings" in name or "embed_in" in name or name.endswith("sinks"):
             p.copy_(noise)
+        elif p.ndim == 3:  # grouped experts [E, in, out] (GPT-OSS)
+            p.copy_(noise / math.sqrt(p.shape[1]))
         else:
             p.copy_(noise / math.sqrt(p[0].numel()))
 
@@ -201,7 +223,7 @@ QWEN_BPE_SIZE = 512  # the first ranks of Qwen's BPE: 256 bytes and 256 merges, 
 
 
 def write_small_qwen_tokenizer(out: Path, version: str) -> tuple[int, dict]:
-    """Qwen2 / Qwen2.5 tokenizer files (vocab.json, merges.txt, tokenizer_config.json ...) over the first
+    """Qwen2 / Qwen2.5 / Qwen3 tokenizer files (vocab.json, merges.txt, tokenizer_config.json ...) over the first
     ``QWEN_BPE_SIZE`` ranks of the real Qwen BPE, then Qwen's added tokens and the nine InternVL ones, so a fixture
     needs no 151k-row embedding. Returns (vocab size, LLM special ids)."""
     from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
@@ -257,7 +279,9 @@ def _released_style_sentencepiece(user_symbols: list[str], vocab_size: int = 400
 
 def write_tokenizer(style: str, out: Path) -> tuple[int, dict]:
     """The tokenizer files of ``style`` (``Release.tokenizer``); returns (vocab size, LLM special ids)."""
-    if style in ("qwen2", "qwen2.5"):
+    from internvl_tune.testing.tokenizers import QWEN_ADDED_TOKENS
+
+    if style in QWEN_ADDED_TOKENS:
         return write_small_qwen_tokenizer(out, style)
     from internvl_tune.testing import tiny_chat
 
@@ -292,6 +316,15 @@ def _margins(scores) -> float:
     return min(float((g[:, 0] - g[:, 1]).min()) for g in gaps)
 
 
+def one_process_group() -> None:
+    """A gloo group of one rank, for reference code that reduces over ranks (InternVL-C/G's training forward, and
+    internvl_chat_gpt_oss's loss, which averages its token weights over ranks)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
+
+
 def make_chat(name: str, fx: ChatFixture, out_root: Path, pixels: torch.Tensor) -> dict:
     from internvl.model.internvl_chat import InternVLChatConfig, InternVLChatModel
 
@@ -307,6 +340,7 @@ def make_chat(name: str, fx: ChatFixture, out_root: Path, pixels: torch.Tensor) 
     randomize_(model, seed_of(name))
     model.to(torch.bfloat16).save_pretrained(str(ckpt), safe_serialization=True)
     tokenizer = reference_tokenizer(ckpt, release.family)
+    one_process_group()
 
     meta = {"like": fx.like, "family": release.family, "template": release.template, "tiles": CHAT_TILES,
             "question": QUESTION, "answer": ANSWER, "batch_questions": BATCH_QUESTIONS, "variants": {}}
@@ -315,8 +349,9 @@ def make_chat(name: str, fx: ChatFixture, out_root: Path, pixels: torch.Tensor) 
         cfg = InternVLChatConfig.from_pretrained(str(ckpt))
         for key, value in overrides.items():
             setattr(cfg, key, value)
+        # .float(): internvl_chat_gpt_oss builds mlp1 in bf16, which from_pretrained keeps (a no-op for the others)
         ref = InternVLChatModel.from_pretrained(str(ckpt), config=cfg, torch_dtype=torch.float32,
-                                                use_flash_attn=False).eval()
+                                                use_flash_attn=False).float().eval()
         ref.img_context_token_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
         conversation = _conversation(ref)
         prompt_ids = tokenizer(conversation(QUESTION, None, CHAT_TILES), return_tensors="pt").input_ids
@@ -336,8 +371,11 @@ def make_chat(name: str, fx: ChatFixture, out_root: Path, pixels: torch.Tensor) 
         tensors[prefix + "logsumexp"] = out.logits[0].logsumexp(-1)
         tensors[prefix + "vision_features"] = features
         if variant == "default":
-            tensors.update({f"grad/{k}": v for k, v in gradients(ref, CHAT_GRADIENTS).items()})
-        if variant == "default":
+            patterns = CHAT_GRADIENTS + MOE_GRADIENTS.get(release.family, ())
+            tensors.update({f"grad/{k}": v for k, v in gradients(ref, patterns).items()})
+            if release.family in MOE_GRADIENTS:
+                aux_patterns = CHAT_GRADIENTS[:1] + CHAT_GRADIENTS[2:3] + MOE_GRADIENTS[release.family][:1]
+                entry["aux"] = _aux_loss(ref, pixels, ids, flags, labels, aux_patterns, tensors)
             entry.update(_chat_generation(ref, tokenizer, pixels, prompt_ids, conversation))
             if fx.long_prompt:
                 entry["long"] = _long_prompt(ref, tokenizer, pixels, config, tensors)
@@ -347,12 +385,33 @@ def make_chat(name: str, fx: ChatFixture, out_root: Path, pixels: torch.Tensor) 
     return meta
 
 
+def _aux_loss(ref, pixels, ids, flags, labels, patterns, tensors) -> dict:
+    """The load-balancing loss as the reference's fine-tuning runs a mixture-of-experts LLM (it turns
+    ``output_router_logits`` on for GPT-OSS; a Qwen3-MoE config may): its forward adds ``router_aux_loss_coef`` x
+    transformers' ``load_balancing_loss_func`` of the routers' outputs to the loss. Stored: that loss, the auxiliary
+    loss alone and the gradients of the sum where the auxiliary loss reaches (the routers, and through the hidden
+    states they read the attention and the projector)."""
+    ref.zero_grad(set_to_none=True)
+    out = ref(pixel_values=pixels, input_ids=ids, image_flags=flags, labels=labels, return_dict=True,
+              output_router_logits=True)
+    out.loss.backward()
+    tensors.update({f"aux/grad/{k}": v for k, v in gradients(ref, patterns).items()})
+    return {"loss": out.loss.item(), "aux_loss": out.aux_loss.item(),
+            "router_aux_loss_coef": ref.language_model.router_aux_loss_coef}
+
+
 # Whose gradients of the loss are kept: the projector, a ViT MLP, a fused (or first) attention input projection, the
-# last decoder MLP, the final norm and the LM head.
+# last decoder MLP (every expert of it that got tokens, for a mixture of experts), the final norm and the LM head;
+# for a mixture of experts also every router, and GPT-OSS's attention sinks.
 CHAT_GRADIENTS = (r"mlp1\.[13]\.weight", r"vision_model\.encoder\.layers\.1\.mlp\.fc2\.weight",
                   r"language_model\.model\.layers\.0\.(attention\.wqkv|self_attn\.(qkv|q)_proj)\.weight",
-                  r"language_model\.model\.layers\.1\.(mlp\.down_proj|feed_forward\.w2)\.weight",
+                  r"language_model\.model\.layers\.1\.(mlp\.down_proj\.weight|feed_forward\.w2\.weight"
+                  r"|mlp\.experts\.\d+\.down_proj\.weight|mlp\.experts\.down_proj)",
                   r"language_model\.model\.norm\.weight", r"language_model\.(lm_head|output)\.weight")
+MOE_GRADIENTS = {"qwen3_moe": (r"language_model\.model\.layers\.\d+\.mlp\.gate\.weight",),
+                 "gpt_oss": (r"language_model\.model\.layers\.\d+\.mlp\.router\.weight",
+                             r"language_model\.model\.layers\.1\.mlp\.experts\.down_proj_bias",
+                             r"language_model\.model\.layers\.\d+\.self_attn\.sinks")}
 CG_GRADIENTS = (r"text_projection", r"logit_scale", r"query_tokens", r"itm_head\.weight",
                 r"clip_projector2?\.cross_attn\.(q|proj)\.weight",
                 r"qllama\.model\.layers\.0\.cross_attn\.[kv]_proj\.weight",
@@ -379,11 +438,20 @@ def logit_positions(ids: torch.Tensor, labels: torch.Tensor, image_token: int) -
     return sorted(set(around + supervised + [len(ids) - 1]))
 
 
+def get_conv_template(name: str):
+    """The reference's conversation template ``name`` (``internvl_chat`` keeps it in ``internvl/conversation.py``,
+    ``internvl_chat_gpt_oss`` beside its model)."""
+    try:
+        from internvl.conversation import get_conv_template as get
+    except ImportError:
+        from internvl.model.internvl_chat.conversation import get_conv_template as get
+    return get(name)
+
+
 def _conversation(ref):
     """``conversation(question, answer, tiles)``: the prompt text as the reference's ``chat`` builds it (its template
     and system message, ``<image>`` in front, the image tokens of ``tiles`` tiles); ``answer`` None ends with the
     assistant's header, as a generation prompt."""
-    from internvl.conversation import get_conv_template
 
     def build(question: str, answer: str | None, tiles: int) -> str:
         template = get_conv_template(ref.template)
@@ -400,8 +468,6 @@ def _chat_generation(ref, tokenizer, pixels, prompt_ids, conversation) -> dict:
     """Greedy generation as the reference's ``chat`` (one question, both tiles; and one without an image) and
     ``batch_chat`` (two questions, one tile each, left padding) run it; the token ids come from its ``generate`` with
     the same arguments."""
-    from internvl.conversation import get_conv_template
-
     sep = get_conv_template(ref.template).sep.strip()
     eos = tokenizer.convert_tokens_to_ids(sep)
     args = dict(max_new_tokens=GREEDY_TOKENS, do_sample=False)
@@ -473,7 +539,6 @@ def _narrow_cross_attention(vision_width: int) -> None:
 
 
 def make_cg(name: str, fx: CGFixture, out_root: Path, pixels: torch.Tensor) -> dict:
-    import torch.distributed as dist
     from internvl.model.internvl_stage2_retrieval import InternVL_C, InternVL_G, InternVLConfig, InternVLModel
     from transformers import LlamaTokenizer
 
@@ -495,8 +560,7 @@ def make_cg(name: str, fx: CGFixture, out_root: Path, pixels: torch.Tensor) -> d
     randomize_(model, seed_of(name))  # lm_head and embed_tokens differ in the files; loading ties them (lm_head's win)
     model.to(torch.bfloat16).save_pretrained(str(ckpt), safe_serialization=True)
 
-    if not dist.is_initialized():  # its training forward gathers over ranks
-        dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
+    one_process_group()  # its training forward gathers over ranks
     tensors, meta = {}, {"captions": CG_CAPTIONS, "negatives": CG_NEGATIVES, "image_ids": CG_IMAGE_IDS}
     # the retrieval tokenizer adds EOS (clip_benchmark and the fine-tuning data both do)
     eos_tokenizer = LlamaTokenizer.from_pretrained(str(ckpt), add_eos_token=True)
@@ -564,10 +628,20 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.manual_seed(SEED)
-    names = args.only or [*CHAT_FIXTURES, *CG_FIXTURES]
-    unknown = set(names) - set(CHAT_FIXTURES) - set(CG_FIXTURES)
+    fixtures = {**CHAT_FIXTURES, **CG_FIXTURES}
+    unknown = set(args.only or ()) - set(fixtures)
     if unknown:
-        parser.error(f"unknown fixtures {sorted(unknown)}; known: {[*CHAT_FIXTURES, *CG_FIXTURES]}")
+        parser.error(f"unknown fixtures {sorted(unknown)}; known: {[*fixtures]}")
+    import transformers
+
+    installed = transformers.__version__
+    names = [n for n in args.only or fixtures if fixtures[n].transformers == installed]
+    wrong = [n for n in args.only or fixtures if n not in names]
+    if args.only and wrong:
+        parser.error(f"{wrong} are made with another transformers than {installed} (the fixture's ``transformers``): "
+                     "put that one first on PYTHONPATH (see the docstring)")
+    for name in wrong:
+        print(f"{name}: kept (made with transformers {fixtures[name].transformers}, not {installed})", flush=True)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     inputs_file = out / "inputs.safetensors"
@@ -587,7 +661,7 @@ def main(argv=None) -> None:
     sys.path.insert(0, str(scratch))
     versions = library_versions()
     for name in names:
-        fx = CHAT_FIXTURES.get(name) or CG_FIXTURES[name]
+        fx = fixtures[name]
         provenance = {"reference": reference_commit(args.reference, [fx.reference]), "versions": versions}
         with reference_package(args.reference / fx.reference):
             torch.manual_seed(SEED)

@@ -4,7 +4,7 @@
 
 Writes the photos (resized, some cropped tall or wide so tiling sees many aspect ratios), short H.264 videos made
 from them with PyAV, the chat JSONL files of the four sample kinds with their meta JSON, a preference JSONL (DPO /
-MPO) with its own meta JSON, and the same photos as a
+MPO) with its own meta JSON, GRPO prompt lines with answers and their meta JSON, and the same photos as a
 mini retrieval / caption set in the COCO-Karpathy, Flickr30K and NoCaps layouts (copies of images/ under the names
 those layouts use; git stores identical files once). Captions and answers are our own. Output is deterministic.
 """
@@ -409,6 +409,38 @@ def preference_files(out: Path) -> None:
     (out / "preference_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
+def prompt_files(out: Path) -> None:
+    """``prompts.jsonl`` / ``video_prompts.jsonl`` (GRPO / GSPO prompt lines with answers for the built-in rewards:
+    a number, an option letter, a box, a word) over the photos and clips, and ``prompts_meta.json`` naming both."""
+    def human(text):
+        return [{"from": "human", "value": text}]
+
+    rows = [
+        {"image": "astronaut.jpg", "conversations": human("<image>\nWhat colour is the astronaut's suit? Answer with "
+                                                           "one word."), "answer": "orange"},
+        {"conversations": human("What is 12 + 30? Put the final answer in \\boxed{}.") +
+         [{"from": "gpt", "value": "12 + 30 = 42, so the answer is \\boxed{42}."}]},
+        {"image": ["rocket.jpg", "astronaut.jpg"],
+         "conversations": human("<image>\n<image>\nWhich image shows a rocket?\n(A) the first\n(B) the second\n"
+                                "Answer with the option's letter."), "answer": "A"},
+        {"image": "astronaut.jpg", "conversations": human("<image>\nWhere is the helmet? Answer with its box."),
+         "answer": "<ref>the helmet</ref><box>[[566, 680, 1000, 1000]]</box>"},
+        {"image": "chelsea.jpg", "conversations": human("How many cats are in the picture? Think inside "
+                                                        "<think></think> first, then answer with a number."),
+         "solution": "1"},
+        {"conversations": human("法国的首都是哪里？只回答城市名。"), "answer": "巴黎"},
+    ]
+    jsonl(out / "prompts.jsonl", rows)
+    videos = [{"video": "chelsea_short.mp4", "conversations": human("<video>\nWhat animal is in the video? Answer "
+                                                                    "with one word."), "answer": "cat"}]
+    jsonl(out / "video_prompts.jsonl", videos)
+    meta = {"sample_prompts": {"root": "images/", "annotation": "prompts.jsonl", "data_augment": False,
+                               "repeat_time": 1, "length": len(rows)},
+            "sample_video_prompts": {"root": "videos/", "annotation": "video_prompts.jsonl", "data_augment": False,
+                                     "repeat_time": 1, "length": len(videos)}}
+    (out / "prompts_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
 def link(target: Path, link_path: Path) -> None:
     """Copy a photo into a dataset layout (a copy, not a symlink, so any checkout works; git stores it once)."""
     link_path.parent.mkdir(parents=True, exist_ok=True)
@@ -489,6 +521,7 @@ def main(out: Path = HERE) -> None:
         write_video(out / "videos" / file, out / "images" / f"{photo}.jpg", motion, frames, size)
     write_meta(out, chat_files(out, sizes))
     preference_files(out)
+    prompt_files(out)
     retrieval_sets(out, sizes)
     total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and not p.is_symlink())
     print(f"wrote {out} ({total / 1e6:.2f} MB)")

@@ -63,6 +63,20 @@ def test_tiny_ratios_are_medians_of_alternated_rounds(tiny_run):
 
 
 @pytest.mark.slow
+def test_tiny_internvl3_5_parts_run_their_families_against_the_plain_loop(tiny_run):
+    """lora8b_35, moe30b and gptoss20b on the CPU: the tiny shape of each family (Qwen3, Qwen3-MoE, GPT-OSS), ours
+    alternated with the plain loop, MFU and its target on the MoE part's active parameters."""
+    _, out = tiny_run
+    parts = {p["name"]: p for p in _report(out)["parts"]}
+    for name, shape in (("lora8b_35", "tiny-qwen3"), ("moe30b", "tiny-qwen3-moe"), ("gptoss20b", "tiny-gpt-oss")):
+        n = parts[name]["numbers"]
+        assert parts[name]["status"] == "ok" and n["shape"] == shape and n["llm_layers"] == 2, name
+        assert n["ours"]["repeats"] == n["plain"]["repeats"] >= 3 and n["ours"]["mfu"] > 0
+        assert n["variant"] == "ours + ckpt True + LoRA r4"
+    assert [t["name"] for t in parts["moe30b"]["targets"]][0] == "MFU (active parameters) >= 25%"
+
+
+@pytest.mark.slow
 def test_tiny_markdown_has_the_environment_and_a_row_per_part(tiny_run):
     _, out = tiny_run
     text = (out / "verify.md").read_text()

@@ -85,7 +85,7 @@ def test_merge_lora_keeps_the_trained_lm_head(tiny_dirs, tmp_path, capsys):
     assert not (tmp_path / "m2").exists()
 
 
-@pytest.mark.parametrize("like", ["internvl2-1b", "internvl2-2b", "internvl3-9b"])
+@pytest.mark.parametrize("like", ["internvl2-1b", "internvl2-2b", "internvl3-9b", "internvl3_5-8b"])
 def test_peft_loads_the_adapter_like_load_adapter(like, tiny_dirs, tmp_path):
     from peft import PeftModel
 
@@ -156,7 +156,7 @@ def _module_tree(state: dict[str, torch.Tensor]) -> nn.Module:
     return root
 
 
-@pytest.mark.parametrize("like", ["internvl2-1b", "internvl2-2b", "internvl2-4b", "internvl3-9b"])
+@pytest.mark.parametrize("like", ["internvl2-1b", "internvl2-2b", "internvl2-4b", "internvl3-9b", "internvl3_5-8b"])
 def test_original_name_adapter_merges_like_the_native_one(like, tiny_dirs, tmp_path):
     """peft on a module tree with the original InternVLChatModel names gives the native merge after key mapping."""
     from peft import PeftModel
@@ -171,7 +171,7 @@ def test_original_name_adapter_merges_like_the_native_one(like, tiny_dirs, tmp_p
     convert_adapter(tmp_path / "native", tmp_path / "original", "original")
     keys = load_file(str(tmp_path / "original" / "adapter_model.safetensors"))
     qkv = {"internvl2-1b": "self_attn.q_proj", "internvl2-2b": "attention.wqkv", "internvl2-4b": "self_attn.qkv_proj",
-           "internvl3-9b": "self_attn.q_proj"}
+           "internvl3-9b": "self_attn.q_proj", "internvl3_5-8b": "self_attn.q_proj"}
     assert f"base_model.model.language_model.model.layers.0.{qkv[like]}.lora_A.weight" in keys
     assert "base_model.model.mlp1.1.weight" in keys  # the projector keeps training under LLM LoRA
     assert keys["base_model.model.vision_model.encoder.layers.0.attn.qkv.lora_A.weight"].shape[0] == 3 * 2
@@ -185,6 +185,56 @@ def test_original_name_adapter_merges_like_the_native_one(like, tiny_dirs, tmp_p
         torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=0, msg=key)
     with pytest.raises(CheckpointError, match="keyed by the original InternVL2 module names"):
         load_adapter(load_pretrained(base), tmp_path / "original")
+
+
+@pytest.mark.parametrize("like", ["internvl3_5-30b-a3b", "internvl3_5-gpt-oss-20b-a4b"])
+def test_expert_lora_in_the_original_layout_gives_the_adapted_logits(like, tiny_dirs, tmp_path):
+    """LoRA on the experts, converted to the original names: Qwen3-MoE's per-expert linears each get their pair
+    (gate_proj / up_proj: the two halves of gate_up_proj's B rows, one A), GPT-OSS's grouped experts keep peft's
+    layout. peft merges it into a module tree of the original checkpoint's tensors (per expert for Qwen3-MoE), and
+    that checkpoint gives the logits of the native model with its adapter in place."""
+    import shutil
+
+    from peft import PeftModel
+
+    base = tiny_dirs(like)
+    chat = load_pretrained(base)
+    spec = LayoutSpec.from_original(chat.original_config)
+    base_original = to_original(chat.model.state_dict(), spec)
+    add_lora(chat, llm_rank=4, expert_lora=True)
+    _train(chat, lm_head=False, projector=False)
+    expected = _logits(chat)
+    save_adapter(chat, tmp_path / "native")
+    convert_adapter(tmp_path / "native", tmp_path / "original", "original")
+    keys = load_file(str(tmp_path / "original" / "adapter_model.safetensors"))
+    config = json.loads((tmp_path / "original" / "adapter_config.json").read_text())
+    experts = "base_model.model.language_model.model.layers.1.mlp.experts."
+    if "gpt-oss" in like:
+        assert config["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+        assert keys[experts + "base_layer.lora_A.weight"].shape == (8 * 4, 64)  # 8 experts x rank 4, hidden 64
+    else:
+        assert "target_parameters" not in config or not config["target_parameters"]
+        assert not any(".experts.lora_" in k or ".experts.base_layer." in k for k in keys)
+        gate, up = experts + "5.gate_proj.lora_B.weight", experts + "5.up_proj.lora_B.weight"
+        assert keys[gate].shape == keys[up].shape == (32, 4) and not torch.equal(keys[gate], keys[up])
+        assert torch.equal(keys[experts + "5.gate_proj.lora_A.weight"], keys[experts + "5.up_proj.lora_A.weight"])
+        assert keys[experts + "5.down_proj.lora_A.weight"].shape == (4, 32)
+
+    tree = _module_tree(base_original)
+    if "gpt-oss" in like:  # peft reads a grouped parameter's layout from its module class: the original's own
+        from transformers import GptOssConfig
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+        for layer in tree.language_model.model.layers.children():
+            experts = GptOssExperts(GptOssConfig(**chat.original_config["llm_config"]))
+            experts.load_state_dict(dict(layer.mlp.experts.named_parameters()))
+            layer.mlp.experts = experts
+    tree = PeftModel.from_pretrained(tree, str(tmp_path / "original")).merge_and_unload()
+    merged = tmp_path / "merged"
+    shutil.copytree(base, merged, ignore=shutil.ignore_patterns("model*.safetensors*"))
+    save_file({k: v.contiguous() for k, v in tree.state_dict().items()}, str(merged / "model.safetensors"))
+    torch.testing.assert_close(_logits(load_pretrained(merged)), expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(_logits(load_pretrained(base)), expected, atol=1e-3)  # the experts' LoRA counts
 
 
 def test_a_trained_part_of_a_fused_linear_has_no_original_name(tiny_dirs, tmp_path):

@@ -14,7 +14,7 @@ from internvl_tune.models.internvl_chat.loading import iter_tensors
 # The Qwen cases carry the real 151k-token vocabulary, so their three saves and loads take ~15 s.
 LIKES = [pytest.param("internvl2-1b", marks=pytest.mark.slow), "internvl2-2b", "internvl2-4b", "internvl2-26b",
          "internvl2-40b", "internvl2-76b", "internvl2_5-8b", "internvl3-9b",
-         pytest.param("internvl3-38b", marks=pytest.mark.slow)]
+         pytest.param("internvl3-38b", marks=pytest.mark.slow), "internvl3_5-8b"]
 # InternLM2 / InternLM3: their native save adds a tokenizer.json that transformers can load
 SENTENCEPIECE = ("internvl2-2b", "internvl2-26b", "internvl2_5-8b", "internvl3-9b")
 

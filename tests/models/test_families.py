@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from chat_helpers import chat_logits, image_inputs
+from chat_helpers import chat_logits, image_inputs, train_on_sample
 
 from internvl_tune.errors import CheckpointError
 from internvl_tune.models.internvl_chat import config as cfg
@@ -151,35 +151,14 @@ def test_mixture_of_experts_is_refused(where, tiny_dirs, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------- fine-tuning
-SAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sample"
-
-
-def _run(model, out, **model_flags):
-    """Two steps of ``internvl-tune train`` in-process on sample images; returns (losses, the resolved template)."""
-    from internvl_tune.data.config import DataConfig
-    from internvl_tune.models.internvl_chat.recipe import ChatRecipe, ModelArgs
-    from internvl_tune.train.config import RunConfig, TrainArgs
-    from internvl_tune.train.trainer import run
-
-    meta = out.parent / "meta.json"
-    meta.write_text(json.dumps({"sample_image": {"root": str(SAMPLE / "images"), "annotation": str(SAMPLE / "image.jsonl"),
-                                                 "data_augment": False, "repeat_time": 1, "length": 14}}))
-    cfg = RunConfig(
-        model=ModelArgs(model_name_or_path=str(model), freeze_backbone=True, grad_checkpoint="False", **model_flags),
-        data=DataConfig(meta_path=str(meta), max_dynamic_patch=2, max_seq_length=1024),  # no --conv_style
-        train=TrainArgs(output_dir=str(out), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3,
-                        logging_steps=1, save_steps=1000, dataloader_num_workers=0, report_to="none", seed=0))
-    recipe = ChatRecipe(cfg.model, cfg.data)
-    return run(recipe, cfg).losses, recipe.data.conv_style
-
-
-@pytest.mark.parametrize("like", ["internvl2_5-8b", "internvl3-9b", pytest.param("internvl3-8b", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("like", ["internvl2_5-8b", "internvl3-9b", pytest.param("internvl3-8b", marks=pytest.mark.slow),
+                                  pytest.param("internvl3_5-8b", marks=pytest.mark.slow)])
 def test_full_and_lora_fine_tuning_with_the_checkpoint_template(like, tiny_dirs, tmp_path):
     from internvl_tune.models.internvl_chat.lora import load_adapter
 
     base = tiny_dirs(like)
     for name, flags in (("full", {}), ("lora", {"use_llm_lora": 4, "freeze_llm": True, "freeze_mlp": True})):
-        losses, template = _run(base, tmp_path / name, **flags)
+        losses, template = train_on_sample(base, tmp_path / name, **flags)
         assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses) and template == "internvl2_5"
         trained = load_pretrained(tmp_path / name)
         assert (trained.template, trained.family) == ("internvl2_5", RELEASES[like].family)

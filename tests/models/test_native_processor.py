@@ -37,7 +37,7 @@ def _processor(out: Path, monkeypatch):
 
 
 @pytest.mark.parametrize("like", ["internvl2-1b", "internvl2-2b", "internvl2-4b", "internvl2-40b", "internvl2-76b",
-                                  "internvl2_5-8b", "internvl3-9b"])
+                                  "internvl2_5-8b", "internvl3-9b", "internvl3_5-8b"])
 def test_transformers_alone_gives_our_inputs_and_logits(like, tiny_dirs, tmp_path, monkeypatch):
     from transformers import AutoModelForImageTextToText
 

@@ -15,12 +15,13 @@ from internvl_tune.models.internvl_chat import load_pretrained
 from internvl_tune.testing.tiny_chat import HF_CHAT_TEMPLATE
 
 
-def test_hf_release_takes_its_template_and_matches_transformers(tiny_dirs, tmp_path):
+@pytest.mark.parametrize("like, family", [("internvl3-1b-hf", "qwen2"), ("internvl3_5-8b-hf", "qwen3")])
+def test_hf_release_takes_its_template_and_matches_transformers(like, family, tiny_dirs, tmp_path):
     from transformers import AutoModelForImageTextToText
 
-    path = tiny_dirs("internvl3-1b-hf")
+    path = tiny_dirs(like)
     chat = load_pretrained(path)
-    assert chat.template == "internvl2_5" and chat.family == "qwen2"
+    assert chat.template == "internvl2_5" and chat.family == family
     ids, pixel_values = image_inputs(chat, tiles=2)
     plain = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():

@@ -32,14 +32,14 @@ def _fake_bitsandbytes(linear4bit=None) -> types.ModuleType:
     return bnb
 
 
-def _recipe(**flags) -> ChatRecipe:
-    return ChatRecipe(ModelArgs(model_name_or_path="unused", load_in_4bit=True, **flags), DataConfig(meta_path="m"))
+def _recipe(model, **flags) -> ChatRecipe:
+    return ChatRecipe(ModelArgs(model_name_or_path=str(model), load_in_4bit=True, **flags), DataConfig(meta_path="m"))
 
 
 def test_a_missing_bitsandbytes_is_named_with_the_install_command(monkeypatch, tiny_dirs):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` raises ImportError
     with pytest.raises(UserError, match=r"--load_in_4bit needs the bitsandbytes package.*pip install bitsandbytes"):
-        _recipe(use_llm_lora=16)
+        _recipe(tiny_dirs("internvl2-1b"), use_llm_lora=16)
     monkeypatch.setattr(chat_module, "load_weights", lambda *a: pytest.fail("weights were read"))
     with pytest.raises(UserError, match="pip install bitsandbytes"):
         load_pretrained(tiny_dirs("internvl2-1b"), load_in_4bit=True)
@@ -53,21 +53,21 @@ def test_a_bitsandbytes_without_kernels_for_the_device_is_refused_before_loading
         load_pretrained(tiny_dirs("internvl2-1b"), load_in_4bit=True)
 
 
-def test_several_ranks_are_refused(monkeypatch):
+def test_several_ranks_are_refused(monkeypatch, tiny_dirs):
     monkeypatch.setitem(sys.modules, "bitsandbytes", _fake_bitsandbytes())
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
-    recipe = _recipe(use_llm_lora=16)
+    recipe = _recipe(tiny_dirs("internvl2-1b"), use_llm_lora=16)
     monkeypatch.setattr(recipe, "_load_chat", lambda *a: pytest.fail("the model was loaded"))
     with pytest.raises(UserError, match=r"--load_in_4bit trains in one process.*2 ranks.*--nproc_per_node 1"):
         recipe.build_module(torch.bfloat16, device="cuda")
 
 
-def test_a_trainable_4bit_llm_is_refused(monkeypatch):
+def test_a_trainable_4bit_llm_is_refused(monkeypatch, tiny_dirs):
     monkeypatch.setitem(sys.modules, "bitsandbytes", _fake_bitsandbytes())
     with pytest.raises(UserError, match="add --use_llm_lora R .* or --freeze_llm True"):
-        _recipe()
-    _recipe(freeze_llm=True)  # a frozen 4-bit LLM under a trained projector is fine
+        _recipe(tiny_dirs("internvl2-1b"))
+    _recipe(tiny_dirs("internvl2-1b"), freeze_llm=True)  # a frozen 4-bit LLM under a trained projector is fine
 
 
 @pytest.mark.parametrize("argv, value", [(["--load_in_4bit"], True), (["--quantization_bit", "4"], True),

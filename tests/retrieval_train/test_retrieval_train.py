@@ -3,6 +3,7 @@
 Run: pytest tests/retrieval_train -x
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -131,6 +132,23 @@ def test_loss_decreases_and_the_export_evaluates(tiny_ckpt, sample_root, tmp_pat
                  "--pretrained", str(tmp_path / "run"), "--output", str(tmp_path / "r.json")]) == 0
 
 
+def test_the_resolution_defaults_to_the_checkpoints(tiny_ckpt, sample_root, tmp_path):
+    """A run at 56 px (the 28 px position embeddings interpolated) exports a 56 px checkpoint; training on from it
+    takes 56 px without the flag, and the flag's default is the checkpoint's, not 224."""
+    from train_helpers import run_retrieval as run
+
+    from internvl_tune.models.internvl_cg.recipe import RetrievalRecipe
+
+    run(_cfg(tiny_ckpt, sample_root, tmp_path / "run", max_steps=1, force_image_size=56, **HEAD))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["force_image_size"] == 56
+    again = _cfg(tmp_path / "run", sample_root, tmp_path / "again", force_image_size=None, **HEAD)
+    recipe = RetrievalRecipe(again.model, again.data, gather_fn=None)
+    assert recipe.data.force_image_size == 56  # settled when the recipe is built, before any weight is read
+    assert recipe.build_module(torch.float32).model.vision_model.image_size == 56
+    base = _cfg(tiny_ckpt, sample_root, tmp_path / "base", force_image_size=None)
+    assert RetrievalRecipe(base.model, base.data, gather_fn=None).data.force_image_size == 28
+
+
 @pytest.mark.slow
 def test_resume_gives_the_uninterrupted_losses(tiny_ckpt, sample_root, tmp_path):
     from train_helpers import run_retrieval as run
@@ -196,7 +214,7 @@ def test_flags_env_and_yaml_precedence(tmp_path):
     assert cfg.model.vit_layer_decay_rate == 0.9  # environment default
     assert cfg.model.qllama_layer_decay_rate == 0.7  # YAML beats the environment
     assert cfg.train.learning_rate == 1e-6  # flags beat YAML
-    assert cfg.data.max_seq_length == 80 and cfg.data.force_image_size == 224
+    assert cfg.data.max_seq_length == 80 and cfg.data.force_image_size is None  # the checkpoint's
 
 
 def test_unknown_dataset_name_is_a_user_error(tiny_ckpt, tmp_path):

@@ -178,3 +178,18 @@ def test_existing_checkpoints_need_resume_or_overwrite(tiny_1b, tmp_path, subset
     run(_cfg(tiny_1b, meta, tmp_path / "run", max_steps=1, save_steps=1))
     with pytest.raises(UserError, match="resume_from_checkpoint auto"):
         run(_cfg(tiny_1b, meta, tmp_path / "run", max_steps=2))
+
+
+def test_the_data_settings_are_the_checkpoints_once_the_recipe_exists(tiny_1b, monkeypatch):
+    """Template and tiling come from config.json when the recipe is built, before (and without) any weight."""
+    from internvl_tune.errors import UserError
+    from internvl_tune.models.internvl_chat import chat as chat_module
+    from internvl_tune.models.internvl_chat.recipe import ChatRecipe
+
+    monkeypatch.setattr(chat_module, "load_weights", lambda *a: pytest.fail("weights were read"))
+    recipe = ChatRecipe(ModelArgs(model_name_or_path=str(tiny_1b)), DataConfig(meta_path="m"))
+    d = recipe.data
+    assert d.resolved and (d.conv_style, d.force_image_size, d.max_dynamic_patch, d.use_thumbnail) == \
+        ("Hermes-2", 56, 12, True)
+    with pytest.raises(UserError, match="--force_image_size 448 differs from .*image_size 56"):
+        ChatRecipe(ModelArgs(model_name_or_path=str(tiny_1b)), DataConfig(meta_path="m", force_image_size=448))

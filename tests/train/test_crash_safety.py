@@ -225,7 +225,7 @@ LEFT_OPEN = """
 import torch
 from internvl_tune.train.runtime import make_loader
 loader = iter(make_loader(list(range(8)), [[0, 1], [2, 3]], torch.utils.data.default_collate, 2))
-print(next(loader).tolist())
+print(next(loader).batch.tolist())
 """
 
 

@@ -141,3 +141,19 @@ def test_auto_on_a_gpu_asks_for_its_free_memory(monkeypatch):
     assert Trainer._resolve_grad_checkpoint(fake, 0.5) == (0.5, "")
     cpu = SimpleNamespace(info=SimpleNamespace(device=torch.device("cpu")), memory_estimate=fake.memory_estimate)
     assert Trainer._resolve_grad_checkpoint(cpu, "auto")[0] == 1.0
+
+
+def test_moe_estimate_holds_every_expert_and_the_active_width():
+    """A mixture-of-experts LLM: model states are every expert's bytes; activations grow with the routed copies and
+    the router, checked against the formula written out."""
+    from torch import nn
+
+    from internvl_tune.train import memory
+
+    model = nn.Linear(4, 4, bias=False)  # stand-in: states do not depend on the MoE shape
+    common = dict(world_size=1, tokens_per_micro_batch=1000, hidden=64, ffn=2 * 32, num_layers=3,
+                  grad_checkpoint=0.0)
+    dense = memory.estimate_training_memory(model, [], **common)
+    moe = memory.estimate_training_memory(model, [], **common, moe=dict(top_k=2, experts=8))
+    extra = (memory.MOE_ROUTED_BYTES * 2 * 64 + memory.MOE_ROUTER_BYTES * 8) * 1000 * 3
+    assert abs((moe.activations - dense.activations) * 2**30 - extra) < 1e-3

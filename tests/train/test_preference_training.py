@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from internvl_tune.data.config import DataConfig
-from internvl_tune.models.internvl_chat.preference_loss import PreferenceArgs
+from internvl_tune.models.internvl_chat.objectives import objective_section
 from internvl_tune.models.internvl_chat.recipe import ModelArgs
 from internvl_tune.train.config import RunConfig, TrainArgs
 from internvl_tune.train.metrics import read_jsonl
@@ -27,8 +27,7 @@ LORA = dict(use_llm_lora=4, freeze_mlp=True)
 
 def _run(model, out, model_flags=LORA, **train):
     """An in-process MPO run on the preference sample (LoRA by default)."""
-    from internvl_tune.dist import all_reduce_sum
-    from internvl_tune.models.internvl_chat.preference import PreferenceRecipe
+    from internvl_tune.cli.train import recipe
     from internvl_tune.train.trainer import run
 
     cfg = RunConfig(
@@ -37,9 +36,9 @@ def _run(model, out, model_flags=LORA, **train):
                         max_dynamic_patch=2),
         train=TrainArgs(**{"output_dir": str(out), "max_steps": 4, "save_steps": 2, "per_device_train_batch_size": 2,
                            "learning_rate": 2e-3, "dataloader_num_workers": 0, "report_to": "none", "seed": 0, **train}),
-        preference=PreferenceArgs(objective="mpo"),
+        objective=objective_section()(objective="mpo"),
     )
-    return run(PreferenceRecipe(cfg.model, cfg.data, cfg.preference, all_reduce_sum), cfg)
+    return run(recipe(cfg), cfg)
 
 
 def _rows(out: Path) -> dict[int, tuple]:

@@ -67,14 +67,30 @@ def measure_matmul_peak(device: torch.device, n: int = 8192, repeats: int = 10) 
 
 def param_counts(model) -> dict:
     """Parameters of a transformers ``InternVLForConditionalGeneration`` by part, for FLOP counts: ``llm`` (without
-    the embedding table, a lookup; with the LM head), ``vit`` and ``proj``."""
+    the embedding table, a lookup; with the LM head), ``vit`` and ``proj``.
+
+    A mixture-of-experts LLM counts its *active* parameters: each token runs through ``num_experts_per_tok`` of
+    ``num_experts`` experts, so every expert tensor counts that share of its size (routers in full); MFU is then
+    measured on the FLOPs the tokens need, as the MoE literature reports it."""
+    from internvl_tune.models.common.moe import experts_modules
+
     lm = model.model.language_model
     emb = lm.embed_tokens.weight.numel()
+    inactive = 0
+    for _, experts in experts_modules(lm):
+        share = 1 - lm.config.num_experts_per_tok / experts.num_experts
+        inactive += share * sum(p.numel() for name, p in experts.named_parameters() if not name.startswith("lora_"))
     return {
-        "llm": sum(p.numel() for p in lm.parameters()) - emb + model.lm_head.weight.numel(),
+        "llm": sum(p.numel() for p in lm.parameters()) - emb + model.lm_head.weight.numel() - int(inactive),
         "vit": sum(p.numel() for p in model.model.vision_tower.parameters()),
         "proj": sum(p.numel() for p in model.model.multi_modal_projector.parameters()),
     }
+
+
+def attention_width(text_config) -> int:
+    """Width of the attention products, heads x head_dim: not the hidden size in every LLM (Qwen3-0.6B, 4B, 32B)."""
+    head_dim = getattr(text_config, "head_dim", None)
+    return text_config.num_attention_heads * head_dim if head_dim else text_config.hidden_size
 
 
 def step_flops(counts: dict, text_config, samples: list[SyntheticSample], lora: bool = False) -> float:
@@ -83,7 +99,7 @@ def step_flops(counts: dict, text_config, samples: list[SyntheticSample], lora: 
     t = text_config
     tokens = sum(s.tokens for s in samples)
     flops = train_flops(counts["llm"], True, counts["vit"], counts["proj"], tokens, sum(s.tiles for s in samples),
-                        t.num_hidden_layers, t.hidden_size, [s.tokens for s in samples])
+                        t.num_hidden_layers, attention_width(t), [s.tokens for s in samples])
     return flops - (2 * counts["llm"] * tokens if lora else 0)
 
 
@@ -91,7 +107,8 @@ def train_flops(llm_params: int, trainable_llm: bool, vit_params: int, proj_para
                 layers: int, hidden: int, seq_lens: list[int]) -> float:
     """FLOPs of one training step: 6·N·T for trained parameters, 2·N·T for frozen forward-only ones, plus attention.
 
-    Attention (causal, per sample of length s): forward 2·2·s²/2·hidden per layer (QKᵀ and AV), x3 with backward.
+    Attention (causal, per sample of length s): forward 2·2·s²/2·hidden per layer (QKᵀ and AV), x3 with backward;
+    ``hidden`` is the attention width (:func:`attention_width`).
     Embedding-table lookups are not FLOPs and are excluded from ``llm_params`` by the caller.
     """
     llm = (6 if trainable_llm else 2) * llm_params * llm_tokens
@@ -108,7 +125,7 @@ def phase_flops(counts: dict, text_config, samples: list[SyntheticSample], lora:
     attention's backward is twice its forward."""
     t = text_config
     tokens, tiles = sum(s.tokens for s in samples), sum(s.tiles for s in samples)
-    attention = sum(2 * s.tokens * s.tokens * t.hidden_size * t.num_hidden_layers for s in samples)  # forward
+    attention = sum(2 * s.tokens * s.tokens * attention_width(t) * t.num_hidden_layers for s in samples)  # forward
     projector = 2 * counts["proj"] * tiles * TOKENS_PER_TILE
     forward = 2 * counts["llm"] * tokens + attention + 2 * counts["vit"] * tiles * VIT_TOKENS_PER_TILE + projector
     backward = (2 if lora else 4) * counts["llm"] * tokens + 2 * attention + (0 if lora else 2 * projector)

@@ -19,16 +19,18 @@ from internvl_tune.bench.common import SyntheticSample, materialize, param_count
 from internvl_tune.bench.compare import MemoryWatch, Repeat, timed
 from internvl_tune.bench.shapes import native_config
 from internvl_tune.data.batching import ChatCollator, PackedBatchSampler
+from internvl_tune.models.common import moe
+from internvl_tune.models.common.moe import experts_modules
 from internvl_tune.models.internvl_chat.chat import InternVLChat
 from internvl_tune.models.internvl_chat.config import original_from_native
 
 
-def build_chat(shape: str, attn: str, device: torch.device) -> InternVLChat:
-    """A random-weight InternVL2 of ``shape`` in bf16 with a frozen ViT (the trainer then keeps fp32 masters of what
-    trains: ``train.optim.fp32_master_weights``)."""
+def build_chat(shape: str, attn: str, device: torch.device, llm_layers: int | None = None) -> InternVLChat:
+    """A random-weight InternVL2 of ``shape`` (``llm_layers`` of its LLM layers) in bf16 with a frozen ViT (the
+    trainer then keeps fp32 masters of what trains: ``train.optim.fp32_master_weights``)."""
     from transformers import InternVLForConditionalGeneration
 
-    cfg = native_config(shape, attn)
+    cfg = native_config(shape, attn, llm_layers)
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # build in bf16: a 26B shape would not fit in fp32
@@ -38,6 +40,8 @@ def build_chat(shape: str, attn: str, device: torch.device) -> InternVLChat:
     finally:
         torch.set_default_dtype(default)
     model.model.vision_tower.requires_grad_(False)
+    if any(True for _ in experts_modules(model)):  # grouped experts, as load_pretrained sets for MoE checkpoints
+        model.model.language_model.set_experts_implementation(moe.register())
     # The benchmark feeds token ids directly, so a stand-in tokenizer only has to name the image token's id.
     tokenizer = SimpleNamespace(convert_tokens_to_ids=lambda token: cfg.image_token_id, pad_token_id=0)
     return InternVLChat(model, tokenizer, original_from_native(cfg.to_dict()))
@@ -182,7 +186,8 @@ def variant_name(base: str, compile: bool, grad_checkpoint: str, mode: float | s
 
 
 def build_ours(shape: str, samples: list[SyntheticSample], device: torch.device, packed_tokens: int,
-               compile: bool = False, grad_checkpoint: str = "False", lora_rank: int = 0) -> StepLoop:
+               compile: bool = False, grad_checkpoint: str = "False", lora_rank: int = 0,
+               llm_layers: int | None = None) -> StepLoop:
     """Chat fine-tuning as ``internvl-tune train --use_packed_ds True --bf16 True`` runs it, on packs of
     ``samples`` (frozen ViT; with ``lora_rank``: LoRA with dropout 0.05 on the LLM, the rest frozen)."""
     from internvl_tune.dist.parallelize import parse_grad_checkpoint
@@ -190,13 +195,13 @@ def build_ours(shape: str, samples: list[SyntheticSample], device: torch.device,
 
     memory = MemoryWatch(device)
     with memory.holding():
-        chat = build_chat(shape, "sdpa", device)
+        chat = build_chat(shape, "sdpa", device, llm_layers)
         counts = param_counts(chat.model)
         if lora_rank:
             from internvl_tune.models.internvl_chat.lora import add_lora
 
             chat.model.requires_grad_(False)
-            add_lora(chat, llm_rank=lora_rank)
+            add_lora(chat, llm_rank=lora_rank, expert_lora=chat.is_moe)  # MoE: the experts too (--moe_experts auto)
         module = ChatTrainModule(chat)
         stepper, estimate, mode, note = prepare_step(module, chat, device, compile,
                                                      parse_grad_checkpoint(grad_checkpoint), packed_tokens,

@@ -3,6 +3,9 @@
 - :class:`PlainLoop`: fp32 parameters + bf16 autocast, SDPA, batch 1, frozen vision tower, full-vocabulary loss
   inside ``model(..., labels=...)``, ``torch.optim.AdamW``. Its LoRA form is what a user writes with transformers +
   peft: a bf16 base, peft LoRA on q/k/v/o/gate/up/down (alpha 2r, dropout 0.05), optional gradient checkpointing.
+  A mixture-of-experts LLM (InternVL3.5-30B-A3B, GPT-OSS) runs transformers' own experts forward (``grouped_mm``, its
+  default) and gets peft's LoRA on the grouped experts too (``target_parameters``, as ours puts LoRA on them), with
+  dropout 0: peft refuses dropout on expert LoRA.
 - :class:`PlainDPOLoop`: DPO as trl users write it, without trl: one pair per step, chosen and rejected answers as
   two padded rows of one batch (the pixels repeated for both, as InternVL's ``MultimodalDPOTrainer`` does), a
   reference forward with peft's ``disable_adapter()`` under ``no_grad``, the policy forward, per-row sums of the
@@ -25,11 +28,15 @@ LORA_TARGETS = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|
 WARM_SAMPLES = 2  # an eager loop needs no compilation: two samples warm the allocator and cuBLAS
 
 
-def plain_model(shape: str, device: torch.device, lora_rank: int, grad_checkpoint: bool):
+def plain_model(shape: str, device: torch.device, lora_rank: int, grad_checkpoint: bool,
+                llm_layers: int | None = None):
     """``(model, config, parameter counts)``: the shape with random weights as a user sets it up (see above)."""
     from transformers import InternVLForConditionalGeneration
 
-    cfg = native_config(shape, "sdpa")
+    from internvl_tune.models.common.moe import EXPERT_LORA_PARAMS
+    from internvl_tune.models.internvl_chat import families
+
+    cfg = native_config(shape, "sdpa", llm_layers)
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16 if lora_rank else torch.float32)  # built in its dtype: no fp32 copy
@@ -43,8 +50,11 @@ def plain_model(shape: str, device: torch.device, lora_rank: int, grad_checkpoin
     if lora_rank:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.05,
-                                                 target_modules=LORA_TARGETS))
+        moe = families.by_native_type(cfg.text_config.model_type).moe
+        experts = dict(target_parameters=[f"{moe.experts}.{p}" for p in EXPERT_LORA_PARAMS]) if moe else {}
+        model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank,
+                                                 lora_dropout=0.0 if moe else 0.05, target_modules=LORA_TARGETS,
+                                                 **experts))
     if grad_checkpoint:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -76,11 +86,11 @@ class PlainLoop(BatchOneLoop):
     """The plain transformers (+ peft) fine-tuning loop on synthetic samples, batch 1 (see the module docstring)."""
 
     def __init__(self, shape: str, samples: list[SyntheticSample], device: torch.device, lora_rank: int = 0,
-                 grad_checkpoint: bool = False):
+                 grad_checkpoint: bool = False, llm_layers: int | None = None):
         self.device, self.samples, self.lora = device, samples, bool(lora_rank)
         self.memory = MemoryWatch(device)
         with self.memory.holding():
-            self.model, cfg, self.counts = plain_model(shape, device, lora_rank, grad_checkpoint)
+            self.model, cfg, self.counts = plain_model(shape, device, lora_rank, grad_checkpoint, llm_layers)
         self.text_config = cfg.text_config
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-5)
         self.data = [materialize(s, cfg.image_token_id, cfg.text_config.vocab_size, i) for i, s in enumerate(samples)]

@@ -75,8 +75,8 @@ def build_ours_preference(objective: str, shape: str, pairs: list[SyntheticPair]
     from internvl_tune.dist import all_reduce_sum
     from internvl_tune.dist.parallelize import parse_grad_checkpoint
     from internvl_tune.models.internvl_chat.lora import add_lora
-    from internvl_tune.models.internvl_chat.preference import PreferenceTrainModule
-    from internvl_tune.models.internvl_chat.preference_loss import PreferenceArgs
+    from internvl_tune.models.internvl_chat.objectives.preference import PreferenceTrainModule
+    from internvl_tune.models.internvl_chat.objectives.preference_loss import PreferenceArgs
 
     memory = MemoryWatch(device)
     with memory.holding():

@@ -28,6 +28,7 @@ import torch
 
 from internvl_tune.bench.common import measure_matmul_peak, synthetic_samples
 from internvl_tune.bench.compare import MIN_REPEATS, LoopStats, alternate, ratio, schedule
+from internvl_tune.bench.shapes import SHAPES
 from internvl_tune.cli.flags import description
 from internvl_tune.errors import UserError
 
@@ -45,7 +46,8 @@ def parse_variant(variant: str) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="internvl2-2b", help="internvl2-1b | internvl2-2b | internvl2-4b | internvl2-8b")
+    parser.add_argument("--shape", default="internvl2-2b", choices=list(SHAPES), metavar="SHAPE",
+                        help=f"architecture to build: {', '.join(SHAPES)} (default: internvl2-2b)")
     parser.add_argument("--samples", type=int, default=64, help="synthetic samples (1-7 tiles, 64-1024 text tokens)")
     parser.add_argument("--warmup", type=int, default=4,
                         help="untimed packed steps of each of our variants before timing (compilation); the plain "
@@ -55,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=MIN_REPEATS,
                         help=f"timed rounds, alternating the loops (at least {MIN_REPEATS})")
     parser.add_argument("--packed_tokens", type=int, default=8192, help="token budget of a packed row (ours)")
+    parser.add_argument("--llm_layers", type=int, default=None,
+                        help="run this many of the LLM's decoder layers (default: all); both loops stay in memory, "
+                             "so a model too large for two copies on one GPU (InternVL3.5-30B-A3B, GPT-OSS-20B-A4B) is "
+                             "cut in depth")
     parser.add_argument("--variants", default="plain,ours",
                         help="comma list of: plain[+lora<rank>][+ckpt] (at most one) and ours[+compile]"
                              "[+ckpt[FRACTION|selective]][+lora<rank>][+profile] (e.g. plain+lora16+ckpt,"
@@ -82,11 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     packs, waste = packs_of(samples, args.packed_tokens)
     warm, rounds = schedule(packs, args.warmup, args.steps, args.repeats)
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
-    base = {"shape": args.shape, "matmul_peak_tflops": peak, "device": name, "torch": torch.__version__}
+    base = {"shape": args.shape, "llm_layers": args.llm_layers, "matmul_peak_tflops": peak, "device": name,
+            "torch": torch.__version__}
     plain_spec = next((v for v in variants.values() if v["plain"]), None)
     plain = None
     if plain_spec is not None:
-        plain = PlainLoop(args.shape, samples, device, plain_spec["lora_rank"], plain_spec["grad_checkpoint"] != "False")
+        plain = PlainLoop(args.shape, samples, device, plain_spec["lora_rank"], plain_spec["grad_checkpoint"] != "False",
+                          args.llm_layers)
     rows, plain_repeats = [], []
     for name, spec in variants.items():
         if spec["plain"]:
@@ -97,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         loop = None
         try:  # one failing variant must not cost the others' numbers
             loop = build_ours(args.shape, samples, device, args.packed_tokens, spec["compile"],
-                              spec["grad_checkpoint"], spec["lora_rank"])
+                              spec["grad_checkpoint"], spec["lora_rank"], args.llm_layers)
             stats = alternate([loop] + ([plain] if plain else []), warm, rounds)
             row = stats[loop.name].summary(peak) | base | {"estimate_gib": loop.estimate_gib, "padding_waste": waste}
             if spec["compile"]:

@@ -85,6 +85,18 @@ PARTS: list[Part] = [
          "InternVL-14B full 364 px step: one GPU's share of an 8-GPU FSDP2 run, scaled from 1/8 and 1/4 depth"),
     Part("auto", 90, "internvl_tune.bench.verify_parts:auto",
          "--grad_checkpoint auto on InternVL2-8B LoRA: the mode it picks here, its estimate vs the measured peak"),
+    # InternVL3.5 (a second call: --parts lora8b_35,moe30b,gptoss20b; the default budget is spent before them)
+    Part("lora8b_35", 150, "internvl_tune.bench.verify_parts:lora8b",
+         "InternVL3.5-8B (Qwen3) LoRA r16 + checkpointing, compiled, vs the plain transformers + peft loop",
+         {"shape": "internvl3_5-8b", "tiny_shape": "tiny-qwen3", "x_plain": 5.0}),
+    Part("moe30b", 150, "internvl_tune.bench.verify_parts:moe_lora",
+         "InternVL3.5-30B-A3B LoRA r16 on attention + experts, compiled, MFU on active parameters, vs the plain "
+         "transformers + peft loop (12 of 48 LLM layers)",
+         {"shape": "internvl3_5-30b-a3b", "tiny_shape": "tiny-qwen3-moe", "llm_layers": 12, "mfu": 0.25}),
+    Part("gptoss20b", 150, "internvl_tune.bench.verify_parts:moe_lora",
+         "InternVL3.5-GPT-OSS-20B-A4B LoRA r16 on attention + experts (sinks, sliding window), compiled, vs the plain "
+         "transformers + peft loop (8 of 24 LLM layers)",
+         {"shape": "internvl3_5-gpt-oss-20b-a4b", "tiny_shape": "tiny-gpt-oss", "llm_layers": 8}),
 ]
 
 

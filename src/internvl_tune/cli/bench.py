@@ -20,6 +20,9 @@ SCRIPTS = {
     "smoke": ("internvl_tune.bench.gpu_smoke",
               "the training CLIs with tiny checkpoints, torch.compile on and off: losses must agree"),
     "plot": ("internvl_tune.bench.plot", "redraw throughput.png from the bench_*.json files of a folder"),
+    "grpo": ("internvl_tune.bench.grpo",
+             "GRPO rollouts: our generation against transformers' generate, and a step's generation / update split "
+             "(CUDA; --tiny on the CPU)"),
     "qlora": ("internvl_tune.bench.qlora_check",
               "QLoRA (4-bit LLM + LoRA) steps on a random-weight shape: peak memory against the estimate (CUDA; "
               "the estimate alone anywhere)"),
@@ -35,6 +38,7 @@ EPILOG = """examples:
   internvl-tune bench smoke --out /tmp/smoke
   internvl-tune bench plot docs/perf
   internvl-tune bench qlora --shape internvl2-76b --steps 6      (needs bitsandbytes)
+  internvl-tune bench grpo --shape internvl2-2b --out bench_grpo.json
 
 Results recorded so far, with the commands that produced them: docs/performance.md."""
 

@@ -16,12 +16,14 @@ MODEL is a checkpoint directory (original or native layout), a LoRA adapter dire
 directory (its merged or fully trained model when it holds config.json, else its adapter/), or one of the run's
 checkpoint-N directories (the run's base model with the trained tensors of that step). An adapter is loaded onto
 the base checkpoint recorded in its adapter_config.json (base_model_name_or_path) unless --base names another.
-Prompt building and the stop token follow the checkpoint's conversation template (config.json "template").
-Greedy decoding unless --temperature > 0."""
+Prompt building and the stop token follow the checkpoint's conversation template (config.json "template"); the
+system message is the one it was fine-tuned with unless --thinking_mode says otherwise. Greedy decoding unless
+--temperature > 0."""
 
 
 def register(subparsers, name: str, help_text: str) -> None:
     from internvl_tune.cli.flags import add_flag
+    from internvl_tune.data.templates import THINKING_MODES
 
     parser = subparsers.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,6 +38,10 @@ def register(subparsers, name: str, help_text: str) -> None:
     add_flag(parser, "--max_new_tokens", "--max-new-tokens", type=int, default=512,
              help="stop after this many new tokens (default: 512)")
     parser.add_argument("--temperature", type=float, default=0.0, help="> 0 samples; 0 is greedy")
+    add_flag(parser, "--thinking_mode", "--thinking-mode", choices=THINKING_MODES, default="auto",
+             help="on: InternVL3.5's thinking system prompt (it reasons inside <think>...</think> first; its model "
+                  "card suggests --temperature 0.6), off: the template's default system message, auto: what the "
+                  "checkpoint was fine-tuned with (the releases: the default) (default: auto)")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                         help="default: bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
@@ -68,10 +74,12 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from internvl_tune.data.images import load_image
+    from internvl_tune.data.templates import thinking_system_message
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     chat = load_model(args.model, args.base, dtype=dtype, device=device)
+    chat.system_message = thinking_system_message(args.thinking_mode, chat.system_message)
     pixel_values, tiles = None, None
     if args.image:
         pixel_values, tiles = chat.image_processor([load_image(p, where="--image") for p in args.image],

@@ -10,7 +10,7 @@ import dataclasses
 from internvl_tune.cli.flags import add_bool_flag
 from internvl_tune.constants import IGNORE_INDEX, IMG_CONTEXT_TOKEN
 from internvl_tune.data.config import DataConfig
-from internvl_tune.models.internvl_chat.preference_loss import PreferenceArgs
+from internvl_tune.data.templates import THINKING_SYSTEM_MESSAGE
 
 # training-only settings that change nothing a check looks at
 NOT_CHECKED = {"meta_path", "eval_meta_path", "use_packed_ds", "max_packed_tokens", "num_images_expected",
@@ -27,7 +27,11 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--tokenizer", help="tokenizer directory, if not the checkpoint's")
     group = p.add_argument_group("data settings (as for training; the checkpoint's when not given)")
     add_dataclass_flags(group, DataConfig, skip=NOT_CHECKED)
-    add_dataclass_flags(group, PreferenceArgs, skip={f.name for f in dataclasses.fields(PreferenceArgs)} - {"objective"})
+    from internvl_tune.models.internvl_chat.objectives import OBJECTIVES
+
+    group.add_argument("--objective", choices=tuple(OBJECTIVES), default="sft",
+                       help="the training objective whose lines these are: " + "; ".join(
+                           f"{o.name}: {o.reader.__name__}" for o in OBJECTIVES.values()) + " (default: sft)")
     p.add_argument("--max_errors", type=int, default=50, help="list at most this many problems (default: 50)")
     add_bool_flag(p, "strict", False, "warnings count as errors too (default: False)")
     p.add_argument("--show", type=int, default=0, metavar="N",
@@ -48,6 +52,7 @@ def run(args) -> int:
 
     from internvl_tune.data.check import check_meta
     from internvl_tune.data.config import RELEASE_DEFAULTS
+    from internvl_tune.models.internvl_chat.objectives import OBJECTIVES
 
     console = Console()
     defaults = RELEASE_DEFAULTS
@@ -73,7 +78,7 @@ def run(args) -> int:
             bar.advance(task, n)
 
         report = check_meta(args.meta, cfg, tokenizer, progress=advance, show=args.show if tokenizer else 0,
-                            preference=args.objective != "sft")
+                            reader=OBJECTIVES[args.objective].reader)
     _print_summary(console, report, cfg, tokenizer, args)
     failing = report.problems if args.strict else report.errors
     return 1 if failing else 0
@@ -92,6 +97,11 @@ def _print_summary(console, report, cfg, tokenizer, args) -> None:
                   f"{cfg.num_image_token} tokens, {tiles}{source})")
     for notice in report.notices:
         console.print(f"[yellow]note[/] {escape(notice)}", highlight=False, soft_wrap=True)
+    console.print(f"system message (samples without their own): {_system_kind(cfg)}; thinking answers "
+                  f"(<think>...</think> first): {report.thinking_answers} of {report.answers}")
+    if report.thinking_answers and cfg.system_message != THINKING_SYSTEM_MESSAGE:
+        console.print("[yellow]note[/] answers think first but the system message does not ask for it: InternVL3.5 "
+                      "thinks when its thinking prompt is the system message (--thinking_mode on)")
     if report.lines:
         table = Table(title="samples per epoch (repeat_time applied)")
         kinds = ("text", "image", "multi_image", "video")
@@ -135,6 +145,15 @@ def _print_summary(console, report, cfg, tokenizer, args) -> None:
     n_err, n_warn = len(report.errors), len(report.warnings)
     verdict = "[green]clean[/]" if not n_err and not (args.strict and n_warn) else "[red]problems found[/]"
     console.print(f"{verdict}: {n_err} error(s), {n_warn} warning(s)")
+
+
+def _system_kind(cfg) -> str:
+    """How the resolved system message came about, in words."""
+    if cfg.system_message is None:
+        return "the template's default"
+    if cfg.system_message == THINKING_SYSTEM_MESSAGE:
+        return f"InternVL3.5's thinking prompt (--thinking_mode {cfg.thinking_mode})"
+    return "the checkpoint's own (config.json system_message)"
 
 
 def _show_sample(console, prepared, tok) -> None:

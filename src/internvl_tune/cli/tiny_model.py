@@ -11,6 +11,7 @@ EPILOG = """examples:
   internvl-tune tiny-model --like internvl2_5-8b --out /tmp/tiny2_5-8b
   internvl-tune tiny-model --like internvl3-38b --out /tmp/tiny3-38b --image_size 28
   internvl-tune tiny-model --like internvl3-1b-hf --out /tmp/tiny3-1b-hf   (transformers' native "-hf" layout)
+  internvl-tune tiny-model --like internvl3_5-8b --out /tmp/tiny3_5-8b      (InternVL3.5: Qwen3, its tokenizer)
   internvl-tune tiny-model --like internvl-14b --out /tmp/tiny-InternVL-14B-224px   (InternVL-C/G layout)
 
 The files (config.json keys, safetensors key names, tokenizer files) follow the named release; widths and depths are

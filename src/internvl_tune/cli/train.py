@@ -1,9 +1,11 @@
-"""``internvl-tune train``: InternVL2 chat fine-tuning (supervised, or DPO / MPO preference tuning) with the reference's
-flag names."""
+"""``internvl-tune train``: InternVL2 chat fine-tuning with the reference's flag names, for every training objective of
+the registry (``models/internvl_chat/objectives``: supervised, DPO / MPO preference tuning, ...)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from pathlib import Path
 
 EPILOG = """examples:
   internvl-tune train --model_name_or_path ./pretrained/InternVL2-1B --meta_path ./shell/data/my_finetune.json \\
@@ -21,13 +23,13 @@ Precedence: command-line flags > --config YAML > defaults. The resolved config i
 
 
 def sections() -> dict:
-    """The run-config sections of chat fine-tuning."""
+    """The run-config sections of chat fine-tuning (``objective``: built from the objectives' registry)."""
     from internvl_tune.data.config import DataConfig
-    from internvl_tune.models.internvl_chat.preference_loss import PreferenceArgs
+    from internvl_tune.models.internvl_chat.objectives import objective_section
     from internvl_tune.models.internvl_chat.recipe import ModelArgs
     from internvl_tune.train.config import TrainArgs
 
-    return {"model": ModelArgs, "data": DataConfig, "train": TrainArgs, "preference": PreferenceArgs}
+    return {"model": ModelArgs, "data": DataConfig, "train": TrainArgs, "objective": objective_section()}
 
 
 # other fine-tuning tools' spellings of --load_in_4bit (LLaMA-Factory, ms-swift), accepted as hidden aliases
@@ -54,16 +56,45 @@ def register(subparsers, name: str, help_text: str) -> None:
                             help=argparse.SUPPRESS)
 
 
+def collectives():
+    """The process group's collectives, for the objectives' recipes (the library never imports ``dist``)."""
+    from internvl_tune.dist import all_gather_object_ordered, all_reduce_sum
+    from internvl_tune.dist.parallelize import gathered
+    from internvl_tune.models.internvl_chat.objectives import Collectives
+
+    return Collectives(all_reduce_sum=all_reduce_sum, all_gather_objects=all_gather_object_ordered, gathered=gathered)
+
+
 def recipe(cfg):
-    """The chat recipe of ``cfg``: supervised (``--objective sft``) or preference tuning (dpo, mpo)."""
-    from internvl_tune.models.internvl_chat.recipe import ChatRecipe
+    """The recipe of ``cfg``'s objective (``--objective``: one entry of the objectives' registry); a model built
+    from parts (``--vision_path`` + ``--llm_path``) first."""
+    from internvl_tune.models.internvl_chat.objectives import build_recipe
+    from internvl_tune.models.internvl_chat.recipe import check_parts
 
-    if cfg.preference.resolve().objective == "sft":
-        return ChatRecipe(cfg.model, cfg.data)
-    from internvl_tune.dist import all_reduce_sum
-    from internvl_tune.models.internvl_chat.preference import PreferenceRecipe
+    model = cfg.model
+    if check_parts(model):
+        model = dataclasses.replace(model, model_name_or_path=str(model_from_parts(cfg)))
+    return build_recipe(model, cfg.data, cfg.objective, collectives())
 
-    return PreferenceRecipe(cfg.model, cfg.data, cfg.preference, all_reduce_sum)
+
+def model_from_parts(cfg) -> Path:
+    """``--vision_path`` + ``--llm_path`` (+ ``--mlp_path``): rank 0 builds the model and saves it as
+    OUTPUT_DIR/initial_model (kept when a folder built from the same parts is there: a resumed run); the other ranks
+    wait for it (OUTPUT_DIR must be shared by the nodes, as for checkpoints)."""
+    from internvl_tune.dist import barrier, init_distributed
+    from internvl_tune.models.internvl_chat.assemble import save_model_from_parts
+    from internvl_tune.models.internvl_chat.recipe import parts_settings
+
+    m, t = cfg.model, cfg.train
+    out = Path(t.output_dir) / "initial_model"
+    info = init_distributed(t.device)
+    if info.is_main:
+        print(f"building the model from parts: ViT {m.vision_path} + LLM {m.llm_path}"
+              f" + projector {m.mlp_path or '(new)'} -> {out}", flush=True)
+        if not save_model_from_parts(out, m.vision_path, m.llm_path, parts_settings(m, cfg.data), m.mlp_path, t.seed):
+            print(f"{out}: built from the same parts already, kept", flush=True)
+    barrier()
+    return out
 
 
 def run(args: argparse.Namespace) -> int:

@@ -17,9 +17,8 @@ from internvl_tune.data.config import DataConfig
 from internvl_tune.data.dataset import SupervisedDataset, media_path
 from internvl_tune.data.images import image_source, load_image, num_tiles
 from internvl_tune.data.meta import DatasetSpec, read_meta, require_samples
-from internvl_tune.data.preference import PreferenceDataset
 from internvl_tune.data.preprocess import tokenizer_info
-from internvl_tune.data.templates import get_template
+from internvl_tune.data.templates import GPT, get_template, is_thinking_answer
 from internvl_tune.data.video import load_video_frames
 from internvl_tune.errors import DataError, problem_line
 
@@ -49,6 +48,8 @@ class CheckReport:
         token_lengths: tokens of each checked line (only with a tokenizer), with its repeat count.
         tiles_per_image: tiles of each checked image (thumbnail included); frames count one tile each.
         tokens_per_epoch: estimated tokens one epoch feeds the model (only with a tokenizer).
+        answers, thinking_answers: gpt answers of the checked lines (a pair: both), and those that reason inside
+            ``<think>...</think>`` first (InternVL3.5's thinking mode).
         shown: a few rendered samples (``--show``).
         notices: facts about the meta JSON worth a line (a root found in two places: which one is used).
     """
@@ -61,6 +62,8 @@ class CheckReport:
     supervised_tokens: int = 0
     tiles_per_image: Counter = field(default_factory=Counter)
     tokens_per_epoch: int = 0
+    answers: int = 0
+    thinking_answers: int = 0
     shown: list = field(default_factory=list)
     notices: list[str] = field(default_factory=list)
 
@@ -79,7 +82,7 @@ def check_meta(
     tokenizer=None,
     progress=None,
     show: int = 0,
-    preference: bool = False,
+    reader: type[SupervisedDataset] = SupervisedDataset,
 ) -> CheckReport:
     """Check every dataset, line, image and video of ``meta_path``.
 
@@ -92,7 +95,8 @@ def check_meta(
         tokenizer: when given, every sample is also tokenized: lengths, truncation, supervised tokens.
         progress: optional callable(advance: int, total: int | None) for a progress bar.
         show: render this many samples into ``report.shown`` (needs a tokenizer).
-        preference: the lines are preference pairs (``question``, ``chosen``, ``rejected``; ``data/preference.py``).
+        reader: the dataset class that reads the lines (the training objective's: conversations, preference pairs
+            ``data/preference.py``, prompts ``data/prompts.py``); its ``parse`` and ``prepare`` are the rules.
     """
     report = CheckReport()
     try:
@@ -122,8 +126,7 @@ def check_meta(
         progress(0, total)
     if not usable:
         return report
-    kind = PreferenceDataset if preference else SupervisedDataset
-    dataset = kind([s for s, _ in usable], tokenizer, cfg, is_train=False, strict=True)
+    dataset = reader([s for s, _ in usable], tokenizer, cfg, is_train=False, strict=True)
     for k, (spec, index) in enumerate(usable):
         _check_dataset(report, spec, index, cfg, dataset, k, progress, show)
     return report
@@ -166,6 +169,10 @@ def _check_line(report, spec, index, line, where, cfg, dataset, repeats: int) ->
         return [Problem(exc.where, exc.message, exc.fix)]
     item, kind = parsed.item, parsed.kind
     report.samples[(spec.name, kind)] += repeats
+    answers = [a for role, text in parsed.messages if role == GPT  # a preference line: both answers
+               for a in (text if isinstance(text, (tuple, list)) else (text,))]
+    report.answers += len(answers)
+    report.thinking_answers += sum(map(is_thinking_answer, answers))
     problems = [Problem(where, w, None, error=False) for w in parsed.warnings]
     max_patch = spec.max_dynamic_patch or cfg.max_dynamic_patch
     try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from internvl_tune.data.templates import TEMPLATES
+from internvl_tune.data.templates import TEMPLATES, THINKING_MODES, get_template, thinking_system_message
 from internvl_tune.errors import UserError
 from internvl_tune.options import option
 
@@ -27,6 +27,7 @@ class CheckpointDefaults:
     use_thumbnail: bool
     min_dynamic_patch: int
     max_dynamic_patch: int
+    system_message: str | None = None  # the checkpoint's own (config.json system_message), None: the template's
 
 
 # What every released InternVL2 / 2.5 / 3 checkpoint's config.json says (448 px tiles, 14 px patches, pixel shuffle
@@ -79,7 +80,13 @@ class DataConfig:
                                           "square=1/sqrt(n)", ("token", "sample", "square"))
     group_by_length: bool = option(True, "batch samples of similar length together (less padding)")
     allow_outside_root: bool = option(False, "allow image paths that resolve outside their dataset root")
+    thinking_mode: str = option("auto", "system message of the samples without a system turn of their own: on = "
+                                        "InternVL3.5's thinking prompt (answers reason inside <think>...</think> "
+                                        "first), off = the template's default, auto = the checkpoint's (what it was "
+                                        "fine-tuned with; the releases: the template's)", THINKING_MODES)
     num_image_token: int | None = option(None, "tokens per tile, from the checkpoint", flag=False)
+    system_message: str | None = option(None, "the system message --thinking_mode resolves to (None: the template's)",
+                                        flag=False)
 
     def resolve(self, defaults: CheckpointDefaults, where: str = "the checkpoint") -> DataConfig:
         """A copy with every ``None`` setting taken from ``defaults``; sizes the model cannot take are refused.
@@ -96,7 +103,13 @@ class DataConfig:
         values = {name: getattr(defaults, attr) for name, attr in FROM_CHECKPOINT.items() if getattr(self, name) is None}
         if values.get("conv_style", "") is None:  # a checkpoint without a template: the reference's default
             values["conv_style"] = RELEASE_DEFAULTS.template
-        return dataclasses.replace(self, **values, num_image_token=defaults.num_image_token)
+        system = thinking_system_message(self.thinking_mode, defaults.system_message)
+        conv_style = values.get("conv_style", self.conv_style)
+        if system is not None and get_template(conv_style).system_template is None:
+            raise UserError(f"--thinking_mode {self.thinking_mode} gives a system message, which the {conv_style} "
+                            "template has no place for: use --conv_style internvl2_5 (InternVL2.5 / 3 / 3.5) or "
+                            "--thinking_mode off")
+        return dataclasses.replace(self, **values, num_image_token=defaults.num_image_token, system_message=system)
 
     @property
     def resolved(self) -> bool:

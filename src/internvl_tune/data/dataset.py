@@ -184,7 +184,7 @@ class SupervisedDataset(Dataset):
             raise ValueError("resolve the DataConfig against the checkpoint first (DataConfig.resolve)")
         self.specs: list[DatasetSpec] = list(meta_or_specs)
         self.tokenizer, self.cfg = tokenizer, cfg
-        self.template = get_template(cfg.conv_style)
+        self.template = get_template(cfg.conv_style, cfg.system_message)
         self.is_train, self.seed, self.strict = is_train, seed, strict
         self.epoch = 0
         self.indexes = [Annotations.of(s) for s in self.specs]

@@ -305,7 +305,10 @@ class RetrievalDataArgs:
                                                "flickr_format or coco_format")
     data_root: str = option("./data", "folder holding flickr30k/ and coco/ for the built-in dataset names")
     max_seq_length: int = option(80, "caption tokens, EOS included; captions are padded to this length")
-    force_image_size: int = option(224, "input resolution; 364 interpolates the 224 position embeddings")
+    force_image_size: int | None = option(None, "input resolution in pixels (default: the checkpoint's: its "
+                                                "force_image_size, else its ViT's image_size); another size "
+                                                "interpolates the position embeddings, e.g. 364 for a 224 px "
+                                                "checkpoint")
 
 
 def dataset_spec(d: RetrievalDataArgs) -> dict:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -33,6 +34,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from internvl_tune.errors import UserError
 
 WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
+RECOMPILE_LIMIT = 32  # graphs per compiled code object (see parallelize)
 
 
 def clean_name(name: str) -> str:
@@ -157,10 +159,16 @@ def parallelize(module: nn.Module, blocks: list[nn.Module], *, world_size: int, 
         The blocks as they now sit in the model (wrapped where checkpointed).
     """
     if compile:
+        import torch._dynamo.config as dynamo_config
         import torch._functorch.config as functorch_config
 
         # the partitioner of every compiled block's forward + backward reads it when the block first runs
         functorch_config.activation_memory_budget = memory_budget(grad_checkpoint)
+        # Every block kind (ViT layer, LLM layer) shares one compiled code object (transformers' layer forward), and
+        # each way a run calls it is one graph: trained (first LLM layer and the others: their input needs grad or
+        # not), a reference pass (no grad, eval mode, LoRA off), generation. Preference tuning needs 6 on the CPU;
+        # past dynamo's default limit of 8 the next ones would silently run uncompiled.
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
         for block in blocks:
             block.compile(dynamic=True)
     else:
@@ -193,6 +201,33 @@ def reshard(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, FSDPModule):
             m.reshard()
+
+
+@contextmanager
+def gathered(module: nn.Module):
+    """A context in which every FSDP unit of ``module`` holds its whole parameters, also between forward calls.
+
+    Generation runs one small forward per new token; FSDP2 would all-gather each block before it and free it after
+    (a collective per block and token, which also makes every rank's token count matter). Here each unit is
+    gathered once and kept; on exit the units shard again as :func:`parallelize` set them up.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    several = dist.is_initialized() and dist.get_world_size() > 1
+    if isinstance(module, FSDPModule):
+        # Generation calls the blocks, not the root: FSDP2 must have set the root up first (a root forward would),
+        # else the first block called claims to be a root. There is no public call for it; this one is idempotent.
+        module._get_fsdp_state()._lazy_init()
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield module
+    finally:
+        for unit in units:
+            unit.set_reshard_after_forward(several, recurse=False)
+            unit.reshard()
 
 
 def _average_over_ranks(grad: torch.Tensor, world_size: int) -> torch.Tensor:

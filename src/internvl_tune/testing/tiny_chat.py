@@ -1,9 +1,9 @@
-"""Tiny random InternVL checkpoints (InternVL2, InternVL2.5, InternVL3) with the on-disk layout of each release.
+"""Tiny random InternVL checkpoints (InternVL2, 2.5, 3 and 3.5) with the on-disk layout of each release.
 
 Each one has the original ``config.json`` keys of its model (InternVLChatModel, nested ``vision_config`` and
 ``llm_config``), bf16 safetensors with the original key names (sharded with an index like the multi-GB releases) and the
-tokenizer files its LLM ships. Widths and depths are tiny, so tests and demos run in seconds. The Qwen2 / Qwen2.5 ones
-get the real tokenizer; the others get a small tokenizer trained at run time in the LLM's file format.
+tokenizer files its LLM ships. Widths and depths are tiny, so tests and demos run in seconds. The Qwen2 / Qwen2.5 /
+Qwen3 ones get the real tokenizer; the others get a small tokenizer trained at run time in the LLM's file format.
 ``RELEASES`` is the one table of what each release is made of; ``NATIVE_RELEASES`` names the transformers "-hf"
 conversions, written in transformers' native layout.
 """
@@ -21,7 +21,13 @@ import torch
 from internvl_tune.constants import IMAGENET_MEAN, IMAGENET_STD, SPECIAL_TOKENS
 from internvl_tune.errors import UserError
 from internvl_tune.models.internvl_chat import config as cfg
-from internvl_tune.testing.tokenizers import write_qwen2_tokenizer
+from internvl_tune.models.internvl_chat import families
+from internvl_tune.testing.tokenizers import (
+    QWEN_ADDED_TOKENS,
+    qwen_vocab_size,
+    write_harmony_tokenizer,
+    write_qwen2_tokenizer,
+)
 
 
 @dataclass(frozen=True)
@@ -30,12 +36,12 @@ class Release:
 
     Attributes:
         llm: the LLM it was built on.
-        family: its ``llm_config`` family (``cfg.FAMILY_BY_ARCH``).
-        tokenizer: the tokenizer files it ships: ``qwen2``, ``qwen2.5``, ``internlm2``, ``internlm3``, ``phi3``, ``yi``
-            or ``llama3``.
+        family: its ``llm_config`` family (a name of ``families.FAMILIES``).
+        tokenizer: the tokenizer files it ships: ``qwen2``, ``qwen2.5``, ``qwen3``, ``internlm2``, ``internlm3``,
+            ``phi3``, ``yi``, ``llama3`` or ``o200k_harmony`` (GPT-OSS).
         vision: the InternViT release (the 6B ones have RMSNorm, qk-norm and no qkv bias).
         template: ``config.json`` ``template``.
-        series: ``internvl2``, ``internvl2_5`` or ``internvl3``: which config keys the series writes.
+        series: ``internvl2``, ``internvl2_5``, ``internvl3`` or ``internvl3_5``: which config keys the series writes.
     """
 
     llm: str
@@ -48,7 +54,7 @@ class Release:
 
 VIT_300M, VIT_300M_V2_5 = "InternViT-300M-448px", "InternViT-300M-448px-V2_5"
 VIT_6B, VIT_6B_V2_5 = "InternViT-6B-448px-V1-5", "InternViT-6B-448px-V2_5"
-_V2, _V25, _V3 = "internvl2", "internvl2_5", "internvl3"
+_V2, _V25, _V3, _V35 = "internvl2", "internvl2_5", "internvl3", "internvl3_5"
 RELEASES = {
     "internvl2-1b": Release("Qwen2-0.5B-Instruct", "qwen2", "qwen2", VIT_300M, "Hermes-2", _V2),
     "internvl2-2b": Release("internlm2-chat-1_8b", "internlm2", "internlm2", VIT_300M, "internlm2-chat", _V2),
@@ -71,9 +77,25 @@ RELEASES = {
     "internvl3-14b": Release("Qwen2.5-14B", "qwen2", "qwen2.5", VIT_300M_V2_5, "internvl2_5", _V3),
     "internvl3-38b": Release("Qwen2.5-32B", "qwen2", "qwen2.5", VIT_6B_V2_5, "internvl2_5", _V3),
     "internvl3-78b": Release("Qwen2.5-72B", "qwen2", "qwen2.5", VIT_6B_V2_5, "internvl2_5", _V3),
+    # InternVL3.5 dense: Qwen3 (its -Pretrained / -Instruct / -MPO stages share the layout, config keys and tokenizer)
+    "internvl3_5-1b": Release("Qwen3-0.6B", "qwen3", "qwen3", VIT_300M_V2_5, "internvl2_5", _V35),
+    "internvl3_5-2b": Release("Qwen3-1.7B", "qwen3", "qwen3", VIT_300M_V2_5, "internvl2_5", _V35),
+    "internvl3_5-4b": Release("Qwen3-4B", "qwen3", "qwen3", VIT_300M_V2_5, "internvl2_5", _V35),
+    "internvl3_5-8b": Release("Qwen3-8B", "qwen3", "qwen3", VIT_300M_V2_5, "internvl2_5", _V35),
+    "internvl3_5-14b": Release("Qwen3-14B", "qwen3", "qwen3", VIT_300M_V2_5, "internvl2_5", _V35),
+    "internvl3_5-38b": Release("Qwen3-32B", "qwen3", "qwen3", VIT_6B_V2_5, "internvl2_5", _V35),
+    # InternVL3.5 mixture-of-experts: Qwen3-MoE (experts stored one tensor each) and GPT-OSS (grouped experts,
+    # attention sinks, sliding window on every other layer; the o200k_harmony tokenizer format)
+    "internvl3_5-30b-a3b": Release("Qwen3-30B-A3B", "qwen3_moe", "qwen3", VIT_300M_V2_5, "internvl2_5", _V35),
+    "internvl3_5-241b-a28b": Release("Qwen3-235B-A22B", "qwen3_moe", "qwen3", VIT_6B_V2_5, "internvl2_5", _V35),
+    "internvl3_5-gpt-oss-20b-a4b": Release("gpt-oss-20b", "gpt_oss", "o200k_harmony", VIT_300M_V2_5,
+                                           "internvl3_5_gpt_oss", _V35),
 }
 # transformers' native ("-hf") conversions: like -> the original release it converts.
-NATIVE_RELEASES = {"internvl3-1b-hf": "internvl3-1b"}
+NATIVE_RELEASES = {"internvl3-1b-hf": "internvl3-1b",
+                   **{f"{like}-hf": like for like in RELEASES if like.startswith("internvl3_5-")}}
+# The series whose configs carry InternVL3's extra keys (image_fold, InternViT's switched-off MoE settings).
+_FROM_V3 = (_V3, _V35)
 # The InternVL3 vision configs carry the (switched off) mixture-of-experts settings of InternViT's code.
 _VIT_MOE_KEYS = {
     "capacity_factor": 1.2, "eval_capacity_factor": 1.4, "laux_allreduce": "all_nodes", "moe_coeff_ratio": 0.5,
@@ -81,6 +103,7 @@ _VIT_MOE_KEYS = {
     "num_routed_experts": 4, "num_shared_experts": 4, "shared_expert_intermediate_size": 3072, "use_moe": False,
     "use_residual": True, "use_rts": False, "use_weighted_residual": False,
 }
+QWEN_SPECIAL_IDS = {"bos_token_id": 151643, "eos_token_id": 151645}  # <|endoftext|>, <|im_end|> in every Qwen LLM config
 INTERNLM2_CHAT_TOKENS = ["<|plugin|>", "<|interpreter|>", "<|action_end|>", "<|action_start|>", "<|im_end|>", "<|im_start|>"]
 PHI3_ADDED = ["<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>",
               "<|placeholder4|>", "<|system|>", "<|end|>", "<|placeholder5|>", "<|placeholder6|>", "<|user|>"]
@@ -101,9 +124,9 @@ Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 256 448 2024. Boxes: [[12, 34, 56, 78]] and (
 def _vision_config(release: Release, image_size: int) -> dict:
     """InternViT-300M (LayerNorm, qkv bias) or InternViT-6B (RMSNorm, qk-norm, no qkv bias), tiny."""
     large = "6B" in release.vision
-    scaled = large or release.series == _V3  # layer-scale init 0.1 (InternViT-6B, and InternVL3's 300M)
+    scaled = large or release.series in _FROM_V3  # layer-scale init 0.1 (InternViT-6B, and InternVL3's 300M)
     return {
-        **(_VIT_MOE_KEYS if release.series == _V3 else {}),
+        **(_VIT_MOE_KEYS if release.series in _FROM_V3 else {}),
         "architectures": ["InternVisionModel"],
         "attention_dropout": 0.0,
         "drop_path_rate": 0.0,
@@ -127,16 +150,93 @@ def _vision_config(release: Release, image_size: int) -> dict:
     }
 
 
+def _qwen2_keys(release: Release) -> dict:
+    if release.tokenizer == "qwen2":
+        return dict(rope_theta=1000000.0, sliding_window=4096, use_sliding_window=False, max_window_layers=2,
+                    attention_dropout=0.0, rope_scaling=None)
+    # Qwen2.5, with InternVL's dynamic rope scaling written in both spellings
+    keys = dict(rope_theta=1000000.0, sliding_window=32768, use_sliding_window=False, max_window_layers=70,
+                attention_dropout=0.0, rope_scaling={"factor": 2.0, "rope_type": "dynamic", "type": "dynamic"})
+    return keys | ({"moe_config": None} if release.series == _V3 else {})
+
+
+def _internlm2_keys(release: Release) -> dict:
+    keys = dict(bias=False, rope_theta=1000000.0, attn_implementation="eager",
+                rope_scaling={"type": "dynamic", "factor": 2.0},
+                auto_map={"AutoConfig": "configuration_internlm2.InternLM2Config",
+                          "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
+                          "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"})
+    if release.series != _V2:  # InternLM2.5's config as InternVL2.5 ships it
+        keys.update(pretraining_tp=1, rms_norm_eps=1e-5)
+        keys["auto_map"]["AutoModelForSequenceClassification"] = "modeling_internlm2.InternLM2ForSequenceClassification"
+    return keys
+
+
+def _internlm3_keys(release: Release) -> dict:
+    # head_dim is its own key: here not hidden_size / heads, to exercise it
+    return dict(bias=False, qkv_bias=False, head_dim=24, rope_theta=50000000, rms_norm_eps=1e-5, attention_dropout=0.0,
+                rope_scaling={"factor": 6.0, "rope_type": "dynamic"},
+                auto_map={"AutoConfig": "configuration_internlm3.InternLM3Config",
+                          "AutoModel": "modeling_internlm3.InternLM3Model",
+                          "AutoModelForCausalLM": "modeling_internlm3.InternLM3ForCausalLM"})
+
+
+def _phi3_keys(release: Release) -> dict:
+    half = 64 // 4 // 2
+    return dict(rope_theta=10000.0, original_max_position_embeddings=256, max_position_embeddings=4096,
+                sliding_window=2047, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, rms_norm_eps=1e-5,
+                rope_scaling={"type": "su", "short_factor": [1.0 + 0.05 * i for i in range(half)],
+                              "long_factor": [1.5 + 0.25 * i for i in range(half)]})
+
+
+def _llama_keys(release: Release) -> dict:
+    return dict(rope_theta=5000000.0, attention_bias=False, mlp_bias=False, pretraining_tp=1, rope_scaling=None)
+
+
+def _qwen3_keys(release: Release) -> dict:
+    # Qwen3's config keys; head_dim is its own key (128 in the releases): here not hidden_size / heads, to exercise it
+    return dict(attention_bias=False, attention_dropout=0.0, head_dim=24, max_position_embeddings=40960,
+                max_window_layers=2, layer_types=["full_attention"] * 2, rope_theta=1000000, rope_scaling=None,
+                sliding_window=None, use_sliding_window=False)
+
+
+def _qwen3_moe_keys(release: Release) -> dict:
+    # Qwen3-30B-A3B's / Qwen3-235B-A22B's config keys (128 experts, 8 per token, norm_topk_prob true, the aux loss
+    # off: output_router_logits false) with 8 experts, 2 per token; widths multiples of 8 (grouped matmuls)
+    return dict(attention_bias=False, attention_dropout=0.0, decoder_sparse_step=1, head_dim=24,
+                max_position_embeddings=40960, max_window_layers=2, mlp_only_layers=[], moe_intermediate_size=32,
+                norm_topk_prob=True, num_experts=8, num_experts_per_tok=2, output_router_logits=False,
+                rope_scaling=None, rope_theta=1000000.0, router_aux_loss_coef=0.001, sliding_window=None,
+                use_sliding_window=False)
+
+
+def _gpt_oss_keys(release: Release) -> dict:
+    # gpt-oss-20b's config keys (32 experts, 4 per token, yarn rope, sinks, a 128-token window on every other layer,
+    # router_aux_loss_coef 0.9) with 8 experts, 2 per token and a 4-token window, so that the window acts on the
+    # tiny prompts
+    return dict(attention_bias=True, attention_dropout=0.0, experts_per_token=2, head_dim=24, hidden_act="silu",
+                initial_context_length=4096, intermediate_size=32, layer_types=["sliding_attention", "full_attention"],
+                max_position_embeddings=131072, num_experts_per_tok=2, num_local_experts=8, output_router_logits=False,
+                rms_norm_eps=1e-5, rope_theta=150000.0, router_aux_loss_coef=0.9, sliding_window=4, swiglu_limit=7.0,
+                rope_scaling={"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+                              "original_max_position_embeddings": 4096, "rope_type": "yarn", "truncate": False})
+
+
+# The keys (and rope style) each family's llm_config adds to the common ones, for a release: one entry per family.
+TINY_LLM_KEYS = {"qwen2": _qwen2_keys, "internlm2": _internlm2_keys, "internlm3": _internlm3_keys, "phi3": _phi3_keys,
+                 "llama": _llama_keys, "qwen3": _qwen3_keys, "qwen3_moe": _qwen3_moe_keys, "gpt_oss": _gpt_oss_keys}
+
+
 def _llm_config(release: Release, vocab_size: int, special_ids: dict) -> dict:
     """A tiny LLM config with the keys (and rope style) of the release's LLM config."""
-    family = release.family
-    base = {
-        "architectures": [cfg.ARCH_BY_FAMILY[family]],
+    return {
+        "architectures": [families.get(release.family).architectures[0]],
         "hidden_act": "silu",
         "hidden_size": 64,
         "initializer_range": 0.02,
         "intermediate_size": 128,
         "max_position_embeddings": 4096,
+        "model_type": release.family,
         "num_attention_heads": 4,
         "num_hidden_layers": 2,
         "num_key_value_heads": 2,
@@ -146,49 +246,14 @@ def _llm_config(release: Release, vocab_size: int, special_ids: dict) -> dict:
         "use_cache": True,
         "vocab_size": vocab_size,
         **special_ids,
+        **TINY_LLM_KEYS[release.family](release),
     }
-    if release.tokenizer == "qwen2":
-        base.update(model_type="qwen2", rope_theta=1000000.0, sliding_window=4096, use_sliding_window=False,
-                    max_window_layers=2, attention_dropout=0.0, rope_scaling=None)
-    elif family == "qwen2":  # Qwen2.5, with InternVL's dynamic rope scaling written in both spellings
-        base.update(model_type="qwen2", rope_theta=1000000.0, sliding_window=32768, use_sliding_window=False,
-                    max_window_layers=70, attention_dropout=0.0,
-                    rope_scaling={"factor": 2.0, "rope_type": "dynamic", "type": "dynamic"})
-        if release.series == _V3:
-            base["moe_config"] = None
-    elif family == "internlm3":  # head_dim is its own key: here not hidden_size / heads, to exercise it
-        base.update(model_type="internlm3", bias=False, qkv_bias=False, head_dim=24, rope_theta=50000000,
-                    rms_norm_eps=1e-5, attention_dropout=0.0, rope_scaling={"factor": 6.0, "rope_type": "dynamic"},
-                    auto_map={"AutoConfig": "configuration_internlm3.InternLM3Config",
-                              "AutoModel": "modeling_internlm3.InternLM3Model",
-                              "AutoModelForCausalLM": "modeling_internlm3.InternLM3ForCausalLM"})
-    elif family == "internlm2":
-        base.update(model_type="internlm2", bias=False, rope_theta=1000000.0, attn_implementation="eager",
-                    rope_scaling={"type": "dynamic", "factor": 2.0},
-                    auto_map={"AutoConfig": "configuration_internlm2.InternLM2Config",
-                              "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
-                              "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"})
-        if release.series != _V2:  # InternLM2.5's config as InternVL2.5 ships it
-            base.update(pretraining_tp=1, rms_norm_eps=1e-5)
-            base["auto_map"]["AutoModelForSequenceClassification"] = "modeling_internlm2.InternLM2ForSequenceClassification"
-    elif family == "phi3":
-        half = 64 // 4 // 2
-        base.update(model_type="phi3", rope_theta=10000.0, original_max_position_embeddings=256,
-                    max_position_embeddings=4096, sliding_window=2047, resid_pdrop=0.0, embd_pdrop=0.0,
-                    attention_dropout=0.0, rms_norm_eps=1e-5, rope_scaling={
-                        "type": "su",
-                        "short_factor": [1.0 + 0.05 * i for i in range(half)],
-                        "long_factor": [1.5 + 0.25 * i for i in range(half)]})
-    else:
-        base.update(model_type="llama", rope_theta=5000000.0, attention_bias=False, mlp_bias=False,
-                    pretraining_tp=1, rope_scaling=None)
-    return base
 
 
 def tiny_original_config(like: str, vocab_size: int, special_ids: dict, image_size: int = 56) -> dict:
     """The original InternVLChatConfig dict of a tiny ``like`` model."""
     release = RELEASES[like]
-    extra = {"image_fold": None} if release.series == _V3 else {}
+    extra = {"image_fold": None} if release.series in _FROM_V3 else {}
     return {**extra,
         "architectures": ["InternVLChatModel"],
         "auto_map": dict(cfg.ORIGINAL_AUTO_MAP),
@@ -305,11 +370,13 @@ def _write_llama3_tokenizer(out: Path) -> tuple[int, dict]:
 
 def write_tiny_tokenizer(style: str, out: Path) -> tuple[int, dict]:
     """Write the tokenizer files of ``style``; returns (vocab size incl. InternVL tokens, LLM special ids)."""
-    if style in ("qwen2", "qwen2.5"):
+    if style in QWEN_ADDED_TOKENS:
         write_qwen2_tokenizer(out, version=style)
-        return 151655 if style == "qwen2" else 151674, {"bos_token_id": 151643, "eos_token_id": 151645}
+        return qwen_vocab_size(style), QWEN_SPECIAL_IDS
     if style == "llama3":
         return _write_llama3_tokenizer(out)
+    if style == "o200k_harmony":
+        return write_harmony_tokenizer(out, _CORPUS.splitlines() * 4)
     return _write_spm_tokenizer(out, style)
 
 
@@ -340,30 +407,40 @@ HF_CHAT_TEMPLATE = (
 
 def _write_native_release(like: str, out: Path, seed: int, image_size: int) -> None:
     """A "-hf" release written the way transformers' InternVL converter writes one: its ``InternVLConfig`` (the
-    original llm_config as ``Qwen2Config``, InternViT keys renamed) and weights through ``save_pretrained``, Qwen's
+    original llm_config as the family's native text config, InternViT keys renamed) and weights through
+    ``save_pretrained``, Qwen's
     tokenizer with the InternVL tokens and image-token names added and the chat template set, a
     ``GotOcr2ImageProcessor`` and the ``InternVLProcessor`` config. The LM head stays a tensor of its own, as in the
     releases' weight files."""
     from transformers import (
+        AutoConfig,
         GotOcr2ImageProcessor,
         InternVLConfig,
         InternVLForConditionalGeneration,
         InternVLVisionConfig,
-        Qwen2Config,
         Qwen2Tokenizer,
     )
 
+    from internvl_tune.models.internvl_chat.saving import chat_template
+
     source = NATIVE_RELEASES[like]
+    image_tokens = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>"}
     with tempfile.TemporaryDirectory() as base:  # the LLM's own tokenizer files, before InternVL's additions
-        write_qwen2_tokenizer(base, with_internvl_tokens=False, version=RELEASES[source].tokenizer)
-        tokenizer = Qwen2Tokenizer.from_pretrained(base, extra_special_tokens={
-            "start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>"})
+        if RELEASES[source].tokenizer == "o200k_harmony":
+            from transformers import PreTrainedTokenizerFast
+
+            _, special_ids = write_harmony_tokenizer(base, _CORPUS.splitlines() * 4)
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(base, extra_special_tokens=image_tokens)
+            tokenizer.chat_template = chat_template(RELEASES[source].template, system_message="")
+        else:
+            write_qwen2_tokenizer(base, with_internvl_tokens=False, version=RELEASES[source].tokenizer)
+            tokenizer = Qwen2Tokenizer.from_pretrained(base, extra_special_tokens=image_tokens)
+            tokenizer.chat_template, special_ids = HF_CHAT_TEMPLATE, QWEN_SPECIAL_IDS
     tokenizer.add_tokens(list(SPECIAL_TOKENS), special_tokens=True)
     tokenizer.model_max_length = 8192
-    tokenizer.chat_template = HF_CHAT_TEMPLATE
     tokenizer.save_pretrained(str(out))
 
-    original = tiny_original_config(source, len(tokenizer), {"bos_token_id": 151643, "eos_token_id": 151645}, image_size)
+    original = tiny_original_config(source, len(tokenizer), special_ids, image_size)
     dropped = set(_VIT_MOE_KEYS) | {"auto_map", "moe_config", "drop_path_rate", "use_flash_attn", "model_type",
                                     "architectures"}
     text = {k: v for k, v in original["llm_config"].items() if k not in dropped} | {"use_cache": True}
@@ -371,7 +448,8 @@ def _write_native_release(like: str, out: Path, seed: int, image_size: int) -> N
     vision.update(use_qk_norm=vision.pop("qk_normalization"), attention_bias=vision.pop("qkv_bias"),
                   use_absolute_position_embeddings=True)
     tokens_per_tile = cfg.num_image_token(original)
-    config = InternVLConfig(text_config=Qwen2Config(**text), vision_config=InternVLVisionConfig(**vision),
+    text_config = AutoConfig.for_model(families.get(RELEASES[source].family).native_type, **text)
+    config = InternVLConfig(text_config=text_config, vision_config=InternVLVisionConfig(**vision),
                             image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
                             image_seq_length=tokens_per_tile, tie_word_embeddings=False)
     config.architectures = ["InternVLForConditionalGeneration"]

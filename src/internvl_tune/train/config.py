@@ -87,13 +87,14 @@ IGNORED_FLAGS = {
 
 @dataclass
 class RunConfig:
-    """The resolved configuration of one run: the recipe's ``model`` and ``data`` sections, :class:`TrainArgs`, and
-    the sections only some recipes have (``preference``)."""
+    """The resolved configuration of one run: the recipe's ``model`` and ``data`` sections, :class:`TrainArgs`, and,
+    for model families with several training objectives, the ``objective`` section (the chosen objective and the
+    flags of every registered one: ``models.internvl_chat.objectives.objective_section``)."""
 
     model: Any
     data: Any
     train: TrainArgs = field(default_factory=TrainArgs)
-    preference: Any = None
+    objective: Any = None
 
     def to_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}

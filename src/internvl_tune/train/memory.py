@@ -19,6 +19,11 @@ Per rank, with ``W`` ranks (FSDP2 shards model states evenly):
   (bf16) and a mask (1 byte) of each adapted linear's input in every uncheckpointed layer; compiled blocks keep a
   share of their activations set by the compiler's memory budget (``BUDGET_CURVE``); plus the loss chunk's fp32
   logits.
+- mixture-of-experts LLMs: every expert's weights are resident (model states count every parameter); activations
+  follow the *active* width, ``ffn`` = experts per token x expert width, plus, per uncheckpointed layer and token,
+  the routed copies of its input and of the experts' outputs (``top_k`` rows of ``hidden``, compute dtype) and the
+  router's logits and probabilities (``MOE_ROUTER_BYTES`` per expert: the logits in the compute dtype, the fp32
+  softmax of the routing and of the load-balancing loss).
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ COMPILED_ACTIVATIONS = 0.5
 A_SEL_HIDDEN = 10.0
 A_SEL_FFN = 4.0
 LORA_DROPOUT_BYTES = 3.0  # a bf16 copy and a bool mask of the input, per adapted linear
+MOE_ROUTED_BYTES = 4.0  # per top-k slot and unit of hidden width: the gathered input row and the expert's output (bf16)
+MOE_ROUTER_BYTES = 10.0  # per expert: the router logits (bf16) and two fp32 softmaxes (routing, load-balancing loss)
 # Compiled blocks under an activation memory budget b keep about b**1.5 of what lies between full checkpointing and
 # none: the partitioner drops the activations that are cheapest to recompute first (InternVL2-8B LoRA r16 on an H200,
 # 2026-12-03: 21.7 / 39.3 / 72.2 GiB at b = 0 / 0.5 / 1)
@@ -95,6 +102,7 @@ def estimate_training_memory(
     vision: dict | None = None,
     reshard_after_forward: bool = True,
     cpu_offload: bool = False,
+    moe: dict | None = None,
 ) -> MemoryEstimate:
     """Estimate the peak memory of one rank for a decoder-style VLM training step.
 
@@ -115,6 +123,8 @@ def estimate_training_memory(
         reshard_after_forward: several ranks: blocks free their gathered parameters after their forward (False:
             every block stays gathered until its backward).
         cpu_offload: trainable parameters, gradients and optimizer state live in host memory.
+        moe: a mixture-of-experts LLM's ``top_k`` and ``experts`` (``ffn`` is then the active width: top_k x the
+            expert width).
     """
     gib = 2**30
     states = 0
@@ -131,7 +141,10 @@ def estimate_training_memory(
     else:  # one rank keeps compute copies of the trainable parameters; frozen ones are used as stored
         gathered = sum(p.numel() for p in model.parameters() if p.requires_grad) * compute_bytes
     t = tokens_per_micro_batch
-    acts = _activations(hidden, ffn, num_layers, t, grad_checkpoint, compiled, LORA_DROPOUT_BYTES * lora_dropout_width)
+    extra = LORA_DROPOUT_BYTES * lora_dropout_width
+    if moe is not None:
+        extra += MOE_ROUTED_BYTES * moe["top_k"] * hidden + MOE_ROUTER_BYTES * moe["experts"]
+    acts = _activations(hidden, ffn, num_layers, t, grad_checkpoint, compiled, extra)
     if vision is not None:
         acts += _activations(vision["hidden"], vision["ffn"], vision["num_layers"], vision["tokens"], grad_checkpoint,
                              compiled, 0.0)

@@ -183,8 +183,9 @@ PLOTS = {
     "lr.png": ("learning rate", "lr", ("lr",), ()),
     "grad_norm.png": ("gradient norm", "norm", ("grad_norm",), ()),
     "throughput.png": ("throughput and memory", "per second", ("tokens_per_s", "samples_per_s"), ("memory_gib",)),
+    "reward.png": ("reward", "reward", ("reward",), ()),  # online RL (GRPO) runs
 }
-SMOOTHED = ("loss", "grad_norm", "tokens_per_s", "samples_per_s")  # noisy per-step series get a smoothed line
+SMOOTHED = ("loss", "grad_norm", "tokens_per_s", "samples_per_s", "reward")  # noisy per-step series get a smoothed line
 
 
 def smooth(values: list[float], weight: float = 0.9) -> list[float]:
@@ -219,8 +220,8 @@ def _draw(ax, rows: list[dict], keys: tuple[str, ...], colors) -> list:
 
 
 def write_plots(rows: list[dict], out_dir: Path, run_name: str | None = None) -> list[Path]:
-    """``loss.png`` (train + eval loss), ``lr.png``, ``grad_norm.png`` and ``throughput.png`` (tokens or samples per
-    second, GPU memory on the right) against the optimizer step; each titled with the run's name, with an epoch scale
+    """``loss.png`` (train + eval loss), ``lr.png``, ``grad_norm.png``, ``throughput.png`` (tokens or samples per
+    second, GPU memory on the right) and, for online RL, ``reward.png`` against the optimizer step; each titled with the run's name, with an epoch scale
     along the top when the rows carry epochs."""
     import itertools
 

@@ -55,14 +55,15 @@ class StepClock:
 class PendingStep:
     """The numbers of a queued step; :meth:`result` waits for that step only (not for later ones)."""
 
-    def __init__(self, names: list[str], values: torch.Tensor, step: int, lr: float, clock: StepClock):
-        self.names, self.step, self.lr = names, step, lr
+    def __init__(self, names: list[str], values: torch.Tensor, step: int, lr: float, clock: StepClock,
+                 logs: dict[str, float] | None = None):
+        self.names, self.step, self.lr, self.logs = names, step, lr, logs or {}
         self._values = values.to("cpu", non_blocking=True) if values.is_cuda else values
         self.end = clock.mark()  # after the copy: once the mark is reached, the values are on the host
 
     def result(self) -> dict:
-        """The step's terms (``loss`` ...), ``grad_norm``, ``lr``, ``work`` (global), ``finite`` and ``end`` (its
-        finish mark)."""
+        """The step's terms (``loss`` ...), the recipe's logs of the step, ``grad_norm``, ``lr``, ``work`` (global),
+        ``finite`` and ``end`` (its finish mark)."""
         if isinstance(self.end, torch.cuda.Event):
             self.end.synchronize()
         *terms, grad_norm, finite, work, weight = self._values.tolist()
@@ -72,7 +73,7 @@ class PendingStep:
                 f"'loss is 0' trap: check that --conv_style matches the model's template and that answers survive "
                 f"--max_seq_length; run `internvl-tune data check` on the meta file"
             )
-        return {**dict(zip(self.names, terms)), "grad_norm": grad_norm, "lr": self.lr, "work": int(work),
+        return {**dict(zip(self.names, terms)), **self.logs, "grad_norm": grad_norm, "lr": self.lr, "work": int(work),
                 "finite": bool(finite), "end": self.end}
 
 
@@ -93,8 +94,9 @@ class StepRunner:
         self.clock = StepClock(self.info.device)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
 
-    def __call__(self, micro_batches: list, step: int) -> PendingStep:
-        """Queue forward/backward over one global step's micro-batches, clip and update.
+    def __call__(self, micro_batches: list, step: int, logs: dict[str, float] | None = None) -> PendingStep:
+        """Queue forward/backward over one global step's micro-batches, clip and update; ``logs`` (numbers the
+        recipe computed for this step, already global) come back with the step's result.
 
         Each micro-step's sums are scaled by ``world_size / global weight`` because FSDP averages gradients over
         ranks. A step with a non-finite loss or gradient norm leaves the weights and optimizer state as they were
@@ -127,4 +129,4 @@ class StepRunner:
         self.optimizer.zero_grad(set_to_none=True)
         values = torch.cat([terms, grad_norm.double().reshape(1), finite.double().reshape(1), totals[-1:],
                             global_weight.reshape(1)])
-        return PendingStep(names, values, step, lr, self.clock)
+        return PendingStep(names, values, step, lr, self.clock, logs)

@@ -2,7 +2,8 @@
 
 Launch: ``internvl-tune train ...`` / ``internvl-tune retrieval-train ...`` (one process), or under ``torchrun`` /
 ``srun`` (N ranks; gloo on CPU, NCCL on GPUs). What differs between model families lives in their recipe
-(``models/internvl_chat/recipe.py``, ``models/internvl_cg/recipe.py``), which satisfies :class:`Recipe`.
+(``models/internvl_chat/recipe.py``, ``models/internvl_cg/recipe.py``), which subclasses
+``models.common.recipe.Recipe``: its optional hooks (run state, a per-step ``prepare_step``) are called here.
 
 Set-up order: process group -> output dir -> the training module from the recipe (on several ranks: its structure on
 the meta device) -> fp32 master copies of what trains -> data (the memory estimate needs its lengths) -> the
@@ -23,10 +24,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import torch
-from torch import nn
 
 from internvl_tune.dist import all_gather_object_ordered, all_reduce_sum, barrier, init_distributed, shutdown
 from internvl_tune.dist.parallelize import (
@@ -40,6 +39,7 @@ from internvl_tune.dist.parallelize import (
 )
 from internvl_tune.errors import StorageError, UserError
 from internvl_tune.models.common.checkpoint_files import read_state
+from internvl_tune.models.common.recipe import Recipe, StepContext
 from internvl_tune.report.run import DATA_SUMMARY, PREDICTIONS_DIR
 from internvl_tune.storage import writing
 from internvl_tune.train.checkpoint import Checkpointer
@@ -57,45 +57,6 @@ from internvl_tune.train.step import StepRunner
 TEXT_LOG = "train.log"
 RESULTS = "train_results.json"
 WARMUP_STEPS = 2  # steps of each process left out of the steady-state throughput (compilation, allocator, workers)
-
-
-class Recipe(Protocol):
-    """What a model family gives the trainer."""
-
-    name: str  # progress-bar label
-    unit: str  # what throughput counts: "tokens" or "samples"
-    grad_checkpoint: str  # the family's --grad_checkpoint value
-
-    def build_module(self, dtype: torch.dtype, weights: bool = True, device: torch.device | str = "cpu") -> nn.Module:
-        """The training module (``forward(batch) -> {"loss": ...}``, ``blocks()``), trainable flags applied; on the
-        CPU, or where it may load straight onto the run's ``device`` (4-bit weights are quantized there)."""
-
-    def build_data(self, seed: int, rank: int, world_size: int, per_device_batch: int, grad_accum: int) -> tuple:
-        """``(train_set, val_set or None, collate, sampler)``."""
-
-    def param_groups_scale(self):
-        """An lr-scale function of parameter names (layer-wise decay), or None."""
-
-    def describe(self) -> list[str]:
-        """The recipe's lines of the run plan."""
-
-    def memory_shape(self, per_device_batch: int) -> dict | None:
-        """The LLM shape for the memory estimate (``train/memory.py``), or None."""
-
-    def export(self, state: dict[str, torch.Tensor], output_dir: Path) -> None:
-        """Write the final model from the gathered state of the training module (rank 0)."""
-
-    def checkpoint_saved(self, path: Path) -> None:
-        """Rank 0, once ``checkpoint-N`` is complete: write what the family adds to a checkpoint (a LoRA run's
-        adapter, as the transformers Trainer writes one into every checkpoint), or nothing."""
-
-    def data_summary(self) -> dict | None:
-        """The run report's data table: ``{"samples", "datasets", "kinds", "tiles", "token_histogram"}`` (any may be
-        missing), or None."""
-
-    def generate_eval(self, samples: int, max_new_tokens: int, rank: int, world_size: int, gather) -> tuple:
-        """``--eval_generate``: answers for ``samples`` validation samples and their scores, ``(means, rows)`` on
-        rank 0; called on every rank, only for runs with a validation set."""
 
 
 @dataclass
@@ -195,8 +156,7 @@ class Trainer:
             state = self.checkpointer.load(self.resumed_from, self.optimizer)
             seen = state.get("work_seen", state.get(f"{recipe.unit}_seen", 0))  # (the older name of the counter)
             self.step, self.bad_steps, self.seen = state["step"], state["bad_steps"], seen
-            if "module" in state:  # run state the module keeps besides its tensors (e.g. a running mean)
-                module.load_run_state(state["module"])
+            recipe.load_run_state(state.get("module", {}))  # e.g. a running mean, a rollout
         elif info.is_main:
             (self.output_dir / TEXT_LOG).unlink(missing_ok=True)
         self.skips = SkipLedger(t.max_skipped_samples, self.output_dir, info, getattr(cfg.data, "meta_path", None),
@@ -237,8 +197,7 @@ class Trainer:
         with StopFlag(info.world_size) as stop:
             while self.step < self.total_steps and not interrupted:
                 epoch, in_epoch = divmod(self.step, steps_per_epoch)
-                if hasattr(self.train_set, "set_epoch"):
-                    self.train_set.set_epoch(epoch)
+                self.train_set.set_epoch(epoch)
                 order = list(self.sampler.epoch_steps(epoch, in_epoch))[: self.total_steps - self.step]
                 micro = [mb for _, micros in order for mb in micros]
                 loader = iter(make_loader(self.train_set, micro, self.collate, t.dataloader_num_workers))
@@ -248,7 +207,10 @@ class Trainer:
                     batches = self.skips.take([next(loader) for _ in range(t.gradient_accumulation_steps)],
                                               self.step + 1)
                     self._data_wait += time.perf_counter() - waited  # the host blocked on the data loader
-                    handle = self.stepper(batches, self.step)
+                    logged = (self.step + 1) % t.logging_steps == 0 or self.step + 1 == self.total_steps
+                    prepared = self.recipe.prepare_step(self.module, batches, StepContext(
+                        self.step, epoch, logged, self.output_dir, info.is_main))
+                    handle = self.stepper(prepared.batches, self.step, prepared.logs)
                     self.step += 1
                     if pending is not None:  # read step n - 1 while step n runs
                         self._record(*pending)
@@ -332,9 +294,8 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         state = {"bad_steps": self.bad_steps, "work_seen": self.seen, "config": self.cfg.to_dict(),
-                 "skipped_samples": self.skips.state(), "global_batch": self.sampler.global_batch}
-        if hasattr(self.module, "run_state"):
-            state["module"] = self.module.run_state()
+                 "skipped_samples": self.skips.state(), "global_batch": self.sampler.global_batch,
+                 "module": self.recipe.run_state()}
         path = self.checkpointer.save(self.step, self.optimizer, state)
         if self.info.is_main:
             self.recipe.checkpoint_saved(path)

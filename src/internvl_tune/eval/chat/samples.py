@@ -22,7 +22,8 @@ import torch
 from internvl_tune.constants import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from internvl_tune.data.dataset import SupervisedDataset, conversation_messages, resolve_path
 from internvl_tune.data.meta import sample_kind
-from internvl_tune.data.preprocess import check_text, tokenizer_info
+from internvl_tune.data.preprocess import check_text
+from internvl_tune.data.prompts import with_assistant_header
 from internvl_tune.data.templates import GPT, HUMAN
 from internvl_tune.errors import DataError
 
@@ -89,11 +90,9 @@ class GenerationDataset(SupervisedDataset):
     def _encode(self, messages, system, counts: list[int], where: str, text_only: bool = False) -> Prompt:
         *history, (_, answer) = messages
         encoded = super()._encode(history, system, counts, where, text_only)
-        info = tokenizer_info(self.tokenizer)
-        ids = encoded.input_ids[: len(encoded.input_ids) - len(info.suffix)].tolist()
-        ids += info.encode_cached(self.tokenizer, self.template.roles[1])  # the assistant header: the answer follows
+        ids = with_assistant_header(encoded.input_ids, self.tokenizer, self.template)  # the answer follows
         question = history[-1][1] if history and history[-1][0] == HUMAN else ""
-        return Prompt(torch.tensor(ids, dtype=torch.long), encoded.image_end,
+        return Prompt(ids, encoded.image_end,
                       list(answer) if isinstance(answer, list) else [answer], question)
 
     def _finish(self, encoded: Prompt, where: str, notes: list[str]) -> Prompt:

@@ -104,6 +104,14 @@ def iter_file_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
     yield from state.items()
 
 
+def _own(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` contiguous and alone in its storage (a copy when it is a view into a larger one)."""
+    tensor = tensor.contiguous()
+    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+        return tensor.clone()
+    return tensor
+
+
 def write_shards(out: Path, state: dict[str, torch.Tensor], num_shards: int | None = None,
                  max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
     """Write ``state`` as ``model.safetensors``, or as numbered shards plus ``model.safetensors.index.json``.
@@ -111,7 +119,8 @@ def write_shards(out: Path, state: dict[str, torch.Tensor], num_shards: int | No
     Args:
         out: existing directory.
         state: tensors by key, in the order they are written (made contiguous; safetensors refuses shared storage,
-            so tied tensors must be cloned by the caller).
+            so a view of a larger tensor, such as one expert of a grouped expert tensor, is copied as its shard is
+            written, and tied tensors must be cloned by the caller).
         num_shards: force this many shards; default: as many as needed to stay under ``max_shard_bytes`` each.
     """
     keys = list(state)
@@ -119,7 +128,7 @@ def write_shards(out: Path, state: dict[str, torch.Tensor], num_shards: int | No
     total = sum(sizes)
     count = num_shards or max(1, -(-total // max_shard_bytes))
     if count == 1:
-        save_safetensors({k: state[k].contiguous() for k in keys}, out / "model.safetensors", metadata={"format": "pt"})
+        save_safetensors({k: _own(state[k]) for k in keys}, out / "model.safetensors", metadata={"format": "pt"})
         return
     # Greedy split in key order so each shard holds about total/count bytes.
     target, groups, current, current_size = total / count, [], [], 0
@@ -133,7 +142,7 @@ def write_shards(out: Path, state: dict[str, torch.Tensor], num_shards: int | No
     weight_map = {}
     for i, group in enumerate(groups, 1):
         name = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
-        save_safetensors({k: state[k].contiguous() for k in group}, out / name, metadata={"format": "pt"})
+        save_safetensors({k: _own(state[k]) for k in group}, out / name, metadata={"format": "pt"})
         weight_map.update({k: name for k in group})
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")

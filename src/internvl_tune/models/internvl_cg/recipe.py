@@ -14,6 +14,7 @@ What the one trainer (``train/trainer.py``) needs to know of this family:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from torch import nn
 from internvl_tune.data.retrieval import RetrievalBatch, RetrievalDataArgs
 from internvl_tune.errors import UserError
 from internvl_tune.models.common.quantize import set_trainable
+from internvl_tune.models.common.recipe import Recipe
 from internvl_tune.models.internvl_cg.loss import retrieval_loss
 from internvl_tune.options import option
 
@@ -164,8 +166,8 @@ def checkpoint_state(full: dict[str, torch.Tensor], reference: nn.Module) -> dic
     return out
 
 
-class RetrievalRecipe:
-    """InternVL-C/G retrieval fine-tuning for ``train/trainer.py`` (see its ``Recipe`` protocol)."""
+class RetrievalRecipe(Recipe):
+    """InternVL-C/G retrieval fine-tuning for ``train/trainer.py`` (the ``Recipe`` protocol, ``models/common/recipe.py``)."""
 
     name, unit = "retrieval-train", "samples"
 
@@ -173,6 +175,11 @@ class RetrievalRecipe:
                  gather_fn: Callable[[torch.Tensor], torch.Tensor]):
         if not model.model_name_or_path:
             raise UserError("--model_name_or_path is required (e.g. ./pretrained/InternVL-14B-224px)")
+        if data.force_image_size is None:  # the checkpoint's resolution, from its config.json alone
+            from internvl_tune.models.internvl_cg.config import InternVLCGConfig
+
+            own = InternVLCGConfig.from_file(Path(model.model_name_or_path) / "config.json").image_size
+            data = dataclasses.replace(data, force_image_size=own)
         self.args, self.data, self.gather_fn = model, data, gather_fn
         self.trainable_parts: dict[str, int] = {}
         self.config = None
@@ -214,9 +221,6 @@ class RetrievalRecipe:
                                      group_by_length=False)
         self.train_size = (len(train), len({p[2] for p in train.pairs}))
         return train, None, RetrievalBatch.collate, sampler
-
-    def checkpoint_saved(self, path: Path) -> None:
-        """Nothing to add: an InternVL-C/G checkpoint is read back by ``retrieval-train`` and its export only."""
 
     def data_summary(self) -> dict:
         """The run report's data table: (image, caption) pairs and images of the training set."""

@@ -1,4 +1,4 @@
-"""InternVL2 chat models (InternViT + MLP projector + Qwen2 / InternLM2 / Phi-3 / Llama) on transformers' native modules.
+"""InternVL chat models (InternViT + MLP projector + an LLM of families.py) on transformers' native modules.
 
 Public API: ``load_pretrained`` (original or native layout, strict), ``InternVLChat`` (chat, batch_chat, embed_inputs,
 save_pretrained) and ``load_tokenizer``; ``recipe`` holds what fine-tuning needs (trainable flags, the training

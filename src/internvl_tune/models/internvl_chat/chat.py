@@ -18,6 +18,7 @@ from internvl_tune.errors import CheckpointError, UserError
 from internvl_tune.models.common.drop_path import add_drop_path
 from internvl_tune.models.common.quantize import check_4bit_device, to_4bit_linears
 from internvl_tune.models.internvl_chat import config as cfg
+from internvl_tune.models.internvl_chat import families
 from internvl_tune.models.internvl_chat.key_map import LayoutSpec
 from internvl_tune.models.internvl_chat.loading import build_empty_model, load_weights
 from internvl_tune.models.internvl_chat.tokenizers import load_tokenizer
@@ -68,7 +69,7 @@ class InternVLChat:
 
     Attributes:
         model, tokenizer, image_processor: the parts.
-        family: LLM family (``qwen2``, ``internlm2``, ``phi3``, ``llama``).
+        family: the name of its LLM family (``families.FAMILIES``: ``qwen2``, ``internlm2``, ``phi3``, ...).
         template: conversation template name; ``system_message``: its system text (None = template default).
         num_image_token: tokens per image tile; ``image_size``, ``patch_size``: tile and ViT patch sides.
         img_context_token_id: id of ``<IMG_CONTEXT>``.
@@ -76,6 +77,7 @@ class InternVLChat:
         original_config: the InternVLChatConfig dict (source of truth for saving in the original layout).
         layout: the source checkpoint's layout, ``original`` or ``native``.
         source_dir: the checkpoint directory it was loaded from (its tokenizer files are copied on save).
+        mxfp4_dequantized: how many MXFP4 expert tensors of the files were dequantized on load (GPT-OSS).
     """
 
     def __init__(self, model, tokenizer, original_config: dict, source_dir: Path | None = None, tokens_added: int = 0,
@@ -83,7 +85,7 @@ class InternVLChat:
         self.model, self.tokenizer = model, tokenizer
         self.original_config, self.source_dir, self.tokens_added = original_config, source_dir, tokens_added
         self.layout = layout  # the source checkpoint's layout: what a training run exports
-        self.family = cfg.family_of(original_config)
+        self.family = cfg.family_of(original_config).name
         self.template = cfg.chat_setting(original_config, "template")
         self.system_message = original_config.get("system_message")
         self.select_layer = cfg.chat_setting(original_config, "select_layer")
@@ -94,11 +96,17 @@ class InternVLChat:
         self.num_image_token = cfg.num_image_token(original_config)
         self.img_context_token_id = (tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN) if img_context_token_id is None
                                      else img_context_token_id)
+        self.mxfp4_dequantized = 0
         self.image_processor = ImageProcessor(
             self.image_size, cfg.chat_setting(original_config, "dynamic_image_size"),
             cfg.chat_setting(original_config, "min_dynamic_patch"), cfg.chat_setting(original_config, "max_dynamic_patch"),
             cfg.chat_setting(original_config, "use_thumbnail"),
         )
+
+    @property
+    def is_moe(self) -> bool:
+        """True when the LLM is a mixture of experts (its family has a ``MoeLayout``)."""
+        return families.get(self.family).moe is not None
 
     # ----------------------------------------------------------------------------------------------- features
     def extract_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -243,7 +251,7 @@ class InternVLChat:
         inputs = self.tokenizer(prompt, return_tensors="pt")
         out = self.generate(inputs.input_ids, pixel_values, inputs.attention_mask,
                             **self._generation_args(sep, generation_config))
-        response = self.tokenizer.batch_decode(out, skip_special_tokens=True)[0].split(sep.strip())[0].strip()
+        response = self._answers(out, sep)[0]
         history.append((question, response))
         return (response, history) if return_history else response
 
@@ -264,7 +272,22 @@ class InternVLChat:
             self.tokenizer.padding_side = side
         out = self.generate(inputs.input_ids, pixel_values, inputs.attention_mask,
                             **self._generation_args(sep, generation_config))
-        return [r.split(sep.strip())[0].strip() for r in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        return self._answers(out, sep)
+
+    def _answers(self, out: torch.Tensor, sep: str) -> list[str]:
+        """The generated rows as text up to the stop text, decoded as the reference's chat of the model's series does
+        (``Family.answers_keep_special_tokens``; a kept row's padding after its stop token goes with the cut)."""
+        skip = not families.get(self.family).answers_keep_special_tokens
+        return [r.split(sep.strip())[0].strip() for r in self.tokenizer.batch_decode(out, skip_special_tokens=skip)]
+
+    def set_system_message(self, system_message: str | None) -> None:
+        """Use ``system_message`` (None: the template's default) in chat and record it in the config it is saved
+        with, so the saved model chats as it was fine-tuned (``--thinking_mode auto``)."""
+        self.system_message = system_message
+        if system_message is None:
+            self.original_config.pop("system_message", None)
+        else:
+            self.original_config["system_message"] = system_message
 
     def save_pretrained(self, out_dir, layout: str = "original", overwrite: bool = False, remote_code=None,
                         require_remote_code: bool = False) -> Path:
@@ -308,8 +331,6 @@ def load_pretrained(path, dtype: torch.dtype | None = torch.float32, device="cpu
             ``force_image_size``, ``downsample_ratio``, ``drop_path_rate`` of the ViT); None values are ignored.
     """
     path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory — pass the folder that holds config.json and the weights")
     layout, original = cfg.read_original_config(path)
     unknown = set(overrides) - set(cfg.CHAT_DEFAULTS) - {"drop_path_rate"}
     if unknown:
@@ -319,19 +340,23 @@ def load_pretrained(path, dtype: torch.dtype | None = torch.float32, device="cpu
     if overrides.get("drop_path_rate") is not None:
         original["vision_config"]["drop_path_rate"] = overrides["drop_path_rate"]
     family = cfg.family_of(original, str(path / "config.json"))
-    tokenizer = _tokenizer_for(path, family, tokenizer, img_context_token_id)
+    tokenizer = _tokenizer_for(path, family.name, tokenizer, img_context_token_id)
     vocab = original["llm_config"]["vocab_size"]
     context_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN) if tokenizer is not None else img_context_token_id
     native = cfg.native_config(original, context_id, attn_implementation)
     if load_in_4bit and weights:
         check_4bit_device(device)  # before reading any weight
     model = build_empty_model(native)
+    if family.moe:  # grouped expert products everywhere (training, chat, evaluation), LoRA on experts included
+        from internvl_tune.models.common import moe
+
+        model.model.language_model.set_experts_implementation(moe.register())
     if load_in_4bit:
         to_4bit_linears(model.model.language_model, compute_dtype=dtype)
         model.is_loaded_in_4bit = True  # peft then wraps these layers with its 4-bit LoRA layers
-    spec = LayoutSpec.from_original(original) if layout == "original" else None
+    dequantized = 0
     if weights:
-        load_weights(model, path, layout, spec, dtype, device)
+        dequantized = load_weights(model, path, layout, LayoutSpec.from_original(original), dtype, device)
     elif dtype is not None:
         for p in model.parameters():
             p.data = p.data.to(dtype)
@@ -342,8 +367,10 @@ def load_pretrained(path, dtype: torch.dtype | None = torch.float32, device="cpu
     if added:
         _resize_for_new_tokens(model, tokenizer, added)
         original = cfg.with_vocab_size(original, len(tokenizer))
-    return InternVLChat(model, tokenizer, original, source_dir=path, tokens_added=added,
+    chat = InternVLChat(model, tokenizer, original, source_dir=path, tokens_added=added,
                         img_context_token_id=img_context_token_id if tokenizer is None else None, layout=layout)
+    chat.mxfp4_dequantized = dequantized
+    return chat
 
 
 def _tokenizer_for(path: Path, family: str, tokenizer, img_context_token_id: int | None):

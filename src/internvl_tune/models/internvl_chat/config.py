@@ -1,7 +1,7 @@
-"""InternVL chat configs (InternVL2, 2.5, 3): the original ``InternVLChatConfig`` JSON <-> transformers' ``InternVLConfig``.
+"""InternVL chat configs (InternVL2, 2.5, 3, 3.5): the original ``InternVLChatConfig`` JSON <-> transformers' ``InternVLConfig``.
 
 The original ``config.json`` (``model_type: internvl_chat``) nests ``vision_config`` (InternViT) and ``llm_config``
-(Qwen2 / InternLM2 / InternLM3 / Phi-3 / Llama, picked by ``llm_config.architectures[0]``) and carries chat settings
+(its family, ``families.py``, picked by ``llm_config.architectures[0]``) and carries chat settings
 the native config has no field for (``template``, ``ps_version``, dynamic tiling). We keep that dict as the source of
 truth and derive the native config from it; a native save stores it beside the weights (``internvl_chat_config.json``)
 so a round trip gives the original config back. A native checkpoint without it (a transformers "-hf" release) gets
@@ -16,18 +16,9 @@ from pathlib import Path
 
 from internvl_tune.data.config import CheckpointDefaults
 from internvl_tune.errors import CheckpointError
+from internvl_tune.models.internvl_chat import families
+from internvl_tune.models.internvl_chat.families import Family
 
-FAMILY_BY_ARCH = {
-    "Qwen2ForCausalLM": "qwen2",  # Qwen2 and Qwen2.5
-    "InternLM2ForCausalLM": "internlm2",  # InternLM2 and InternLM2.5
-    "InternLM3ForCausalLM": "internlm3",
-    "Phi3ForCausalLM": "phi3",
-    "LlamaForCausalLM": "llama",  # Yi, Llama-3
-}
-ARCH_BY_FAMILY = {family: arch for arch, family in FAMILY_BY_ARCH.items()}
-# Native text model type of each family: InternLM2 is a Llama with fused, re-arranged weights; InternLM3 is a Llama
-# with Llama's key names whose q/k/v biases (`qkv_bias`) and o_proj + MLP biases (`bias`) are switched apart.
-NATIVE_TEXT_TYPE = {"qwen2": "qwen2", "internlm2": "llama", "internlm3": "llama", "phi3": "phi3", "llama": "llama"}
 SIDECAR = "internvl_chat_config.json"
 # Where transformers keeps a checkpoint's chat template: (file, JSON key or None for the raw Jinja file), in the order
 # looked at (today's file, then the processor's older places, then the tokenizer's).
@@ -53,19 +44,13 @@ CHAT_DEFAULTS = {
     "use_backbone_lora": 0,
     "use_llm_lora": 0,
 }
-# Keys copied from an original llm_config into the native text config of every family.
-_TEXT_KEYS = (
+# Keys copied from an original llm_config into the native text config of every family (and back); each family adds
+# its own (``Family.extra_keys``).
+TEXT_KEYS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
     "hidden_act", "max_position_embeddings", "rms_norm_eps", "initializer_range", "bos_token_id", "eos_token_id",
     "pad_token_id", "attention_dropout",
 )
-_EXTRA_TEXT_KEYS = {
-    "qwen2": ("sliding_window", "use_sliding_window", "max_window_layers"),
-    "llama": ("attention_bias", "mlp_bias", "head_dim"),
-    "phi3": ("original_max_position_embeddings", "sliding_window", "resid_pdrop", "embd_pdrop"),
-    "internlm2": (),
-    "internlm3": ("head_dim",),
-}
 
 
 def read_json(path: Path) -> dict:
@@ -92,15 +77,16 @@ def detect_layout(config: dict, where: str = "config.json") -> str:
     )
 
 
-def family_of(original: dict, where: str = "config.json") -> str:
-    """LLM family (``qwen2``, ``internlm2``, ``internlm3``, ``phi3``, ``llama``) from ``llm_config.architectures``."""
+def family_of(original: dict, where: str = "config.json") -> Family:
+    """The LLM family (``families.FAMILIES``) that ``llm_config.architectures[0]`` names."""
     archs = original.get("llm_config", {}).get("architectures") or [None]
-    if archs[0] not in FAMILY_BY_ARCH:
+    family = families.by_architecture(archs[0])
+    if family is None:
         raise CheckpointError(
             f"{where}: field llm_config.architectures = {archs} is not supported; expected one of "
-            f"{', '.join(FAMILY_BY_ARCH)}"
+            f"{', '.join(families.architectures())}"
         )
-    return FAMILY_BY_ARCH[archs[0]]
+    return family
 
 
 def chat_setting(original: dict, key: str):
@@ -120,7 +106,8 @@ def num_image_token(original: dict) -> int:
 
 
 def data_defaults(original: dict) -> CheckpointDefaults:
-    """The input settings of a checkpoint, for ``DataConfig.resolve`` (template, tile size, tokens per tile, tiling)."""
+    """The input settings of a checkpoint, for ``DataConfig.resolve`` (template, tile size, tokens per tile, tiling,
+    the system message it was fine-tuned with: ``system_message``, which our exports write and the releases lack)."""
     return CheckpointDefaults(
         template=chat_setting(original, "template"),
         image_size=image_size(original),
@@ -130,12 +117,15 @@ def data_defaults(original: dict) -> CheckpointDefaults:
         use_thumbnail=chat_setting(original, "use_thumbnail"),
         min_dynamic_patch=chat_setting(original, "min_dynamic_patch"),
         max_dynamic_patch=chat_setting(original, "max_dynamic_patch"),
+        system_message=original.get("system_message"),
     )
 
 
 def read_original_config(path: Path) -> tuple[str, dict]:
     """``(layout, original InternVLChatConfig dict)`` of a checkpoint directory (native checkpoints: from the stored
     sidecar, or rebuilt from the native config with the template its chat template renders)."""
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory — pass the folder that holds config.json and the weights")
     raw = read_json(path / "config.json")
     layout = detect_layout(raw, str(path / "config.json"))
     if layout == "original":
@@ -203,15 +193,17 @@ def checkpoint_data_defaults(path) -> CheckpointDefaults:
     return data_defaults(read_original_config(Path(path))[1])
 
 
-def _rope_parameters(llm: dict, family: str, where: str) -> dict:
+def _rope_parameters(llm: dict, family: Family, where: str) -> dict:
     theta = float(llm.get("rope_theta", 10000.0))
     scaling = llm.get("rope_scaling")
     if not scaling:
         return {"rope_type": "default", "rope_theta": theta}
     kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in family.rope_scaling:
+        raise CheckpointError(f"{where}: llm_config.rope_scaling type {kind!r} is not supported for {family.name}")
     if kind in ("dynamic", "linear"):
         return {"rope_type": kind, "rope_theta": theta, "factor": float(scaling["factor"])}
-    if kind in ("su", "longrope") and family == "phi3":
+    if kind in ("su", "longrope"):
         # Phi-3's "su" scaling is what transformers now calls "longrope" (same factors and attention scale).
         return {
             "rope_type": "longrope",
@@ -220,33 +212,35 @@ def _rope_parameters(llm: dict, family: str, where: str) -> dict:
             "long_factor": list(scaling["long_factor"]),
             "original_max_position_embeddings": llm.get("original_max_position_embeddings", 4096),
         }
-    if kind == "llama3":
-        return {"rope_theta": theta, **scaling, "rope_type": "llama3"}
-    raise CheckpointError(f"{where}: llm_config.rope_scaling type {kind!r} is not supported for {family}")
+    return {"rope_theta": theta, **scaling, "rope_type": kind}
+
+
+def _native_biases(llm: dict, family: Family, where: str) -> dict:
+    """Native ``attention_bias`` / ``mlp_bias`` from the family's llm_config bias switches (``Family.biases``)."""
+    switches = family.biases
+    values = {key: bool(llm.get(key, switches.default)) for key in switches.attention}
+    if len(set(values.values())) > 1:  # Llama's attention_bias covers q/k/v and o_proj alike
+        given = " and ".join(f"llm_config.{key} = {value}" for key, value in values.items())
+        raise CheckpointError(
+            f"{where}: {given}: an {family.name} with biases on q/k/v but not on o_proj (or the reverse) has no "
+            "transformers equivalent; only equal values load (internlm3-8b-instruct: both false)")
+    mlp = bool(llm.get(switches.mlp, switches.default)) if switches.mlp else False
+    return {"attention_bias": next(iter(values.values())), "mlp_bias": mlp}
 
 
 def native_text_config(original: dict, where: str = "config.json") -> dict:
     """The native text config (as a dict with ``model_type``) for the original ``llm_config``."""
     family = family_of(original, where)
     llm = original["llm_config"]
-    text = {k: llm[k] for k in _TEXT_KEYS + _EXTRA_TEXT_KEYS[family] if k in llm}
-    text["model_type"] = NATIVE_TEXT_TYPE[family]
+    text = {k: llm[k] for k in TEXT_KEYS + family.extra_keys if k in llm}
+    text["model_type"] = family.native_type
     text["rope_parameters"] = _rope_parameters(llm, family, where)
     text["tie_word_embeddings"] = False
     if llm.get("moe_config"):
-        raise CheckpointError(f"{where}: field llm_config.moe_config is set: mixture-of-experts LLMs are not supported "
-                              "(dense checkpoints only)")
-    if family == "internlm2":
-        # InternLM2's `bias` switches the biases of wqkv and wo, i.e. Llama's attention_bias.
-        text.update(attention_bias=bool(llm.get("bias", True)), mlp_bias=False)
-    elif family == "internlm3":
-        qkv_bias, bias = bool(llm.get("qkv_bias", False)), bool(llm.get("bias", False))
-        if qkv_bias != bias:  # Llama's attention_bias covers q/k/v and o_proj alike
-            raise CheckpointError(
-                f"{where}: llm_config.qkv_bias = {qkv_bias} and llm_config.bias = {bias}: an InternLM3 with biases on "
-                "q/k/v but not on o_proj (or the reverse) has no transformers equivalent; only equal values load "
-                "(internlm3-8b-instruct: both false)")
-        text.update(attention_bias=qkv_bias, mlp_bias=bias)
+        raise CheckpointError(f"{where}: field llm_config.moe_config is set: an InternLM2-style mixture-of-experts "
+                              "LLM, which is not supported (the MoE families are Qwen3-MoE and GPT-OSS)")
+    if family.biases:
+        text.update(_native_biases(llm, family, where))
     return text
 
 
@@ -296,7 +290,13 @@ def native_config(original: dict, image_token_id: int, attn_implementation: str 
         # The reference never ties the LM head to the embeddings; tying follows this top-level flag.
         tie_word_embeddings=False,
     )
-    config._attn_implementation = attn_implementation
+    # a family whose attention only transformers' eager code applies fully (GPT-OSS's sinks) runs with it
+    config._attn_implementation = family_of(original, where).attn_implementation or attn_implementation
+    # The load-balancing loss comes from router hooks (models/common/moe.py), and transformers' InternVL output has
+    # no field for router logits (its forward fails when the text model returns them): a checkpoint saying
+    # output_router_logits true (the reference's GPT-OSS training saves it so) keeps it in its original config only.
+    if getattr(config.text_config, "output_router_logits", False):
+        config.text_config.output_router_logits = False
     return config
 
 
@@ -311,21 +311,24 @@ def _native_rope(text: dict) -> dict:
     return {**scaling, "rope_type": kind, "rope_theta": text.get("rope_theta", 10000.0)}
 
 
-def original_from_native(native: dict, family: str | None = None, template: str | None = None) -> dict:
+def original_from_native(native: dict, template: str | None = None) -> dict:
     """Rebuild an original InternVLChatConfig dict from a native config dict that has no stored original.
 
     ``template`` is the conversation template (native configs have no such field; see :func:`native_template`).
     """
     text, vis = native["text_config"], native["vision_config"]
-    family = family or {"qwen2": "qwen2", "phi3": "phi3", "llama": "llama"}.get(text.get("model_type"))
+    family = families.by_native_type(text.get("model_type"))
     if family is None:
-        raise CheckpointError(f"native text model_type {text.get('model_type')!r} has no InternVL2 original layout")
+        raise CheckpointError(f"native text model_type {text.get('model_type')!r} has no InternVL original layout")
     rope = _native_rope(text)
-    llm = {k: text[k] for k in _TEXT_KEYS + _EXTRA_TEXT_KEYS[family] if k in text}
-    llm["architectures"] = [ARCH_BY_FAMILY[family]]
-    llm["model_type"] = family
+    text = {**{key: text[native] for key, native in family.native_names if native in text}, **text}
+    llm = {k: text[k] for k in TEXT_KEYS + family.extra_keys if k in text}
+    llm["architectures"] = [family.architectures[0]]
+    llm["model_type"] = family.name
     llm["rope_theta"] = rope.get("rope_theta", 10000.0)
-    if rope.get("rope_type", "default") != "default":
+    if rope.get("rope_type", "default") == "yarn":  # GPT-OSS writes its yarn settings under rope_type
+        llm["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    elif rope.get("rope_type", "default") != "default":
         scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "rope_type", "original_max_position_embeddings")}
         scaling["type"] = "su" if rope["rope_type"] == "longrope" else rope["rope_type"]
         llm["rope_scaling"] = scaling
@@ -333,8 +336,10 @@ def original_from_native(native: dict, family: str | None = None, template: str 
             llm["original_max_position_embeddings"] = rope["original_max_position_embeddings"]
     else:
         llm["rope_scaling"] = None
-    if family == "internlm2":
-        llm["bias"] = text.get("attention_bias", False)
+    if family.biases:
+        llm.update(dict.fromkeys(family.biases.attention, text.get("attention_bias", False)))
+        if family.biases.mlp and family.biases.mlp not in family.biases.attention:
+            llm[family.biases.mlp] = text.get("mlp_bias", False)
     llm["tie_word_embeddings"] = False
     size = lambda v: v[0] if isinstance(v, (list, tuple)) else v  # noqa: E731 (native stores (h, w))
     vision = {

@@ -1,7 +1,9 @@
 """State-dict keys: original InternVLChatModel <-> transformers' native InternVLForConditionalGeneration.
 
 One table, read in both directions (``{n}`` = a layer index, ``{w}`` = a parameter leaf such as ``weight``/``bias``;
-``LM`` = ``language_model.model``, native ``V`` = ``model.vision_tower``, native ``T`` = ``model.language_model``):
+native ``V`` = ``model.vision_tower``): the vision and projector rows below, then the LLM rows of the checkpoint's
+family (``families.Family.key_rows``: ``language_model.model.*`` <-> ``model.language_model.*`` for every family
+but InternLM2, whose names differ).
 
 | original                                         | native                                                      |
 |--------------------------------------------------|-------------------------------------------------------------|
@@ -15,19 +17,16 @@ One table, read in both directions (``{n}`` = a layer index, ``{w}`` = a paramet
 | vision_model.encoder.layers.{n}.norm{1,2}.{w}    | V.encoder.layer.{n}.layernorm_{before,after}.{w}            |
 | vision_model.encoder.layers.{n}.ls{1,2}          | V.encoder.layer.{n}.lambda_{1,2}                            |
 | mlp1.{0,1,3}.{w}                                 | model.multi_modal_projector.{layer_norm,linear_1,linear_2}.{w} |
-| LM.* (Qwen2, Phi-3, Llama: same names)           | T.*                                                         |
-| language_model.lm_head.weight                    | lm_head.weight                                              |
-| InternLM2: LM.tok_embeddings.weight              | T.embed_tokens.weight                                       |
-| InternLM2: LM.layers.{n}.attention.wqkv.{w}      | T.layers.{n}.self_attn.{q,k,v}_proj.{w} (grouped per KV head) |
-| InternLM2: LM.layers.{n}.attention.wo.{w}        | T.layers.{n}.self_attn.o_proj.{w}                           |
-| InternLM2: LM.layers.{n}.feed_forward.w{1,3,2}   | T.layers.{n}.mlp.{gate,up,down}_proj                        |
-| InternLM2: LM.layers.{n}.{attention,ffn}_norm    | T.layers.{n}.{input,post_attention}_layernorm               |
-| InternLM2: LM.norm.weight                        | T.norm.weight                                               |
-| InternLM2: language_model.output.weight          | lm_head.weight                                              |
 
-InternLM2's fused ``wqkv`` rows come in ``num_key_value_heads`` groups, each holding that group's query heads, then
-one key head, then one value head (``head_dim`` rows each); a plain [q | k | v] split would be wrong.
-Phi-3 keeps its fused ``qkv_proj`` / ``gate_up_proj``: the native Phi-3 has the same modules.
+A family's fused q/k/v (``Family.fused_qkv``: InternLM2's ``wqkv``) is split on load and joined on save; grouped rows
+come in ``num_key_value_heads`` groups, each holding that group's query heads, then one key head, then one value head
+(``head_dim`` rows each), so a plain [q | k | v] split would be wrong. Phi-3 keeps its fused ``qkv_proj`` /
+``gate_up_proj``: the native Phi-3 has the same modules.
+
+Mixture-of-experts families (``families.MoeLayout``): transformers 5 holds a layer's experts as grouped tensors
+(``mlp.experts.gate_up_proj`` [E, ...]); where the files hold one tensor per expert (Qwen3-MoE's
+``mlp.experts.{e}.{gate,up,down}_proj.weight``, in both layouts), each of them is one :class:`ExpertSlot` of the
+grouped parameter on load and a view of it on save. GPT-OSS's files hold the grouped tensors themselves.
 """
 
 from __future__ import annotations
@@ -38,10 +37,14 @@ from dataclasses import dataclass
 
 import torch
 
+from internvl_tune.models.internvl_chat import families
 from internvl_tune.models.internvl_chat.config import family_of
+from internvl_tune.models.internvl_chat.families import FusedQKV, T
 
-V, T = "model.vision_tower.", "model.language_model."
-_VIT, _LM = "vision_model.encoder.layers.{n}.", "language_model.model."
+_LAYER = T + "layers.{n}."
+
+V = "model.vision_tower."
+_VIT = "vision_model.encoder.layers.{n}."
 # (original, native) name templates; both directions are derived from this one table.
 VISION_KEYS = [
     ("vision_model.embeddings.class_embedding", V + "embeddings.cls_token"),
@@ -60,24 +63,8 @@ VISION_KEYS = [
     ("mlp1.1.{w}", "model.multi_modal_projector.linear_1.{w}"),
     ("mlp1.3.{w}", "model.multi_modal_projector.linear_2.{w}"),
 ]
-HF_LLM_KEYS = [
-    (_LM + "{rest}", T + "{rest}"),
-    ("language_model.lm_head.weight", "lm_head.weight"),
-]
-INTERNLM2_KEYS = [
-    (_LM + "tok_embeddings.weight", T + "embed_tokens.weight"),
-    (_LM + "layers.{n}.attention.wo.{w}", T + "layers.{n}.self_attn.o_proj.{w}"),
-    (_LM + "layers.{n}.feed_forward.w1.weight", T + "layers.{n}.mlp.gate_proj.weight"),
-    (_LM + "layers.{n}.feed_forward.w3.weight", T + "layers.{n}.mlp.up_proj.weight"),
-    (_LM + "layers.{n}.feed_forward.w2.weight", T + "layers.{n}.mlp.down_proj.weight"),
-    (_LM + "layers.{n}.attention_norm.weight", T + "layers.{n}.input_layernorm.weight"),
-    (_LM + "layers.{n}.ffn_norm.weight", T + "layers.{n}.post_attention_layernorm.weight"),
-    (_LM + "norm.weight", T + "norm.weight"),
-    ("language_model.output.weight", "lm_head.weight"),
-]
-# Fused q/k/v: (original template, native template with {p} = q|k|v)
-VIT_QKV = (_VIT + "attn.qkv.{w}", V + "encoder.layer.{n}.attention.{p}_proj.{w}")
-WQKV = (_LM + "layers.{n}.attention.wqkv.{w}", T + "layers.{n}.self_attn.{p}_proj.{w}")
+# Fused q/k/v of the ViT: plain thirds (the LLM's, if any, is its family's ``fused_qkv``).
+VIT_QKV = FusedQKV(_VIT + "attn.qkv.{w}", V + "encoder.layer.{n}.attention.{p}_proj.{w}", grouped=False)
 # Older transformers (4.5x) saved native InternVL checkpoints with these prefixes; accepted on load.
 LEGACY_NATIVE_PREFIXES = [
     ("language_model.model.", T),
@@ -85,7 +72,8 @@ LEGACY_NATIVE_PREFIXES = [
     ("vision_tower.", V),
     ("multi_modal_projector.", "model.multi_modal_projector."),
 ]
-_PLACEHOLDERS = {"n": r"(?P<n>\d+)", "w": r"(?P<w>\w+)", "p": r"(?P<p>[qkv])", "rest": r"(?P<rest>.+)"}
+_PLACEHOLDERS = {"n": r"(?P<n>\d+)", "w": r"(?P<w>\w+)", "p": r"(?P<p>[qkv])", "rest": r"(?P<rest>.+)",
+                 "e": r"(?P<e>\d+)"}
 
 
 @functools.cache
@@ -98,7 +86,7 @@ def _compile(template: str) -> re.Pattern:
 
 @dataclass(frozen=True)
 class LayoutSpec:
-    """The few shape facts the key map needs (from the original config)."""
+    """The few shape facts the key map needs (from the original config); ``family`` is the family's name."""
 
     family: str
     num_heads: int
@@ -110,7 +98,7 @@ class LayoutSpec:
         llm = original["llm_config"]
         heads = llm["num_attention_heads"]
         return cls(
-            family=family_of(original),
+            family=family_of(original).name,
             num_heads=heads,
             num_kv_heads=llm.get("num_key_value_heads") or heads,
             head_dim=llm.get("head_dim") or llm["hidden_size"] // heads,
@@ -118,11 +106,12 @@ class LayoutSpec:
 
     def table(self) -> list[tuple[str, str]]:
         """The plain renames of this family, as (original, native) templates."""
-        return VISION_KEYS + (INTERNLM2_KEYS if self.family == "internlm2" else HF_LLM_KEYS)
+        return VISION_KEYS + list(families.get(self.family).key_rows)
 
-    def fused(self) -> list[tuple[str, str]]:
-        """The fused q/k/v entries of this family."""
-        return [VIT_QKV, WQKV] if self.family == "internlm2" else [VIT_QKV]
+    def fused(self) -> list[FusedQKV]:
+        """The fused q/k/v linears of this family (the ViT's, then the LLM's if it has one)."""
+        llm = families.get(self.family).fused_qkv
+        return [VIT_QKV] if llm is None else [VIT_QKV, llm]
 
 
 def _rename(key: str, table: list[tuple[str, str]], reverse: bool) -> str | None:
@@ -135,7 +124,7 @@ def _rename(key: str, table: list[tuple[str, str]], reverse: bool) -> str | None
 
 
 def _split_wqkv(tensor: torch.Tensor, spec: LayoutSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """InternLM2 wqkv rows [groups x (q_per_group + 2) x head_dim] -> q, k, v rows."""
+    """Grouped q/k/v rows (InternLM2's wqkv) [groups x (q_per_group + 2) x head_dim] -> q, k, v rows."""
     per_group = spec.num_heads // spec.num_kv_heads
     grouped = tensor.reshape(spec.num_kv_heads, per_group + 2, spec.head_dim, *tensor.shape[1:])
     q = grouped[:, :per_group].reshape(spec.num_heads * spec.head_dim, *tensor.shape[1:])
@@ -163,35 +152,97 @@ def convert_original_tensor(key: str, tensor: torch.Tensor, spec: LayoutSpec) ->
 
     Splits return views of ``tensor`` (no copy), so streaming a checkpoint never doubles its memory.
     """
-    for original, native in spec.fused():
-        if m := _compile(original).match(key):
-            parts = _split_wqkv(tensor, spec) if original == WQKV[0] else tensor.chunk(3, dim=0)
-            return [(native.format(p=p, **m.groupdict()), part) for p, part in zip("qkv", parts)]
+    for fused in spec.fused():
+        if m := _compile(fused.original).match(key):
+            parts = _split_wqkv(tensor, spec) if fused.grouped else tensor.chunk(3, dim=0)
+            return [(fused.native.format(p=p, **m.groupdict()), part) for p, part in zip("qkv", parts)]
     name = _rename(key, spec.table(), reverse=False)
     return None if name is None else [(name, tensor)]
 
 
+def fused_part(key: str, spec: LayoutSpec) -> tuple[FusedQKV, str, str] | None:
+    """``(fused linear, its original key, "q" | "k" | "v")`` when the native ``key`` is one part of a fused q/k/v."""
+    for fused in spec.fused():
+        if m := _compile(fused.native).match(key):
+            groups = m.groupdict()
+            return fused, fused.original.format(n=groups["n"], w=groups["w"]), groups["p"]
+    return None
+
+
+def join_fused(fused: FusedQKV, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: LayoutSpec) -> torch.Tensor:
+    """The original fused tensor of the q, k and v parts (rows grouped per KV head, or stacked)."""
+    return join_wqkv(q, k, v, spec) if fused.grouped else torch.cat([q, k, v])
+
+
 def to_original(state: dict[str, torch.Tensor], spec: LayoutSpec) -> dict[str, torch.Tensor]:
-    """Convert a native state dict to original keys (fusing ViT qkv and InternLM2 wqkv); unknown keys raise KeyError."""
+    """Convert a native state dict to original keys (fusing the ViT's qkv and the family's fused q/k/v); unknown keys
+    raise KeyError."""
     out: dict[str, torch.Tensor] = {}
-    fused: dict[tuple[str, str, str], dict[str, torch.Tensor]] = {}
-    for key, tensor in state.items():
-        for original, native in spec.fused():
-            if m := _compile(native).match(key):
-                groups = m.groupdict()
-                fused.setdefault((original, groups["n"], groups["w"]), {})[groups["p"]] = tensor
-                break
-        else:
-            name = original_name(key, spec)
-            if name is None:
-                raise KeyError(key)
-            out[name] = tensor
-    for (original, layer, leaf), parts in fused.items():
+    parts_of: dict[tuple[FusedQKV, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in per_expert(state, spec).items():
+        if found := fused_part(key, spec):
+            fused, name, part = found
+            parts_of.setdefault((fused, name), {})[part] = tensor
+            continue
+        name = original_name(key, spec)
+        if name is None:
+            raise KeyError(key)
+        out[name] = tensor
+    for (fused, name), parts in parts_of.items():
         if set(parts) != {"q", "k", "v"}:
-            raise KeyError(f"{original.format(n=layer, w=leaf)}: only {sorted(parts)} of q/k/v present")
-        q, k, v = parts["q"], parts["k"], parts["v"]
-        joined = join_wqkv(q, k, v, spec) if original == WQKV[0] else torch.cat([q, k, v])
-        out[original.format(n=layer, w=leaf)] = joined
+            raise KeyError(f"{name}: only {sorted(parts)} of q/k/v present")
+        out[name] = join_fused(fused, parts["q"], parts["k"], parts["v"], spec)
+    return out
+
+
+@dataclass(frozen=True)
+class ExpertSlot:
+    """Where a per-expert tensor of the files goes: ``param[expert]``, block ``part`` of ``parts`` equal blocks along
+    that expert's first dimension."""
+
+    param: str
+    expert: int
+    part: int
+    parts: int
+
+    def index(self, param_shape) -> tuple:
+        """The index of this slot in a grouped parameter of ``param_shape`` ([E, rows, ...])."""
+        rows = param_shape[1] // self.parts
+        return self.expert, slice(self.part * rows, (self.part + 1) * rows)
+
+
+def expert_slot(key: str, spec: LayoutSpec) -> ExpertSlot | None:
+    """The slot of a native per-expert key (``...layers.3.mlp.experts.7.up_proj.weight``), None for any other key."""
+    moe = families.get(spec.family).moe
+    for part in moe.expert_parts if moe else ():
+        if m := _compile(_LAYER + moe.experts + ".{e}." + part.leaf).match(key):
+            param = (_LAYER + moe.experts + "." + part.param).format(n=m["n"])
+            return ExpertSlot(param, int(m["e"]), part.part, part.parts)
+    return None
+
+
+def split_experts(key: str, tensor: torch.Tensor, spec: LayoutSpec) -> list[tuple[str, torch.Tensor]] | None:
+    """The per-expert (native key, view) pairs the files hold for a grouped expert parameter; None when ``key`` is
+    not one the family splits."""
+    moe = families.get(spec.family).moe
+    parts = [p for p in (moe.expert_parts if moe else ()) if _compile(_LAYER + moe.experts + "." + p.param).match(key)]
+    if not parts:
+        return None
+    n = _compile(_LAYER + moe.experts + "." + parts[0].param).match(key)["n"]
+    out = []
+    for e in range(tensor.shape[0]):
+        for part in parts:
+            index = ExpertSlot(key, e, part.part, part.parts).index(tensor.shape)
+            out.append(((_LAYER + moe.experts + ".{e}." + part.leaf).format(n=n, e=e), tensor[index]))
+    return out
+
+
+def per_expert(state: dict[str, torch.Tensor], spec: LayoutSpec) -> dict[str, torch.Tensor]:
+    """``state`` with every grouped expert parameter the family's files split replaced by its per-expert views."""
+    out = {}
+    for key, tensor in state.items():
+        split = split_experts(key, tensor, spec)
+        out.update(split if split is not None else [(key, tensor)])
     return out
 
 

@@ -1,11 +1,10 @@
 """LoRA for InternVL2 chat models (peft), with the reference's target modules mapped to native names.
 
-| part            | reference targets                                         | native targets                                   |
-|-----------------|-----------------------------------------------------------|--------------------------------------------------|
-| ViT             | attn.qkv, attn.proj, mlp.fc1, mlp.fc2                      | attention.{q,k,v}_proj, projection_layer, fc1, fc2 |
-| InternLM2 LLM   | attention.wqkv, attention.wo, feed_forward.w1/w2/w3         | self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj |
-| Phi-3 LLM       | self_attn.qkv_proj, o_proj, mlp.gate_up_proj, down_proj     | the same names                                   |
-| Qwen2 / Llama   | self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj           | the same names                                   |
+The ViT's reference targets ``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2`` are the native
+``attention.{q,k,v}_proj``, ``projection_layer``, ``fc1``, ``fc2``; the LLM's are its family's
+(``families.Family.lora_targets``: InternLM2's ``attention.wqkv`` ... ``feed_forward.w2`` become
+``self_attn.{q,k,v,o}_proj`` and ``mlp.{gate,up,down}_proj``; Phi-3 keeps its fused ``qkv_proj`` / ``gate_up_proj``;
+the other families have the native names already).
 
 Defaults as the reference: ``lora_alpha = 2 * r``, dropout 0.05. Where the reference fuses q/k/v into one linear
 (InternViT ``qkv``, InternLM2 ``wqkv``) we put one adapter on each of q, k and v; ``convert --to original`` writes
@@ -39,6 +38,13 @@ import torch
 
 from internvl_tune.errors import CheckpointError, UserError
 from internvl_tune.models.common.lora import lora_modules, merge_lora_layers
+from internvl_tune.models.common.moe import (
+    EXPERT_LORA_PARAMS,
+    add_expert_lora,
+    experts_modules,
+    has_expert_lora,
+    merge_expert_lora,
+)
 from internvl_tune.models.internvl_chat.saving import atomic_directory
 from internvl_tune.storage import save_safetensors
 
@@ -50,16 +56,16 @@ PEFT_PREFIX = "base_model.model."
 ADAPTER_NAME = "default"
 LORA_DROPOUT = 0.05
 VIT_TARGETS = ("q_proj", "k_proj", "v_proj", "projection_layer", "fc1", "fc2")
-_LLM_TARGETS = {"phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")}
-_HF_LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _LLM_LAYER = r"model\.language_model\.layers\.\d+\."
 _VIT_LAYER = r"model\.vision_tower\.encoder\.layer\.\d+\."
 SPEC_FACTS = ("family", "llm_heads", "llm_kv_heads", "llm_head_dim")  # fingerprint keys that give the LayoutSpec
 
 
 def default_llm_targets(family: str) -> tuple[str, ...]:
-    """The reference's LLM LoRA targets of ``family``, as native leaf-module names."""
-    return _LLM_TARGETS.get(family, _HF_LLM_TARGETS)
+    """The reference's LLM LoRA targets of ``family`` (its name), as native leaf-module names."""
+    from internvl_tune.models.internvl_chat import families
+
+    return families.get(family).default_lora_targets
 
 
 def _module_regex(layer: str, targets) -> str:
@@ -77,6 +83,7 @@ class LoraSettings:
     lora_dropout: float = LORA_DROPOUT
     llm_target_modules: tuple[str, ...] = ()
     vision_target_modules: tuple[str, ...] = ()
+    expert_targets: tuple[str, ...] = ()  # grouped expert parameters with LoRA (rank and alpha of the LLM's)
 
     def parts(self) -> list[tuple[str, int, float]]:
         """``(module regex, rank, alpha)`` of each wrapped part, the LLM first."""
@@ -97,6 +104,15 @@ class LoraSettings:
             "rank_pattern": {regex: r for regex, r, _ in parts[1:] if r != rank},
             "alpha_pattern": {regex: a for regex, _, a in parts[1:] if a != alpha},
         }
+
+    def file_fields(self, experts: str | None) -> dict:
+        """``adapter_config.json`` fields: :meth:`peft_fields`, plus the expert LoRA as peft's ``target_parameters``
+        (``experts``: the experts module's path inside a decoder layer). peft's expert LoRA takes no dropout, so an
+        adapter with one says 0 (dropout only acts in training)."""
+        fields = self.peft_fields()
+        if self.expert_targets:
+            fields.update(target_parameters=[f"{experts}.{name}" for name in self.expert_targets], lora_dropout=0.0)
+        return fields
 
     def scaling(self, module: str) -> float:
         """``alpha / r`` of the LoRA layer on ``module`` (a native module name)."""
@@ -159,18 +175,26 @@ def _check_targets(layer, targets: tuple[str, ...], part: str) -> None:
 
 
 def add_lora(chat, llm_rank: int = 0, vision_rank: int = 0, lora_alpha: float | None = None,
-             lora_dropout: float = LORA_DROPOUT, llm_target_modules=None, vision_target_modules=None) -> None:
+             lora_dropout: float = LORA_DROPOUT, llm_target_modules=None, vision_target_modules=None,
+             expert_lora: bool = False) -> None:
     """Wrap the LLM (rank ``llm_rank``) and/or the ViT (rank ``vision_rank``) linears with LoRA, in place.
 
     As the reference (peft on the LLM / the ViT alone), a wrapped part is frozen except its LoRA matrices: the LLM
     with ``lm_head`` for ``llm_rank``, the ViT for ``vision_rank``; every other parameter keeps its ``requires_grad``.
     ``lora_alpha`` defaults to twice each part's rank; ``llm_target_modules`` / ``vision_target_modules`` are leaf
-    names inside one decoder / ViT layer (default: the reference's, see the module docstring).
+    names inside one decoder / ViT layer (default: the reference's, see the module docstring); LLM targets may also
+    be the reference's names of the family (``attention.wqkv`` or ``wqkv`` of InternLM2 = q/k/v_proj).
+    ``expert_lora``: a mixture-of-experts LLM's grouped experts get LoRA too, with the LLM's rank and alpha
+    (``models.common.moe.add_expert_lora``).
     """
     if not (llm_rank or vision_rank):
         return
+    from internvl_tune.models.internvl_chat import families
+
     inner = chat.model.model
-    llm_targets = tuple(llm_target_modules or default_llm_targets(chat.family)) if llm_rank else ()
+    family = families.get(chat.family)
+    llm_targets = (family.native_lora_targets(llm_target_modules) if llm_target_modules
+                   else family.default_lora_targets) if llm_rank else ()
     vision_targets = tuple(vision_target_modules or VIT_TARGETS) if vision_rank else ()
     _check_targets(inner.language_model.layers[0], llm_targets, f"{chat.family} decoder layer")
     _check_targets(inner.vision_tower.encoder.layer[0], vision_targets, "ViT layer")
@@ -179,9 +203,11 @@ def add_lora(chat, llm_rank: int = 0, vision_rank: int = 0, lora_alpha: float | 
         llm_alpha=(2 * llm_rank if lora_alpha is None else lora_alpha) if llm_rank else 0,
         vision_alpha=(2 * vision_rank if lora_alpha is None else lora_alpha) if vision_rank else 0,
         lora_dropout=lora_dropout, llm_target_modules=llm_targets, vision_target_modules=vision_targets,
+        expert_targets=EXPERT_LORA_PARAMS if expert_lora and llm_rank else (),
     )
     flags = {id(p): p.requires_grad for p in chat.model.parameters()}
     _inject(chat, settings)  # peft freezes every non-LoRA parameter
+    _add_expert_lora(chat, settings)
     wrapped = ([inner.language_model, chat.model.lm_head] if llm_rank else []) + ([inner.vision_tower] if vision_rank else [])
     frozen = {id(p) for part in wrapped for p in part.parameters()}
     for name, p in chat.model.named_parameters():
@@ -200,14 +226,65 @@ def _inject(chat, settings: LoraSettings, exclude: list[str] = ()) -> None:
     chat.lora_config = settings
 
 
+def _add_expert_lora(chat, settings: LoraSettings) -> None:
+    for _, experts in experts_modules(chat.model.model.language_model) if settings.expert_targets else ():
+        add_expert_lora(experts, settings.llm_rank, settings.llm_alpha, settings.lora_dropout, settings.expert_targets)
+
+
+def expert_file_key(experts: str, settings: LoraSettings, param: str, matrix: str) -> str:
+    """peft's key of an expert LoRA matrix: its ``ParamWrapper`` s nest in ``target_parameters`` order, the last
+    outermost (``mlp.experts.lora_A.weight`` for ``down_proj``, ``mlp.experts.base_layer.lora_A.weight`` for
+    ``gate_up_proj``)."""
+    depth = len(settings.expert_targets) - 1 - settings.expert_targets.index(param)
+    return f"{experts}.{'base_layer.' * depth}lora_{matrix}.weight"
+
+
+def expert_lora_tensors(chat) -> dict[str, torch.Tensor]:
+    """The expert LoRA matrices in peft's layout: A [E, r, in] as [E * r, in]; B [E, out, r] as [out, r * E]
+    (column ``j * E + e``), keyed as :func:`expert_file_key`."""
+    out = {}
+    for name, experts in experts_modules(chat.model):
+        for param in getattr(experts, "lora_A", {}):
+            a, b = experts.lora_A[param].detach(), experts.lora_B[param].detach()
+            out[expert_file_key(name, chat.lora_config, param, "A")] = a.reshape(-1, a.shape[-1])
+            out[expert_file_key(name, chat.lora_config, param, "B")] = b.permute(1, 2, 0).reshape(b.shape[1], -1)
+    return out
+
+
+def grouped_lora_a(a: torch.Tensor, experts: int) -> torch.Tensor:
+    """peft's expert LoRA A [E * r, in] -> the grouped [E, r, in] (inverse of :func:`expert_lora_tensors`)."""
+    return a.reshape(experts, -1, a.shape[-1])
+
+
+def grouped_lora_b(b: torch.Tensor, experts: int) -> torch.Tensor:
+    """peft's expert LoRA B [out, r * E] (column ``j * E + e``) -> the grouped [E, out, r]."""
+    return b.reshape(b.shape[0], -1, experts).permute(2, 0, 1)
+
+
+def _expert_lora_as_own(chat, settings: LoraSettings, lora: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``lora`` with its expert entries (peft's layout) turned into the experts modules' own parameters."""
+    lora = dict(lora)
+    for name, experts in experts_modules(chat.model) if settings.expert_targets else ():
+        count = experts.gate_up_proj.shape[0]
+        for param in settings.expert_targets:
+            a = lora.pop(expert_file_key(name, settings, param, "A"), None)
+            b = lora.pop(expert_file_key(name, settings, param, "B"), None)
+            if a is not None:
+                lora[f"{name}.lora_A.{param}"] = grouped_lora_a(a, count)
+            if b is not None:
+                lora[f"{name}.lora_B.{param}"] = grouped_lora_b(b, count)
+    return lora
+
+
 def has_lora(chat) -> bool:
-    """True when the model holds (unmerged) LoRA layers."""
-    return bool(lora_modules(chat.model))
+    """True when the model holds (unmerged) LoRA layers (peft's, or LoRA on grouped experts)."""
+    return bool(lora_modules(chat.model)) or has_expert_lora(chat.model)
 
 
 def merge_lora(chat) -> None:
     """Fold every LoRA update into its base weight and put the plain linear layers back, in place."""
     merge_lora_layers(chat.model)
+    merge_expert_lora(chat.model)
     chat.lora_config = None
 
 
@@ -287,6 +364,7 @@ def save_adapter(chat, out_dir, base: str | Path | None = None) -> Path:
         if not inside(name, whole):  # else folded into the module saved whole
             lora[f"{name}.lora_A.weight"] = layer.lora_A[ADAPTER_NAME].weight.detach()
             lora[f"{name}.lora_B.weight"] = layer.lora_B[ADAPTER_NAME].weight.detach()
+    lora.update(expert_lora_tensors(chat))  # the experts' base weights never train alongside their LoRA
     trained = {f"{m}.{k}": v for m in whole for k, v in _plain_state(chat.model.get_submodule(m)).items()}
     adapter = Adapter(settings, fingerprint(chat), _recorded_base(chat, base), lora, trained, whole)
     out = Path(out_dir)
@@ -316,8 +394,11 @@ def write_adapter_files(out: Path, adapter: Adapter) -> None:
     ("-hf") checkpoint, which transformers reads; for an original-layout base, ``internvl-tune convert`` re-records a
     native copy (docs/checkpoints.md, "LoRA adapters").
     """
+    from internvl_tune.models.internvl_chat import families
+
     info = {"layout": "native", "base_model": adapter.fingerprint, "lora": asdict(adapter.settings)}
-    fields = {**adapter.settings.peft_fields(), "modules_to_save": adapter.modules_to_save or None,
+    moe = families.get(adapter.fingerprint["family"]).moe if adapter.settings.expert_targets else None
+    fields = {**adapter.settings.file_fields(moe and moe.experts), "modules_to_save": adapter.modules_to_save or None,
               "base_model_name_or_path": adapter.base, "task_type": None, "auto_mapping": AUTO_MAPPING}
     write_files(out, {**adapter.lora, **adapter.trained}, fields, info)
 
@@ -447,17 +528,19 @@ def apply_adapter(chat, adapter: Adapter, where: str = "the adapter") -> None:
             f"(modules_to_save), e.g. {lacking[:3]} — the adapter is incomplete; export it again from the training run")
     if adapter.lora:
         _inject(chat, adapter.settings, exclude=adapter.modules_to_save)
+        _add_expert_lora(chat, adapter.settings)
     else:
         chat.lora_config = adapter.settings
+    lora = _expert_lora_as_own(chat, adapter.settings, adapter.lora)
     params = dict(chat.model.named_parameters())
     own = {n.replace(f".{ADAPTER_NAME}.", "."): n for n in params if is_lora_name(n)}
-    if set(adapter.lora) != set(own) or set(adapter.trained) != expected:
-        missing = sorted(set(own) - set(adapter.lora))
-        extra = sorted((set(adapter.lora) - set(own)) | (set(adapter.trained) - expected))
+    if set(lora) != set(own) or set(adapter.trained) != expected:
+        missing = sorted(set(own) - set(lora))
+        extra = sorted((set(lora) - set(own)) | (set(adapter.trained) - expected))
         raise CheckpointError(f"{where}: adapter tensors do not match (missing {missing[:5]}, unexpected {extra[:5]})")
     device = chat.model.lm_head.weight.device
     with torch.no_grad():
-        for key, value in adapter.lora.items():
+        for key, value in lora.items():
             params[own[key]].copy_(value.to(device))
         for key, value in adapter.trained.items():
             params[key].copy_(value.to(device))

@@ -1,12 +1,20 @@
 """LoRA adapters in the original InternVL2 layout, for servers that load the reference's module names (vLLM).
 
 ``convert_adapter`` rewrites a native adapter folder (``lora.save_adapter``) under the original InternVLChatModel names.
-Where the original fuses q/k/v into one linear (InternViT ``attn.qkv``, InternLM2 ``attention.wqkv``), the adapter
-becomes the exact fused equivalent: rank 3r, A stacked, B block-diagonal in the fused row order.
+Where the original fuses q/k/v into one linear (InternViT ``attn.qkv``, a family's ``fused_qkv`` such as InternLM2's
+``attention.wqkv``), the adapter becomes the exact fused equivalent: rank 3r, A stacked, B block-diagonal in the fused row order.
+
+LoRA on grouped experts (``--moe_experts lora``: A [E, r, in], B [E, out, r] per grouped parameter) follows the
+original layout of the family's experts. Where the files hold one linear per expert (Qwen3-MoE's
+``mlp.experts.{e}.{gate,up,down}_proj``, ``MoeLayout.expert_parts``), each expert gets its own pair: A_e, and the
+rows of B_e that make that linear (``gate_proj`` the first half of ``gate_up_proj``'s rows, ``up_proj`` the second,
+sharing A_e) — the per-expert names vLLM's MoE LoRA reads. Where the original keeps the experts grouped (GPT-OSS),
+the matrices stay in peft's ``target_parameters`` layout under the original prefix.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections import Counter
@@ -19,8 +27,11 @@ from internvl_tune.models.internvl_chat.lora import (
     SPEC_FACTS,
     Adapter,
     check_base,
+    expert_file_key,
     find_adapter,
     fingerprint,
+    grouped_lora_a,
+    grouped_lora_b,
     inside,
     read_adapter,
     resolve_base,
@@ -115,37 +126,32 @@ def _fuse(parts: dict[str, tuple[torch.Tensor, torch.Tensor]], rows: dict[str, i
     return a, join(blocks["q"], blocks["k"], blocks["v"])
 
 
-_VIT_QKV = re.compile(r"model\.vision_tower\.encoder\.layer\.(\d+)\.attention\.([qkv])_proj$")
-_LLM_QKV = re.compile(r"model\.language_model\.layers\.(\d+)\.self_attn\.([qkv])_proj$")
-
-
 def _to_original(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict, list[str]]:
     """Tensors, ``LoraConfig`` fields and ``modules_to_save`` under the original InternVLChatModel names.
 
     Each module's ``alpha / r`` is folded into its B and ``lora_alpha`` equals the rank everywhere (scaling 1), so
     consumers that ignore ``rank_pattern`` / ``alpha_pattern`` (vLLM) still apply every update exactly.
     """
-    from internvl_tune.models.internvl_chat.key_map import join_wqkv, original_name, to_original
+    from internvl_tune.models.internvl_chat.key_map import fused_part, join_fused, original_name, to_original
 
     spec = _spec(adapter)
-    pairs, fused = {}, {}
-    for module, (a, b) in adapter.lora_pairs().items():
+    experts, grouped, target_parameters = _expert_lora(adapter, spec)
+    pairs, fused = dict(experts), {}
+    expert_keys = _expert_keys(adapter)
+    linears = dataclasses.replace(adapter, lora={k: v for k, v in adapter.lora.items() if k not in expert_keys})
+    for module, (a, b) in linears.lora_pairs().items():
         b = b * adapter.settings.scaling(module)
-        if m := _VIT_QKV.match(module):
-            fused.setdefault(f"vision_model.encoder.layers.{m.group(1)}.attn.qkv", {})[m.group(2)] = (a, b)
-        elif spec.family == "internlm2" and (m := _LLM_QKV.match(module)):
-            fused.setdefault(f"language_model.model.layers.{m.group(1)}.attention.wqkv", {})[m.group(2)] = (a, b)
+        if found := fused_part(module + ".weight", spec):
+            linear, name, part = found
+            fused.setdefault((linear, name.removesuffix(".weight")), {})[part] = (a, b)
         else:
             pairs[original_name(module + ".weight", spec).removesuffix(".weight")] = (a, b)
-    llm_rows = {"q": spec.num_heads * spec.head_dim, "k": spec.num_kv_heads * spec.head_dim,
-                "v": spec.num_kv_heads * spec.head_dim}
-    for module, parts in fused.items():
-        if module.startswith("vision_model."):
-            side = next(iter(parts.values()))[1].shape[0]
-            pairs[module] = _fuse(parts, dict.fromkeys("qkv", side), lambda q, k, v: torch.cat([q, k, v]))
-        else:
-            pairs[module] = _fuse(parts, llm_rows, lambda q, k, v: join_wqkv(q, k, v, spec))
-    state, modules_to_save = {}, []
+    kv = spec.num_kv_heads * spec.head_dim
+    grouped_rows = {"q": spec.num_heads * spec.head_dim, "k": kv, "v": kv}
+    for (linear, module), parts in fused.items():
+        rows = grouped_rows if linear.grouped else dict.fromkeys("qkv", next(iter(parts.values()))[1].shape[0])
+        pairs[module] = _fuse(parts, rows, lambda q, k, v: join_fused(linear, q, k, v, spec))
+    state, modules_to_save = dict(grouped), []
     for module, (a, b) in pairs.items():
         state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"] = a, b
     for module in adapter.modules_to_save:
@@ -168,4 +174,51 @@ def _to_original(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict, list[
         "rank_pattern": {p: r for p, r in patterns.items() if r != rank},
         "alpha_pattern": {p: r for p, r in patterns.items() if r != rank},
     }
+    if target_parameters:  # peft's expert LoRA takes no dropout
+        fields.update(target_parameters=target_parameters, lora_dropout=0.0)
     return state, fields, modules_to_save
+
+
+def _experts_of(adapter: Adapter) -> list[tuple[str, str]]:
+    """``(native experts module, param)`` of every expert LoRA the adapter holds (a layer without experts has none)."""
+    from internvl_tune.models.internvl_chat import families
+
+    moe = families.get(adapter.fingerprint["family"]).moe
+    if not adapter.settings.expert_targets or moe is None:
+        return []
+    found = []
+    for n in range(adapter.fingerprint["llm_layers"]):
+        module = f"{families.T}layers.{n}.{moe.experts}"
+        found += [(module, param) for param in adapter.settings.expert_targets
+                  if expert_file_key(module, adapter.settings, param, "A") in adapter.lora]
+    return found
+
+
+def _expert_keys(adapter: Adapter) -> set[str]:
+    return {expert_file_key(module, adapter.settings, param, m) for module, param in _experts_of(adapter) for m in "AB"}
+
+
+def _expert_lora(adapter: Adapter, spec) -> tuple[dict[str, tuple], dict[str, torch.Tensor], list[str]]:
+    """The expert LoRA under original names (see the module docstring), ``alpha / r`` folded into B: per-expert
+    ``{module: (A, B)}`` pairs, grouped ``{key: tensor}`` in peft's layout, and the latter's ``target_parameters``."""
+    from internvl_tune.models.internvl_chat import families
+    from internvl_tune.models.internvl_chat.key_map import expert_slot, original_name, split_experts
+
+    moe = families.get(adapter.fingerprint["family"]).moe
+    scaling = adapter.settings.llm_alpha / adapter.settings.llm_rank if adapter.settings.llm_rank else 0.0
+    pairs, grouped = {}, {}
+    for module, param in _experts_of(adapter):
+        a = adapter.lora[expert_file_key(module, adapter.settings, param, "A")]
+        b = adapter.lora[expert_file_key(module, adapter.settings, param, "B")] * scaling
+        if moe.expert_parts:  # one linear per expert in the files: B's rows split as the weight's
+            count = a.shape[0] // adapter.settings.llm_rank
+            a, b = grouped_lora_a(a, count), grouped_lora_b(b, count)
+            for key, rows in split_experts(f"{module}.{param}", b, spec):
+                linear = original_name(key, spec).removesuffix(".weight")
+                pairs[linear] = (a[expert_slot(key, spec).expert].clone(), rows.clone())  # no shared storage
+        else:
+            original = original_name(f"{module}.{param}", spec).removesuffix(f".{param}")
+            for m, tensor in (("A", a), ("B", b)):
+                grouped[expert_file_key(original, adapter.settings, param, m)] = tensor
+    targets = [f"{moe.experts}.{p}" for p in adapter.settings.expert_targets] if grouped else []
+    return pairs, grouped, targets

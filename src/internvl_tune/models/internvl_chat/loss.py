@@ -1,5 +1,6 @@
-"""Next-token loss over supervised positions only, with the reference's per-token weights, chunked over rows; and
-per-sample sums of the answer tokens' log-probabilities (the preference losses' input).
+"""Next-token loss over supervised positions only, with the reference's per-token weights, chunked over rows;
+per-sample sums of the answer tokens' log-probabilities (the preference losses' input); and per-token
+log-probabilities with the entropy of each position's distribution (online RL's input).
 
 The positions, targets and weights come from the batch (``data/batching.py``: ``supervised_positions``).
 
@@ -20,9 +21,20 @@ def _token_ce(hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor, v
     return F.cross_entropy(logits, targets, reduction="none")
 
 
+def _token_log_prob_entropy(hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor,
+                            vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = (hidden @ head.t())[:, :vocab].float()
+    log_z = logits.logsumexp(dim=-1)
+    log_prob = logits.gather(1, targets[:, None])[:, 0] - log_z
+    with torch.no_grad():  # a logged number: no gradient, no saved activations
+        entropy = log_z - (logits.softmax(dim=-1) * logits).sum(dim=-1)
+    return log_prob, entropy
+
+
 def _chunked_ce(hidden: torch.Tensor, head_weight: torch.Tensor, index: torch.Tensor, targets: torch.Tensor,
-                chunk: int):
-    """Yield ``(rows, cross-entropy of those rows)`` of the supervised positions, ``chunk`` rows at a time."""
+                chunk: int, fn=_token_ce):
+    """Yield ``(rows, fn(rows))`` of the supervised positions, ``chunk`` rows at a time (``fn``: the cross-entropy of
+    each row, by default)."""
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)  # backward: index_add, no host sync
     vocab = head_weight.shape[0]
     # Vocabularies such as 92553 or 151674 give logits rows that are not 16-byte aligned, and cuBLAS then falls
@@ -31,9 +43,9 @@ def _chunked_ce(hidden: torch.Tensor, head_weight: torch.Tensor, index: torch.Te
     for start in range(0, h.shape[0], chunk):
         sl = slice(start, start + chunk)
         if torch.is_grad_enabled():
-            yield sl, checkpoint(_token_ce, h[sl], head, targets[sl], vocab, use_reentrant=False)
+            yield sl, checkpoint(fn, h[sl], head, targets[sl], vocab, use_reentrant=False)
         else:
-            yield sl, _token_ce(h[sl], head, targets[sl], vocab)
+            yield sl, fn(h[sl], head, targets[sl], vocab)
 
 
 def weighted_lm_loss_sum(
@@ -84,3 +96,26 @@ def sample_log_prob_sums(
     if index.shape[0] == 0:
         sums = sums + 0.0 * hidden.sum()
     return sums
+
+
+def token_log_probs(
+    hidden: torch.Tensor,
+    head_weight: torch.Tensor,
+    index: torch.Tensor,
+    targets: torch.Tensor,
+    chunk: int = 2048,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The log-probability of each supervised token and the entropy of the distribution it was drawn from:
+    ``([N], [N])`` fp32, the entropy without gradient. Chunked like :func:`weighted_lm_loss_sum`.
+
+    Args:
+        hidden, head_weight, index, targets, chunk: as for :func:`weighted_lm_loss_sum`.
+    """
+    log_probs, entropies = [], []
+    for _, (log_prob, entropy) in _chunked_ce(hidden, head_weight, index, targets, chunk, _token_log_prob_entropy):
+        log_probs.append(log_prob)
+        entropies.append(entropy)
+    if not log_probs:  # no supervised token here: an empty result still connected to the graph
+        empty = hidden.new_zeros((0,), dtype=torch.float32)
+        return empty + 0.0 * hidden.sum(), empty
+    return torch.cat(log_probs), torch.cat(entropies)

@@ -19,11 +19,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from internvl_tune.data.batching import ChatBatch
+from internvl_tune.data.batching import ChatBatch, ChatCollator
 from internvl_tune.data.config import DataConfig
+from internvl_tune.data.dataset import SupervisedDataset
+from internvl_tune.data.templates import THINKING_SYSTEM_MESSAGE
 from internvl_tune.errors import UserError
 from internvl_tune.models.common import varlen_attention
 from internvl_tune.models.common.quantize import require_bitsandbytes, set_trainable
+from internvl_tune.models.common.recipe import Recipe
 from internvl_tune.models.internvl_chat.loss import weighted_lm_loss_sum
 from internvl_tune.options import option
 
@@ -34,6 +37,14 @@ IGNORED_FLAGS = {
     "--use_fast_tokenizer": "fast tokenizers are always used",
     "--use_data_resampling": "not supported yet",
     "--use_liger": "torch.compile fuses the same kernels (norms, RoPE, SwiGLU)",
+    "--gradient_checkpointing": "--grad_checkpoint sets activation checkpointing",
+    "--use_custom_flash_attn": "packed rows always run one causal attention per sample (flash varlen on CUDA)",
+    "--split_annotations": "every rank reads only the lines of its own samples (lazy JSONL index)",
+    "--max_buffer_size": "packs are planned from the length estimates of the dataset, not from a buffer",
+    "--log_freq": "--logging_steps sets how often the run logs",
+    "--strict_mode": "packs are filled best-fit up to --max_packed_tokens tokens and --num_images_expected tiles",
+    "--allow_overflow": "packs are filled best-fit up to --max_packed_tokens tokens (a longer sample alone)",
+    "--replacement": "each epoch takes every sample once",
 }
 
 
@@ -43,6 +54,12 @@ class ModelArgs:
 
     model_name_or_path: str | None = option(None, "checkpoint directory (original InternVL layout or "
                                                   "transformers-native), e.g. ./pretrained/InternVL2-8B")
+    vision_path: str | None = option(None, "instead of --model_name_or_path: build a new model from an InternViT "
+                                           "checkpoint and --llm_path, with a new projector (the reference's stage 0; "
+                                           "written to OUTPUT_DIR/initial_model first, see docs/training.md)")
+    llm_path: str | None = option(None, "the LLM checkpoint of a model built from parts (with --vision_path)")
+    mlp_path: str | None = option(None, "a model built from parts takes this projector (mlp1's six tensors, e.g. "
+                                        "a warm-up run's) instead of a new one")
     freeze_llm: bool = option(False, "freeze the language model and its LM head")
     freeze_backbone: bool = option(False, "freeze the vision encoder (InternViT)")
     freeze_mlp: bool = option(False, "freeze the vision-language projector (mlp1)")
@@ -55,8 +72,9 @@ class ModelArgs:
     lora_dropout: float = option(0.05, "dropout on the LoRA input (the reference's 0.05; 0 makes steps "
                                        "deterministic and recomputation cheaper)")
     lora_target_modules: str | None = option(None, "comma-separated LLM linears to wrap with LoRA, e.g. "
-                                                   "q_proj,v_proj (default: the reference's per family: every "
-                                                   "attention and MLP linear)")
+                                                   "q_proj,v_proj, or the reference's names of the family, e.g. "
+                                                   "attention.wqkv for InternLM2 (default: the reference's per "
+                                                   "family: every attention and MLP linear)")
     unfreeze_lm_head: bool = option(False, "train the LM head even when the LLM is frozen or LoRA-wrapped")
     grad_checkpoint: str = option("True", "activation checkpointing: True (every ViT and LLM block), False, a "
                                           "fraction such as 0.5 (that share of the blocks: less recompute for more "
@@ -68,12 +86,87 @@ class ModelArgs:
     merge_lora: bool = option(True, "for LoRA runs, also write the merged model as the final output")
     load_in_4bit: bool = option(False, "QLoRA: hold the LLM's linear layers in 4 bits (bitsandbytes NF4, double "
                                        "quantization, bf16 compute) on one GPU; needs --use_llm_lora or --freeze_llm. "
-                                       "The merged model is the bf16 checkpoint plus the adapter")
+                                       "The merged model is the bf16 checkpoint plus the adapter (mixture-of-experts "
+                                       "LLMs: the grouped experts stay in the load dtype)")
+    moe_experts: str = option("auto", "mixture-of-experts LLMs (InternVL3.5-30B-A3B, 241B-A28B, GPT-OSS-20B-A4B): "
+                                      "train the experts in full, keep them frozen, or put LoRA on them (rank and "
+                                      "alpha of --use_llm_lora, on the routed tokens of each expert); auto = as the "
+                                      "rest of the LLM: trained (the reference's 3.5 SFT), frozen with --freeze_llm, "
+                                      "LoRA with --use_llm_lora", ("auto", "train", "frozen", "lora"))
+    moe_router: str = option("auto", "mixture-of-experts LLMs: train the routers or keep them frozen; auto = trained "
+                                     "when the experts train in full (the reference's 3.5 SFT), else frozen",
+                             ("auto", "train", "frozen"))
+    router_aux_loss_coef: float | None = option(None, "weight of the load-balancing loss of mixture-of-experts LLMs "
+                                                      "(logged as aux_loss either way); default as the reference: "
+                                                      "llm_config.router_aux_loss_coef, applied always for GPT-OSS "
+                                                      "(0.9 in its release) and for Qwen3-MoE only when "
+                                                      "llm_config.output_router_logits is true (0 otherwise)")
+
+
+def parts_settings(model: ModelArgs, data: DataConfig) -> dict:
+    """The chat settings of a model built from parts (``assemble.SETTINGS``): the flags, else the reference's
+    fine-tuning defaults (``REFERENCE_DEFAULTS``; the tile size: the ViT's own)."""
+    from internvl_tune.data.config import REFERENCE_DEFAULTS as ref
+
+    def given(value, default):
+        return default if value is None else value
+
+    return {"template": given(data.conv_style, ref.template),
+            "downsample_ratio": given(data.down_sample_ratio, ref.downsample_ratio),
+            "ps_version": model.ps_version, "select_layer": model.vision_select_layer,
+            "dynamic_image_size": given(data.dynamic_image_size, ref.dynamic_image_size),
+            "use_thumbnail": given(data.use_thumbnail, ref.use_thumbnail),
+            "min_dynamic_patch": given(data.min_dynamic_patch, ref.min_dynamic_patch),
+            "max_dynamic_patch": given(data.max_dynamic_patch, ref.max_dynamic_patch),
+            "force_image_size": data.force_image_size}
+
+
+def check_parts(model: ModelArgs) -> bool:
+    """True when the model is to be built from parts (``--vision_path`` / ``--llm_path``); refuses half of it."""
+    if not (model.vision_path or model.llm_path or model.mlp_path):
+        return False
+    if model.model_name_or_path:
+        raise UserError("--model_name_or_path and --vision_path / --llm_path / --mlp_path name the model twice: give "
+                        "a checkpoint, or the InternViT and LLM to build one from")
+    if not (model.vision_path and model.llm_path):
+        raise UserError("--vision_path and --llm_path build a new model together (an InternViT checkpoint and an LLM "
+                        "checkpoint); --mlp_path adds a trained projector to them")
+    return True
+
+
+def moe_modes(args: ModelArgs) -> tuple[str, str]:
+    """``(experts, router)``: what ``--moe_experts`` / ``--moe_router`` mean with the other flags (``auto`` resolved)."""
+    experts = args.moe_experts
+    if experts == "auto":
+        experts = "lora" if args.use_llm_lora else "frozen" if args.freeze_llm else "train"
+    if experts == "lora" and not args.use_llm_lora:
+        raise UserError("--moe_experts lora puts LoRA on the experts with the rank of --use_llm_lora: add "
+                        "--use_llm_lora R")
+    router = args.moe_router if args.moe_router != "auto" else "train" if experts == "train" else "frozen"
+    return experts, router
+
+
+def set_moe_trainable(chat, args: ModelArgs) -> None:
+    """The experts' and routers' trainable flags per :func:`moe_modes` (LoRA matrices, once added, stay trainable)."""
+    from internvl_tune.models.common.moe import experts_modules
+    from internvl_tune.models.internvl_chat import families
+
+    experts, router = moe_modes(args)
+    moe = families.get(chat.family).moe
+    for layer in chat.model.model.language_model.layers:
+        try:
+            set_trainable(layer.get_submodule(moe.router), router == "train")
+        except AttributeError:  # a dense layer (mlp_only_layers)
+            continue
+    for _, module in experts_modules(chat.model.model.language_model):
+        for name, p in module.named_parameters():
+            p.requires_grad_(name.startswith("lora_") if experts == "lora" else experts == "train")
 
 
 def apply_trainable_flags(chat, args: ModelArgs) -> dict[str, int]:
     """Freeze / unfreeze / LoRA-wrap ``chat.model`` per ``args``, in the reference's order (``unfreeze_lm_head`` last,
-    so it really takes effect): freeze_backbone -> freeze_llm -> LoRA -> freeze_mlp -> unfreeze_vit_layers ->
+    so it really takes effect): freeze_backbone -> freeze_llm -> LoRA -> the experts and routers of a
+    mixture-of-experts LLM (``--moe_experts`` / ``--moe_router``) -> freeze_mlp -> unfreeze_vit_layers ->
     unfreeze_lm_head.
 
     Returns:
@@ -94,7 +187,10 @@ def apply_trainable_flags(chat, args: ModelArgs) -> dict[str, int]:
         targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()] \
             if args.lora_target_modules else None
         add_lora(chat, llm_rank=args.use_llm_lora, vision_rank=args.use_backbone_lora, lora_alpha=args.lora_alpha,
-                 lora_dropout=args.lora_dropout, llm_target_modules=targets)
+                 lora_dropout=args.lora_dropout, llm_target_modules=targets,
+                 expert_lora=moe_modes(args)[0] == "lora" and chat.is_moe)
+    if chat.is_moe:
+        set_moe_trainable(chat, args)
     if args.freeze_mlp:
         set_trainable(projector, False)
     if args.unfreeze_vit_layers:
@@ -109,14 +205,23 @@ def apply_trainable_flags(chat, args: ModelArgs) -> dict[str, int]:
 
 
 class ChatTrainModule(nn.Module):
-    """Wraps an ``InternVLChat`` for training; ``forward(batch)`` returns the weighted loss sum of the micro-batch."""
+    """Wraps an ``InternVLChat`` for training; ``forward(batch)`` returns the weighted loss sum of the micro-batch.
 
-    def __init__(self, chat):
+    A mixture-of-experts LLM runs its experts as grouped products (``models/common/moe.py``) and adds the
+    load-balancing loss times ``aux_loss_coef`` (0: logged, not trained on), weighted by the micro-batch's share of
+    the loss normaliser like the LM loss; ``aux_loss`` is logged on its own.
+    """
+
+    def __init__(self, chat, aux_loss_coef: float = 0.0):
         super().__init__()
         self.model = chat.model  # the only registered child: FSDP2 and checkpoints see the usual parameter names
         self.chat = chat
+        llm = chat.model.model.language_model
         # packed rows run one causal attention per sample (flash varlen on CUDA); padded batches keep SDPA
-        chat.model.model.language_model.set_attn_implementation(varlen_attention.register())
+        llm.set_attn_implementation(varlen_attention.register())
+        self.router_stats, self.aux_loss_coef = None, aux_loss_coef
+        if chat.is_moe:  # its experts run grouped already (load_pretrained)
+            self.router_stats = router_stats(chat)
 
     def blocks(self) -> list[nn.Module]:
         """The repeated blocks, ViT first: the units of checkpointing, compilation and sharding."""
@@ -127,7 +232,10 @@ class ChatTrainModule(nn.Module):
         weight of the whole global batch)."""
         loss = weighted_lm_loss_sum(self.hidden_states(batch), self.model.lm_head.weight, batch.loss_index,
                                     batch.loss_target, batch.loss_weight)
-        return {"loss": loss}
+        if self.router_stats is None:
+            return {"loss": loss}
+        aux = self.router_stats.loss(batch.num_tokens) * batch.weight
+        return {"loss": loss + self.aux_loss_coef * aux, "aux_loss": aux}
 
     def hidden_states(self, batch: ChatBatch) -> torch.Tensor:
         """The LLM's last hidden states [B, L, H] of the batch, image features in place."""
@@ -138,19 +246,31 @@ class ChatTrainModule(nn.Module):
         if batch.packed:  # one causal attention per sample
             cu, longest = batch.cu_seq_lens, batch.max_length
             packed = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
-        out = self.model.model.language_model(inputs_embeds=embeds, attention_mask=batch.attention_mask,
-                                              position_ids=batch.position_ids, use_cache=False, **packed)
+        if self.router_stats is not None:
+            self.router_stats.start(batch.attention_mask)
+        try:
+            out = self.model.model.language_model(inputs_embeds=embeds, attention_mask=batch.attention_mask,
+                                                  position_ids=batch.position_ids, use_cache=False, **packed)
+        finally:
+            if self.router_stats is not None:
+                self.router_stats.stop()
         return out.last_hidden_state
 
 
-class ChatRecipe:
-    """InternVL2 chat fine-tuning for ``train/trainer.py`` (see its ``Recipe`` protocol)."""
+class ChatRecipe(Recipe):
+    """InternVL2 chat fine-tuning for ``train/trainer.py`` (the ``Recipe`` protocol, ``models/common/recipe.py``).
+
+    Supervised fine-tuning (``--objective sft``) as it is; the other objectives of ``objectives/`` subclass it.
+    ``dataset_class`` reads the objective's lines and ``collator_class`` batches them.
+    """
 
     name, unit = "train", "tokens"
+    dataset_class, collator_class = SupervisedDataset, ChatCollator
 
     def __init__(self, model: ModelArgs, data: DataConfig):
         if not model.model_name_or_path:
-            raise UserError("--model_name_or_path is required (a checkpoint directory such as ./pretrained/InternVL2-1B)")
+            raise UserError("--model_name_or_path is required (a checkpoint directory such as ./pretrained/InternVL2-1B; "
+                            "or --vision_path and --llm_path to build a new model from an InternViT and an LLM)")
         if not data.meta_path:
             raise UserError("--meta_path is required (a meta JSON naming your JSONL datasets)")
         if model.load_in_4bit:
@@ -158,11 +278,20 @@ class ChatRecipe:
             if not (model.use_llm_lora or model.freeze_llm):
                 raise UserError("--load_in_4bit keeps the LLM's linear layers frozen in 4 bits: add --use_llm_lora R "
                                 "(QLoRA) or --freeze_llm True")
-        self.args, self.data = model, data
-        self.chat = None
+        from internvl_tune.models.internvl_chat.config import checkpoint_data_defaults
+
+        # the checkpoint's config.json fixes the template and the tiling: settled here, before any weight is read
+        self.args, self.data = model, data.resolve(checkpoint_data_defaults(model.model_name_or_path),
+                                                   model.model_name_or_path)
+        self.chat = self.module = None
         self.trainable_parts: dict[str, int] = {}
         self.train_set = None
         self._generation_set = None  # the validation lines as prompts (--eval_generate), built at first use
+
+    @classmethod
+    def from_objective(cls, model: ModelArgs, data: DataConfig, args, collectives) -> ChatRecipe:
+        """The recipe of ``--objective sft`` (no flags or collectives of its own)."""
+        return cls(model, data)
 
     def _load_chat(self, dtype: torch.dtype, weights: bool, device="cpu", load_in_4bit: bool = False):
         from internvl_tune.models.internvl_chat.chat import load_pretrained
@@ -174,12 +303,10 @@ class ChatRecipe:
 
     def build_module(self, dtype: torch.dtype, weights: bool = True, device="cpu") -> ChatTrainModule:
         """The training module from the checkpoint (``weights=False``: its structure on the meta device), with the
-        trainable flags and LoRA adapters applied. The data settings are resolved against the checkpoint here.
+        trainable flags and LoRA adapters applied.
 
         The model loads on the CPU; with ``--load_in_4bit`` it loads straight onto ``device``, quantizing there.
         """
-        from internvl_tune.models.internvl_chat.config import data_defaults
-
         quantized = self.args.load_in_4bit
         if quantized and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             raise UserError(f"--load_in_4bit trains in one process on one GPU; this run has "
@@ -188,28 +315,24 @@ class ChatRecipe:
                             "the bf16 model over the ranks")
         chat = self._load_chat(dtype, weights, device if quantized else "cpu", quantized)
         self.trainable_parts = apply_trainable_flags(chat, self.args)
+        module = self._training_module(chat, dtype, weights)
         if self.chat is None:  # the first build is the trained one (a second, on rank 0, only sources weights)
-            self.data = self.data.resolve(data_defaults(chat.original_config), self.args.model_name_or_path)
-            self.chat = chat
-        return self._training_module(chat, dtype, weights)
+            self.chat, self.module = chat, module
+        return module
 
     def _training_module(self, chat, dtype: torch.dtype, weights: bool) -> nn.Module:
-        return ChatTrainModule(chat)
+        return ChatTrainModule(chat, aux_loss_coef(chat, self.args))
 
     @property
     def grad_checkpoint(self) -> str:
         return self.args.grad_checkpoint
-
-    def param_groups_scale(self) -> None:
-        """One learning rate for every parameter."""
-        return None
 
     def build_data(self, seed: int, rank: int, world_size: int, per_device_batch: int, grad_accum: int):
         """``(train_set, val_set or None, collate, sampler)``."""
         from internvl_tune.data.batching import GlobalBatchSampler, PackedBatchSampler
 
         d, chat = self.data, self.chat
-        dataset, collator = self._data_classes()
+        dataset, collator = self.dataset_class, self.collator_class
         train = dataset(d.meta_path, chat.tokenizer, d, is_train=True, seed=seed)
         val = dataset(d.eval_meta_path, chat.tokenizer, d, is_train=False, seed=seed) if d.eval_meta_path else None
         pad_id = chat.tokenizer.pad_token_id if chat.tokenizer.pad_token_id is not None else 0
@@ -223,13 +346,6 @@ class ChatRecipe:
             sampler = GlobalBatchSampler(train.lengths, per_device_batch, world_size, rank, grad_accum, seed,
                                          d.group_by_length)
         return train, val, collate, sampler
-
-    def _data_classes(self) -> tuple[type, type]:
-        """The dataset and collator classes of this recipe's samples."""
-        from internvl_tune.data.batching import ChatCollator
-        from internvl_tune.data.dataset import SupervisedDataset
-
-        return SupervisedDataset, ChatCollator
 
     def tokens_per_micro_batch(self, per_device_batch: int) -> int:
         """LLM tokens of the largest micro-batch: the packing budget, or the longest sample times the batch size."""
@@ -249,12 +365,21 @@ class ChatRecipe:
         d, chat = self.data, self.chat
         own = chat.template
         template = d.conv_style + ("" if d.conv_style == own else f" (the checkpoint says {own}: check --conv_style)")
+        if d.system_message is not None:
+            template += (" with InternVL3.5's thinking system prompt" if d.system_message == THINKING_SYSTEM_MESSAGE
+                         else " with the checkpoint's system message")
         tiles = (f"dynamic tiles {d.min_dynamic_patch}-{d.max_dynamic_patch}"
                  + (" + thumbnail" if d.use_thumbnail else "") if d.dynamic_image_size else "one tile per image")
         parts = ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in self.trainable_parts.items())
         quantized = ", LLM linear layers in 4 bits (NF4)" if self.args.load_in_4bit else ""
+        if chat.mxfp4_dequantized:
+            quantized += f", {chat.mxfp4_dequantized} MXFP4 expert tensors dequantized to bf16 on load"
+        if chat.is_moe:
+            experts, router = moe_modes(self.args)
+            quantized += (f", experts {experts} (grouped), routers {router}, load-balancing loss x "
+                          f"{aux_loss_coef(chat, self.args):g}")
         lines = [f"model: {self.args.model_name_or_path} ({chat.family}){quantized}, template {template}, "
-                 f"{d.force_image_size} px tiles x {d.num_image_token} tokens, {tiles}; trainable: {parts}"]
+                f"{d.force_image_size} px tiles x {d.num_image_token} tokens, {tiles}; trainable: {parts}"]
         return lines + self._lora_note()
 
     def _lora_note(self) -> list[str]:
@@ -357,6 +482,7 @@ class ChatRecipe:
         if quantized:  # the frozen weights in `state` are 4-bit: they come from the checkpoint instead
             own = {name: own[name] for name, p in chat.model.named_parameters() if p.requires_grad}
         chat.model.load_state_dict(own, strict=not quantized, assign=True)
+        chat.set_system_message(self.data.system_message)  # chat then prompts as training did
         if has_lora(chat):
             save_adapter(chat, output_dir / "adapter", base=m.model_name_or_path)
             if m.merge_lora:
@@ -365,6 +491,28 @@ class ChatRecipe:
             if quantized:
                 chat.model.to(torch.bfloat16)  # the trained tensors too: one dtype in the files
             _save_into(chat, output_dir)
+
+
+def router_stats(chat):
+    """A :class:`RouterStats` hooked to every router of a mixture-of-experts chat model."""
+    from internvl_tune.models.common.moe import RouterStats
+    from internvl_tune.models.internvl_chat import families
+
+    moe, llm = families.get(chat.family).moe, chat.original_config["llm_config"]
+    routers = [layer.get_submodule(moe.router) for layer in chat.model.model.language_model.layers
+               if hasattr(layer.mlp, "experts")]
+    return RouterStats(routers, llm[moe.num_experts_key], llm[moe.top_k_key])
+
+
+def aux_loss_coef(chat, args: ModelArgs) -> float:
+    """The load-balancing loss weight: ``--router_aux_loss_coef``, else the reference's (see its ``--help``)."""
+    if args.router_aux_loss_coef is not None or not chat.is_moe:
+        return args.router_aux_loss_coef or 0.0
+    from internvl_tune.models.internvl_chat import families
+
+    llm = chat.original_config["llm_config"]
+    applied = families.get(chat.family).moe.aux_loss_always or llm.get("output_router_logits", False)
+    return float(llm.get("router_aux_loss_coef", 0.0)) if applied else 0.0
 
 
 def memory_shape(chat, tokens_per_micro_batch: int, lora_dropout: float, tiles_per_micro_batch: int) -> dict:
@@ -381,9 +529,16 @@ def memory_shape(chat, tokens_per_micro_batch: int, lora_dropout: float, tiles_p
         side = chat.image_size // chat.patch_size
         vision = dict(hidden=vit.hidden_size, ffn=vit.intermediate_size, num_layers=vit.num_hidden_layers,
                       tokens=tiles_per_micro_batch * (side * side + 1))
-    return dict(tokens_per_micro_batch=tokens_per_micro_batch, hidden=text.hidden_size, ffn=text.intermediate_size,
+    ffn, moe = text.intermediate_size, None
+    if chat.is_moe:  # activations follow the experts a token runs through; all their weights are model states
+        from internvl_tune.models.internvl_chat import families
+
+        layout, llm = families.get(chat.family).moe, chat.original_config["llm_config"]
+        moe = dict(top_k=llm[layout.top_k_key], experts=llm[layout.num_experts_key])
+        ffn = moe["top_k"] * llm.get("moe_intermediate_size", text.intermediate_size)
+    return dict(tokens_per_micro_batch=tokens_per_micro_batch, hidden=text.hidden_size, ffn=ffn,
                 num_layers=text.num_hidden_layers, vocab=text.vocab_size, lora_dropout_width=dropout_width,
-                vision=vision)
+                vision=vision, moe=moe)
 
 
 def _save_into(chat, output_dir: Path) -> None:

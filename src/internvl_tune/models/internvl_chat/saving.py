@@ -20,8 +20,10 @@ import torch
 from internvl_tune.constants import IMAGENET_MEAN, IMAGENET_STD, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 from internvl_tune.errors import CheckpointError
 from internvl_tune.models.common.weights import write_shards
+from internvl_tune.models.internvl_chat import families
 from internvl_tune.models.internvl_chat.config import SIDECAR
-from internvl_tune.models.internvl_chat.key_map import LayoutSpec, to_original
+from internvl_tune.models.internvl_chat.key_map import LayoutSpec, per_expert, to_original
+from internvl_tune.models.internvl_chat.tokenizers import OWN_CLASSES
 from internvl_tune.storage import make_temp_dir, writing
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -62,7 +64,7 @@ def write_native_checkpoint(out: Path, native_state: dict[str, torch.Tensor], na
     native_config.text_config.vocab_size = native_state["lm_head.weight"].shape[0]
     native_config.dtype = _dtype_name(native_state)
     native_config.architectures = ["InternVLForConditionalGeneration"]
-    write_shards(out, native_state)
+    write_shards(out, per_expert(native_state, LayoutSpec.from_original(original)))  # as transformers writes MoE
     native_config.to_json_file(str(out / "config.json"))
     (out / SIDECAR).write_text(json.dumps(original, indent=2, sort_keys=True) + "\n")
 
@@ -151,7 +153,7 @@ def chat_template(template_name: str, system_message: str | None = None,
     if template.system_template is not None:
         before, after = template.system_template.split("{system_message}")
         system += "{{ " + lit(before) + " }}{{ system }}{{ " + lit(after + template.sep) + " }}"
-    user, assistant = (lit(role) for role in template.roles)
+    user, assistant = lit(template.roles[0]), lit(template.roles[1] + template.answer_prefix)
     turns = (
         "{%- for message in turns -%}{%- if message['role'] == 'user' -%}{{ " + user + " }}{%- else -%}{{ " + assistant
         + " }}{%- endif -%}{{ render(message['content']) }}{{ " + lit(template.sep) + " }}{%- endfor -%}"
@@ -208,7 +210,7 @@ def write_processor_files(out: Path, chat) -> None:
     # never in a prompt the processor is given (images are <IMG_CONTEXT> placeholders there), so no text has videos.
     config.update(start_image_token=IMG_START_TOKEN, end_image_token=IMG_END_TOKEN,
                   context_image_token=IMG_CONTEXT_TOKEN, video_token=IMG_START_TOKEN, processor_class=PROCESSOR_CLASS)
-    if chat.family in ("internlm2", "internlm3"):  # remote-code tokenizer classes
+    if families.get(chat.family).tokenizer_class in OWN_CLASSES:  # the release names a remote-code class
         _sentencepiece_tokenizer_json(out, chat.tokenizer)
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
         config.pop("auto_map", None)  # the remote-code class; tokenizer.json needs none

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from internvl_tune.errors import UserError
 from internvl_tune.options import option
 
-OBJECTIVES = ("sft", "dpo", "mpo")
 LOSS_TYPES = ("sigmoid", "bco_pair")
 # objective -> defaults of (loss_type, sigmoid_loss_weight, bco_pair_loss_weight, rpo_alpha); mpo: the MPO scripts
 DEFAULTS = {"dpo": ("sigmoid", 1.0, 1.0, 0.0), "mpo": ("sigmoid,bco_pair", 0.8, 0.2, 1.0)}
@@ -36,9 +35,8 @@ BETA = 0.1  # trl's DPOConfig default, which the reference keeps
 class PreferenceArgs:
     """Preference-tuning flags (the reference's names: trl's ``DPOConfig`` and ``internvl_chat_mpo.py``)."""
 
-    objective: str = option("sft", "training objective: sft (next-token loss), dpo (the sigmoid preference loss) or mpo "
-                                   "(mixed preference optimisation: preference + quality + generation losses) on "
-                                   "preference lines (question / chosen / rejected)", OBJECTIVES)
+    objective: str = option("dpo", "dpo or mpo: which defaults apply (set by --objective)", tuple(DEFAULTS),
+                            flag=False)
     loss_type: str | None = option(None, "comma-separated preference losses: sigmoid (DPO), bco_pair (BCO) (default: "
                                          "sigmoid for dpo, sigmoid,bco_pair for mpo)")
     beta: float | None = option(None, f"KL coefficient of the preference losses (default: {BETA})")
@@ -48,14 +46,7 @@ class PreferenceArgs:
                                            "cross-entropy; 0 = off (default: 0 for dpo, 1 for mpo)")
 
     def resolve(self) -> PreferenceArgs:
-        """A copy with the objective's defaults filled in; flags that do not apply or cannot work are refused."""
-        given = [name for name in ("loss_type", "beta", "sigmoid_loss_weight", "bco_pair_loss_weight", "rpo_alpha")
-                 if getattr(self, name) is not None]
-        if self.objective == "sft":
-            if given:
-                raise UserError(f"--{given[0]} is a preference-tuning flag: add --objective dpo or --objective mpo "
-                                "(with preference data), or drop it")
-            return self
+        """A copy with the objective's defaults filled in; flags that cannot work are refused."""
         loss_type, sigmoid, bco, alpha = DEFAULTS[self.objective]
         out = replace(self, loss_type=self.loss_type if self.loss_type is not None else loss_type,
                       beta=self.beta if self.beta is not None else BETA,

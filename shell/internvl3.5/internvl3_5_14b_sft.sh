@@ -1,0 +1,11 @@
+#!/usr/bin/env sh
+# InternVL3.5-14B (InternViT-300M-448px-V2_5 + Qwen3-14B), supervised fine-tuning from InternVL3_5-14B-Pretrained (the reference's
+# internvl3_5_14b_sft.sh: 32k-token packed rows, square loss, 8000 steps; environment in _internvl3_5.sh).
+# Launch on each node: NPROC_PER_NODE=8 WORLD_SIZE=<nodes> RANK=<node> MASTER_ADDR=<first node> sh shell/internvl3.5/internvl3_5_14b_sft.sh [extra train flags]
+
+PROJECT_NAME=internvl3_5_14b_sft
+BATCH_SIZE=${BATCH_SIZE:-512}
+MODEL=${MODEL:-./pretrained/InternVL3_5-14B-Pretrained}
+. "$(dirname "$0")/_internvl3_5.sh"
+
+launch_sft --drop_path_rate 0.1 "$@"

@@ -1,0 +1,12 @@
+#!/usr/bin/env sh
+# InternVL3.5-8B (InternViT-300M-448px-V2_5 + Qwen3-8B), LoRA fine-tuning of the released InternVL3_5-8B: the reference's SFT settings
+# with everything frozen but rank-16 LLM adapters, one epoch (environment in _internvl3_5.sh).
+# Launch: NPROC_PER_NODE=2 sh shell/internvl3.5/internvl3_5_8b_sft_lora.sh [extra train flags, e.g. --thinking_mode on]
+
+PROJECT_NAME=internvl3_5_8b_sft_lora
+NPROC_PER_NODE=${NPROC_PER_NODE:-2}
+BATCH_SIZE=${BATCH_SIZE:-16}
+MODEL=${MODEL:-./pretrained/InternVL3_5-8B}
+. "$(dirname "$0")/_internvl3_5.sh"
+
+launch_sft_lora "$@"
