@@ -97,6 +97,10 @@ PARTS: list[Part] = [
          "InternVL3.5-GPT-OSS-20B-A4B LoRA r16 on attention + experts (sinks, sliding window), compiled, vs the plain "
          "transformers + peft loop (8 of 24 LLM layers)",
          {"shape": "internvl3_5-gpt-oss-20b-a4b", "tiny_shape": "tiny-gpt-oss", "llm_layers": 8}),
+    Part("grpo", 90, "internvl_tune.bench.verify_parts:script",
+         "GRPO on InternVL2-2B: our rollout engine against transformers' generate (same prompts, G=8, 512 tokens), "
+         "and one step's generation / update split",
+         {"run": "internvl_tune.bench.grpo:run", "argv": ["--steps", "1", "--repeats", "2"], "tiny_argv": ["--tiny"]}),
 ]
 
 
