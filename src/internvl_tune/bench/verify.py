@@ -21,7 +21,7 @@ and raises ``Skip`` when it cannot run here. ``ctx.tiny`` asks for the CPU shape
 
 - another shape for an existing part: ``Part("lora8b_35", 150, "internvl_tune.bench.verify_parts:lora8b", "...",
   {"shape": "internvl3_5-8b"})`` (``lora8b``, ``full1b``, ``preference`` and ``auto`` take ``shape``);
-- a bench script's ``run(args) -> dict``: ``Part("grpo", 90, "internvl_tune.bench.verify_parts:script", "...",
+- a bench script's ``run(args) -> dict``: ``Part("grpo", 150, "internvl_tune.bench.verify_parts:script", "...",
   {"run": "internvl_tune.bench.grpo:run", "argv": [...], "tiny_argv": [...]})`` (see ``verify_parts.script``).
 
 This module imports only the standard library at the top: a part's process starts fast, and the GPU is touched only
@@ -68,18 +68,18 @@ class Part:
 
 PARTS: list[Part] = [
     Part("peak", 25, "internvl_tune.bench.verify_parts:peak", "bf16 matmul peak (the MFU denominator)"),
-    Part("smoke", 120, "internvl_tune.bench.verify_parts:smoke",
+    Part("smoke", 240, "internvl_tune.bench.verify_parts:smoke",
          "compiled = eager: the training CLIs on tiny checkpoints (packed; LoRA + checkpointing; dropout + drop path; "
          "retrieval head)"),
     Part("lora8b", 150, "internvl_tune.bench.verify_parts:lora8b",
          "InternVL2-8B LoRA r16 + checkpointing, compiled, vs the plain transformers + peft loop; a profiled step"),
-    Part("full1b", 75, "internvl_tune.bench.verify_parts:full1b",
+    Part("full1b", 150, "internvl_tune.bench.verify_parts:full1b",
          "InternVL2-1B full fine-tuning, compiled, vs the plain transformers loop"),
     Part("e2e", 100, "internvl_tune.bench.verify_parts:e2e",
          "internvl-tune train on JPEG files (InternVL2-1B, 8 workers) vs the harness"),
     Part("qlora76b", 90, "internvl_tune.bench.verify_parts:qlora76b",
          "QLoRA InternVL2-76B on one GPU: peak memory vs the estimate"),
-    Part("preference", 130, "internvl_tune.bench.verify_parts:preference",
+    Part("preference", 240, "internvl_tune.bench.verify_parts:preference",
          "DPO and MPO steps (InternVL2-2B LoRA r16, compiled) vs a plain transformers + peft DPO loop"),
     Part("full14b", 45, "internvl_tune.bench.verify_parts:full14b",
          "InternVL-14B full 364 px step: one GPU's share of an 8-GPU FSDP2 run, scaled from 1/8 and 1/4 depth"),
@@ -97,7 +97,7 @@ PARTS: list[Part] = [
          "InternVL3.5-GPT-OSS-20B-A4B LoRA r16 on attention + experts (sinks, sliding window), compiled, vs the plain "
          "transformers + peft loop (8 of 24 LLM layers)",
          {"shape": "internvl3_5-gpt-oss-20b-a4b", "tiny_shape": "tiny-gpt-oss", "llm_layers": 8}),
-    Part("grpo", 90, "internvl_tune.bench.verify_parts:script",
+    Part("grpo", 150, "internvl_tune.bench.verify_parts:script",
          "GRPO on InternVL2-2B: our rollout engine against transformers' generate (same prompts, G=8, 512 tokens), "
          "and one step's generation / update split",
          {"run": "internvl_tune.bench.grpo:run", "argv": ["--steps", "1", "--repeats", "2"], "tiny_argv": ["--tiny"]}),
