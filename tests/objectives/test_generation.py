@@ -187,3 +187,27 @@ def test_suppressed_tokens_are_never_generated():
                      Sampling(max_new_tokens=1, temperature=0, suppress_token_ids=(3,))):
         tokens = sample_tokens(logits, sampling, keys, 0)
         assert not torch.isin(tokens, torch.tensor(sampling.suppress_token_ids)).any()
+
+
+def test_a_draw_at_the_top_of_the_range_picks_no_filtered_token(monkeypatch):
+    # u rounding up to the total (float32) must land on the last token of positive probability, never on the end
+    # of the vocabulary, whose tokens top-k removed here
+    from internvl_tune.models.internvl_chat import generation
+
+    monkeypatch.setattr(generation, "uniforms", lambda keys, position: torch.ones(keys.shape, dtype=torch.float64))
+    logits = torch.tensor([[0.0, 3.0, 2.0, -5.0, -6.0]])
+    sampling = Sampling(max_new_tokens=1, temperature=1.0, top_k=3)
+    assert generation.sample_tokens(logits, sampling, torch.tensor([7]), 0).tolist() == [2]  # 3 and 4 are removed
+
+
+def test_sampling_holds_no_float64_scan():
+    # inductor cannot generate a float64 cumsum over a vocabulary on CUDA: the compiled decode step failed so on an
+    # H100 (2026-12-06); the trace of a draw must keep its scans in float32
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    sampling = Sampling(max_new_tokens=1, temperature=0.7, top_p=0.9)
+    logits, keys = torch.randn(4, 1000), torch.tensor([stream_key(1, i) for i in range(4)])
+    graph = make_fx(lambda lg, k: sample_tokens(lg, sampling, k, 3))(logits, keys).graph
+    scans = [n for n in graph.nodes if n.target is torch.ops.aten.cumsum.default]
+    assert len(scans) == 2  # top-p's and the draw's
+    assert all(n.meta["val"].dtype == torch.float32 for n in scans), [n.meta["val"].dtype for n in scans]

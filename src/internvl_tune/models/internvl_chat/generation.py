@@ -127,11 +127,15 @@ def sample_tokens(logits: torch.Tensor, sampling: Sampling, keys: torch.Tensor |
         logits = logits.index_fill(1, torch.tensor(sampling.suppress_token_ids, device=logits.device), float("-inf"))
     if sampling.greedy or keys is None:
         return logits.argmax(dim=-1)
-    probs = filter_logits(logits, sampling).softmax(dim=-1).double()
+    # float32, as torch.multinomial: inductor cannot generate a float64 scan over a vocabulary on CUDA (the compiled
+    # decode step failed so on an H100); the sums' rounding moves each token's share by < 1e-5 of the vocabulary's
+    probs = filter_logits(logits, sampling).softmax(dim=-1)
     cdf = probs.cumsum(dim=-1)
-    u = uniforms(keys, position) * cdf[:, -1]
-    # the first token whose cumulative probability exceeds u: tokens of probability 0 are never picked
-    return (cdf <= u[:, None]).sum(dim=-1).clamp_max(logits.shape[-1] - 1)
+    u = uniforms(keys, position).float() * cdf[:, -1]
+    # the first token whose cumulative probability exceeds u: tokens of probability 0 are never picked, also when u
+    # rounds up to the total (the pick is then the last token of positive probability, not the vocabulary's end)
+    last = torch.where(probs > 0, torch.arange(probs.shape[-1], device=probs.device), 0).amax(dim=-1)
+    return torch.minimum((cdf <= u[:, None]).sum(dim=-1), last)
 
 
 # ------------------------------------------------------------------------------------------------------ the cache
