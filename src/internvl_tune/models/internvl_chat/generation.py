@@ -127,13 +127,11 @@ def sample_tokens(logits: torch.Tensor, sampling: Sampling, keys: torch.Tensor |
         logits = logits.index_fill(1, torch.tensor(sampling.suppress_token_ids, device=logits.device), float("-inf"))
     if sampling.greedy or keys is None:
         return logits.argmax(dim=-1)
-    # float32, as torch.multinomial: inductor cannot generate a float64 scan over a vocabulary on CUDA (the compiled
-    # decode step failed so on an H100); the sums' rounding moves each token's share by < 1e-5 of the vocabulary's
-    probs = filter_logits(logits, sampling).softmax(dim=-1)
+    probs = filter_logits(logits, sampling).softmax(dim=-1).double()
     cdf = probs.cumsum(dim=-1)
-    u = uniforms(keys, position).float() * cdf[:, -1]
-    # the first token whose cumulative probability exceeds u: tokens of probability 0 are never picked, also when u
-    # rounds up to the total (the pick is then the last token of positive probability, not the vocabulary's end)
+    u = uniforms(keys, position) * cdf[:, -1]
+    # the first token whose cumulative probability exceeds u: tokens of probability 0 are never picked, also if u
+    # rounded up to the total (the pick is then the last token of positive probability, not the vocabulary's end)
     last = torch.where(probs > 0, torch.arange(probs.shape[-1], device=probs.device), 0).amax(dim=-1)
     return torch.minimum((cdf <= u[:, None]).sum(dim=-1), last)
 
@@ -215,19 +213,26 @@ class Generator:
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(hidden[:, -1]).float()
 
-    def _decode(self, cache: KVCache, token, position, slot, key_valid, keys, done, sampling: Sampling):
-        """One token for every row: (next token, done, key_valid). Fixed shapes with a static cache."""
+    def _decode(self, cache: KVCache, token, position, slot, key_valid):
+        """The model's part of one decode step: (each row's next-token logits, key_valid). Fixed shapes with a static
+        cache; this is what ``compile`` compiles. Sampling stays outside it (:meth:`_pick`): its sort and cumulative
+        sums over the vocabulary need inductor's split-scan kernels, which failed to generate on an H100 (torch 2.11,
+        2026-12-06), and eagerly they are a few kernels a token."""
         key_valid = key_valid.index_fill(1, slot, True)
         cache.slot = slot
         hidden = self.llm.embed_tokens(token[:, None])
         visible = key_valid if cache.static else key_valid[:, : cache.visible]
         hidden = self._layers(hidden, visible[:, None, None, :], position[:, None], cache)
-        nxt = sample_tokens(self._logits(hidden), sampling, keys, position + 1)
+        return self._logits(hidden), key_valid
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, keys, position, done: torch.Tensor, sampling: Sampling):
+        """The next token of every row from its logits (padding once the row is done), and the new done flags."""
+        nxt = sample_tokens(logits, sampling, keys, position + 1)
         nxt = torch.where(done, torch.full_like(nxt, sampling.pad_token_id), nxt)
-        stop = torch.tensor(sampling.stop_token_ids, device=nxt.device) if sampling.stop_token_ids else None
-        if stop is not None:
-            done = done | torch.isin(nxt, stop)
-        return nxt, done, key_valid
+        if sampling.stop_token_ids:
+            done = done | torch.isin(nxt, torch.tensor(sampling.stop_token_ids, device=nxt.device))
+        return nxt, done
 
     def _cache(self, batch: int, slots: int, dtype, device) -> KVCache:
         """A new cache, or for a static one the same buffers as the last call with these shapes (every slot a call
@@ -243,9 +248,9 @@ class Generator:
             self._caches = {key: cache}  # one shape at a time: the buffers of older shapes are freed
         return cache
 
-    def _decode_step(self, batch: int, slots: int, sampling: Sampling):
+    def _decode_step(self, batch: int, slots: int):
         """The decode function for these shapes (compiled once per shape when ``compile``)."""
-        key = (batch, slots, sampling)
+        key = (batch, slots)
         if key not in self._steps:
             fn = self._decode
             if self.compile:
@@ -301,7 +306,7 @@ class Generator:
         key_valid = torch.zeros(batch, slots, dtype=torch.bool, device=device)
         key_valid[:, :length] = real.repeat_interleave(repeats, dim=0)
         out = [token]
-        step = self._decode_step(batch, slots, sampling)
+        step = self._decode_step(batch, slots)
         compiled = _stance("default") if self.compile else nullcontext()
         steps = 0
         while len(out) < sampling.max_new_tokens:
@@ -315,9 +320,10 @@ class Generator:
             cache.visible = length + steps + 1
             position = last + 1 + steps
             with compiled:
-                token, done, key_valid = step(cache, token, position, slot, key_valid, keys, done, sampling)
-            if self.compile:  # a CUDA graph's outputs are overwritten by its next replay: keep copies
-                token, done, key_valid = token.clone(), done.clone(), key_valid.clone()
+                logits, key_valid = step(cache, token, position, slot, key_valid)
+            if self.compile:  # a CUDA graph's outputs are overwritten by its next replay (logits are read before it)
+                key_valid = key_valid.clone()
+            token, done = self._pick(logits, keys, position, done, sampling)
             out.append(token)
             steps += 1
         tokens = torch.stack(out, dim=1)
