@@ -101,3 +101,21 @@ def test_flex_block_mask_of_the_cuda_path_matches_per_sample_attention(lengths):
     expected = varlen_attention.sink_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
                                                v.transpose(0, 1)[None], None, 0.25, sinks, 3, cu=cu)[0]
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_sample_ids_of_a_packed_row_without_searchsorted():
+    # by hand: samples of 3, 1 and 4 tokens
+    cu = torch.tensor([0, 3, 4, 8])
+    assert varlen_attention.sample_ids(cu, 8).tolist() == [0, 0, 0, 1, 2, 2, 2, 2]
+    # inductor's CUDA lowering of bucketize over a dynamic length failed in the compiled GPT-OSS layers (H100,
+    # 2026-12-06): the ids, compiled with dynamic shapes as the layers are, hold no searchsorted / bucketize
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(varlen_attention.sample_ids, backend=recording, dynamic=True)
+    assert compiled(torch.tensor([0, 5, 9, 20]), 20).tolist() == [0] * 5 + [1] * 4 + [2] * 11
+    ops = [str(n.target) for g in graphs for n in g.graph.nodes if n.op in ("call_function", "call_method")]
+    assert graphs and not [o for o in ops if "searchsorted" in o or "bucketize" in o], ops

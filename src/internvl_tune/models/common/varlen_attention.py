@@ -81,13 +81,20 @@ def _causal(lq: int, lk: int, window: int | None, device) -> torch.Tensor:
     return allowed & (qi - kj < window) if window else allowed
 
 
+def sample_ids(cu: torch.Tensor, length: int) -> torch.Tensor:
+    """[length] the sample each position of a packed row belongs to. Comparisons and a sum, not ``searchsorted``:
+    inductor's CUDA lowering of ``bucketize`` over a dynamic length failed inside the compiled GPT-OSS layers (H100,
+    torch 2.11, 2026-12-06)."""
+    return (cu[1:-1][None, :] <= torch.arange(length, device=cu.device)[:, None]).sum(dim=-1)
+
+
 def _flex_sink_attention(q, k, v, cu: torch.Tensor, scaling, sinks: torch.Tensor, window: int | None):
     """Packed row on CUDA: FlexAttention over the samples (causal, windowed) and the sink through its log-sum-exp.
     q [L, Hq, D], k/v [L, Hkv, D] -> [L, Hq, D]."""
     from torch.nn.attention.flex_attention import AuxRequest, create_block_mask
 
     length = q.shape[0]
-    sample = torch.searchsorted(cu[1:], torch.arange(length, device=q.device), right=True)
+    sample = sample_ids(cu, length)
 
     def allowed(b, h, qi, kj):
         keep = (sample[qi] == sample[kj]) & (kj <= qi)
