@@ -297,8 +297,9 @@ class Trainer:
                  "skipped_samples": self.skips.state(), "global_batch": self.sampler.global_batch,
                  "module": self.recipe.run_state()}
         path = self.checkpointer.save(self.step, self.optimizer, state)
-        if self.info.is_main:
-            self.recipe.checkpoint_saved(path)
+        if self.info.is_main:  # whatever the hook draws (a LoRA adapter's fresh init) leaves the run's RNG alone
+            with torch.random.fork_rng(devices=[self.info.device] if self.info.device.type == "cuda" else []):
+                self.recipe.checkpoint_saved(path)
         self._saved_step, self._saved_path = self.step, path
         self.metrics.flush()
         self._restart_window()
