@@ -146,7 +146,7 @@ def test_mixture_of_experts_is_refused(where, tiny_dirs, tmp_path):
     part, key = where.split(".")
     config[part][key] = {"num_experts": 8} if key == "moe_config" else True
     (out / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=rf"config.json: field {where} .*dense checkpoints only"):
+    with pytest.raises(CheckpointError, match=rf"config.json: field {where} .*not supported"):
         load_pretrained(out)
 
 

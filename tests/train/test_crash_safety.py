@@ -172,13 +172,13 @@ SLOW_FIRST_STEP = """
 import pathlib, sys, time
 from internvl_tune.train import step
 real = step.StepRunner.__call__
-def slow_first(self, batches, n):
+def slow_first(self, batches, n, *rest):
     if n == 0:
         pathlib.Path(sys.argv[1]).write_text("first step")
         time.sleep(3)
         if sys.argv[2] == "break":
             raise RuntimeError("SubprocException: a compile worker died")
-    return real(self, batches, n)
+    return real(self, batches, n, *rest)
 step.StepRunner.__call__ = slow_first
 from internvl_tune.cli import main
 sys.exit(main(sys.argv[3:]))
@@ -276,10 +276,10 @@ def test_the_closing_line_and_results_give_the_steady_state_throughput(tiny_1b, 
 
     real = step_module.StepRunner.__call__
 
-    def slow_first(self, batches, n):
+    def slow_first(self, batches, n, *rest):
         if n == 0:
             time.sleep(2.0)
-        return real(self, batches, n)
+        return real(self, batches, n, *rest)
 
     monkeypatch.setattr(step_module.StepRunner, "__call__", slow_first)
     out = tmp_path / "run"

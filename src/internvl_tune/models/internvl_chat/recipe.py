@@ -105,8 +105,8 @@ class ModelArgs:
 
 def parts_settings(model: ModelArgs, data: DataConfig) -> dict:
     """The chat settings of a model built from parts (``assemble.SETTINGS``): the flags, else the reference's
-    fine-tuning defaults (``REFERENCE_DEFAULTS``; the tile size: the ViT's own)."""
-    from internvl_tune.data.config import REFERENCE_DEFAULTS as ref
+    fine-tuning defaults (``RELEASE_DEFAULTS``; the tile size: the ViT's own)."""
+    from internvl_tune.data.config import RELEASE_DEFAULTS as ref
 
     def given(value, default):
         return default if value is None else value

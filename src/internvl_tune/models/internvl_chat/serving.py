@@ -4,14 +4,14 @@ Each server is one entry of :data:`SERVERS`: the architectures it registers for 
 it builds for the original layout, and whether it reads the transformers processor files of the native layout.
 What the entries say was read from the servers' own code (2026-12):
 
-- vLLM: ``InternVLChatModel`` (original layout: its config comes from ``AutoConfig(trust_remote_code=True)``, so
+- vLLM: ``InternVLChatModel`` (original layout: its config comes from ``AutoConfig`` with remote code trusted, so
   ``auto_map.AutoConfig`` and its ``configuration_*.py`` must be in the folder) and ``InternVLForConditionalGeneration``
   (native layout, served by its InternS1 model through the transformers processor).
 - LMDeploy: ``InternVLChatModel`` (its vision preprocessor builds the whole remote-code model: ``AutoConfig`` and
   ``AutoModel`` must resolve) and ``InternVLForConditionalGeneration`` (its InternVL3-hf path, transformers processor).
 - SGLang: ``InternVLChatModel`` (``AutoConfig`` remote code); no entry for ``InternVLForConditionalGeneration``.
 - transformers: the native layout loads with ``AutoModelForImageTextToText`` + ``AutoProcessor``; the original one
-  only with the release's remote code (``AutoModel(trust_remote_code=True)``).
+  only with the release's remote code (``AutoModel`` with remote code trusted).
 
 Every server also needs complete weights, a tokenizer with InternVL's image tokens, and, for its chat endpoint, a chat
 template that puts an image where the model expects it: ``<image>`` in the original layout (the server expands it
