@@ -170,8 +170,9 @@ def moe_lora(ctx: PartContext, shape: str, tiny_shape: str, llm_layers: int, mfu
     if not ctx.tiny:
         from internvl_tune.bench.shapes import LLMS, SHAPES
 
-        ctx.summary(f"{llm_layers} of the {LLMS[SHAPES[shape][1]]['num_hidden_layers']} LLM layers (both loops hold "
-                    "the model; the full depth weighs the layers, where the MFU is made, more)")
+        ctx.summary(ctx.result["summary"] + f"; {llm_layers} of the {LLMS[SHAPES[shape][1]]['num_hidden_layers']} "
+                    "LLM layers (both loops hold the model; the full depth weighs the layers, where the MFU is made, "
+                    "more)")
     if mfu is not None:
         target_at_least(ctx, f"MFU (active parameters) >= {mfu:.0%}", row["mfu"], mfu, ".1%")
     target_at_least(ctx, "faster than the plain loop (median)", row["x_plain"], 1.0, ".2f")
