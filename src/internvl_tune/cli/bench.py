@@ -22,7 +22,7 @@ SCRIPTS = {
     "plot": ("internvl_tune.bench.plot", "redraw throughput.png from the bench_*.json files of a folder"),
     "grpo": ("internvl_tune.bench.grpo",
              "GRPO rollouts: our generation against transformers' generate, and a step's generation / update split "
-             "(CUDA; --tiny on the CPU)"),
+             "(CUDA; its own tiny option runs it on the CPU)"),
     "qlora": ("internvl_tune.bench.qlora_check",
               "QLoRA (4-bit LLM + LoRA) steps on a random-weight shape: peak memory against the estimate (CUDA; "
               "the estimate alone anywhere)"),
