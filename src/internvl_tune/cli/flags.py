@@ -4,7 +4,7 @@ optional value, one dtype choice set.
 One concept has one spelling in every command's ``--help``, the training command's (Hugging Face Trainer style):
 ``--model_name_or_path``, ``--output_dir`` (``--output_file`` where the output is one file),
 ``--overwrite_output_dir``, ``--dtype bf16|fp16|fp32`` (plus ``auto`` or ``keep`` where they mean something),
-``--data_root``, ``--dynamic_image_size``, ``--max_dynamic_patch`` (docs/training.md, "Flag conventions"). Other
+``--data_root``, ``--dynamic_image_size``, ``--max_dynamic_patch`` (README.md, "Flag conventions"). Other
 spellings that scripts, the reference's launch scripts or clip_benchmark's command line pass (``--model``,
 ``--checkpoint``, ``--pretrained``, ``--out``, ``--out_dir``, ``--out-dir``, ``--overwrite``, ``--num-beams``, ...)
 keep working as hidden aliases: accepted, parsed to the same value, left out of ``--help`` and of the completion
