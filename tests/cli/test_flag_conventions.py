@@ -7,7 +7,7 @@ import argparse
 
 import pytest
 
-from internvl_tune.cli import COMMANDS, GROUPS, build_parser, main
+from internvl_tune.cli import COMMANDS, GROUPS, build_parser
 from internvl_tune.cli.completion import command_words
 
 # canonical spelling -> the other spellings of the same concept, which must never be shown
@@ -37,7 +37,7 @@ EXPECTED = {
     "eval caption": {"--model_name_or_path", "--output_dir", "--dtype", "--data_root", "--dynamic_image_size",
                      "--max_dynamic_patch"},
     "eval retrieval": {"--model_name_or_path", "--output_file", "--dtype", "--amp", "--verbose"},
-    "chat": {"--model_name_or_path", "--dtype", "--max_dynamic_patch"},
+    "chat": {"--dtype", "--max_dynamic_patch"},  # (the model is its first word, as for convert and merge-lora)
     "convert": {"--dtype", "--overwrite_output_dir"},
     "merge-lora": {"--output_dir", "--dtype", "--overwrite_output_dir"},
     "tiny-model": {"--output_dir"},
@@ -145,12 +145,8 @@ def test_a_required_flag_is_met_by_any_spelling_and_missing_names_the_canonical_
     assert "--model_name_or_path" in err and "--pretrained" not in err
 
 
-def test_chat_takes_the_model_as_first_word_or_as_the_flag(capsys):
-    from internvl_tune.cli.chat import model_path
+def test_chat_reads_model_and_question_with_flags_between():
+    values = _parse(["chat", "m", "--image", "a.jpg", "--max_tiles", "2", "Who?"])
+    assert (values["model"], values["question"], values["image"], values["max_dynamic_patch"]) == ("m", "Who?",
+                                                                                                   ["a.jpg"], 2)
 
-    assert model_path(build_parser(["chat"]).parse_args(["chat", "--model_name_or_path", "m", "hi"])) == "m"
-    assert model_path(build_parser(["chat"]).parse_args(["chat", "m", "hi"])) == "m"
-    assert main(["chat", "hi"]) == 2
-    assert "no model given" in capsys.readouterr().err
-    assert main(["chat", "m", "hi", "--model_name_or_path", "n"]) == 2
-    assert "two models given" in capsys.readouterr().err

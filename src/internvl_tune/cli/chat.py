@@ -27,11 +27,10 @@ def register(subparsers, name: str, help_text: str) -> None:
 
     parser = subparsers.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", nargs="?", metavar="MODEL",
-                        help="checkpoint directory, LoRA adapter directory, a training run's output directory, or one "
-                             "of its checkpoint-N directories (or give it as --model_name_or_path)")
+    # (MODEL stays a required first word: an optional one would take the question's place when flags sit between)
+    parser.add_argument("model", help="checkpoint directory, LoRA adapter directory, a training run's output directory, "
+                                      "or one of its checkpoint-N directories")
     parser.add_argument("question", help="the question; put <image> where each image belongs (optional)")
-    parser.add_argument("--model_name_or_path", default=None, metavar="MODEL", help="MODEL, as a flag")
     parser.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
     parser.add_argument("--base", default=None,
                         help="base checkpoint for a LoRA adapter (default: the one recorded in its adapter_config.json)")
@@ -71,18 +70,6 @@ def load_model(path: str, base: str | None, **load_kwargs):
     return load_pretrained(path, **load_kwargs)
 
 
-def model_path(args: argparse.Namespace) -> str:
-    """MODEL, given as the first word or as ``--model_name_or_path`` (the training command's spelling)."""
-    from internvl_tune.errors import UserError
-
-    if args.model and args.model_name_or_path:
-        raise UserError(f"two models given: {args.model} and --model_name_or_path {args.model_name_or_path} — "
-                        "give one")
-    if not (args.model or args.model_name_or_path):
-        raise UserError('no model given: internvl-tune chat MODEL "question" (or --model_name_or_path MODEL)')
-    return args.model or args.model_name_or_path
-
-
 def run(args: argparse.Namespace) -> int:
 
     import torch
@@ -93,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch_dtype(args.dtype) or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    chat = load_model(model_path(args), args.base, dtype=dtype, device=device)
+    chat = load_model(args.model, args.base, dtype=dtype, device=device)
     chat.system_message = thinking_system_message(args.thinking_mode, chat.system_message)
     pixel_values, tiles = None, None
     if args.image:
