@@ -2,10 +2,10 @@
 # Zero-shot caption evaluation, with the command line of the InternVL evaluate.sh scripts:
 #
 #   sh evaluate.sh pretrained/InternVL-14B-224px caption-coco          # InternVL-G: 'English caption:', 5 beams
-#   GPUS=8 sh evaluate.sh pretrained/InternVL2-8B caption --dynamic     # an InternVL2 chat model, all three sets
+#   GPUS=8 sh evaluate.sh pretrained/InternVL2-8B caption --dynamic_image_size   # an InternVL2 chat model, all three sets
 #
 # TASK: caption (COCO + Flickr30K + NoCaps) | caption-coco | caption-flickr30k | caption-nocaps.
-# Flags after TASK go to `internvl-tune eval caption` (--data_root data --out_dir results --batch_size N ...).
+# Flags after TASK go to `internvl-tune eval caption` (--data_root data --output_dir results --batch_size N ...).
 # GPUS: processes to start (default: the number of visible GPUs, 1 without any); MASTER_PORT (default 63667);
 # PYTHON: the interpreter that has internvl-tune installed (default: python).
 set -eu
@@ -36,4 +36,4 @@ echo "evaluate.sh: $TASK on $MODEL with $GPUS process(es)"
 # `python -m torch.distributed.run` is torchrun, run by the interpreter that has this package.
 exec "$PYTHON" -m torch.distributed.run --nnodes=1 --node_rank=0 --master_addr=127.0.0.1 \
     --nproc_per_node="$GPUS" --master_port="$MASTER_PORT" \
-    -m internvl_tune.cli eval caption --model "$MODEL" --datasets "$DATASETS" "$@"
+    -m internvl_tune.cli eval caption --model_name_or_path "$MODEL" --datasets "$DATASETS" "$@"

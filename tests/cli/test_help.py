@@ -80,11 +80,13 @@ def test_hyphen_spellings_parse_as_hidden_aliases():
             "--max-new-tokens", "9", "--min-new-tokens", "1", "--data-root", "d", "--max-num", "4",
             "--num-workers", "0", "--dynamic"]
     args = build_parser(argv).parse_args(argv)
-    assert (args.model, args.num_beams, args.out_dir, args.batch_size, args.max_new_tokens, args.min_new_tokens,
-            args.data_root, args.max_num, args.num_workers, args.dynamic) == ("m", 3, "o", 2, 9, 1, "d", 4, 0, True)
+    assert (args.model_name_or_path, args.num_beams, args.output_dir, args.batch_size, args.max_new_tokens,
+            args.min_new_tokens, args.data_root, args.max_dynamic_patch, args.num_workers,
+            args.dynamic_image_size) == ("m", 3, "o", 2, 9, 1, "d", 4, 0, True)
     argv = ["data", "prepare", "coco", "--data-root", "d", "--check-only", "--keep-commas", "False"]
     args = build_parser(argv).parse_args(argv)
-    assert (args.root, args.check_only, args.keep_commas) == ("d", True, False)
+    assert (args.data_root, args.check_only, args.keep_commas) == ("d", True, False)
+
     argv = ["tiny-model", "--like", "internvl2-1b", "--out", "o", "--image-size", "28"]
     assert build_parser(argv).parse_args(argv).image_size == 28
 

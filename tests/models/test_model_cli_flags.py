@@ -30,7 +30,7 @@ def test_every_flag_has_help_and_underscores(name):
 def test_hyphen_spellings_still_work_but_are_not_listed():
     parser = _command("chat")
     args = parser.parse_args(["MODEL", "Hi", "--max-new-tokens", "7", "--max-tiles", "3"])
-    assert (args.max_new_tokens, args.max_tiles) == (7, 3)
+    assert (args.max_new_tokens, args.max_dynamic_patch) == (7, 3)
     assert parser.parse_args(["MODEL", "Hi"]).max_new_tokens == 512
     assert "--max-new-tokens" not in parser.format_help() and "--max_new_tokens" in parser.format_help()
 
@@ -38,6 +38,8 @@ def test_hyphen_spellings_still_work_but_are_not_listed():
 @pytest.mark.parametrize("name, positionals", [("convert", ["SRC", "DST", "--to", "native"]), ("merge-lora", ["A", "--out", "O"])])
 def test_overwrite_is_a_bool_flag(name, positionals):
     parser = _command(name)
-    assert parser.parse_args(positionals).overwrite is False
-    assert parser.parse_args(positionals + ["--overwrite"]).overwrite is True
-    assert parser.parse_args(positionals + ["--overwrite", "False"]).overwrite is False
+    assert parser.parse_args(positionals).overwrite_output_dir is False
+    for flag in ("--overwrite_output_dir", "--overwrite"):  # the training command's spelling, and the old one
+        assert parser.parse_args(positionals + [flag]).overwrite_output_dir is True
+        assert parser.parse_args(positionals + [flag, "False"]).overwrite_output_dir is False
+

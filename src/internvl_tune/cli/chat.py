@@ -22,18 +22,19 @@ system message is the one it was fine-tuned with unless --thinking_mode says oth
 
 
 def register(subparsers, name: str, help_text: str) -> None:
-    from internvl_tune.cli.flags import add_flag
+    from internvl_tune.cli.flags import add_dtype_flag, add_flag
     from internvl_tune.data.templates import THINKING_MODES
 
     parser = subparsers.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    # (MODEL stays a required first word: an optional one would take the question's place when flags sit between)
     parser.add_argument("model", help="checkpoint directory, LoRA adapter directory, a training run's output directory, "
                                       "or one of its checkpoint-N directories")
     parser.add_argument("question", help="the question; put <image> where each image belongs (optional)")
     parser.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
     parser.add_argument("--base", default=None,
                         help="base checkpoint for a LoRA adapter (default: the one recorded in its adapter_config.json)")
-    add_flag(parser, "--max_tiles", "--max-tiles", type=int, default=None,
+    add_flag(parser, "--max_dynamic_patch", "--max_tiles", "--max-tiles", type=int, default=None,
              help="max dynamic tiles per image (default: config)")
     add_flag(parser, "--max_new_tokens", "--max-new-tokens", type=int, default=512,
              help="stop after this many new tokens (default: 512)")
@@ -42,8 +43,7 @@ def register(subparsers, name: str, help_text: str) -> None:
              help="on: InternVL3.5's thinking system prompt (it reasons inside <think>...</think> first; its model "
                   "card suggests --temperature 0.6), off: the template's default system message, auto: what the "
                   "checkpoint was fine-tuned with (the releases: the default) (default: auto)")
-    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
-                        help="default: bfloat16 on GPU, float32 on CPU")
+    add_dtype_flag(parser, "auto", "auto: bf16 on GPU, fp32 on CPU (default: auto)", special=("auto",))
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
     parser.set_defaults(func=run)
 
@@ -71,19 +71,21 @@ def load_model(path: str, base: str | None, **load_kwargs):
 
 
 def run(args: argparse.Namespace) -> int:
+
     import torch
 
+    from internvl_tune.cli.flags import torch_dtype
     from internvl_tune.data.images import load_image
     from internvl_tune.data.templates import thinking_system_message
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    dtype = torch_dtype(args.dtype) or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     chat = load_model(args.model, args.base, dtype=dtype, device=device)
     chat.system_message = thinking_system_message(args.thinking_mode, chat.system_message)
     pixel_values, tiles = None, None
     if args.image:
         pixel_values, tiles = chat.image_processor([load_image(p, where="--image") for p in args.image],
-                                                   max_tiles=args.max_tiles)
+                                                   max_tiles=args.max_dynamic_patch)
         pixel_values = pixel_values.to(device=device, dtype=dtype)
     sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
     answer = chat.chat(pixel_values=pixel_values, tiles_per_image=tiles, question=args.question,

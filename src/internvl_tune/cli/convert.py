@@ -29,16 +29,16 @@ of that step); a LoRA run's checkpoint-N goes through merge-lora instead."""
 
 
 def register(subparsers, name: str, help_text: str) -> None:
-    from internvl_tune.cli.flags import add_bool_flag
+    from internvl_tune.cli.flags import add_bool_flag, add_dtype_flag
 
     parser = subparsers.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", help="checkpoint directory (original or native layout), LoRA adapter directory, or a "
                                     "training run's checkpoint-N directory")
-    parser.add_argument("dst", help="output directory (must not exist or be empty, unless --overwrite)")
+    parser.add_argument("dst", help="output directory (must not exist or be empty, unless --overwrite_output_dir)")
     parser.add_argument("--to", choices=("original", "native"), required=True, help="layout to write")
-    parser.add_argument("--dtype", choices=("keep", "bfloat16", "float16", "float32"), default="keep",
-                        help="cast the weights of a checkpoint (default: keep each tensor's dtype)")
+    add_dtype_flag(parser, "keep", "cast the weights of a checkpoint (default: keep each tensor's dtype)",
+                   special=("keep",))
     parser.add_argument("--base", default=None,
                         help="adapters: with --to native, the base to record (checked to be the same model: e.g. the "
                              "-hf conversion of the recorded base, which peft's AutoPeftModel loads); for adapters "
@@ -49,7 +49,7 @@ def register(subparsers, name: str, help_text: str) -> None:
                   "adapters with --to original, for vLLM (whose LoRA covers the LLM only and ignores modules_to_save): "
                   "write DST/base (the base with the adapter's whole trained parts: ViT, projector, LM head) and "
                   "DST/adapter (the LoRA matrices alone, recording DST/base)")
-    add_bool_flag(parser, "overwrite", False, "replace a non-empty DST")
+    add_bool_flag(parser, "overwrite_output_dir", False, "replace a non-empty DST", aliases=("--overwrite",))
     parser.set_defaults(func=run)
 
 
@@ -71,8 +71,7 @@ def remote_code_args(args) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
+    from internvl_tune.cli.flags import torch_dtype
     from internvl_tune.errors import UserError
     from internvl_tune.models.internvl_chat import load_pretrained
     from internvl_tune.models.internvl_chat.lora import adapter_dir_of, has_lora
@@ -84,22 +83,23 @@ def run(args: argparse.Namespace) -> int:
         chat = load_checkpoint_model(args.src)
         if has_lora(chat):
             raise UserError(f"{args.src} is a checkpoint of a LoRA run — merge it into its base model with "
-                            f"`internvl-tune merge-lora {args.src} --out DIR --layout {args.to}`")
+                            f"`internvl-tune merge-lora {args.src} --output_dir DIR --layout {args.to}`")
         if args.dtype == "keep":  # the base's dtype, as merge-lora keeps it
             from internvl_tune.models.internvl_chat.loading import iter_tensors
 
             chat.model.to(next(iter_tensors(chat.source_dir))[1].dtype)
         else:
-            chat.model.to(getattr(torch, args.dtype))
-        out = chat.save_pretrained(args.dst, layout=args.to, overwrite=args.overwrite, **remote_code_args(args))
+            chat.model.to(torch_dtype(args.dtype))
+        out = chat.save_pretrained(args.dst, layout=args.to, overwrite=args.overwrite_output_dir,
+                                   **remote_code_args(args))
         print(f"wrote {args.to} layout ({chat.family}) of {args.src} to {out}")
         return 0
     if not (Path(args.src) / "config.json").is_file() and adapter_dir_of(args.src) is not None:
         if args.dtype != "keep":
             raise UserError("--dtype applies to checkpoints; an adapter keeps the dtype it was trained in")
         if args.merge and args.to == "original":
-            base_dir, adapter_dir = split_for_llm_lora(args.src, args.dst, base=args.base, overwrite=args.overwrite,
-                                                       **remote_code_args(args))
+            base_dir, adapter_dir = split_for_llm_lora(args.src, args.dst, base=args.base,
+                                                       overwrite=args.overwrite_output_dir, **remote_code_args(args))
             print(f"wrote {base_dir} (the base with the adapter's whole trained parts) and {adapter_dir} (the LoRA "
                   "matrices under original names): serve them together, e.g. vllm serve BASE --trust-remote-code --enable-lora "
                   "--lora-modules run=ADAPTER")
@@ -107,16 +107,17 @@ def run(args: argparse.Namespace) -> int:
         if args.merge:
             raise UserError("--merge applies to adapters converted --to original (for vLLM); use merge-lora to fold "
                             "an adapter into its base")
-        out = convert_adapter(args.src, args.dst, args.to, base=args.base, overwrite=args.overwrite)
+        out = convert_adapter(args.src, args.dst, args.to, base=args.base, overwrite=args.overwrite_output_dir)
         print(f"wrote the adapter keyed by {args.to} module names to {out}")
         saved = json.loads((out / "adapter_config.json").read_text()).get("modules_to_save") or []
         if args.to == "original" and saved:
             print(f"warning: the adapter also holds whole trained modules (modules_to_save: {', '.join(saved)}); "
                   "vLLM's LoRA ignores them and would serve the base's. Serve the merged model instead "
-                  f"(internvl-tune merge-lora {args.src} --out DIR), or convert with --merge", file=sys.stderr)
+                  f"(internvl-tune merge-lora {args.src} --output_dir DIR), or convert with --merge", file=sys.stderr)
+
         return 0
-    dtype = None if args.dtype == "keep" else getattr(torch, args.dtype)
-    chat = load_pretrained(args.src, dtype=dtype, device="cpu")
-    out = chat.save_pretrained(args.dst, layout=args.to, overwrite=args.overwrite, **remote_code_args(args))
+    chat = load_pretrained(args.src, dtype=torch_dtype(args.dtype), device="cpu")
+    out = chat.save_pretrained(args.dst, layout=args.to, overwrite=args.overwrite_output_dir, **remote_code_args(args))
+
     print(f"wrote {args.to} layout ({chat.family}) to {out}")
     return 0

@@ -1,4 +1,4 @@
-"""``internvl-tune data prepare coco|flickr30k|nocaps --root data``: check the evaluation data tree.
+"""``internvl-tune data prepare coco|flickr30k|nocaps --data_root data``: check the evaluation data tree.
 
 Lists what is missing with the command that gets it, and writes what can be derived (the Flickr30K test json).
 """
@@ -18,7 +18,7 @@ def register(subparsers, name: str, help_text: str) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("datasets", nargs="+", choices=[*LAYOUT, "all"], help="datasets to check")
-    add_flag(parser, "--root", "--data_root", "--data-root", dest="root", default="data",
+    add_flag(parser, "--data_root", "--data-root", "--root", default="data",
              help="folder holding coco/, flickr30k/ and nocaps/")
     add_flag(parser, "--task", choices=[*TASKS, "all"], default="all",
              help="check only what caption evaluation or retrieval needs")
@@ -33,7 +33,8 @@ def register(subparsers, name: str, help_text: str) -> None:
 def run(args) -> int:
     names = list(LAYOUT) if "all" in args.datasets else list(dict.fromkeys(args.datasets))
     tasks = TASKS if args.task == "all" else (args.task,)
-    reports = [check_dataset(n, args.root, tasks, convert=not args.check_only, keep_commas=args.keep_commas)
+    reports = [check_dataset(n, args.data_root, tasks
+, convert=not args.check_only, keep_commas=args.keep_commas)
                for n in names]
     for report in reports:
         print("\n".join(report.lines))

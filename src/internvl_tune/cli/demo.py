@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from internvl_tune.cli.flags import description
+from internvl_tune.cli.flags import add_flag, description
 
 SAMPLE = Path(__file__).resolve().parents[3] / "examples" / "sample"
 
@@ -22,7 +22,7 @@ SAMPLE = Path(__file__).resolve().parents[3] / "examples" / "sample"
 def register(subparsers, name: str, help_text: str) -> None:
     parser = subparsers.add_parser(name, help=help_text, description=description(__doc__),
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
+    add_flag(parser, "--output_dir", "--out", default="runs/demo", help="run directory (default: runs/demo)")
     parser.add_argument("--sample", default=str(SAMPLE), help="sample folder with meta.json (default: the bundled one)")
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps (default: 40)")
     parser.add_argument("--lora_rank", type=int, default=16, help="LoRA rank of the LLM (default: 16)")
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from internvl_tune.train.trainer import run as run_trainer
 
     console = Console()
-    out = Path(args.out).resolve()
+    out = Path(args.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     sample = Path(args.sample).resolve()
     model_dir = out / "tiny-InternVL2-1B"

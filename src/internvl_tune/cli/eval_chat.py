@@ -1,14 +1,16 @@
 """``internvl-tune eval chat``: did the fine-tune learn the task? Generate answers for held-out samples and score them.
 
-    internvl-tune eval chat --model work_dirs/my_run --meta_path val.json
-    internvl-tune eval chat --model work_dirs/my_run --meta_path val.json --compare ./pretrained/InternVL2-1B
-    torchrun --nproc_per_node 8 -m internvl_tune.cli eval chat --model work_dirs/my_run --datasets chartqa_test_human
+    internvl-tune eval chat --model_name_or_path work_dirs/my_run --meta_path val.json
+    internvl-tune eval chat --model_name_or_path work_dirs/my_run --meta_path val.json \\
+        --compare ./pretrained/InternVL2-1B
+    torchrun --nproc_per_node 8 -m internvl_tune.cli eval chat --model_name_or_path work_dirs/my_run \\
+        --datasets chartqa_test_human
 
 Every sample of the meta JSON (all four kinds) is asked up to its last ``gpt`` turn; the model's answer is compared
 with that turn's text: exact match, relaxed accuracy (numbers within 5 %), ANLS, multiple-choice letter accuracy, and
 BLEU-4 / ROUGE-L / CIDEr (pycocoevalcap, Java), per dataset and overall. ``--compare BASE`` answers the same
 prompts with a second model (e.g. the base checkpoint) and prints both side by side. Writes ``predictions.jsonl``,
-``scores.json`` and ``report.html`` (answers beside their images) into ``--out_dir``.
+``scores.json`` and ``report.html`` (answers beside their images) into ``--output_dir``.
 """
 
 from __future__ import annotations
@@ -19,10 +21,9 @@ import gc
 
 import torch
 
-from internvl_tune.cli.flags import add_bool_flag, add_flag, description
+from internvl_tune.cli.flags import add_bool_flag, add_dtype_flag, add_flag, description, torch_dtype
 from internvl_tune.errors import UserError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # data settings that only training uses
 TRAINING_ONLY = {"meta_path", "eval_meta_path", "use_packed_ds", "max_packed_tokens", "num_images_expected",
                  "loss_reduction", "group_by_length"}
@@ -35,7 +36,7 @@ def register(subparsers, name: str, help_text: str) -> None:
 
     p = subparsers.add_parser(name, help=help_text, description=description(__doc__),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_flag(p, "--model", "--checkpoint", dest="model", required=True,
+    add_flag(p, "--model_name_or_path", "--model", "--checkpoint", required=True,
              help="a checkpoint, a training run's output directory, its adapter/ or one of its checkpoint-N/ "
                   "(as `internvl-tune chat` takes)")
     add_flag(p, "--meta_path", default=None, help="meta JSON of your held-out data (the format training reads)")
@@ -44,8 +45,8 @@ def register(subparsers, name: str, help_text: str) -> None:
     add_flag(p, "--compare", default=None, metavar="BASE",
              help="a second model (e.g. the base checkpoint) answering the same prompts, shown side by side")
     add_flag(p, "--base", default=None, help="base checkpoint of a LoRA adapter (default: the one it records)")
-    add_flag(p, "--out_dir", default="results/eval_chat", help="where predictions.jsonl, scores.json and "
-                                                                "report.html go (default: results/eval_chat)")
+    add_flag(p, "--output_dir", "--out_dir", "--out-dir", default="results/eval_chat",
+             help="where predictions.jsonl, scores.json and report.html go (default: results/eval_chat)")
     add_flag(p, "--batch_size", type=int, default=8, help="prompts per generate call (default: 8)")
     add_flag(p, "--max_new_tokens", type=int, default=None,
              help="most tokens per answer (default: a benchmark's own, 128 for --meta_path)")
@@ -55,8 +56,7 @@ def register(subparsers, name: str, help_text: str) -> None:
     add_flag(p, "--limit", type=int, default=None, help="answer only the first N samples of each dataset")
     add_flag(p, "--num_workers", type=int, default=2, help="data-loader processes preparing prompts (default: 2)")
     add_bool_flag(p, "text_metrics", True, "BLEU-4 / ROUGE-L / CIDEr (pycocoevalcap; needs Java) (default: True)")
-    add_flag(p, "--dtype", choices=["auto", *DTYPES], default="auto",
-             help="auto: bfloat16 on CUDA, float32 on CPU (default: auto)")
+    add_dtype_flag(p, "auto", "auto: bf16 on CUDA, fp32 on CPU (default: auto)", special=("auto",))
     add_flag(p, "--device", choices=["auto", "cuda", "cpu"], default="auto",
              help="auto: the process's CUDA device when one is visible (one per rank under torchrun), else the CPU")
     add_flag(p, "--seed", type=int, default=0, help="torch seed, for sampling (default: 0)")
@@ -123,23 +123,26 @@ def run(args) -> int:
         raise UserError("--device cuda but no CUDA device is visible; use --device cpu")
     info = dist.init_distributed(None if args.device == "auto" else args.device)
     try:
-        dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if info.device.type == "cuda" else torch.float32)
+        dtype = torch_dtype(args.dtype) or (torch.bfloat16 if info.device.type == "cuda" else torch.float32)
         settings = GenerationSettings(max_new_tokens, args.temperature, args.top_p, args.num_beams)
-        models = {"model": args.model, **({"base": args.compare} if args.compare else {})}
+        models = {"model": args.model_name_or_path, **({"base": args.compare} if args.compare else {})}
         results = {}
         for label, path in models.items():
             rows = _answer(path, args, specs, instructions, settings, info, dtype, label)
             if info.is_main:
                 results[label] = rows, score_rows(rows, args.text_metrics)
         if info.is_main:
-            record = {"model": args.model, "base": args.compare, "generation": dataclasses.asdict(settings),
+            record = {"model": args.model_name_or_path, "base": args.compare,
+                      "generation": dataclasses.asdict(settings),
+
                       "dtype": str(dtype).removeprefix("torch."), "world_size": info.world_size, "limit": args.limit,
                       "datasets": [s.name for s in specs]}
-            predictions, scores = write_results(args.out_dir, results, record)
+            predictions, scores = write_results(args.output_dir, results, record)
             print(summary_table({label: summary for label, (_, summary) in results.items()}))
             from internvl_tune.report import write_eval_chat_report
 
-            page = write_eval_chat_report(args.out_dir)
+            page = write_eval_chat_report(args.output_dir)
+
             print(f"predictions: {predictions}\nscores: {scores}\nreport: {page}")
         dist.barrier()
     finally:

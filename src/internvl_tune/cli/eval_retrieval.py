@@ -2,7 +2,10 @@
 
     internvl-tune eval retrieval --model_type internvl --language en --task zeroshot_retrieval \\
         --dataset flickr30k --dataset_root ./data/flickr30k --model internvl_c_retrieval_hf \\
-        --pretrained ./pretrained/InternVL-14B-224px --output result.json
+        --model_name_or_path ./pretrained/InternVL-14B-224px --output_file result.json
+
+clip_benchmark's own spellings (``--pretrained``, ``--output``, ``--no_amp``, ``--quiet``) are hidden aliases, so the
+InternVL README's ``python3 clip_benchmark/cli.py eval ... --pretrained DIR --output result.json`` runs unchanged.
 
 Datasets (one table, ``eval/retrieval.BENCHMARKS``): ``flickr30k`` (``<root>/flickr30k_<split>_karpathy.txt``, or
 ``flickr30k_cn_<split>.txt`` with ``--language cn``; images in ``<root>/Images``), ``coco`` / ``mscoco_captions``
@@ -26,7 +29,6 @@ import torch
 from internvl_tune.errors import UserError
 
 MODELS = {"internvl_c_retrieval_hf": "InternVL-C", "internvl_g_retrieval_hf": "InternVL-G"}
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def register(subparsers, name: str, help_text: str) -> None:
@@ -37,12 +39,18 @@ def register(subparsers, name: str, help_text: str) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """clip_benchmark's ``eval`` flags that apply to InternVL retrieval, plus --device/--dtype/--datasets_file."""
+    """clip_benchmark's ``eval`` flags that apply to InternVL retrieval, plus --device/--dtype/--datasets_file; where
+    clip_benchmark's spelling differs from the other commands' (``--pretrained``, ``--output``, ``--no_amp``,
+    ``--quiet``), it is a hidden alias of theirs."""
+    from internvl_tune.cli.flags import add_bool_flag, add_dtype_flag, add_flag
+
     p.add_argument("--model_type", default="internvl", choices=["internvl"],
                    help="clip_benchmark's model family; only internvl is provided")
     p.add_argument("--model", default="internvl_c_retrieval_hf", choices=sorted(MODELS),
-                   help="InternVL-C (contrastive) or InternVL-G (queries + backbone ensemble) embeddings")
-    p.add_argument("--pretrained", required=True, help="InternVL-14B checkpoint folder (HF layout)")
+                   help="clip_benchmark's model name: InternVL-C (contrastive) or InternVL-G (queries + backbone "
+                        "ensemble) embeddings; the checkpoint is --model_name_or_path")
+    add_flag(p, "--model_name_or_path", "--pretrained", required=True,
+             help="InternVL-14B checkpoint folder (HF layout; clip_benchmark's --pretrained)")
     p.add_argument("--task", default="zeroshot_retrieval", help="only zeroshot_retrieval is supported")
     p.add_argument("--dataset", nargs="+", default=["flickr30k"],
                    help="flickr30k, coco (alias mscoco_captions), or a custom *_flickr_format / *_coco_format name")
@@ -54,22 +62,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--datasets_file", default=None,
                    help="JSON/YAML {name: {root, annotation}} registering custom datasets")
     p.add_argument("--language", nargs="+", default=["en"], help="en or cn (Flickr30K-CN / COCO-CN)")
-    p.add_argument("--output", default="result.json",
-                   help="metrics JSON; may contain {dataset} {model} {pretrained} {task} {language}")
+    add_flag(p, "--output_file", "--output", default="result.json",
+             help="metrics JSON; may contain {dataset} {model} {pretrained} {task} {language}")
     p.add_argument("--recall_k", nargs="+", type=int, default=[1, 5, 10],
                    help="the k of each image and text retrieval recall@k reported")
     p.add_argument("--batch_size", type=int, default=64, help="images per forward (with all their captions)")
     p.add_argument("--num_workers", type=int, default=4, help="accepted for compatibility; images load in-process")
-    p.add_argument("--no_amp", dest="amp", action="store_false",
-                   help="no autocast on CUDA (without this flag: amp=%(default)s)")
+    add_bool_flag(p, "amp", True, "autocast on CUDA (clip_benchmark's --no_amp is --amp False)",
+                  negations=("--no_amp",))
     p.add_argument("--seed", type=int, default=0, help="torch seed set before evaluating (clip_benchmark's flag)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                    help="auto: CUDA when a device is visible (one per rank under torchrun), else the CPU")
-    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
-                   help="auto: fp16 on CUDA (as the reference loader), fp32 on CPU")
-    p.add_argument("--quiet", dest="verbose", action="store_false",
-                   help="print only errors, not the progress and result lines (without this flag: "
-                        "verbose=%(default)s)")
+    add_dtype_flag(p, "auto", "auto: fp16 on CUDA (as the reference loader), fp32 on CPU", special=("auto",))
+    add_bool_flag(p, "verbose", True, "print the progress and result lines, not only errors (--quiet is --verbose "
+                  "False)", negations=("--quiet",))
 
 
 def _gather_fn(world_size: int):
@@ -85,6 +91,7 @@ def _gather_fn(world_size: int):
 
 
 def run(args) -> int:
+    from internvl_tune.cli.flags import torch_dtype
     from internvl_tune.data.retrieval import load_dataset_registry, tokenize_retrieval
     from internvl_tune.eval.retrieval import evaluate_retrieval, resolve_dataset
     from internvl_tune.models.internvl_cg.loading import load_internvl_cg
@@ -107,7 +114,7 @@ def run(args) -> int:
 
         info = init_distributed(device=device_kind)
         rank, world_size, device = info.rank, info.world_size, info.device
-    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.float16 if device.type == "cuda" else torch.float32)
+    dtype = torch_dtype(args.dtype) or (torch.float16 if device.type == "cuda" else torch.float32)
     torch.manual_seed(args.seed)
 
     registry = load_dataset_registry(args.datasets_file) if args.datasets_file else {}
@@ -115,11 +122,13 @@ def run(args) -> int:
     dataset = resolve_dataset(dataset_name, root, args.split, language, args.annotation_file, registry)
     mode = MODELS[args.model]
     say = print if args.verbose and rank == 0 else (lambda *_a, **_k: None)
-    say(f"Running 'zeroshot_retrieval' on '{dataset_name}' with the model '{args.pretrained}' ({mode}) on language "
-        f"'{language}': {len(dataset.image_paths)} images, {dataset.num_texts} captions, {world_size} process(es)")
+    say(f"Running 'zeroshot_retrieval' on '{dataset_name}' with the model '{args.model_name_or_path}' ({mode}) on "
+        f"language '{language}': {len(dataset.image_paths)} images, {dataset.num_texts} captions, "
+        f"{world_size} process(es)")
 
-    model = load_internvl_cg(args.pretrained, dtype=dtype, device=device)
-    tokenizer = load_tokenizer(args.pretrained, add_eos_token=True)
+
+    model = load_internvl_cg(args.model_name_or_path, dtype=dtype, device=device)
+    tokenizer = load_tokenizer(args.model_name_or_path, add_eos_token=True)
     start = time.time()
     metrics = evaluate_retrieval(
         model, dataset, lambda texts: tokenize_retrieval(tokenizer, texts)[0], mode, model.config.image_size,
@@ -128,10 +137,11 @@ def run(args) -> int:
     )
     say(f"done in {time.time() - start:.1f}s: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     if rank == 0:
-        output = args.output.format(model=args.model, pretrained=Path(args.pretrained).name, task=args.task,
-                                    dataset=dataset_name.replace("/", "_"), language=language)
-        dump = {"dataset": dataset_name, "model": args.model, "pretrained": args.pretrained, "task": args.task,
-                "metrics": metrics, "language": language}
+        output = args.output_file.format(model=args.model, pretrained=Path(args.model_name_or_path).name,
+                                         task=args.task, dataset=dataset_name.replace("/", "_"), language=language)
+        dump = {"dataset": dataset_name, "model": args.model, "pretrained": args.model_name_or_path,
+                "task": args.task, "metrics": metrics, "language": language}
+
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(dump) + "\n")
         say(f"Dump results to: {output}")

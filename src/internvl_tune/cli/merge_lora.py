@@ -1,12 +1,14 @@
-"""``internvl-tune merge-lora ADAPTER --out DIR``: fold a LoRA adapter (and its trained modules) into its base model."""
+"""``internvl-tune merge-lora ADAPTER --output_dir DIR``: fold a LoRA adapter (and its trained modules) into its base
+model."""
+
 
 from __future__ import annotations
 
 import argparse
 
 EPILOG = """examples:
-  internvl-tune merge-lora work_dirs/my_lora_run/adapter --out work_dirs/merged
-  internvl-tune merge-lora work_dirs/my_lora_run --base /new/place/InternVL2-2B --out work_dirs/merged
+  internvl-tune merge-lora work_dirs/my_lora_run/adapter --output_dir work_dirs/merged
+  internvl-tune merge-lora work_dirs/my_lora_run --base /new/place/InternVL2-2B --output_dir work_dirs/merged
 
 ADAPTER is an adapter directory, a LoRA run's output directory (which holds adapter/), or one of the run's
 checkpoint-N directories (a mid-run step, merged the same way). The base is the checkpoint
@@ -17,7 +19,7 @@ replaces the base's. The merged model is written in the original layout (or --la
 
 def register(subparsers, name: str, help_text: str) -> None:
     from internvl_tune.cli.convert import add_remote_code_flags
-    from internvl_tune.cli.flags import add_bool_flag
+    from internvl_tune.cli.flags import add_bool_flag, add_dtype_flag, add_flag
 
     parser = subparsers.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -25,14 +27,14 @@ def register(subparsers, name: str, help_text: str) -> None:
                                         "run's output directory, or one of its checkpoint-N directories")
     parser.add_argument("--base", default=None,
                         help="the base checkpoint the adapter was trained on (default: the one recorded in the adapter)")
-    parser.add_argument("--out", required=True, help="output directory for the merged model")
+    add_flag(parser, "--output_dir", "--out", required=True, help="output directory for the merged model")
     parser.add_argument("--layout", choices=("original", "native"), default="original",
                         help="checkpoint layout to write: original (InternVLChatModel; reference code, vLLM, lmdeploy) "
                              "or native (transformers InternVLForConditionalGeneration); default: original")
-    parser.add_argument("--dtype", choices=("keep", "bfloat16", "float32"), default="keep",
-                        help="dtype of the merged weights (default: the base's); the merge itself runs in float32")
+    add_dtype_flag(parser, "keep", "dtype of the merged weights (default: keep, the base's); the merge itself runs in "
+                   "fp32", special=("keep",))
     add_remote_code_flags(parser)
-    add_bool_flag(parser, "overwrite", False, "replace a non-empty --out directory")
+    add_bool_flag(parser, "overwrite_output_dir", False, "replace a non-empty --output_dir", aliases=("--overwrite",))
     parser.set_defaults(func=run)
 
 
@@ -41,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
     from internvl_tune.cli.chat import load_model
     from internvl_tune.cli.convert import remote_code_args
+    from internvl_tune.cli.flags import torch_dtype
     from internvl_tune.models.internvl_chat.loading import iter_tensors
     from internvl_tune.models.internvl_chat.lora import find_adapter, has_lora, merge_lora
     from internvl_tune.models.internvl_chat.training_checkpoint import is_training_checkpoint
@@ -50,12 +53,10 @@ def run(args: argparse.Namespace) -> int:
     chat = load_model(args.adapter, args.base, dtype=torch.float32)
     if has_lora(chat):
         merge_lora(chat)
-    if args.dtype == "keep":
-        _, first, _ = next(iter_tensors(chat.source_dir))
-        target = first.dtype
-    else:
-        target = getattr(torch, args.dtype)
+    target = torch_dtype(args.dtype) or next(iter_tensors(chat.source_dir))[1].dtype  # keep: the base's
     chat.model.to(target)
-    out = chat.save_pretrained(args.out, layout=args.layout, overwrite=args.overwrite, **remote_code_args(args))
+    out = chat.save_pretrained(args.output_dir, layout=args.layout, overwrite=args.overwrite_output_dir,
+                               **remote_code_args(args))
+
     print(f"merged {args.adapter} into {chat.source_dir}: {out}")
     return 0

@@ -21,7 +21,7 @@ examples:
       --freeze_model --freeze_vision_model --freeze_qllama --unfreeze_qllama_head --bf16 True
   torchrun --nproc_per_node 8 -m internvl_tune.cli retrieval-train --config my_run.yaml
   internvl-tune retrieval-train --config my_run.yaml --resume_from_checkpoint auto
-  internvl-tune eval retrieval --dataset flickr30k --dataset_root ./data/flickr30k --pretrained OUTPUT_DIR
+  internvl-tune eval retrieval --dataset flickr30k --dataset_root ./data/flickr30k --model_name_or_path OUTPUT_DIR
 
 Booleans take an optional value: --freeze_model, --freeze_model True and --freeze_model False all work.
 Precedence: flags > --config YAML > VIT_LAYER_DECAY_RATE / QLLAMA_LAYER_DECAY_RATE > defaults."""
@@ -64,6 +64,6 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args, sections(), env_defaults())
     if cfg.train.eval_steps:
         raise UserError("retrieval-train has no validation pass; evaluate checkpoints with "
-                        "`internvl-tune eval retrieval --pretrained OUTPUT_DIR`")
+                        "`internvl-tune eval retrieval --model_name_or_path OUTPUT_DIR`")
     result = run_trainer(RetrievalRecipe(cfg.model, cfg.data, gather_with_grad), cfg)
     return result.exit_status

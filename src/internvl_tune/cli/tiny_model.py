@@ -1,4 +1,6 @@
-"""``internvl-tune tiny-model --like internvl3-8b --out DIR``: a tiny random checkpoint with a release's layout."""
+"""``internvl-tune tiny-model --like internvl3-8b --output_dir DIR``: a tiny random checkpoint with a release's
+layout."""
+
 
 from __future__ import annotations
 
@@ -7,12 +9,12 @@ import argparse
 from internvl_tune.cli.flags import add_flag
 
 EPILOG = """examples:
-  internvl-tune tiny-model --like internvl2-1b --out ./pretrained/tiny-InternVL2-1B
-  internvl-tune tiny-model --like internvl2_5-8b --out /tmp/tiny2_5-8b
-  internvl-tune tiny-model --like internvl3-38b --out /tmp/tiny3-38b --image_size 28
-  internvl-tune tiny-model --like internvl3-1b-hf --out /tmp/tiny3-1b-hf   (transformers' native "-hf" layout)
-  internvl-tune tiny-model --like internvl3_5-8b --out /tmp/tiny3_5-8b      (InternVL3.5: Qwen3, its tokenizer)
-  internvl-tune tiny-model --like internvl-14b --out /tmp/tiny-InternVL-14B-224px   (InternVL-C/G layout)
+  internvl-tune tiny-model --like internvl2-1b --output_dir ./pretrained/tiny-InternVL2-1B
+  internvl-tune tiny-model --like internvl2_5-8b --output_dir /tmp/tiny2_5-8b
+  internvl-tune tiny-model --like internvl3-38b --output_dir /tmp/tiny3-38b --image_size 28
+  internvl-tune tiny-model --like internvl3-1b-hf --output_dir /tmp/tiny3-1b-hf   (transformers' native "-hf" layout)
+  internvl-tune tiny-model --like internvl3_5-8b --output_dir /tmp/tiny3_5-8b      (InternVL3.5: Qwen3, its tokenizer)
+  internvl-tune tiny-model --like internvl-14b --output_dir /tmp/tiny-InternVL-14B-224px   (InternVL-C/G layout)
 
 The files (config.json keys, safetensors key names, tokenizer files) follow the named release; widths and depths are
 tiny and the weights random, so it is for smoke tests of a pipeline, not for answers. The Qwen2 / Qwen2.5 ones carry
@@ -28,7 +30,7 @@ def register(subparsers, name: str, help_text: str) -> None:
     parser = subparsers.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--like", required=True, choices=[*RELEASES, *NATIVE_RELEASES, INTERNVL_14B], help="which release to imitate")
-    parser.add_argument("--out", required=True, help="output directory")
+    add_flag(parser, "--output_dir", "--out", required=True, help="output directory (must not exist or be empty)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     add_flag(parser, "--image_size", "--image-size", type=int, default=None,
              help="tile size (default 56 for InternVL2 / 2.5 / 3, a multiple of 28; 28 for internvl-14b)")
@@ -41,9 +43,10 @@ def run(args: argparse.Namespace) -> int:
     from internvl_tune.errors import UserError
     from internvl_tune.testing.tiny_chat import write_tiny_checkpoint
 
-    out = Path(args.out)
+    out = Path(args.output_dir)
     if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} already exists and is not empty — choose a new --out directory")
+        raise UserError(f"{out} already exists and is not empty — choose a new --output_dir")
+
     if args.like == INTERNVL_14B:
         from internvl_tune.testing.tiny_cg import write_tiny_internvl14b
 

@@ -21,7 +21,7 @@ def write_eval_chat_report(out_dir: str | Path, out: str | Path | None = None) -
 
     folder = Path(out_dir)
     if not (folder / "scores.json").is_file():
-        raise UserError(f"{folder}: no scores.json — pass the --out_dir of `internvl-tune eval chat`")
+        raise UserError(f"{folder}: no scores.json — pass the --output_dir of `internvl-tune eval chat`")
     scores = json.loads((folder / "scores.json").read_text())
     summaries = {"model": scores["metrics"], **({"base": scores["base_metrics"]} if "base_metrics" in scores else {})}
     rows = read_rows(folder / "predictions.jsonl") if (folder / "predictions.jsonl").is_file() else []

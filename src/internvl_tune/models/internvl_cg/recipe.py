@@ -257,8 +257,8 @@ class RetrievalRecipe(Recipe):
         """Write the final model into ``output_dir`` in the reference layout (LoRA merged), with the tokenizer.
 
         The gathered state is loaded into a fresh structure of the base model with the same trainable flags (so LoRA
-        layers exist to receive the adapters), merged and saved; ``internvl-tune eval retrieval --pretrained
-        OUTPUT_DIR`` and the reference's loaders read it directly. Runs on rank 0 only.
+        layers exist to receive the adapters), merged and saved; ``internvl-tune eval retrieval
+        --model_name_or_path OUTPUT_DIR`` and the reference's loaders read it directly. Runs on rank 0 only.
         """
         from internvl_tune.models.common.lora import merge_lora_layers
         from internvl_tune.models.internvl_cg.loading import save_internvl_cg
