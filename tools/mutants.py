@@ -127,6 +127,29 @@ MUTANTS = [
           '            "attention_factor": 1.0,\n'),),
         (CHAT_FIXTURES + "::test_a_prompt_past_the_original_rope_window_equals_the_reference",),
     ),
+    Mutant(
+        "moe-routing-weights-dropped",
+        "mixture-of-experts: the experts' outputs summed without their routing weights",
+        "src/internvl_tune/models/common/moe.py",
+        (("    out = out * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)\n", ""),),
+        ("tests/models/test_moe.py", CHAT_FIXTURES + "::test_logits_and_vision_features_equal_the_reference"),
+    ),
+    Mutant(
+        "gpt-oss-sinks-dropped",
+        "GPT-OSS packed attention without its per-head sink logit",
+        "src/internvl_tune/models/common/varlen_attention.py",
+        (("    probs = torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]",
+          "    probs = torch.softmax(logits, dim=-1)"),),
+        ("tests/models/test_moe_attention.py",),
+    ),
+    Mutant(
+        "grpo-advantages-not-centred",
+        "GRPO advantages without subtracting their group's mean reward",
+        "src/internvl_tune/models/internvl_chat/objectives/grpo_loss.py",
+        (("    centred = grouped - torch.nanmean(grouped, dim=1, keepdim=True)",
+          "    centred = grouped.clone()"),),
+        ("tests/objectives/test_grpo_loss.py",),
+    ),
 ]
 
 
