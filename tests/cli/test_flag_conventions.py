@@ -21,6 +21,8 @@ CONCEPTS = {
     "--max_dynamic_patch": {"--max_num", "--max_tiles"},
     "--amp": {"--no_amp"},
     "--verbose": {"--quiet"},
+    "--dataloader_num_workers": {"--num_workers"},
+    "--use_llm_lora": {"--lora_rank"},
 }
 # clip_benchmark's --model is a model *name* (internvl_c_retrieval_hf), another concept, kept as its users type it
 OTHER_CONCEPT = {("eval retrieval", "--model")}
@@ -33,16 +35,17 @@ EXPECTED = {
     "data check": {"--model_name_or_path", "--dynamic_image_size", "--max_dynamic_patch"},
     "data prepare": {"--data_root"},
     "eval chat": {"--model_name_or_path", "--output_dir", "--dtype", "--data_root", "--dynamic_image_size",
-                  "--max_dynamic_patch"},
+                  "--max_dynamic_patch", "--dataloader_num_workers"},
     "eval caption": {"--model_name_or_path", "--output_dir", "--dtype", "--data_root", "--dynamic_image_size",
-                     "--max_dynamic_patch"},
-    "eval retrieval": {"--model_name_or_path", "--output_file", "--dtype", "--amp", "--verbose"},
+                     "--max_dynamic_patch", "--dataloader_num_workers"},
+    "eval retrieval": {"--model_name_or_path", "--output_file", "--dtype", "--amp", "--verbose",
+                       "--dataloader_num_workers"},
     "chat": {"--dtype", "--max_dynamic_patch"},  # (the model is its first word, as for convert and merge-lora)
     "convert": {"--dtype", "--overwrite_output_dir"},
     "merge-lora": {"--output_dir", "--dtype", "--overwrite_output_dir"},
     "tiny-model": {"--output_dir"},
     "report": {"--output_file"},
-    "demo": {"--output_dir"},
+    "demo": {"--output_dir", "--use_llm_lora"},
 }
 PATHS = [(name,) for name, _, _ in COMMANDS if name not in GROUPS]
 PATHS += [(group, name) for group, commands in GROUPS.items() for name, _, _ in commands]
@@ -121,6 +124,9 @@ SAME = [
     (["tiny-model", "--like", "internvl2-1b", "--out", "o"], ["tiny-model", "--like", "internvl2-1b", "--output_dir", "o"]),
     (["report", "r", "--out", "x.html"], ["report", "r", "--output_file", "x.html"]),
     (["demo", "--out", "o"], ["demo", "--output_dir", "o"]),
+    (["demo", "--lora_rank", "8"], ["demo", "--use_llm_lora", "8"]),
+    (["eval", "caption", "--model_name_or_path", "m", "--num_workers", "3"],
+     ["eval", "caption", "--model_name_or_path", "m", "--dataloader_num_workers", "3"]),
 ]
 
 

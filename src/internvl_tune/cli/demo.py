@@ -25,7 +25,8 @@ def register(subparsers, name: str, help_text: str) -> None:
     add_flag(parser, "--output_dir", "--out", default="runs/demo", help="run directory (default: runs/demo)")
     parser.add_argument("--sample", default=str(SAMPLE), help="sample folder with meta.json (default: the bundled one)")
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps (default: 40)")
-    parser.add_argument("--lora_rank", type=int, default=16, help="LoRA rank of the LLM (default: 16)")
+    add_flag(parser, "--use_llm_lora", "--lora_rank", dest="lora_rank", type=int, default=16,
+             help="LoRA rank of the LLM, as train's flag (default: 16)")
     parser.set_defaults(func=run)
 
 

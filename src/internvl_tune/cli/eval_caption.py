@@ -40,7 +40,7 @@ def register(subparsers, name: str, help_text: str) -> None:
     add_flag(p, "--max_dynamic_patch", "--max_num", "--max-num", type=int, default=6, help="chat models: most tiles")
     add_flag(p, "--batch_size", "--batch-size", type=int, default=1,
              help="images per generate call (the reference uses 1; larger batches give the same captions)")
-    add_flag(p, "--num_workers", "--num-workers", type=int, default=2,
+    add_flag(p, "--dataloader_num_workers", "--num_workers", "--num-workers", dest="num_workers", type=int, default=2,
              help="threads decoding images ahead of the model")
     add_dtype_flag(p, "auto", "auto: fp16 (InternVL-G) / bf16 (chat) on CUDA as the reference, fp32 on CPU",
                    special=("auto",))

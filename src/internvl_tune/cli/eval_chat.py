@@ -54,7 +54,8 @@ def register(subparsers, name: str, help_text: str) -> None:
     add_flag(p, "--top_p", type=float, default=1.0, help="nucleus sampling, with --temperature > 0 (default: 1)")
     add_flag(p, "--num_beams", type=int, default=1, help="beam search width (default: 1)")
     add_flag(p, "--limit", type=int, default=None, help="answer only the first N samples of each dataset")
-    add_flag(p, "--num_workers", type=int, default=2, help="data-loader processes preparing prompts (default: 2)")
+    add_flag(p, "--dataloader_num_workers", "--num_workers", dest="num_workers", type=int, default=2,
+             help="data-loader processes preparing prompts (default: 2)")
     add_bool_flag(p, "text_metrics", True, "BLEU-4 / ROUGE-L / CIDEr (pycocoevalcap; needs Java) (default: True)")
     add_dtype_flag(p, "auto", "auto: bf16 on CUDA, fp32 on CPU (default: auto)", special=("auto",))
     add_flag(p, "--device", choices=["auto", "cuda", "cpu"], default="auto",

@@ -67,7 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recall_k", nargs="+", type=int, default=[1, 5, 10],
                    help="the k of each image and text retrieval recall@k reported")
     p.add_argument("--batch_size", type=int, default=64, help="images per forward (with all their captions)")
-    p.add_argument("--num_workers", type=int, default=4, help="accepted for compatibility; images load in-process")
+    add_flag(p, "--dataloader_num_workers", "--num_workers", dest="num_workers", type=int, default=4,
+             help="accepted for compatibility; images load in-process")
     add_bool_flag(p, "amp", True, "autocast on CUDA (clip_benchmark's --no_amp is --amp False)",
                   negations=("--no_amp",))
     p.add_argument("--seed", type=int, default=0, help="torch seed set before evaluating (clip_benchmark's flag)")
