@@ -174,9 +174,9 @@ def test_a_resumed_run_meets_the_same_skips_and_losses(tmp_path, cli, tiny_check
 def test_the_fraction_limit_follows_the_samples_seen(tmp_path):
     """``--max_skipped_samples 0.1``: at any step at most ceil(0.1 x samples seen so far) may have been skipped."""
     from internvl_tune.data.dataset import SkipRecord
+    from internvl_tune.data.loading import Loaded
     from internvl_tune.dist import DistInfo
     from internvl_tune.errors import UserError
-    from internvl_tune.train.runtime import Loaded
     from internvl_tune.train.skips import SkipLedger
 
     ledger = SkipLedger("0.1", tmp_path, DistInfo())
@@ -248,7 +248,7 @@ def test_a_loader_item_survives_pinning():
     from torch.utils.data._utils.pin_memory import pin_memory
 
     from internvl_tune.data.dataset import SkipRecord
-    from internvl_tune.train.runtime import Loaded
+    from internvl_tune.data.loading import Loaded
 
     class Batch:
         pinned = False

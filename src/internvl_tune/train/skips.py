@@ -2,9 +2,9 @@
 written down (``train.log``, ``skipped_samples.jsonl``, the count in ``train_results.json``).
 
 The dataset replaces an unusable sample by the next usable one and hands a ``SkipRecord`` (sample, ``file:line``,
-reason) along with the batch, from whichever worker process built it (``runtime.make_loader``). Before each step
-every rank gives this ledger the records of its micro-batches; one all-reduce over a CPU (gloo) group sums them, so
-every rank takes the same decision at the same step without waiting for the GPU, and when there is something to
+reason) along with the batch, from whichever worker process built it (``runtime.make_loader`` over
+``data/loading.py``). Before each step every rank gives this ledger the records of its micro-batches; one all-reduce
+over a CPU (gloo) group sums them, so every rank takes the same decision at the same step without waiting for the GPU, and when there is something to
 report the records themselves are gathered to rank 0, which writes them. A data error that left no batch at all
 stops every rank the same way. Skips depend only on the data, so a resumed run meets them again at the same steps:
 the file keeps the lines up to the resumed step, and the counters come back from the checkpoint.
@@ -82,7 +82,7 @@ class SkipLedger:
         return {"count": self.count, "seen": self.seen}
 
     def take(self, loaded: list, step: int, split: str = "train", counted: bool = True) -> list:
-        """The batches of ``loaded`` (``runtime.Loaded``), after accounting for their skipped samples on every rank.
+        """The batches of ``loaded`` (``data.loading.Loaded``), after accounting for their skipped samples on every rank.
 
         Every rank must call this for the same steps. ``counted=False`` (a batch a rank repeats to keep in step with
         the others) only joins the collective.
