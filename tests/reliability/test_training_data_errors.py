@@ -82,6 +82,45 @@ def test_a_meta_json_without_samples_stops_training_with_the_data_check_error(tm
     assert expected.startswith(f"{meta}:1: the meta JSON gives no samples: dataset 'd' has 0 line(s)")
 
 
+META_MISTAKES = {  # what the meta JSON holds -> the start of the error line (META: the meta file, D: the data folder)
+    "invalid_json": ('{"d": {"root": "ROOT", "annotation": "ANN",}}', "META:1: invalid JSON: Expecting property name"),
+    "duplicate_name": ('{"d": {"root": "ROOT", "annotation": "ANN"},\n "d": {"root": "ROOT", "annotation": "ANN"}}',
+                       "META:2: dataset name 'd' is given twice (also at line 1)"),
+    "missing_annotation": ('{"d": {"root": "ROOT", "annotation": "D/gone.jsonl"}}',
+                           "META:1: dataset 'd': annotation file not found: D/gone.jsonl"),
+    "annotation_is_a_folder": ('{"d": {"root": "ROOT", "annotation": "D/images.jsonl"}}',
+                               "META:1: dataset 'd': annotation D/images.jsonl is a folder without state.json"),
+    "root_not_a_string": ('{"d": {"root": 3, "annotation": "ANN"}}', "META:1: dataset 'd': `root` is missing"),
+}
+
+
+@pytest.mark.parametrize("where", ["meta_path", "eval_meta_path", "parts"])
+@pytest.mark.parametrize("case", list(META_MISTAKES))
+def test_a_bad_meta_json_is_reported_before_any_weight_is_read(tmp_path, cli, tiny_checkpoints, monkeypatch, case,
+                                                               where):
+    """The meta JSON was first read after the model had loaded (minutes for a real one): its mistakes now come first,
+    before any weight is read, for --meta_path, --eval_meta_path and a model built from parts."""
+    from internvl_tune.models.internvl_chat import assemble, chat
+
+    def no_weights(*args, **kwargs):
+        raise RuntimeError("the model was loaded before the meta JSON was checked")
+
+    monkeypatch.setattr(chat, "load_pretrained", no_weights)
+    monkeypatch.setattr(assemble, "save_model_from_parts", no_weights)
+    good = write_data(tmp_path, [GOOD])
+    (tmp_path / "images.jsonl").mkdir()
+    text, expected = META_MISTAKES[case]
+    bad = tmp_path / "bad.json"
+    bad.write_text(text.replace("ROOT", str(tmp_path / "images")).replace("ANN", str(tmp_path / "d.jsonl"))
+                   .replace("D/", f"{tmp_path}/"))
+    expected = expected.replace("META", str(bad)).replace("D/", f"{tmp_path}/")
+    ckpt = tiny_checkpoints["internvl2-2b"]
+    model = ["--model_name_or_path", ckpt] if where != "parts" else ["--vision_path", ckpt, "--llm_path", ckpt]
+    data = ["--meta_path", good, "--eval_meta_path", bad] if where == "eval_meta_path" else ["--meta_path", bad]
+    result = cli("train", *model, *data, "--output_dir", tmp_path / "run", "--report_to", "none")
+    assert result.code == 2 and error_line(result).startswith(f"error: {expected}"), result.err
+
+
 @pytest.mark.parametrize("case", list(BAD))
 def test_a_bad_sample_stops_training_with_the_data_check_line(tmp_path, cli, tiny_checkpoints, no_export, case):
     ckpt = tiny_checkpoints["internvl2-2b"]
