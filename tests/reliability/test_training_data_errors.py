@@ -160,6 +160,55 @@ def test_data_loader_workers_give_the_same_line_as_no_workers(tmp_path, cli, tin
     assert sorted(f"{r['where']}: {r['reason']} — {r['fix']}" for r in records) == sorted(expected)
 
 
+def test_a_truncated_sample_is_counted_and_named(tmp_path, cli, tiny_checkpoints, no_export):
+    """Samples cut to --max_seq_length were trained on silently; now counted over the default two data-loader
+    workers (train_results.json, train.log, the closing lines) and named with `data check`'s warning line."""
+    ckpt = tiny_checkpoints["internvl2-2b"]
+    long = {"image": "chelsea.jpg", "conversations": turns(answer="A cat sitting on a chair. " * 60)}
+    meta = write_data(tmp_path, [GOOD, GOOD, long, GOOD])
+    limit = "400"
+    checked = cli("data", "check", meta, "--model_name_or_path", ckpt, "--max_seq_length", limit)
+    warnings = [line[len("warning "):] for line in _lines(checked.out) if "truncated from" in line]
+    assert len(warnings) == 1 and warnings[0].startswith(f"{tmp_path / 'd.jsonl'}:3: truncated from ")
+    named = warnings[0].split(" — ")[0]  # file:line: truncated from N to 400 tokens
+    assert named.endswith(f"to {limit} tokens")
+    run = tmp_path / "run"
+    result = train(cli, ckpt, meta, run, "--max_seq_length", limit, "--per_device_train_batch_size", "4",
+                   "--max_steps", "1")
+    assert result.code == 0, result.err
+    assert json.loads((run / "train_results.json").read_text())["truncated_samples"] == 1
+    log = " ".join((run / "train.log").read_text().split())
+    assert f"samples longer than --max_seq_length {limit}: their tail is cut" in log
+    assert f"notice: step 1: sample d:3 cut to --max_seq_length, its tail is not trained on: {named}" in log
+    assert f"truncated samples: 1 cut to --max_seq_length {limit}" in log and named in result.err  # the console
+
+
+def test_truncations_are_counted_the_first_few_named_and_resumed(tmp_path):
+    """The ledger counts every truncated training sample, names the first five only, leaves validation batches out,
+    and a resumed run goes on from the checkpoint's counts (one more named sample would be a sixth notice)."""
+    from internvl_tune.data.dataset import Truncation
+    from internvl_tune.data.loading import Loaded
+    from internvl_tune.dist import DistInfo
+    from internvl_tune.train.skips import SkipLedger
+
+    cuts = [Truncation(f"d:{n}", f"d.jsonl:{n}", 500 + n, 400) for n in range(1, 8)]
+    said: list[str] = []
+    ledger = SkipLedger("0", tmp_path, DistInfo())
+    ledger.say = said.append
+    ledger.take([Loaded("b1", [], 4, None, tuple(cuts[:3]))], 1)
+    ledger.take([Loaded("v", [], 4, None, tuple(cuts[3:4]))], 1, "validation")  # not a trained sample
+    assert ledger.take([Loaded("b2", [], 4, None, tuple(cuts[4:7]))], 2) == ["b2"]
+    assert ledger.truncated == 6 and len(said) == 6
+    assert said[0] == "notice: step 1: sample d:1 cut to --max_seq_length, its tail is not trained on: " \
+                      "d.jsonl:1: truncated from 501 to 400 tokens"
+    assert [line.split()[4] for line in said[:5]] == ["d:1", "d:2", "d:3", "d:5", "d:6"]
+    assert said[5].startswith("further truncated samples are only counted")
+    resumed = SkipLedger("0", tmp_path, DistInfo(), resume_step=2, state=ledger.state())
+    resumed.say = said.append
+    resumed.take([Loaded("b3", [], 4, None, tuple(cuts[:1]))], 3)
+    assert resumed.truncated == 7 and len(said) == 6
+
+
 def test_skipped_samples_are_counted_listed_and_held_to_the_limit(tmp_path, cli, tiny_checkpoints, no_export):
     ckpt = tiny_checkpoints["internvl2-2b"]
     rows = [GOOD, BAD["missing_image"], GOOD, BAD["unknown_role"], GOOD, GOOD]

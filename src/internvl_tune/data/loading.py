@@ -3,7 +3,8 @@
 Raised inside a worker, a user's ``DataError`` becomes torch's "Caught DataError in DataLoader worker process 0 ...
 Original Traceback" in the main process. :func:`guarded_loader` turns it into a value instead: each item is a
 :class:`Loaded` whose ``failure`` holds the error's one-line ``file:line: ... — fix`` message (the line ``data check``
-prints for that sample), so the caller reports the same line with 0 or N workers. Training (``train/runtime.py``,
+prints for that sample), so the caller reports the same line with 0 or N workers. What the dataset says about its
+samples (the ``skipped`` samples it replaced, those it ``truncated``) rides along the same way. Training (``train/runtime.py``,
 which counts ``skipped`` against ``--max_skipped_samples``) and ``eval chat`` (``eval/chat/run.py``) load through it.
 """
 
@@ -26,12 +27,14 @@ class Loaded(NamedTuple):
         skipped: ``SkipRecord`` of each sample the dataset had to replace by the next usable one.
         samples: the samples scheduled for this batch.
         failure: the one-line message of a data error that left no batch.
+        truncated: ``Truncation`` of each sample cut to ``--max_seq_length``.
     """
 
     batch: Any
     skipped: list
     samples: int
     failure: str | None = None
+    truncated: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -64,13 +67,14 @@ class _Collate:
 
     def __call__(self, samples: list) -> Loaded:
         skipped = [r for s in samples if isinstance(s, dict) for r in s.pop("skipped", ())]
+        truncated = tuple(s.pop("truncated") for s in samples if isinstance(s, dict) and "truncated" in s)
         failure = next((s.message for s in samples if isinstance(s, _Failed)), None)
         if failure is None:
             try:
-                return Loaded(self.collate(samples), skipped, len(samples))
+                return Loaded(self.collate(samples), skipped, len(samples), None, truncated)
             except UserError as exc:
                 failure = str(exc)
-        return Loaded(None, skipped, len(samples), failure)
+        return Loaded(None, skipped, len(samples), failure, truncated)
 
 
 def guarded_loader(dataset, batches: list[list[int]], collate: Callable, workers: int, **options) -> DataLoader:
