@@ -277,7 +277,7 @@ def test_the_fraction_limit_follows_the_samples_seen(tmp_path):
     with pytest.raises(UserError, match="5 samples of the 36 seen so far could not be used, more than "
                                         "--max_skipped_samples 0.1 allows"):
         ledger.take([Loaded("batch", [bad, bad], 4)], 9)  # 5 of 36: ceil(3.6) = 4 allowed
-    assert ledger.state() == {"count": 5, "seen": 36}
+    assert ledger.state() == {"count": 5, "seen": 36, "truncated": 0, "named": 0}
     assert len((tmp_path / "skipped_samples.jsonl").read_text().splitlines()) == 5
     with pytest.raises(UserError, match="give a count"):
         SkipLedger("-1", tmp_path, DistInfo())
