@@ -122,3 +122,35 @@ def test_each_line_is_asked_once(chat_and_data):
     full = GenerationDataset(SAMPLE / "meta.json", chat.tokenizer, dataset.cfg)
     # the sample's files hold 6 + 14 + 4 + 4 lines; multi-image has repeat_time 2, which training uses (32 samples)
     assert len(full) == 28 and full.sizes == [6, 14, 4, 4]
+
+
+EVAL_BAD_LINES = {  # one of each family: a media file, JSON syntax, a line rule
+    "missing_image": ('{"image": "gone.jpg", "conversations": [{"from": "human", "value": "<image>\\nWhat?"}, '
+                      '{"from": "gpt", "value": "A cat."}]}', "image not found: gone.jpg"),
+    "bad_json": ('{"image": "coffee.jpg", "conversations": [', "invalid JSON"),
+    "unknown_role": ('{"conversations": [{"from": "user", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}',
+                     "conversations[0].from is 'user'"),
+}
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+@pytest.mark.parametrize("case", sorted(EVAL_BAD_LINES))
+def test_a_bad_line_gives_the_data_check_line_whatever_the_workers(tiny_model, tmp_path, capsys, case, workers):
+    """With data-loader workers, a bad evaluation line used to end in "Caught DataError in DataLoader worker process
+    0" and the worker's traceback; it is the one line `data check` prints for it (exit 2) with any worker count."""
+    good = '{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}'
+    line, words = EVAL_BAD_LINES[case]
+    ann = tmp_path / "val.jsonl"
+    ann.write_text(f"{good}\n{line}\n{good}\n")
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"val": {"root": str(SAMPLE / "images"), "annotation": str(ann)}}))
+    assert main(["data", "check", str(meta), "--model_name_or_path", str(tiny_model)]) == 1
+    checked = [x.removeprefix("error ") for x in capsys.readouterr().out.splitlines() if x.startswith("error ")]
+    assert len(checked) == 1 and checked[0].startswith(f"{ann}:2: ") and words in checked[0]
+    rc = main(["eval", "chat", "--model", str(tiny_model), "--meta_path", str(meta), "--max_new_tokens", "2",
+               "--batch_size", "3", "--num_workers", workers, "--text_metrics", "False", "--device", "cpu",
+               "--out_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and "DataLoader worker" not in err
+    assert err.strip().splitlines()[-1] == f"error: {checked[0]}"
+    assert not (tmp_path / "out" / "predictions.jsonl").exists()

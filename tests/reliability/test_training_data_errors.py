@@ -82,6 +82,45 @@ def test_a_meta_json_without_samples_stops_training_with_the_data_check_error(tm
     assert expected.startswith(f"{meta}:1: the meta JSON gives no samples: dataset 'd' has 0 line(s)")
 
 
+META_MISTAKES = {  # what the meta JSON holds -> the start of the error line (META: the meta file, D: the data folder)
+    "invalid_json": ('{"d": {"root": "ROOT", "annotation": "ANN",}}', "META:1: invalid JSON: Expecting property name"),
+    "duplicate_name": ('{"d": {"root": "ROOT", "annotation": "ANN"},\n "d": {"root": "ROOT", "annotation": "ANN"}}',
+                       "META:2: dataset name 'd' is given twice (also at line 1)"),
+    "missing_annotation": ('{"d": {"root": "ROOT", "annotation": "D/gone.jsonl"}}',
+                           "META:1: dataset 'd': annotation file not found: D/gone.jsonl"),
+    "annotation_is_a_folder": ('{"d": {"root": "ROOT", "annotation": "D/images.jsonl"}}',
+                               "META:1: dataset 'd': annotation D/images.jsonl is a folder without state.json"),
+    "root_not_a_string": ('{"d": {"root": 3, "annotation": "ANN"}}', "META:1: dataset 'd': `root` is missing"),
+}
+
+
+@pytest.mark.parametrize("where", ["meta_path", "eval_meta_path", "parts"])
+@pytest.mark.parametrize("case", list(META_MISTAKES))
+def test_a_bad_meta_json_is_reported_before_any_weight_is_read(tmp_path, cli, tiny_checkpoints, monkeypatch, case,
+                                                               where):
+    """The meta JSON was first read after the model had loaded (minutes for a real one): its mistakes now come first,
+    before any weight is read, for --meta_path, --eval_meta_path and a model built from parts."""
+    from internvl_tune.models.internvl_chat import assemble, chat
+
+    def no_weights(*args, **kwargs):
+        raise RuntimeError("the model was loaded before the meta JSON was checked")
+
+    monkeypatch.setattr(chat, "load_pretrained", no_weights)
+    monkeypatch.setattr(assemble, "save_model_from_parts", no_weights)
+    good = write_data(tmp_path, [GOOD])
+    (tmp_path / "images.jsonl").mkdir()
+    text, expected = META_MISTAKES[case]
+    bad = tmp_path / "bad.json"
+    bad.write_text(text.replace("ROOT", str(tmp_path / "images")).replace("ANN", str(tmp_path / "d.jsonl"))
+                   .replace("D/", f"{tmp_path}/"))
+    expected = expected.replace("META", str(bad)).replace("D/", f"{tmp_path}/")
+    ckpt = tiny_checkpoints["internvl2-2b"]
+    model = ["--model_name_or_path", ckpt] if where != "parts" else ["--vision_path", ckpt, "--llm_path", ckpt]
+    data = ["--meta_path", good, "--eval_meta_path", bad] if where == "eval_meta_path" else ["--meta_path", bad]
+    result = cli("train", *model, *data, "--output_dir", tmp_path / "run", "--report_to", "none")
+    assert result.code == 2 and error_line(result).startswith(f"error: {expected}"), result.err
+
+
 @pytest.mark.parametrize("case", list(BAD))
 def test_a_bad_sample_stops_training_with_the_data_check_line(tmp_path, cli, tiny_checkpoints, no_export, case):
     ckpt = tiny_checkpoints["internvl2-2b"]
@@ -119,6 +158,55 @@ def test_data_loader_workers_give_the_same_line_as_no_workers(tmp_path, cli, tin
     assert skipping.returncode == 0 and "Traceback" not in skipping.stderr
     records = [json.loads(x) for x in (tmp_path / "w2_skip" / "skipped_samples.jsonl").read_text().splitlines()]
     assert sorted(f"{r['where']}: {r['reason']} — {r['fix']}" for r in records) == sorted(expected)
+
+
+def test_a_truncated_sample_is_counted_and_named(tmp_path, cli, tiny_checkpoints, no_export):
+    """Samples cut to --max_seq_length were trained on silently; now counted over the default two data-loader
+    workers (train_results.json, train.log, the closing lines) and named with `data check`'s warning line."""
+    ckpt = tiny_checkpoints["internvl2-2b"]
+    long = {"image": "chelsea.jpg", "conversations": turns(answer="A cat sitting on a chair. " * 60)}
+    meta = write_data(tmp_path, [GOOD, GOOD, long, GOOD])
+    limit = "400"
+    checked = cli("data", "check", meta, "--model_name_or_path", ckpt, "--max_seq_length", limit)
+    warnings = [line[len("warning "):] for line in _lines(checked.out) if "truncated from" in line]
+    assert len(warnings) == 1 and warnings[0].startswith(f"{tmp_path / 'd.jsonl'}:3: truncated from ")
+    named = warnings[0].split(" — ")[0]  # file:line: truncated from N to 400 tokens
+    assert named.endswith(f"to {limit} tokens")
+    run = tmp_path / "run"
+    result = train(cli, ckpt, meta, run, "--max_seq_length", limit, "--per_device_train_batch_size", "4",
+                   "--max_steps", "1")
+    assert result.code == 0, result.err
+    assert json.loads((run / "train_results.json").read_text())["truncated_samples"] == 1
+    log = " ".join((run / "train.log").read_text().split())
+    assert f"samples longer than --max_seq_length {limit}: their tail is cut" in log
+    assert f"notice: step 1: sample d:3 cut to --max_seq_length, its tail is not trained on: {named}" in log
+    assert f"truncated samples: 1 cut to --max_seq_length {limit}" in log and named in result.err  # the console
+
+
+def test_truncations_are_counted_the_first_few_named_and_resumed(tmp_path):
+    """The ledger counts every truncated training sample, names the first five only, leaves validation batches out,
+    and a resumed run goes on from the checkpoint's counts (one more named sample would be a sixth notice)."""
+    from internvl_tune.data.dataset import Truncation
+    from internvl_tune.data.loading import Loaded
+    from internvl_tune.dist import DistInfo
+    from internvl_tune.train.skips import SkipLedger
+
+    cuts = [Truncation(f"d:{n}", f"d.jsonl:{n}", 500 + n, 400) for n in range(1, 8)]
+    said: list[str] = []
+    ledger = SkipLedger("0", tmp_path, DistInfo())
+    ledger.say = said.append
+    ledger.take([Loaded("b1", [], 4, None, tuple(cuts[:3]))], 1)
+    ledger.take([Loaded("v", [], 4, None, tuple(cuts[3:4]))], 1, "validation")  # not a trained sample
+    assert ledger.take([Loaded("b2", [], 4, None, tuple(cuts[4:7]))], 2) == ["b2"]
+    assert ledger.truncated == 6 and len(said) == 6
+    assert said[0] == "notice: step 1: sample d:1 cut to --max_seq_length, its tail is not trained on: " \
+                      "d.jsonl:1: truncated from 501 to 400 tokens"
+    assert [line.split()[4] for line in said[:5]] == ["d:1", "d:2", "d:3", "d:5", "d:6"]
+    assert said[5].startswith("further truncated samples are only counted")
+    resumed = SkipLedger("0", tmp_path, DistInfo(), resume_step=2, state=ledger.state())
+    resumed.say = said.append
+    resumed.take([Loaded("b3", [], 4, None, tuple(cuts[:1]))], 3)
+    assert resumed.truncated == 7 and len(said) == 6
 
 
 def test_skipped_samples_are_counted_listed_and_held_to_the_limit(tmp_path, cli, tiny_checkpoints, no_export):
@@ -174,9 +262,9 @@ def test_a_resumed_run_meets_the_same_skips_and_losses(tmp_path, cli, tiny_check
 def test_the_fraction_limit_follows_the_samples_seen(tmp_path):
     """``--max_skipped_samples 0.1``: at any step at most ceil(0.1 x samples seen so far) may have been skipped."""
     from internvl_tune.data.dataset import SkipRecord
+    from internvl_tune.data.loading import Loaded
     from internvl_tune.dist import DistInfo
     from internvl_tune.errors import UserError
-    from internvl_tune.train.runtime import Loaded
     from internvl_tune.train.skips import SkipLedger
 
     ledger = SkipLedger("0.1", tmp_path, DistInfo())
@@ -189,7 +277,7 @@ def test_the_fraction_limit_follows_the_samples_seen(tmp_path):
     with pytest.raises(UserError, match="5 samples of the 36 seen so far could not be used, more than "
                                         "--max_skipped_samples 0.1 allows"):
         ledger.take([Loaded("batch", [bad, bad], 4)], 9)  # 5 of 36: ceil(3.6) = 4 allowed
-    assert ledger.state() == {"count": 5, "seen": 36}
+    assert ledger.state() == {"count": 5, "seen": 36, "truncated": 0, "named": 0}
     assert len((tmp_path / "skipped_samples.jsonl").read_text().splitlines()) == 5
     with pytest.raises(UserError, match="give a count"):
         SkipLedger("-1", tmp_path, DistInfo())
@@ -248,7 +336,7 @@ def test_a_loader_item_survives_pinning():
     from torch.utils.data._utils.pin_memory import pin_memory
 
     from internvl_tune.data.dataset import SkipRecord
-    from internvl_tune.train.runtime import Loaded
+    from internvl_tune.data.loading import Loaded
 
     class Batch:
         pinned = False

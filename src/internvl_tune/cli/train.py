@@ -69,8 +69,9 @@ def recipe(cfg):
     """The recipe of ``cfg``'s objective (``--objective``: one entry of the objectives' registry); a model built
     from parts (``--vision_path`` + ``--llm_path``) first."""
     from internvl_tune.models.internvl_chat.objectives import build_recipe
-    from internvl_tune.models.internvl_chat.recipe import check_parts
+    from internvl_tune.models.internvl_chat.recipe import check_meta_files, check_parts
 
+    check_meta_files(cfg.data)  # a mistake in the meta JSON is reported before any weight is read
     model = cfg.model
     if check_parts(model):
         model = dataclasses.replace(model, model_name_or_path=str(model_from_parts(cfg)))

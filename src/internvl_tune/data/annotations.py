@@ -9,9 +9,11 @@ and name places with :meth:`Annotations.where` (``file:line``, or ``file:row N``
 
 from __future__ import annotations
 
+import os
+
 from internvl_tune.data.formats import convert, detect
-from internvl_tune.data.meta import DatasetSpec, JsonlIndex
-from internvl_tune.data.tables import TableIndex, is_table
+from internvl_tune.data.meta import DatasetSpec, JsonlIndex, annotation_errors, read_meta
+from internvl_tune.data.tables import TableIndex, check_folder, is_table
 from internvl_tune.errors import DataError
 
 _DETECT_LINES = 5  # lines tried for one that parses, when the first ones are broken
@@ -36,10 +38,19 @@ class Annotations:
         """The annotations of ``spec``; an unreadable file is a DataError naming the dataset and its meta line."""
         if not is_table(spec.annotation):
             return cls(JsonlIndex.of(spec), spec)
-        try:
+        with spec.errors():
             return cls(TableIndex(spec.annotation), spec)
-        except DataError as exc:
-            raise DataError(f"dataset {spec.name!r}: {exc.message}", spec.where, exc.fix) from None
+
+    @staticmethod
+    def check(spec: DatasetSpec) -> None:
+        """That the annotation of ``spec`` is there and can be opened, with the error :meth:`of` would give, without
+        reading it: what training checks before it loads the model (``check_meta``)."""
+        with spec.errors():
+            if os.path.isdir(spec.annotation):
+                check_folder(spec.annotation)
+            else:
+                with annotation_errors(spec.annotation, spec.annotation_tried):
+                    open(spec.annotation, "rb").close()
 
     def _detect(self) -> str:
         for i in range(min(_DETECT_LINES, len(self.source))):
@@ -65,3 +76,15 @@ class Annotations:
     def read(self, i: int) -> dict:
         """The ``i``-th sample as an InternVL line (DataError at its place when it does not fit the format)."""
         return convert(self.source.read(i), self.format, self.spec.format_options, self.where(i))
+
+
+def check_meta(path) -> list[DatasetSpec]:
+    """The datasets of the meta JSON ``path`` (``read_meta``), each annotation checked to be there and readable.
+
+    Reads no line: cheap enough to run before anything slow, so that a mistake in the meta JSON is the first thing
+    a run reports, not what it says after minutes of loading weights.
+    """
+    specs = read_meta(path)
+    for spec in specs:
+        Annotations.check(spec)
+    return specs

@@ -159,6 +159,31 @@ class SkipRecord:
         return problem_line(self.message, self.where, self.fix)
 
 
+def truncation_note(tokens: int, limit: int) -> str:
+    """What ``data check`` warns and training notes about a sample cut to ``--max_seq_length``."""
+    return f"truncated from {tokens} to {limit} tokens"
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """A sample training cut to ``--max_seq_length`` (its tail is not trained on), picklable like :class:`SkipRecord`.
+
+    Attributes:
+        sample_id: ``dataset:line``.
+        where: ``file:line``.
+        tokens: its length before the cut.
+        limit: ``--max_seq_length``.
+    """
+
+    sample_id: str
+    where: str
+    tokens: int
+    limit: int
+
+    def __str__(self) -> str:
+        return problem_line(truncation_note(self.tokens, self.limit), self.where)
+
+
 class SupervisedDataset(Dataset):
     """Map-style dataset over all datasets of a meta JSON (concatenated in meta order).
 
@@ -176,6 +201,7 @@ class SupervisedDataset(Dataset):
 
     rows_per_sample = 1  # token rows a sample becomes (a preference pair: 2), for the length estimates
     line_texts = staticmethod(conversation_texts)  # the texts of a line whose tokens the length estimate counts
+    truncates = True  # a sample longer than --max_seq_length loses its tail (``Truncation``), rather than refused
 
     def __init__(self, meta_or_specs, tokenizer, cfg: DataConfig, is_train: bool = True, seed: int = 0, strict: bool = False):
         if isinstance(meta_or_specs, (str, os.PathLike)):
@@ -274,7 +300,7 @@ class SupervisedDataset(Dataset):
             if enc.image_end > limit:
                 raise DataError(f"the image tokens alone reach past --max_seq_length {limit} even with the fewest tiles",
                                 where, "raise --max_seq_length, lower the tile/frame count, or split the sample")
-            notes.append(f"truncated from {len(enc.input_ids)} to {limit} tokens")
+            notes.append(truncation_note(len(enc.input_ids), limit))
             enc = enc.truncated(limit)
         if enc.num_supervised == 0:
             raise DataError(f"no answer token is left within --max_seq_length {limit}", where,
@@ -367,19 +393,23 @@ class SupervisedDataset(Dataset):
         return [[f] for f in frames], self._finish(enc, where, notes), notes
 
     def build(self, i: int) -> dict:
-        """Sample ``i`` as the training loop's dict, or DataError if it cannot be used."""
+        """Sample ``i`` as the training loop's dict, or DataError if it cannot be used. A sample cut to
+        ``--max_seq_length`` carries its :class:`Truncation` under ``"truncated"``."""
         p = self.prepare(i)
         cfg = self.cfg
         transform = ImageTransform(p.augment, cfg.force_image_size, cfg.pad2square, cfg.normalize_type)
         rng = np.random.default_rng([self.seed, self.epoch, i, 1])  # pixels get their own stream
         pixel_values = tiles_to_tensor([t for group in p.tiles for t in group], transform, rng)
         flag = 0 if p.kind == "text" else 1
-        return {
+        sample = {
             **self._token_fields(p.encoded),
             "pixel_values": pixel_values,
             "image_flags": torch.full((len(pixel_values),), flag, dtype=torch.long),
             "sample_id": p.sample_id,
         }
+        if p.encoded.cut_from is not None:  # counted by the trainer (train/skips.py), as data check warns of it
+            sample["truncated"] = Truncation(p.sample_id, p.where, p.encoded.cut_from, cfg.max_seq_length)
+        return sample
 
     def _token_fields(self, encoded: Encoded) -> dict:
         return {"input_ids": encoded.input_ids, "labels": encoded.labels}

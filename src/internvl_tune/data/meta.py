@@ -22,6 +22,7 @@ import math
 import mmap
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +79,14 @@ class DatasetSpec:
     def where(self) -> str | None:
         """``meta.json:line`` of this dataset, for messages."""
         return f"{self.meta_path}:{self.line}" if self.meta_path else None
+
+    @contextmanager
+    def errors(self):
+        """A DataError about this dataset's files inside the block names the dataset and its line in the meta JSON."""
+        try:
+            yield
+        except DataError as exc:
+            raise DataError(f"dataset {self.name!r}: {exc.message}", self.where, exc.fix) from None
 
     def num_samples(self, num_lines: int) -> int:
         """Samples this dataset contributes per epoch, given its number of usable lines."""
@@ -217,6 +226,24 @@ def read_meta(path: str | os.PathLike) -> list[DatasetSpec]:
     return specs
 
 
+@contextmanager
+def annotation_errors(path: str, tried: tuple[str, ...] = ()):
+    """Opening the annotation file ``path`` inside the block: a missing (naming every place ``tried``), folder or
+    unreadable file becomes its DataError."""
+    try:
+        yield
+    except FileNotFoundError:
+        looked = f" (looked for {' and '.join(tried)})" if len(tried) > 1 else ""
+        raise DataError(f"annotation file not found: {path}{looked}",
+                        fix="fix `annotation` in the meta JSON (relative paths start from the current directory, "
+                            "then from the meta file's folder)") from None
+    except IsADirectoryError:
+        raise DataError(f"annotation {path} is a folder", fix="point `annotation` at the .jsonl file") from None
+    except PermissionError:
+        raise DataError(f"annotation {path} is not readable (permission denied)",
+                        fix="give the training user read access") from None
+
+
 class JsonlIndex:
     """Random access to the lines of a JSONL file that hold something, through a byte-offset index.
 
@@ -228,18 +255,8 @@ class JsonlIndex:
 
     def __init__(self, path: str, tried: tuple[str, ...] = ()):
         self.path = path
-        try:
+        with annotation_errors(path, tried):
             self.offsets, self.line_numbers = scan_line_starts(path)
-        except FileNotFoundError:
-            looked = f" (looked for {' and '.join(tried)})" if len(tried) > 1 else ""
-            raise DataError(f"annotation file not found: {path}{looked}",
-                            fix="fix `annotation` in the meta JSON (relative paths start from the current directory, "
-                                "then from the meta file's folder)") from None
-        except IsADirectoryError:
-            raise DataError(f"annotation {path} is a folder", fix="point `annotation` at the .jsonl file") from None
-        except PermissionError:
-            raise DataError(f"annotation {path} is not readable (permission denied)",
-                            fix="give the training user read access") from None
         self._mm: mmap.mmap | None = None
         self._pid = -1
 
@@ -247,10 +264,8 @@ class JsonlIndex:
     def of(cls, spec: DatasetSpec) -> JsonlIndex:
         """The index of a dataset's annotation file; an error names the dataset, its line in the meta JSON and, for
         a missing file, every path tried."""
-        try:
+        with spec.errors():
             return cls(spec.annotation, spec.annotation_tried)
-        except DataError as exc:
-            raise DataError(f"dataset {spec.name!r}: {exc.message}", spec.where, exc.fix) from None
 
     def __len__(self) -> int:
         return len(self.offsets)

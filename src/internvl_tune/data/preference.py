@@ -85,6 +85,11 @@ class PairEncoded:
         """The fewer of the two rows' supervised tokens: each answer needs one."""
         return min(e.num_supervised for e in self.rows)
 
+    @property
+    def cut_from(self) -> int | None:
+        """The longer row's length before truncation (None: neither was cut)."""
+        return max((e.cut_from for e in self.rows if e.cut_from is not None), default=None)
+
     def truncated(self, max_len: int) -> PairEncoded:
         return PairEncoded(self.chosen.truncated(max_len), self.rejected.truncated(max_len))
 

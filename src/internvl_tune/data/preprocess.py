@@ -46,19 +46,22 @@ class Encoded:
         labels: ``[L]`` targets, ``-100`` where no loss is taken.
         image_end: index just past the last ``</img>`` (0 without images): truncation must keep it.
         mismatch: a header did not tokenize stably, so every label was masked (the reference does the same).
+        cut_from: the length before :meth:`truncated` cut the tail (None: whole).
     """
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     image_end: int
     mismatch: bool = False
+    cut_from: int | None = None
 
     @property
     def num_supervised(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())
 
     def truncated(self, max_len: int) -> "Encoded":
-        return Encoded(self.input_ids[:max_len], self.labels[:max_len], self.image_end, self.mismatch)
+        return Encoded(self.input_ids[:max_len], self.labels[:max_len], self.image_end, self.mismatch,
+                       len(self.input_ids))
 
 
 def check_text(value, field: str, template: Template, where: str | None = None) -> None:

@@ -99,6 +99,7 @@ class PromptDataset(SupervisedDataset):
     """
 
     line_texts = staticmethod(prompt_texts)
+    truncates = False  # a prompt that does not fit is refused (:meth:`_finish`)
 
     def __init__(self, meta_or_specs, tokenizer, cfg, is_train: bool = True, seed: int = 0, strict: bool = False,
                  completion_tokens: int = 0):

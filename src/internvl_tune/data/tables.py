@@ -31,6 +31,21 @@ def is_table(path: str) -> bool:
     return path.endswith(".parquet") or os.path.isdir(path)
 
 
+def check_folder(path: str) -> Path:
+    """The ``state.json`` of a ``save_to_disk`` folder; a DataError for a folder that is not one."""
+    folder = Path(path)
+    if (folder / "dataset_dict.json").is_file():
+        splits = json.loads((folder / "dataset_dict.json").read_text()).get("splits", [])
+        raise DataError(f"{path} is a DatasetDict (splits {', '.join(splits)})", path,
+                        f"point `annotation` at one split's folder, e.g. {folder / (splits[0] if splits else 'train')}")
+    state = folder / "state.json"
+    if not state.is_file():
+        raise DataError(f"annotation {path} is a folder without state.json", path,
+                        "point `annotation` at a .jsonl or .parquet file, or at a folder written by "
+                        "datasets' save_to_disk")
+    return state
+
+
 class TableIndex:
     """Random access to the rows of a Parquet file or a ``save_to_disk`` folder.
 
@@ -62,15 +77,7 @@ class TableIndex:
             return [(path, g) for g in range(meta.num_row_groups)], [meta.row_group(g).num_rows
                                                                      for g in range(meta.num_row_groups)]
         folder = Path(path)
-        if (folder / "dataset_dict.json").is_file():
-            splits = json.loads((folder / "dataset_dict.json").read_text()).get("splits", [])
-            raise DataError(f"{path} is a DatasetDict (splits {', '.join(splits)})", path,
-                            f"point `annotation` at one split's folder, e.g. {folder / (splits[0] if splits else 'train')}")
-        state = folder / "state.json"
-        if not state.is_file():
-            raise DataError(f"annotation {path} is a folder without state.json", path,
-                            "point `annotation` at a .jsonl or .parquet file, or at a folder written by "
-                            "datasets' save_to_disk")
+        state = check_folder(path)
         names = [f["filename"] for f in json.loads(state.read_text()).get("_data_files", [])]
         parts, sizes = [], []
         for name in names:

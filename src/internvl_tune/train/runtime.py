@@ -6,15 +6,13 @@ import atexit
 import os
 import shutil
 import signal
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
+from internvl_tune.data.loading import guarded_loader
 from internvl_tune.dist import DistInfo
 from internvl_tune.errors import UserError
 from internvl_tune.storage import writing
@@ -149,74 +147,17 @@ def _kill_workers_at_exit() -> None:
             child.kill()
 
 
-class Loaded(NamedTuple):
-    """What the training data loader yields for one micro-batch.
-
-    Attributes:
-        batch: the collated batch; None when it could not be built (``failure`` says why).
-        skipped: ``SkipRecord`` of each sample the dataset had to replace by the next usable one.
-        samples: the samples scheduled for this batch.
-        failure: the one-line message of a data error that left no batch.
-    """
-
-    batch: Any
-    skipped: list
-    samples: int
-    failure: str | None = None
-
-
-@dataclass(frozen=True)
-class _Failed:
-    message: str
-
-
-class _Guarded(Dataset):
-    """The dataset as the loader's workers see it: a user's data error becomes a value, handed to the main process
-    as its one-line message (raised there, it would become the DataLoader's "Caught DataError in DataLoader worker
-    process 0 ... Original Traceback")."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int):
-        try:
-            return self.dataset[i]
-        except UserError as exc:
-            return _Failed(str(exc))
-
-
-@dataclass(frozen=True)
-class _Collate:
-    """Collate the usable samples and pass on what the dataset reported about the batch (:class:`Loaded`)."""
-
-    collate: Callable
-
-    def __call__(self, samples: list) -> Loaded:
-        skipped = [r for s in samples if isinstance(s, dict) for r in s.pop("skipped", ())]
-        failure = next((s.message for s in samples if isinstance(s, _Failed)), None)
-        if failure is None:
-            try:
-                return Loaded(self.collate(samples), skipped, len(samples))
-            except UserError as exc:
-                failure = str(exc)
-        return Loaded(None, skipped, len(samples), failure)
-
-
 def make_loader(dataset, batches: list[list[int]], collate, workers: int) -> DataLoader:
-    """A loader over ``batches`` (lists of dataset indices) that yields :class:`Loaded` micro-batches.
+    """A loader over ``batches`` (lists of dataset indices) that yields ``data.loading.Loaded`` micro-batches.
 
-    Data errors come back as values whatever the number of worker processes, so the caller reports the same one-line
-    message with 0 or N workers (``train/skips.py``).
+    Data errors come back as values whatever the number of worker processes (``data/loading.py``), so the caller
+    reports the same one-line message with 0 or N workers (``train/skips.py``).
     """
     if workers > 0:
         atexit.unregister(_kill_workers_at_exit)  # once; registered after multiprocessing's, so it runs before it
         atexit.register(_kill_workers_at_exit)
     # A private generator: creating the iterator must not draw from the global RNG (that would shift dropout
     # masks after a resume). Samples are a pure function of (seed, epoch, index), so its seed does not matter.
-    return DataLoader(_Guarded(dataset), batch_sampler=batches, collate_fn=_Collate(collate), num_workers=workers,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=False,
-                      generator=torch.Generator().manual_seed(0),
-                      worker_init_fn=ignore_stop_signals if workers > 0 else None)
+    return guarded_loader(dataset, batches, collate, workers, pin_memory=torch.cuda.is_available(),
+                          persistent_workers=False, generator=torch.Generator().manual_seed(0),
+                          worker_init_fn=ignore_stop_signals if workers > 0 else None)

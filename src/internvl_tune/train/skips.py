@@ -2,12 +2,16 @@
 written down (``train.log``, ``skipped_samples.jsonl``, the count in ``train_results.json``).
 
 The dataset replaces an unusable sample by the next usable one and hands a ``SkipRecord`` (sample, ``file:line``,
-reason) along with the batch, from whichever worker process built it (``runtime.make_loader``). Before each step
-every rank gives this ledger the records of its micro-batches; one all-reduce over a CPU (gloo) group sums them, so
-every rank takes the same decision at the same step without waiting for the GPU, and when there is something to
+reason) along with the batch, from whichever worker process built it (``runtime.make_loader`` over
+``data/loading.py``). Before each step every rank gives this ledger the records of its micro-batches; one all-reduce
+over a CPU (gloo) group sums them, so every rank takes the same decision at the same step without waiting for the GPU, and when there is something to
 report the records themselves are gathered to rank 0, which writes them. A data error that left no batch at all
 stops every rank the same way. Skips depend only on the data, so a resumed run meets them again at the same steps:
 the file keeps the lines up to the resumed step, and the counters come back from the checkpoint.
+
+Training samples cut to ``--max_seq_length`` (``data.dataset.Truncation``: the tail is not trained on; ``data
+check`` warns of each) are counted in the same all-reduce (``truncated_samples`` in ``train_results.json``); the
+first :data:`NAMED_TRUNCATIONS` are named in a notice on the console and in ``train.log``.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from internvl_tune.errors import UserError
 
 SKIPPED_FILE = "skipped_samples.jsonl"
 CONSOLE_LINES = 20  # skipped samples shown on the console; every one goes to train.log and skipped_samples.jsonl
+NAMED_TRUNCATIONS = 5  # truncated samples named in a notice; all are counted
 
 
 def parse_limit(text) -> tuple[int | None, float | None]:
@@ -61,6 +66,8 @@ class SkipLedger:
         self.path, self.log_path = Path(output_dir) / SKIPPED_FILE, Path(output_dir) / "train.log"
         self.count = int((state or {}).get("count", 0))
         self.seen = int((state or {}).get("seen", 0))
+        self.truncated = int((state or {}).get("truncated", 0))
+        self.named = int((state or {}).get("named", 0))  # truncated samples named so far
         self.say = print  # the trainer points this at its progress printer (console + train.log)
         # host-side collectives: summing a few counters must not wait for the GPU's queued work
         self.group = dist.new_group(backend="gloo") if info.world_size > 1 else None
@@ -79,10 +86,10 @@ class SkipLedger:
 
     def state(self) -> dict:
         """What a checkpoint keeps so that a resumed run goes on counting."""
-        return {"count": self.count, "seen": self.seen}
+        return {"count": self.count, "seen": self.seen, "truncated": self.truncated, "named": self.named}
 
     def take(self, loaded: list, step: int, split: str = "train", counted: bool = True) -> list:
-        """The batches of ``loaded`` (``runtime.Loaded``), after accounting for their skipped samples on every rank.
+        """The batches of ``loaded`` (``data.loading.Loaded``), after accounting for their skipped samples on every rank.
 
         Every rank must call this for the same steps. ``counted=False`` (a batch a rank repeats to keep in step with
         the others) only joins the collective.
@@ -93,8 +100,11 @@ class SkipLedger:
         skipped = [r for item in loaded for r in item.skipped] if counted else []
         samples = sum(item.samples for item in loaded) if counted else 0
         failure = next((item.failure for item in loaded if item.failure), None)
-        new, seen, failed = self._sum([len(skipped), samples, int(failure is not None)])
+        cut = [r for item in loaded for r in item.truncated] if counted and split == "train" else []
+        new, seen, failed, truncated = self._sum([len(skipped), samples, int(failure is not None), len(cut)])
         self.seen += seen
+        if truncated:
+            self._note_truncated(cut, truncated, step)
         if not (new or failed):
             return [item.batch for item in loaded]
         records, failures = self._gather(skipped, failure)
@@ -107,6 +117,21 @@ class SkipLedger:
         if stop:
             raise UserError(stop)
         return [item.batch for item in loaded]
+
+    def _note_truncated(self, cut: list, total: int, step: int) -> None:
+        """Count this step's truncated samples (``total`` over ranks) and name the first few (rank 0)."""
+        self.truncated += total
+        if self.named >= NAMED_TRUNCATIONS:
+            return
+        records = cut if self.group is None else self._gather(cut, None)[0]
+        for r in records[: NAMED_TRUNCATIONS - self.named]:
+            self.named += 1
+            if self.info.is_main:
+                self.say(f"notice: step {step}: sample {r.sample_id} cut to --max_seq_length, its tail is not trained "
+                         f"on: {r}")
+                if self.named == NAMED_TRUNCATIONS:
+                    self.say("further truncated samples are only counted (truncated_samples in train_results.json); "
+                             f"`internvl-tune data check {self.meta_path or 'META_JSON'}` warns of each")
 
     # ------------------------------------------------------------------ policy
     def _over_limit(self, records: list) -> str | None:

@@ -51,7 +51,7 @@ from internvl_tune.train.optim import build_adamw, build_param_groups, count_par
 from internvl_tune.train.progress import StepProgress
 from internvl_tune.train.runtime import StopFlag, make_loader, memory_gib, prepare_output_dir
 from internvl_tune.train.schedule import LRSchedule, warmup_steps_for
-from internvl_tune.train.skips import SkipLedger
+from internvl_tune.train.skips import NAMED_TRUNCATIONS, SkipLedger
 from internvl_tune.train.step import StepRunner
 
 TEXT_LOG = "train.log"
@@ -454,6 +454,7 @@ class Trainer:
             f"{t.gradient_accumulation_steps} accum), {s.steps_per_epoch} steps/epoch, {self.total_steps} steps"
             + (f", packed rows ({s.padding_waste():.1%} padding)" if hasattr(s, "padding_waste") else ""),
             self.skips.describe(),
+            *self._truncation_plan(),
             f"device: {info.device} x {info.world_size}, compute dtype {self.compute_dtype or torch.float32}, "
             f"activation checkpointing {self.grad_checkpoint_note or self.recipe.grad_checkpoint}, torch.compile {'on' if self.compiled else 'off'}, "
             f"output: {self.output_dir}",
@@ -468,6 +469,14 @@ class Trainer:
         for data in (self.train_set, self.val_set):  # e.g. a dataset root found in two places: which one is used
             lines += [f"note: {n}" for n in getattr(data, "notices", ())]
         return lines
+
+    def _truncation_plan(self) -> list[str]:
+        """The plan line of samples longer than ``--max_seq_length`` (none for data that is never cut)."""
+        if not getattr(self.train_set, "truncates", False):
+            return []
+        limit = self.cfg.data.max_seq_length
+        return [f"samples longer than --max_seq_length {limit}: their tail is cut (counted as truncated_samples, the "
+                f"first {NAMED_TRUNCATIONS} named)"]
 
     def _print_plan(self) -> None:
         if self.info.is_main:
@@ -499,7 +508,8 @@ class Trainer:
             f"{unit}_per_s": (self.seen - self._seen_before) / seconds if seconds > 0 else None,
             f"steady_{unit}_per_s": work / busy if busy > 0 else None, "steady_after_steps": WARMUP_STEPS,
             f"{unit}_seen": self.seen, "peak_memory_gib": round(memory_gib(self.info.device), 2),
-            "skipped_steps": self.bad_steps, "skipped_samples": self.skips.count, "interrupted": interrupted,
+            "skipped_steps": self.bad_steps, "skipped_samples": self.skips.count,
+            "truncated_samples": self.skips.truncated, "interrupted": interrupted,
             "finished": False, "schedule": _schedule(self.cfg.train, self.info.world_size),
         }
         if self.info.is_main:
@@ -510,6 +520,10 @@ class Trainer:
                       else f"no steady-state figure (the first {WARMUP_STEPS} steps are warm-up)")
             self.progress.print(f"done: {self.step} steps in {seconds / 60:.1f} min, last loss {last}, "
                                 f"{self.results[f'{unit}_per_s'] or 0:.0f} {unit}/s wall-clock average, {steady}")
+            if self.skips.truncated:
+                self.progress.print(f"truncated samples: {self.skips.truncated} cut to --max_seq_length "
+                                    f"{self.cfg.data.max_seq_length} (their tails were not trained on; raise "
+                                    "--max_seq_length or shorten them)")
         self.progress.close()
 
     def _save_results(self) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from internvl_tune.data.loading import guarded_loader
 from internvl_tune.errors import UserError
 from internvl_tune.eval.caption.generate import EvalProgress
 from internvl_tune.eval.chat.metrics import ANSWER_METRICS, TEXT_METRICS, mean_scores, score_answer, text_scores
@@ -126,8 +127,6 @@ def generate_answers(chat, dataset, indices: Sequence[int], settings: Generation
         lockstep: processes share one sharded model (training under FSDP): every process makes the same number of
             calls, and each call steps until the answers of every process have ended.
     """
-    from torch.utils.data import DataLoader
-
     if batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {batch_size}")
     if world_size > 1 and gather is None:
@@ -142,11 +141,15 @@ def generate_answers(chat, dataset, indices: Sequence[int], settings: Generation
     stops = stop_token_ids(tokenizer, dataset.template)
     kwargs = settings.kwargs(tokenizer, dataset.template, lockstep)
     pad_id = kwargs["pad_token_id"]
-    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=list, num_workers=num_workers)
+    # a bad line stops with data check's one line, not a worker's traceback, whatever num_workers (data/loading.py)
+    loader = guarded_loader(dataset, batches, list, num_workers)
     progress = EvalProgress(len(shard), description, show_progress, unit="samples")
     rows: list[dict] = []
     try:
-        for n, samples in enumerate(loader):
+        for n, loaded in enumerate(loader):
+            if loaded.failure:
+                raise UserError(loaded.failure)
+            samples = loaded.batch
             ids, mask, pixels = collate_prompts(samples, pad_id)
             out = chat.generate(ids, pixels, mask, **kwargs)
             if n >= counted:

@@ -39,6 +39,7 @@ class Prompt:
     image_end: int
     references: list[str]
     question: str
+    cut_from: int | None = None  # a prompt is never cut
 
 
 class GenerationDataset(SupervisedDataset):

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from internvl_tune.data.annotations import check_meta
 from internvl_tune.data.batching import ChatBatch, ChatCollator
 from internvl_tune.data.config import DataConfig
 from internvl_tune.data.dataset import SupervisedDataset
@@ -119,6 +120,16 @@ def parts_settings(model: ModelArgs, data: DataConfig) -> dict:
             "min_dynamic_patch": given(data.min_dynamic_patch, ref.min_dynamic_patch),
             "max_dynamic_patch": given(data.max_dynamic_patch, ref.max_dynamic_patch),
             "force_image_size": data.force_image_size}
+
+
+def check_meta_files(data: DataConfig) -> None:
+    """``--meta_path`` and ``--eval_meta_path`` read, and each annotation file found, before any weight is read: a
+    mistake in them (invalid JSON, a dataset name given twice, a missing annotation file) is the run's first message,
+    not one that comes after minutes of loading. Every objective's meta JSON has this form. ``internvl-tune train``
+    calls it first (``cli/train.py``); the recipe reads the files again when it builds the datasets."""
+    for path in (data.meta_path, data.eval_meta_path):
+        if path:
+            check_meta(path)
 
 
 def check_parts(model: ModelArgs) -> bool:
