@@ -32,3 +32,17 @@ def test_run_refuses_a_missing_gpu_clearly():
         pytest.skip("a GPU is visible")
     with pytest.raises(UserError, match="needs a CUDA device; none is visible here .--tiny"):
         run(build_parser().parse_args(["--shape", "tiny"]))
+
+
+def test_the_bench_model_keeps_its_rotary_frequencies():
+    # to_empty() leaves every buffer uninitialised: the rotary frequencies must be those of a model built normally
+    # (garbage there gave NaN probabilities in transformers' generate now and then)
+    from internvl_tune.bench.grpo import build_chat
+    from internvl_tune.bench.grpo import native_config as bench_config
+    from internvl_tune.models.internvl_chat.loading import build_empty_model
+
+    chat = build_chat("tiny", torch.device("cpu"), torch.float32)
+    reference = dict(build_empty_model(bench_config("tiny")).named_buffers())
+    buffers = dict(chat.model.named_buffers())
+    assert buffers and buffers.keys() == reference.keys()
+    assert all(torch.equal(buffers[k].float(), reference[k].float()) for k in buffers)

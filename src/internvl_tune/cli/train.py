@@ -71,9 +71,10 @@ def recipe(cfg):
     from internvl_tune.models.internvl_chat.objectives import build_recipe
     from internvl_tune.models.internvl_chat.recipe import check_meta_files, check_parts
 
-    check_meta_files(cfg.data)  # a mistake in the meta JSON is reported before any weight is read
     model = cfg.model
-    if check_parts(model):
+    parts = check_parts(model)  # (a flag mistake first: it reads no file)
+    check_meta_files(cfg.data)  # a mistake in the meta JSON is reported before any weight is read
+    if parts:
         model = dataclasses.replace(model, model_name_or_path=str(model_from_parts(cfg)))
     return build_recipe(model, cfg.data, cfg.objective, collectives())
 
