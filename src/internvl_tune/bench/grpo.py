@@ -36,18 +36,16 @@ TINY = dict(shape="tiny", prompts=2, num_generations=4, prompt_tokens=16, tiles=
 
 def build_chat(shape: str, device: torch.device, dtype: torch.dtype):
     """An ``InternVLChat`` of ``shape`` with random weights on ``device``."""
+    from internvl_tune.dist.parallelize import to_empty_keeping_buffers
     from internvl_tune.models.internvl_chat.chat import InternVLChat
     from internvl_tune.models.internvl_chat.config import original_from_native
     from internvl_tune.models.internvl_chat.loading import build_empty_model
 
     cfg = native_config(shape)
     model = build_empty_model(cfg)
-    buffers = {name: b.clone() for name, b in model.named_buffers()}  # real (rotary frequencies): to_empty drops them
-    model.to_empty(device=device)
+    to_empty_keeping_buffers(model, device)
     gen = torch.Generator(device).manual_seed(0)
     with torch.no_grad():
-        for name, b in model.named_buffers():
-            b.copy_(buffers[name])
         for name, p in model.named_parameters():
             p.copy_(torch.full_like(p, float("norm" in name)) if p.ndim == 1 else
                     0.02 * torch.randn(p.shape, device=device, generator=gen))

@@ -244,6 +244,16 @@ def move_to_device(module: nn.Module, device: torch.device | str, keep_on_cpu: C
     module._apply(lambda t: t if keep_on_cpu(t) else t.to(device))
 
 
+def to_empty_keeping_buffers(module: nn.Module, device) -> None:
+    """``module.to_empty(device)`` for a module whose parameters are on the meta device and whose buffers are real
+    (rotary frequencies, built on every rank): ``to_empty`` would leave the buffers uninitialised too."""
+    buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
+    module.to_empty(device=device)
+    with torch.no_grad():
+        for name, b in module.named_buffers():
+            b.copy_(buffers[name])
+
+
 def materialize_from_rank0(module: nn.Module, full_state: dict[str, torch.Tensor], device: torch.device,
                            is_main: bool, cpu_offload: bool = False) -> None:
     """Give a module sharded on the meta device its weights: rank 0 holds them all, the others hold none.
@@ -257,11 +267,7 @@ def materialize_from_rank0(module: nn.Module, full_state: dict[str, torch.Tensor
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.tensor import DTensor
 
-    buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
-    module.to_empty(device="cpu" if cpu_offload else device)
-    with torch.no_grad():
-        for name, b in module.named_buffers():
-            b.copy_(buffers[name])
+    to_empty_keeping_buffers(module, "cpu" if cpu_offload else device)
     if cpu_offload:  # only FSDP's shards (DTensors) stay on the CPU
         move_to_device(module, device, keep_on_cpu=lambda p: isinstance(p, DTensor))
     set_model_state_dict(module, full_state if is_main else {},
